@@ -1,0 +1,149 @@
+"""Finding modules in a model and knowing which dimension of their output holds the units.
+
+Shared by the capture engine (``netprobe.capture``) and the ablation metrics
+(``netprobe.metrics.ablation``); knows nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from netprobe._validation import close_names
+
+LayerSpec = Union[str, type, nn.Module]
+
+__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim"]
+
+_GLOB_CHARS = set("*?[")
+
+
+def _named(model: nn.Module) -> Dict[str, nn.Module]:
+    return {name: mod for name, mod in model.named_modules() if name != ""}
+
+
+def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Iterable[LayerSpec]]) -> Dict[str, nn.Module]:
+    """Resolve a mixed list of layer selectors to ``{qualified_name: module}``, in model order.
+
+    Args:
+        model: the model whose submodules are selected.
+        layers: a selector or a list of selectors, mixed freely:
+
+            * an exact qualified name from ``model.named_modules()`` (``"encoder.0.fc"``);
+            * a glob pattern (``"encoder.*.fc"``; ``*`` also crosses dots, as in :mod:`fnmatch`);
+            * a module class (``nn.Conv2d``): every submodule that is an instance of it;
+            * a module object that is a submodule of ``model``.
+
+    Returns:
+        An ordered ``dict`` from qualified name to module, each module once, in the order of
+        ``model.named_modules()``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the closest existing names), a pattern or a
+            class that matches nothing, a module that is not part of ``model``, or an empty selection.
+        TypeError: a selector of another type.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> list(resolve_layers(m, ["0", nn.ReLU]))
+        ['0', '1']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    if isinstance(layers, (str, type, nn.Module)):
+        layers = [layers]
+    try:
+        specs: Sequence[LayerSpec] = list(layers)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            "Expected `layers` to be a name, glob pattern, module class, module, or a list of them, "
+            f"but got {type(layers).__name__}."
+        ) from None
+    if not specs:
+        raise ValueError("Expected `layers` to select at least one module, but got an empty list.")
+    named = _named(model)
+    if not named:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no submodules to probe; wrap it, e.g. "
+            "`nn.Sequential(model)`, or probe a model that has layers."
+        )
+    by_id = {id(m): n for n, m in named.items()}
+    selected: set[str] = set()
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec in named:
+                selected.add(spec)
+            elif _GLOB_CHARS & set(spec):
+                hits = [n for n in named if fnmatch.fnmatchcase(n, spec)]
+                if not hits:
+                    raise ValueError(
+                        f"Layer pattern {spec!r} matches no module of {type(model).__name__}. "
+                        f"Closest names: {close_names(spec.replace('*', ''), named)}."
+                    )
+                selected.update(hits)
+            else:
+                raise ValueError(
+                    f"Unknown layer {spec!r} in {type(model).__name__}. Did you mean one of "
+                    f"{close_names(spec, named)}? (All names: `[n for n, _ in model.named_modules()]`.)"
+                )
+        elif isinstance(spec, type) and issubclass(spec, nn.Module):
+            hits = [n for n, m in named.items() if isinstance(m, spec)]
+            if not hits:
+                kinds = sorted({type(m).__name__ for m in named.values()})
+                raise ValueError(
+                    f"No module of type {spec.__name__} in {type(model).__name__}; it has: {kinds}."
+                )
+            selected.update(hits)
+        elif isinstance(spec, nn.Module):
+            name = by_id.get(id(spec))
+            if name is None:
+                raise ValueError(
+                    f"The {type(spec).__name__} module passed in `layers` is not a submodule of "
+                    f"{type(model).__name__} (pass a name from `model.named_modules()` instead)."
+                )
+            selected.add(name)
+        else:
+            raise TypeError(
+                "Expected each entry of `layers` to be a str (name or glob), an nn.Module subclass or a "
+                f"submodule, but got {type(spec).__name__}: {spec!r}."
+            )
+    return {n: named[n] for n in named if n in selected}
+
+
+def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, nn.Module]:
+    """Resolve exactly one layer (a qualified name or a submodule) to ``(name, module)``."""
+    if isinstance(layer, str) and _GLOB_CHARS & set(layer):
+        raise ValueError(f"Expected one layer, but got the pattern {layer!r}; pass an exact name.")
+    if not isinstance(layer, (str, nn.Module)) or isinstance(layer, type):
+        raise TypeError(
+            f"Expected `layer` to be a qualified module name or a submodule, but got {type(layer).__name__}."
+        )
+    ((name, mod),) = resolve_layers(model, [layer]).items()
+    return name, mod
+
+
+def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension of ``output`` that indexes units.
+
+    * 2-D ``(N, D)``: dim 1.
+    * 4-D/5-D ``(N, C, ...)`` (2-D/3-D convolutions, pooling, batch norm): dim 1, the channel.
+    * 3-D: dim 1 for 1-D convolution/pooling/batch-norm modules ``(N, C, L)``; otherwise a sequence
+      ``(N, T, D)`` and dim 2.
+    """
+    if output.ndim <= 2:
+        return output.ndim - 1
+    if output.ndim >= 4:
+        return 1
+    conv_like = (
+        nn.modules.conv._ConvNd,
+        nn.modules.batchnorm._BatchNorm,
+        nn.modules.pooling.MaxPool1d,
+        nn.modules.pooling.AvgPool1d,
+        nn.modules.pooling.AdaptiveAvgPool1d,
+        nn.modules.pooling.AdaptiveMaxPool1d,
+        nn.modules.instancenorm._InstanceNorm,
+    )
+    return 1 if isinstance(module, conv_like) else 2

@@ -1,0 +1,72 @@
+"""The one place where netprobe talks to ``torch.distributed``.
+
+Every function is a no-op (returns its input, or a one-element list) when
+``torch.distributed`` is not available or not initialized, so the same code runs
+in a single process and under DDP. Collectives follow the device of the tensor
+(gloo for CPU tensors, NCCL for CUDA tensors) as the process group allows.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_gather", "all_gather_cat"]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialized with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks (a new tensor; ``t`` is left unchanged). No-op when not distributed."""
+    if not is_distributed():
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_gather(t: torch.Tensor) -> List[torch.Tensor]:
+    """Gather ``t`` from every rank, in rank order; ranks may hold different first dimensions.
+
+    Returns ``[t]`` when not distributed.
+    """
+    if not is_distributed():
+        return [t]
+    t = t.contiguous()
+    ws = dist.get_world_size()
+    # exchange first-dimension sizes, pad to the largest, gather, then trim
+    n = torch.tensor([t.shape[0] if t.ndim else 1], device=t.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(ws)]
+    dist.all_gather(sizes, n)
+    sizes_l = [int(s) for s in sizes]
+    if t.ndim == 0:
+        bufs = [torch.empty_like(t) for _ in range(ws)]
+        dist.all_gather(bufs, t)
+        return bufs
+    m = max(sizes_l)
+    padded = t
+    if t.shape[0] < m:
+        pad = torch.zeros((m - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded = torch.cat([t, pad])
+    bufs = [torch.empty_like(padded) for _ in range(ws)]
+    dist.all_gather(bufs, padded)
+    return [b[:s] for b, s in zip(bufs, sizes_l)]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along the first dimension, in rank order."""
+    parts = all_gather(t)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,25 @@
+"""Shared test set-up.
+
+This machine has 2 cores and torch's intra-op threads contend badly on it (small models ran
+10-50x slower with 2 threads), so every test runs torch with ONE thread.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pytest_report_header(config):
+    return f"netprobe tests: torch {torch.__version__}, torch threads = {torch.get_num_threads()} (set to 1 on purpose)"
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator; tests never draw from the global RNG unless they test exactly that."""
+    return torch.Generator().manual_seed(0)
