@@ -1,0 +1,363 @@
+"""The probe: forward hooks that copy chosen layers' activations into ring buffers."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from netprobe._modules import LayerSpec, resolve_layers
+from netprobe._validation import close_names
+from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
+from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
+
+__all__ = ["Probe", "probe", "OutputSelector"]
+
+OutputSelector = Union[int, str, Callable[[Any], torch.Tensor]]
+
+try:  # hooks run eagerly under torch.compile (a graph break), so the captured rows match eager mode
+    _compiler_disable = torch.compiler.disable
+except AttributeError:  # pragma: no cover - torch < 2.1
+    def _compiler_disable(fn):  # type: ignore[no-redef]
+        return fn
+
+
+class Probe:
+    """Capture the outputs of chosen layers into fixed-size, on-device ring buffers.
+
+    A forward hook on each selected module reduces its output to ``(rows, units)`` (see
+    :mod:`netprobe.capture.reductions`), detaches it and copies it into that layer's
+    :class:`RingBuffer`, which keeps the newest ``capacity`` rows on the output's own device.
+    The hooks return nothing, so the model's outputs and gradients are exactly unchanged, and no
+    autograd graph is kept. They are removed by :meth:`detach` / on leaving the ``with`` block,
+    also when the body raises; the modules' own hook dictionaries are left as they were.
+
+    A module called several times in one forward (weight sharing, recurrence) records one block of
+    rows per call, in call order.
+
+    Args:
+        model: the model to probe.
+        layers: what to capture, mixed freely: qualified names (``"encoder.0.fc"``), glob patterns
+            (``"encoder.*.fc"``), module classes (``nn.Conv2d``) or submodules; see
+            :func:`netprobe._modules.resolve_layers`. Unknown names raise with the closest names.
+        capacity: rows kept per layer (the newest); memory is
+            ``sum_layers capacity * d_layer * dtype.itemsize`` (+ ``capacity * 8`` with targets).
+        reduce: ``"mean"`` (default), ``"flatten"``, ``"last"``, ``"sample"``, a callable
+            ``output -> (n, d)``, or a dict ``{layer_name: reduce}`` (layers not in it use ``"mean"``).
+        dtype: storage dtype, ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``.
+        positions: for ``reduce="sample"``, positions drawn per input (each a row).
+        generator: ``torch.Generator`` for ``"sample"`` (never the global RNG); a probe-owned one
+            seeded with 0 when ``None``.
+        select: which tensor of a non-tensor output to capture: an index into a tuple/list
+            (default 0, the first tensor), a key of a dict-like output, or a callable
+            ``output -> tensor``; a dict ``{layer_name: selector}`` for per-layer choices.
+        store_targets: keep one ``int64`` target per row; give them with :meth:`set_targets`
+            before each forward.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> with Probe(model, ["1", "2"], capacity=100) as p:
+        ...     _ = model(torch.randn(32, 8))
+        >>> p["1"].shape, p["2"].shape
+        (torch.Size([32, 16]), torch.Size([32, 3]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Union[LayerSpec, Iterable[LayerSpec]],
+        *,
+        capacity: int = 4096,
+        reduce: Union[Reduction, Mapping[str, Reduction]] = "mean",
+        dtype: torch.dtype = torch.float32,
+        positions: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
+        store_targets: bool = False,
+    ) -> None:
+        self._modules: Dict[str, nn.Module] = resolve_layers(model, layers)
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"Expected `capacity` to be a positive int (rows kept per layer), but got {capacity!r}.")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"Expected `dtype` to be one of {[str(d) for d in STORAGE_DTYPES]}, but got {dtype}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+        self.model = model
+        self.capacity = capacity
+        self.dtype = dtype
+        self.store_targets = bool(store_targets)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._reduce = self._per_layer(reduce, "reduce", check_reduction, default="mean")
+        self._select = self._per_layer(select, "select", lambda s, where: s, default=None)
+        if any(r == "sample" for r in self._reduce.values()):
+            if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+                raise ValueError(
+                    f"Expected `positions` (positions sampled per input) to be a positive int with "
+                    f"reduce='sample', but got {positions!r}."
+                )
+        self.positions = positions
+        self._buffers: Dict[str, RingBuffer] = {
+            name: RingBuffer(capacity, dtype=dtype, store_targets=self.store_targets) for name in self._modules
+        }
+        self._handles: List[RemovableHandle] = []
+        self._targets: Optional[torch.Tensor] = None
+        self._target_problems: Dict[str, str] = {}
+        self.enabled = True
+
+    def _per_layer(self, value: Any, what: str, check: Callable[[Any, str], Any], default: Any) -> Dict[str, Any]:
+        if isinstance(value, Mapping):
+            unknown = [k for k in value if k not in self._modules]
+            if unknown:
+                raise ValueError(
+                    f"`{what}` names layers that are not probed: {unknown}. Probed layers: {list(self._modules)}."
+                )
+            return {n: check(value.get(n, default), f"{what}[{n!r}]") for n in self._modules}
+        checked = check(value, what) if value is not None or default is not None else None
+        return {n: checked for n in self._modules}
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def layers(self) -> List[str]:
+        """Resolved qualified names of the probed layers, in model order."""
+        return list(self._modules)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "Probe":
+        """Register the forward hooks (one per layer). Returns ``self``."""
+        if self._handles:
+            raise RuntimeError("This probe is already attached; call `detach()` first.")
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this probe registered (idempotent). Buffers are kept for reading."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    def __enter__(self) -> "Probe":
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def __del__(self) -> None:  # best effort: never leave hooks behind a dropped probe
+        try:
+            self.detach()
+        except Exception:
+            pass
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["Probe"]:
+        """Stop capturing inside the block without removing hooks (no recompilation under compile)."""
+        previous = self.enabled
+        self.enabled = False
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
+    # -- targets -----------------------------------------------------------------------
+    def set_targets(self, targets: Optional[torch.Tensor]) -> None:
+        """Targets ``(batch,)`` of the next forward's inputs, stored beside each captured row.
+
+        Needs ``store_targets=True``. Rows from ``reduce="sample"`` repeat their input's target.
+        """
+        if not self.store_targets:
+            raise ValueError("This probe does not store targets; create it with `store_targets=True`.")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.ndim != 1:
+                raise ValueError(
+                    "Expected `targets` to be a 1-D tensor (batch,), but got "
+                    f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}."
+                )
+            targets = targets.detach()
+        self._targets = targets
+
+    # -- the hook ----------------------------------------------------------------------
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        module = self._modules[name]
+        buf = self._buffers[name]
+        reduce = self._reduce[name]
+        select = self._select[name]
+
+        @_compiler_disable
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            if not self.enabled:
+                return None
+            out = _select_tensor(output, select, name)
+            with torch.no_grad():
+                rows = reduce_output(
+                    module, out, reduce, positions=self.positions, generator=self.generator, layer=name
+                )
+                targets = None
+                if self.store_targets:
+                    targets = self._row_targets(name, out, rows)
+                buf.write(rows, targets)
+            return None
+
+        return hook
+
+    def _row_targets(self, name: str, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        t = self._targets
+        n_in, n_rows = out.shape[0] if out.ndim else 1, rows.shape[0]
+        if t is None or t.shape[0] != n_in or n_rows % n_in:
+            why = "no targets were set" if t is None else f"targets had {t.shape[0]} entries for a batch of {n_in}"
+            self._target_problems.setdefault(name, why)
+            return torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
+        t = t.to(rows.device, torch.long, non_blocking=True)
+        rep = n_rows // n_in
+        return t.repeat_interleave(rep) if rep > 1 else t
+
+    # -- reading -----------------------------------------------------------------------
+    def _check_name(self, name: str) -> RingBuffer:
+        try:
+            return self._buffers[name]
+        except KeyError:
+            raise KeyError(
+                f"{name!r} is not a probed layer. Probed layers: {self.layers}; closest: "
+                f"{close_names(str(name), self.layers)}."
+            ) from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Captured rows of layer ``name``, ``(n, d)``, oldest first (a copy, storage dtype/device)."""
+        buf = self._check_name(name)
+        if not buf.allocated:
+            raise ValueError(
+                f"Layer {name!r} has captured nothing: run a forward pass through the model while the "
+                "probe is attached and enabled (was the layer reached by the forward?)."
+            )
+        return buf.read()
+
+    def targets(self, name: str) -> torch.Tensor:
+        """Targets ``(n,)`` aligned with ``self[name]`` (``store_targets=True``)."""
+        buf = self._check_name(name)
+        if not self.store_targets:
+            raise ValueError("This probe does not store targets; create it with `store_targets=True`.")
+        if name in self._target_problems:
+            raise ValueError(
+                f"Some rows of layer {name!r} have no targets ({self._target_problems[name]}): call "
+                "`probe.set_targets(y)` with the batch's targets before each forward, then `reset()`."
+            )
+        return buf.read_targets()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._buffers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._buffers)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.layers:
+            if self._buffers[name].allocated:
+                yield name, self[name]
+
+    @property
+    def buffers(self) -> Dict[str, RingBuffer]:
+        """The ring buffer of each layer (read-only use)."""
+        return dict(self._buffers)
+
+    def num_rows(self, name: str) -> int:
+        return len(self._check_name(name))
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by all buffers (they are allocated at each layer's first capture)."""
+        return sum(b.nbytes for b in self._buffers.values())
+
+    def reset(self) -> None:
+        """Empty every buffer (storage stays allocated) and forget the targets."""
+        for b in self._buffers.values():
+            b.reset()
+        self._targets = None
+        self._target_problems.clear()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"Probe(layers={self.layers}, capacity={self.capacity}, dtype={self.dtype}, {state}, nbytes={self.nbytes})"
+
+
+def _select_tensor(output: Any, select: Optional[OutputSelector], name: str) -> torch.Tensor:
+    if select is not None and callable(select) and not isinstance(select, (str, int)):
+        out = select(output)
+    elif isinstance(output, torch.Tensor):
+        return output
+    elif isinstance(output, (tuple, list)):
+        idx = 0 if select is None else select
+        if not isinstance(idx, int):
+            raise TypeError(f"Layer {name!r} returns a {type(output).__name__}: `select` must be an int index, got {idx!r}.")
+        if select is None:
+            tensors = [o for o in output if isinstance(o, torch.Tensor)]
+            if not tensors:
+                raise TypeError(f"Layer {name!r} returned a {type(output).__name__} with no tensor in it; pass `select=`.")
+            out = tensors[0]
+        else:
+            out = output[idx]
+    elif isinstance(output, Mapping) or (hasattr(output, "keys") and hasattr(output, "__getitem__")):
+        if select is None:
+            raise TypeError(
+                f"Layer {name!r} returns a dict-like output with keys {list(output.keys())}; "
+                "pass `select=<key>` (or a dict {layer: key}) to choose one."
+            )
+        out = output[select]
+    else:
+        raise TypeError(
+            f"Layer {name!r} returned {type(output).__name__}, which netprobe cannot capture: expected a "
+            "tensor, a tuple/list of tensors or a dict-like output (or pass `select=callable`)."
+        )
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"The selected output of layer {name!r} is a {type(out).__name__}, not a tensor.")
+    return out
+
+
+def probe(
+    model: nn.Module,
+    layers: Union[LayerSpec, Iterable[LayerSpec]],
+    *,
+    capacity: int = 4096,
+    reduce: Union[Reduction, Mapping[str, Reduction]] = "mean",
+    dtype: torch.dtype = torch.float32,
+    positions: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
+    store_targets: bool = False,
+) -> Probe:
+    """Capture layers' activations inside a ``with`` block: ``with netprobe.probe(model, layers) as p``.
+
+    Returns a :class:`Probe` (not yet attached); entering the block attaches its hooks, leaving it
+    (also by an exception) removes them. See :class:`Probe` for the arguments.
+
+    Example:
+        >>> import netprobe
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        >>> with netprobe.probe(model, [nn.ReLU], capacity=64) as p:
+        ...     _ = model(torch.randn(4, 3, 10, 10))
+        >>> p["1"].shape        # per-channel spatial mean of the ReLU output
+        torch.Size([4, 8])
+    """
+    return Probe(
+        model,
+        layers,
+        capacity=capacity,
+        reduce=reduce,
+        dtype=dtype,
+        positions=positions,
+        generator=generator,
+        select=select,
+        store_targets=store_targets,
+    )

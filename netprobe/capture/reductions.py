@@ -1,0 +1,118 @@
+"""Turning a layer's output into ``(n, d)`` rows: the reductions a probe applies in its hook.
+
+* ``"mean"`` (default): 2-D ``(N, D)`` unchanged; convolutional ``(N, C, ...)`` -> per-channel mean
+  over the spatial dimensions; sequences ``(N, T, D)`` -> mean over ``T``.
+* ``"flatten"``: ``output.flatten(1)``, every element a unit.
+* ``"last"``: sequences ``(N, T, D)`` -> ``output[:, -1]``.
+* ``"sample"``: ``positions`` positions drawn per input (spatial positions of a conv output, time
+  steps of a sequence), each a row: ``(N * positions, C or D)``, rows of one input adjacent. The
+  positions are distinct within an input and drawn from the probe's ``torch.Generator``.
+* a callable ``f(output) -> (n, d)``.
+
+Which dimension holds units is decided by :func:`netprobe._modules.unit_dim` (conv-like modules:
+dim 1; 3-D outputs of other modules are sequences).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from netprobe._modules import unit_dim
+
+__all__ = ["Reduction", "REDUCTIONS", "check_reduction", "reduce_output", "rows_per_input"]
+
+Reduction = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+REDUCTIONS = ("mean", "flatten", "last", "sample")
+
+
+def check_reduction(reduce: object, where: str = "reduce") -> Reduction:
+    if callable(reduce) and not isinstance(reduce, str):
+        return reduce  # type: ignore[return-value]
+    if reduce not in REDUCTIONS:
+        raise ValueError(
+            f"Expected `{where}` to be one of {list(REDUCTIONS)} or a callable output -> (n, d), "
+            f"but got {reduce!r}."
+        )
+    return reduce  # type: ignore[return-value]
+
+
+def _to_units_last(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """(N, units, positions...) or (N, T, D) -> (N, P, units)."""
+    ud = unit_dim(module, out)
+    if ud == 1:  # conv-like: (N, C, *spatial) -> (N, P, C)
+        return out.flatten(2).transpose(1, 2)
+    return out  # sequence (N, T, D)
+
+
+def rows_per_input(reduce: Reduction, positions: Optional[int]) -> Optional[int]:
+    """Rows each input contributes (``None`` when a callable decides)."""
+    if reduce == "sample":
+        return positions
+    if callable(reduce):
+        return None
+    return 1
+
+
+def reduce_output(
+    module: nn.Module,
+    out: torch.Tensor,
+    reduce: Reduction,
+    *,
+    positions: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    layer: str = "?",
+) -> torch.Tensor:
+    """Reduce one layer output to ``(n, d)`` rows (detached; no autograd graph)."""
+    out = out.detach()
+    if callable(reduce) and not isinstance(reduce, str):
+        rows = reduce(out)
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
+            shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(
+                f"The reduction callable for layer {layer!r} must return a 2-D (n, d) tensor, but returned {shape}."
+            )
+        return rows.detach()
+    if out.ndim == 0:
+        raise ValueError(f"Layer {layer!r} returned a scalar; there are no units to capture.")
+    if out.ndim == 1:
+        return out[:, None]
+    if out.ndim == 2:
+        if reduce in ("last", "sample"):
+            raise ValueError(
+                f"Reduction {reduce!r} needs positions (a conv or sequence output), but layer {layer!r} "
+                f"returned 2-D {tuple(out.shape)}; use 'mean' (or 'flatten')."
+            )
+        return out
+    if reduce == "flatten":
+        return out.flatten(1)
+    if reduce == "mean":
+        if unit_dim(module, out) == 1:
+            return out.mean(dim=tuple(range(2, out.ndim)))
+        return out.mean(dim=1)
+    if reduce == "last":
+        if out.ndim != 3 or unit_dim(module, out) == 1:
+            raise ValueError(
+                f"Reduction 'last' is for sequence outputs (N, T, D), but layer {layer!r} "
+                f"({type(module).__name__}) returned {tuple(out.shape)}; use 'mean' or 'sample'."
+            )
+        return out[:, -1]
+    # sample
+    seq = _to_units_last(module, out)  # (N, P, U)
+    n, p, u = seq.shape
+    k = positions
+    if k is None or k < 1:
+        raise ValueError(f"Reduction 'sample' needs `positions` >= 1, but got {k!r}.")
+    if k > p:
+        raise ValueError(
+            f"Reduction 'sample' asks for {k} positions per input, but layer {layer!r} has only {p} "
+            f"(output {tuple(out.shape)}); lower `positions` to at most {p}."
+        )
+    # k distinct positions per input: the k smallest of P uniform keys (CPU generator, then moved).
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    keys = torch.rand((n, p), generator=generator, device=gdev)
+    idx = keys.topk(k, dim=1, largest=False).indices.to(seq.device, non_blocking=True)  # (N, k)
+    picked = torch.gather(seq, 1, idx[:, :, None].expand(n, k, u))  # (N, k, U)
+    return picked.reshape(n * k, u)
