@@ -1,0 +1,381 @@
+"""The probe: layer selection, reductions, output types, targets, safety, compile parity."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import netprobe
+from netprobe import Probe
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(Block(6), Block(6))
+        self.drop = nn.Dropout(0.3)
+        self.bn = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.drop(self.encoder(x))))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def _hook_dicts(model):
+    return {
+        n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks),
+            dict(getattr(m, "_forward_hooks_with_kwargs", {})))
+        for n, m in model.named_modules()
+    }
+
+
+# ---------------------------------------------------------------- layer selection
+def test_selection_mixed_names_globs_types_deduplicated():
+    m = Net()
+    p = Probe(m, ["encoder.0.fc", "encoder.*.fc", nn.BatchNorm1d, m.head, "head"])
+    assert p.layers == ["encoder.0.fc", "encoder.1.fc", "bn", "head"]
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(ValueError, match=r"Unknown layer 'encoder.0.fcc'.*encoder.0.fc"):
+        Probe(Net(), ["encoder.0.fcc"])
+
+
+def test_pattern_and_type_matching_nothing_raise():
+    with pytest.raises(ValueError, match="matches no module"):
+        Probe(Net(), ["decoder.*"])
+    with pytest.raises(ValueError, match="No module of type Conv2d"):
+        Probe(Net(), [nn.Conv2d])
+    with pytest.raises(ValueError, match="not a submodule"):
+        Probe(Net(), [nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="at least one"):
+        Probe(Net(), [])
+    with pytest.raises(TypeError, match="entry of `layers`"):
+        Probe(Net(), [3])
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="capacity"):
+        Probe(Net(), ["head"], capacity=0)
+    with pytest.raises(ValueError, match="dtype"):
+        Probe(Net(), ["head"], dtype=torch.int64)
+    with pytest.raises(ValueError, match="reduce"):
+        Probe(Net(), ["head"], reduce="median")
+    with pytest.raises(ValueError, match="positions"):
+        Probe(Net(), ["head"], reduce="sample")
+    with pytest.raises(ValueError, match="not probed"):
+        Probe(Net(), ["head"], reduce={"bn": "mean"})
+    with pytest.raises(TypeError, match="Generator"):
+        Probe(Net(), ["head"], generator=0)
+
+
+# ---------------------------------------------------------------- capture values
+def test_captures_exact_outputs_oldest_first():
+    torch.manual_seed(0)
+    m = Net().eval()
+    xs = [torch.randn(5, 6) for _ in range(3)]
+    with netprobe.probe(m, ["encoder.1", "head"], capacity=12) as p:
+        outs = [m(x) for x in xs]
+    assert torch.equal(p["head"], torch.cat(outs)[-12:])
+    enc = torch.cat([m.encoder(x) for x in xs])[-12:]
+    assert torch.equal(p["encoder.1"], enc)
+    assert p.num_rows("head") == 12
+
+
+def test_module_called_twice_records_one_block_per_call():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    m = Twice()
+    x = torch.randn(4, 3)
+    with netprobe.probe(m, ["fc"]) as p:
+        y = m(x)
+    assert p["fc"].shape == (8, 3)
+    assert torch.equal(p["fc"][:4], m.fc(x).detach())
+    assert torch.equal(p["fc"][4:], y.detach())
+
+
+def test_conv_reductions_against_direct_computation():
+    torch.manual_seed(0)
+    m = CNN()
+    x = torch.randn(3, 2, 5, 5)
+    out = m.relu(m.conv(x)).detach()
+    with netprobe.probe(m, ["relu"], reduce="mean") as p:
+        m(x)
+    torch.testing.assert_close(p["relu"], out.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    with netprobe.probe(m, ["relu"], reduce="flatten") as p:
+        m(x)
+    assert torch.equal(p["relu"], out.reshape(3, -1))
+    g = torch.Generator().manual_seed(3)
+    with netprobe.probe(m, ["relu"], reduce="sample", positions=4, generator=g) as p:
+        m(x)
+    rows = p["relu"]
+    assert rows.shape == (12, 4)
+    flat = out.flatten(2).transpose(1, 2)  # (N, HW, C)
+    for i in range(3):
+        block = rows[4 * i : 4 * i + 4]
+        # every sampled row is one spatial position of input i, and the 4 positions are distinct
+        matches = [int(((flat[i] - r).abs().sum(1) == 0).nonzero()[0]) for r in block]
+        assert len(set(matches)) == 4
+
+
+def test_sampling_is_reproducible_and_leaves_global_rng_alone():
+    m = CNN()
+    x = torch.randn(3, 2, 5, 5)
+    state = torch.random.get_rng_state()
+    res = []
+    for _ in range(2):
+        with netprobe.probe(m, ["conv"], reduce="sample", positions=5, generator=torch.Generator().manual_seed(7)) as p:
+            m(x)
+        res.append(p["conv"])
+    assert torch.equal(res[0], res[1])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match="at most 25"):
+        with netprobe.probe(m, ["conv"], reduce="sample", positions=26):
+            m(x)
+
+
+def test_sequence_reductions():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(4, 5)
+
+        def forward(self, x):  # (N, T, 4)
+            return self.emb(x)
+
+    m = Seq()
+    x = torch.randn(2, 7, 4)
+    out = m(x).detach()
+    for reduce, expected in [("mean", out.mean(1)), ("last", out[:, -1]), ("flatten", out.reshape(2, -1))]:
+        with netprobe.probe(m, ["emb"], reduce=reduce) as p:
+            m(x)
+        torch.testing.assert_close(p["emb"], expected, rtol=0, atol=1e-6)
+    with netprobe.probe(m, ["emb"], reduce="sample", positions=3) as p:
+        m(x)
+    assert p["emb"].shape == (6, 5)
+    with netprobe.probe(m, ["emb"], reduce=lambda o: o.amax(1)) as p:
+        m(x)
+    assert torch.equal(p["emb"], out.amax(1))
+
+
+def test_conv1d_uses_channels_and_last_is_rejected_for_conv():
+    m = nn.Sequential(nn.Conv1d(3, 4, 3))
+    x = torch.randn(2, 3, 9)
+    with netprobe.probe(m, ["0"]) as p:
+        m(x)
+    torch.testing.assert_close(p["0"], m(x).detach().mean(2))
+    with pytest.raises(ValueError, match="'last' is for sequence"):
+        with netprobe.probe(m, ["0"], reduce="last"):
+            m(x)
+
+
+def test_per_layer_reduce_and_bad_callable():
+    m = CNN()
+    x = torch.randn(2, 2, 4, 4)
+    with netprobe.probe(m, ["conv", "fc"], reduce={"conv": "flatten"}) as p:
+        m(x)
+    assert p["conv"].shape == (2, 64) and p["fc"].shape == (2, 3)
+    with pytest.raises(ValueError, match="must return a 2-D"):
+        with netprobe.probe(m, ["conv"], reduce=lambda o: o):
+            m(x)
+
+
+def test_storage_dtype_and_nbytes_exact():
+    m = Net().eval()
+    with netprobe.probe(m, ["encoder.0", "head"], capacity=10, dtype=torch.bfloat16) as p:
+        assert p.nbytes == 0
+        m(torch.randn(4, 6))
+    assert p["head"].dtype == torch.bfloat16
+    assert p.nbytes == 10 * 6 * 2 + 10 * 3 * 2
+
+
+# ---------------------------------------------------------------- output types
+class Multi(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.inner(x)
+        if self.kind == "tuple":
+            return (h, h * 2)
+        if self.kind == "dict":
+            return {"a": h, "b": h * 2}
+        return "not a tensor"
+
+
+class Wrap(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.m = Multi(kind)
+
+    def forward(self, x):
+        return self.m(x)
+
+
+def test_tuple_dict_and_other_outputs():
+    x = torch.randn(2, 3)
+    w = Wrap("tuple")
+    with netprobe.probe(w, ["m"]) as p:
+        out = w(x)
+    assert torch.equal(p["m"], out[0].detach())
+    with netprobe.probe(w, ["m"], select=1) as p:
+        out = w(x)
+    assert torch.equal(p["m"], out[1].detach())
+    w = Wrap("dict")
+    with netprobe.probe(w, ["m"], select={"m": "b"}) as p:
+        out = w(x)
+    assert torch.equal(p["m"], out["b"].detach())
+    with pytest.raises(TypeError, match="dict-like output with keys"):
+        with netprobe.probe(w, ["m"]):
+            w(x)
+    w = Wrap("other")
+    with pytest.raises(TypeError, match=r"Layer 'm' returned str"):
+        with netprobe.probe(w, ["m"]):
+            w(x)
+
+
+# ---------------------------------------------------------------- targets
+def test_targets_stored_beside_rows_and_missing_targets_reported():
+    m = CNN()
+    with netprobe.probe(m, ["conv", "fc"], store_targets=True, reduce={"conv": "sample"}, positions=2) as p:
+        for b in range(3):
+            p.set_targets(torch.tensor([b, b + 10]))
+            m(torch.randn(2, 2, 4, 4))
+    assert p.targets("fc").tolist() == [0, 10, 1, 11, 2, 12]
+    assert p.targets("conv").tolist() == [0, 0, 10, 10, 1, 1, 11, 11, 2, 2, 12, 12]
+    p.reset()
+    with p:
+        m(torch.randn(2, 2, 4, 4))  # no targets set
+    with pytest.raises(ValueError, match="no targets were set"):
+        p.targets("fc")
+    with pytest.raises(ValueError, match="store_targets"):
+        netprobe.probe(m, ["fc"]).set_targets(torch.zeros(2))
+
+
+def test_unknown_and_empty_reads():
+    p = Probe(Net(), ["head"])
+    with pytest.raises(KeyError, match="not a probed layer"):
+        p["haed"]
+    with pytest.raises(ValueError, match="captured nothing"):
+        p["head"]
+
+
+# ---------------------------------------------------------------- safety
+def test_outputs_and_gradients_bit_identical():
+    torch.manual_seed(0)
+    m1 = Net()
+    m2 = copy.deepcopy(m1)
+    x = torch.randn(16, 6)
+    y = torch.randint(0, 3, (16,))
+    torch.manual_seed(1)
+    loss1 = nn.functional.cross_entropy(m1(x), y)
+    loss1.backward()
+    with netprobe.probe(m2, ["encoder.*", nn.BatchNorm1d, "head"], reduce="flatten") as p:
+        torch.manual_seed(1)  # same dropout mask
+        loss2 = nn.functional.cross_entropy(m2(x), y)
+        loss2.backward()
+    assert torch.equal(loss1, loss2)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    for a, b in zip(m1.buffers(), m2.buffers()):
+        assert torch.equal(a, b)
+    assert not p["head"].requires_grad and p["head"].grad_fn is None
+
+
+def test_hooks_removed_after_exception_and_user_hooks_untouched():
+    m = Net()
+    user = m.head.register_forward_hook(lambda *a: None)
+    before = _hook_dicts(m)
+    with pytest.raises(RuntimeError, match="boom"):
+        with netprobe.probe(m, ["encoder.*", "head"]):
+            m(torch.randn(2, 6))
+            raise RuntimeError("boom")
+    assert _hook_dicts(m) == before
+    user.remove()
+    # and when the forward itself fails inside the probe
+    with pytest.raises(RuntimeError):
+        with netprobe.probe(m, ["head"]):
+            m(torch.randn(2, 5))  # wrong width
+    assert all(not m._forward_hooks for m in m.modules())
+
+
+def test_attach_detach_explicit_and_double_attach():
+    m = Net()
+    p = Probe(m, ["head"])
+    p.attach()
+    with pytest.raises(RuntimeError, match="already attached"):
+        p.attach()
+    m(torch.randn(2, 6))
+    p.detach()
+    p.detach()  # idempotent
+    m(torch.randn(2, 6))
+    assert p.num_rows("head") == 2 and not p.attached
+
+
+def test_pause_without_removing_hooks():
+    m = Net().eval()
+    with netprobe.probe(m, ["head"]) as p:
+        m(torch.randn(2, 6))
+        n_hooks = len(m.head._forward_hooks)
+        with p.paused():
+            m(torch.randn(3, 6))
+            assert len(m.head._forward_hooks) == n_hooks
+        p.enabled = False
+        m(torch.randn(3, 6))
+        p.enabled = True
+        m(torch.randn(1, 6))
+    assert p.num_rows("head") == 3
+
+
+def test_compile_parity():
+    torch.manual_seed(0)
+    m = Net().eval()
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    with netprobe.probe(m, ["encoder.0", "head"]) as eager:
+        ref = [m(x) for x in xs]
+    p = Probe(m, ["encoder.0", "head"]).attach()  # attach before compiling
+    try:
+        cm = torch.compile(m, backend="aot_eager")
+        got = [cm(x) for x in xs]
+        with p.paused():
+            cm(xs[0])
+        cm(xs[1])
+    finally:
+        p.detach()
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(p["head"][:12], eager["head"])
+    torch.testing.assert_close(p["encoder.0"][:12], eager["encoder.0"])
+    torch.testing.assert_close(p["head"][12:], eager["head"][4:8])  # paused call left no rows
+    assert p.num_rows("head") == 16
