@@ -1,0 +1,34 @@
+# Set-up and entry points. Everything installs into ./.venv; torch is pinned to the local CPU wheel
+# (constraints.txt), so a fresh machine without a GPU or internet access beyond PyPI works.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.netprobe-installed
+# Two cores here: torch's intra-op threads contend badly, so demos and tests use one thread.
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q --timeout=900
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/capture_overhead.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache
