@@ -379,3 +379,58 @@ def test_compile_parity():
     torch.testing.assert_close(p["encoder.0"][:12], eager["encoder.0"])
     torch.testing.assert_close(p["head"][12:], eager["head"][4:8])  # paused call left no rows
     assert p.num_rows("head") == 16
+
+
+def test_hook_path_never_synchronises(monkeypatch):
+    """No .item()/.tolist()/.cpu()/bool() of a tensor inside the hooks (host-sync free on GPU)."""
+    m = CNN().eval()
+    x = torch.randn(3, 2, 5, 5)
+    p = netprobe.probe(m, ["conv", "relu", "fc"], reduce={"conv": "sample"}, positions=3, store_targets=True)
+    p.set_targets(torch.arange(3))
+
+    def forbidden(*a, **k):
+        raise AssertionError("host synchronisation inside the capture path")
+
+    with p:
+        for attr in ("item", "tolist", "cpu", "__bool__", "numpy"):
+            monkeypatch.setattr(torch.Tensor, attr, forbidden)
+        try:
+            for _ in range(5):
+                m(x)
+        finally:
+            monkeypatch.undo()
+    assert p["fc"].shape == (15, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_buffers_stay_on_device_without_sync():
+    m = CNN().cuda()
+    x = torch.randn(8, 2, 6, 6, device="cuda")
+    with netprobe.probe(m, ["relu", "fc"], capacity=20, reduce={"relu": "sample"}, positions=4) as p:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                m(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert p.buffers["relu"].device.type == "cuda" and p["fc"].shape == (20, 3)
+    torch.testing.assert_close(p["fc"][-8:], m(x).detach())
+
+
+@pytest.mark.slow
+def test_compile_parity_inductor():
+    torch.manual_seed(0)
+    m = Net().eval()
+    xs = [torch.randn(4, 6) for _ in range(2)]
+    with netprobe.probe(m, ["encoder.1", "head"]) as eager:
+        for x in xs:
+            m(x)
+    p = Probe(m, ["encoder.1", "head"]).attach()
+    try:
+        cm = torch.compile(m)
+        for x in xs:
+            cm(x)
+    finally:
+        p.detach()
+    torch.testing.assert_close(p["head"], eager["head"])
+    torch.testing.assert_close(p["encoder.1"], eager["encoder.1"])
