@@ -434,3 +434,20 @@ def test_compile_parity_inductor():
         p.detach()
     torch.testing.assert_close(p["head"], eager["head"])
     torch.testing.assert_close(p["encoder.1"], eager["encoder.1"])
+
+
+def test_inference_mode_and_grad_mode_mix():
+    """A first capture under torch.inference_mode() (Lightning's validation) must not break later ones."""
+    m = nn.Sequential(nn.Linear(4, 3))
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    with netprobe.probe(m, ["0"], store_targets=True) as p:
+        for i, x in enumerate(xs):
+            p.set_targets(torch.tensor([i, i]))
+            if i % 2 == 0:
+                with torch.inference_mode():
+                    m(x)
+            else:
+                m(x).sum().backward()
+    assert not p["0"].is_inference()
+    torch.testing.assert_close(p["0"], m(torch.cat(xs)).detach())
+    assert p.targets("0").tolist() == [0, 0, 1, 1, 2, 2]

@@ -71,10 +71,13 @@ class RingBuffer:
 
     # -- allocation -----------------------------------------------------------------
     def _allocate(self, dim: int, device: torch.device) -> None:
-        self._dim = dim
-        self._data = torch.zeros((self.capacity, dim), dtype=self.dtype, device=device)
-        if self.store_targets:
-            self._targets = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
+        # Never an inference tensor (a first write under `torch.inference_mode()`, e.g. in a Lightning
+        # validation loop, must not make later writes outside it fail), never part of a graph.
+        with torch.inference_mode(False), torch.no_grad():
+            self._dim = dim
+            self._data = torch.zeros((self.capacity, dim), dtype=self.dtype, device=device)
+            if self.store_targets:
+                self._targets = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
 
     @property
     def allocated(self) -> bool:
