@@ -1,0 +1,130 @@
+"""Early stopping on a netprobe signal, without a validation set.
+
+Morcos et al. (2018) found that a network's reliance on single directions, measured on the
+*training* data, tracks generalization: as a network starts to memorize, ablating a few units
+hurts it more, and the normalized ablation AUC falls. So one can stop when
+``netprobe/reliance_auc`` (logged by :class:`~netprobe.lightning.RelianceMonitor`) stops
+improving, and keep no data aside for validation.
+
+:class:`RelianceEarlyStopping` is Lightning's own ``EarlyStopping`` with:
+
+* netprobe defaults: ``monitor="netprobe/reliance_auc"``, ``mode="max"``, ``patience=3``;
+* ``smoothing``: an exponential moving average of the signal (``0`` = off), because a reliance
+  AUC measured on a few hundred probe examples is noisy from epoch to epoch;
+* ``warmup_epochs``: records of the first epochs are ignored (early in training the network is
+  far from memorizing and the signal rises steeply anyway);
+* only *fresh* records count: a monitor that runs every ``n`` epochs leaves its last value in
+  ``trainer.callback_metrics`` in between, and plain ``EarlyStopping`` would count each stale
+  repetition as "no improvement". Here patience is counted in measurements, not epochs.
+
+It is built on the ``EarlyStopping`` of ``pytorch_lightning`` when that package is installed (the
+netprobe dependency), else of ``lightning.pytorch``; either ``Trainer`` accepts it. Pass
+``strict=False`` (the default here) so that epochs before the first measurement do not raise.
+
+Example:
+    >>> from netprobe.lightning.early_stopping import RelianceEarlyStopping
+    >>> stop = RelianceEarlyStopping(patience=4, smoothing=0.5, warmup_epochs=2)
+    >>> stop.monitor, stop.mode
+    ('netprobe/reliance_auc', 'max')
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+try:  # the netprobe dependency
+    from pytorch_lightning.callbacks import EarlyStopping as _EarlyStopping
+except ImportError:  # pragma: no cover - only the unified package installed
+    from lightning.pytorch.callbacks import EarlyStopping as _EarlyStopping
+
+__all__ = ["RelianceEarlyStopping"]
+
+
+class RelianceEarlyStopping(_EarlyStopping):
+    """``EarlyStopping`` preset for netprobe signals (see the module docstring).
+
+    Args:
+        monitor: the logged key; default ``"netprobe/reliance_auc"`` (mean over monitored layers).
+        mode: ``"max"`` (every ``*_auc`` is higher-is-better) or ``"min"``.
+        patience: number of *fresh* measurements without improvement before stopping.
+        min_delta: minimum change that counts as an improvement.
+        smoothing: EMA factor ``beta`` in ``[0, 1)``: the signal compared is
+            ``s_t = beta * s_{t-1} + (1 - beta) * x_t`` (``0`` = raw values).
+        warmup_epochs: measurements made before this epoch (0-based ``trainer.current_epoch``)
+            update the EMA but never count towards patience or the best score.
+        **kwargs: any other ``EarlyStopping`` argument (``strict`` defaults to ``False``,
+            ``verbose``, ``stopping_threshold``, ``check_on_train_epoch_end``...).
+    """
+
+    def __init__(
+        self,
+        monitor: str = "netprobe/reliance_auc",
+        *,
+        mode: str = "max",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        smoothing: float = 0.0,
+        warmup_epochs: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"Expected `monitor` to be a logged key such as 'netprobe/reliance_auc', but got {monitor!r}.")
+        if not (isinstance(smoothing, (int, float)) and 0.0 <= float(smoothing) < 1.0):
+            raise ValueError(f"Expected `smoothing` in [0, 1) (0 = off), but got {smoothing!r}.")
+        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"Expected `warmup_epochs` to be an int >= 0, but got {warmup_epochs!r}.")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"Expected `patience` to be an int >= 1, but got {patience!r}.")
+        kwargs.setdefault("strict", False)
+        super().__init__(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta, **kwargs)
+        self.smoothing = float(smoothing)
+        self.warmup_epochs = warmup_epochs
+        self._ema: Optional[torch.Tensor] = None
+        self._last_seen: Any = None  # the tensor object last read from callback_metrics
+        self._last_value: Optional[float] = None
+        self.history: list[tuple[int, float, float]] = []  # (epoch, raw, smoothed) of fresh records
+
+    def _run_early_stopping_check(self, trainer: Any) -> None:
+        logs = trainer.callback_metrics
+        if trainer.fast_dev_run or not self._validate_condition_metric(logs):
+            return
+        raw = logs[self.monitor]
+        value = float(raw.detach().float().mean()) if isinstance(raw, torch.Tensor) else float(raw)
+        if raw is self._last_seen and value == self._last_value:
+            return  # a stale repetition: the monitor did not measure this epoch
+        self._last_seen, self._last_value = raw, value
+        current = torch.tensor(value, dtype=torch.float64)
+        self._ema = current if self._ema is None or self.smoothing == 0.0 else (
+            self.smoothing * self._ema + (1.0 - self.smoothing) * current
+        )
+        self.history.append((int(trainer.current_epoch), value, float(self._ema)))
+        if trainer.current_epoch < self.warmup_epochs:
+            return
+        should_stop, reason = self._evaluate_stopping_criteria(self._ema.to(torch.float32))
+        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        trainer.should_stop = trainer.should_stop or should_stop
+        if should_stop:
+            self.stopped_epoch = trainer.current_epoch
+            self.stopping_reason_message = reason
+        if reason and self.verbose:
+            self._log_info(trainer, reason, self.log_rank_zero_only)
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            ema=None if self._ema is None else float(self._ema),
+            last_value=self._last_value,
+            history=list(self.history),
+            smoothing=self.smoothing,
+            warmup_epochs=self.warmup_epochs,
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        ema = state_dict.get("ema")
+        self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
+        self._last_value = state_dict.get("last_value")
+        self.history = [tuple(h) for h in state_dict.get("history", [])]

@@ -1,0 +1,112 @@
+"""RelianceEarlyStopping with a real Trainer fed a scripted signal."""
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from netprobe.lightning.early_stopping import RelianceEarlyStopping  # noqa: E402
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self.fc(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Script(pl.Callback):
+    """Writes values[epoch] (or nothing, for None) as the monitored key at each epoch end."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        v = self.values[trainer.current_epoch]
+        if v is not None:
+            trainer.callback_metrics["netprobe/reliance_auc"] = torch.tensor(v)
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(8, 2, generator=g), torch.randint(0, 2, (8,), generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=4)
+
+
+def _fit(values, stop):
+    trainer = pl.Trainer(max_epochs=len(values), callbacks=[Script(values), stop], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), _loader())
+    return trainer
+
+
+def _expected_stop(values, patience, beta=0.0, warmup=0):
+    """Independent re-statement: EMA over fresh values, patience counted in measurements."""
+    best, wait, ema = -float("inf"), 0, None
+    for epoch, v in enumerate(values):
+        if v is None:
+            continue
+        ema = v if ema is None or beta == 0 else beta * ema + (1 - beta) * v
+        if epoch < warmup:
+            continue
+        if ema > best:
+            best, wait = ema, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return epoch
+    return None
+
+
+@pytest.mark.parametrize(
+    "values,patience,beta,warmup",
+    [
+        ([0.5, 0.6, 0.7, 0.65, 0.64, 0.66, 0.63, 0.9, 0.9, 0.9], 3, 0.0, 0),
+        ([0.9, None, 0.8, None, 0.85, None, 0.95, None, 0.7, None, 0.6, None], 2, 0.0, 0),  # every 2nd epoch
+        ([0.2, 0.9, 0.5, 0.6, 0.55, 0.58, 0.5, 0.4, 0.3, 0.2], 2, 0.6, 2),
+    ],
+)
+def test_stops_at_the_epoch_the_values_imply(values, patience, beta, warmup):
+    stop = RelianceEarlyStopping(patience=patience, smoothing=beta, warmup_epochs=warmup)
+    trainer = _fit(values, stop)
+    expected = _expected_stop(values, patience, beta, warmup)
+    assert expected is not None
+    assert stop.stopped_epoch == expected
+    assert trainer.current_epoch == expected + 1  # Lightning increments after the stopping epoch
+    fresh = [v for v in values if v is not None]
+    assert [h[1] for h in stop.history] == pytest.approx(fresh[: len(stop.history)])
+
+
+def test_plain_early_stopping_would_count_stale_values():
+    values = [0.9, None, 0.8, None, 0.85, None, 0.95, None, 0.7, None, 0.6, None]
+    plain = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", patience=2, strict=False)
+    _fit(values, plain)
+    ours = RelianceEarlyStopping(patience=2)
+    _fit(values, ours)
+    assert plain.stopped_epoch < ours.stopped_epoch  # the stale repetitions ate plain's patience
+
+
+def test_state_dict_roundtrip():
+    stop = RelianceEarlyStopping(patience=5, smoothing=0.5)
+    _fit([0.5, 0.6, 0.55], stop)
+    other = RelianceEarlyStopping(patience=5, smoothing=0.5)
+    other.load_state_dict(stop.state_dict())
+    assert other.history == stop.history and float(other._ema) == float(stop._ema)
+    assert other.wait_count == stop.wait_count
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(smoothing=1.0), "smoothing"), (dict(warmup_epochs=-1), "warmup_epochs"),
+     (dict(patience=0), "patience"), (dict(monitor=""), "monitor")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RelianceEarlyStopping(**kwargs)
