@@ -1,0 +1,492 @@
+"""Representational similarity: CCA, SVCCA, PWCCA and linear CKA, plus a streaming accumulator.
+
+All functions take ``x`` ``(n, d_x)`` and ``y`` ``(n, d_y)`` whose rows are the same ``n`` inputs
+(google/svcca uses the transpose), compute in float64 on the inputs' device whatever their dtype,
+and return similarities in ``[0, 1]`` (1 = identical up to the method's invariances).
+
+Numerical route (one core shared by the functional and the streaming forms): everything is
+computed from the centered (cross-)covariance blocks ``S_xx, S_yy, S_xy`` in float64. Each side is
+whitened through ``eigh(S_xx)`` keeping only eigenvalues above ``rank_tol * max eigenvalue``
+(a rank *truncation*, not a ridge: exactly or nearly collinear units give the correlations of the
+remaining subspace, never NaN), and the canonical correlations are the singular values of
+``W_x^T S_xy W_y``. Squaring the data into covariances costs precision only for directions whose
+variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange, the same
+code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
+merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
+``(n, d)`` data for ``n >> d``; see ``benchmarks/similarity.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from netprobe import distributed as _dist
+from netprobe._validation import check_2d, check_finite, check_same_n
+
+__all__ = ["cca", "svcca", "pwcca", "linear_cka", "SimilarityAccumulator"]
+
+#: Units whose variance is below this fraction of the largest variance (same side) are dropped.
+VAR_TOL = 1e-10
+#: Whitening keeps eigen-directions whose eigenvalue exceeds this fraction of the largest.
+RANK_TOL = 1e-10
+
+_F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- input handling
+def _prep(x: Any, y: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = check_2d(x, "x")
+    y = check_2d(y, "y")
+    check_same_n(x, y)
+    check_finite(x, "x")
+    check_finite(y, "y")
+    if x.device != y.device:
+        raise ValueError(f"Expected `x` and `y` on the same device, but got {x.device} and {y.device}.")
+    return x.to(_F64), y.to(_F64)
+
+
+@dataclass
+class _Moments:
+    """n, means and centered co-moment matrices (sums of products, not yet divided by n-1)."""
+
+    n: int
+    mx: torch.Tensor
+    my: torch.Tensor
+    cxx: torch.Tensor
+    cyy: torch.Tensor
+    cxy: torch.Tensor
+
+    @staticmethod
+    def of(x: torch.Tensor, y: torch.Tensor) -> "_Moments":
+        mx, my = x.mean(0), y.mean(0)
+        xc, yc = x - mx, y - my
+        return _Moments(x.shape[0], mx, my, xc.T @ xc, yc.T @ yc, xc.T @ yc)
+
+    def merge(self, o: "_Moments") -> "_Moments":
+        """Chan et al.'s pairwise update: exact, order-independent up to rounding."""
+        if o.n == 0:
+            return self
+        if self.n == 0:
+            return o
+        n = self.n + o.n
+        dx, dy = o.mx - self.mx, o.my - self.my
+        f = self.n * o.n / n
+        return _Moments(
+            n,
+            self.mx + dx * (o.n / n),
+            self.my + dy * (o.n / n),
+            self.cxx + o.cxx + f * torch.outer(dx, dx),
+            self.cyy + o.cyy + f * torch.outer(dy, dy),
+            self.cxy + o.cxy + f * torch.outer(dx, dy),
+        )
+
+
+def _need_samples(n: int, d: int, side: str, what: str) -> None:
+    if n <= d:
+        raise ValueError(
+            f"{what} needs more samples than units, but `{side}` has n={n} samples for d={d} units "
+            f"(after dropping constant units). Use at least {d + 1} samples (10x d is safer), reduce the "
+            f"units first (`svcca(..., keep=0.99)` or an int `keep`, or a spatial-mean reduction), or use "
+            f"`linear_cka`, which has no such limit."
+        )
+
+
+def _keep_units(cov: torch.Tensor) -> torch.Tensor:
+    var = cov.diagonal()
+    vmax = var.max() if var.numel() else torch.zeros((), dtype=cov.dtype, device=cov.device)
+    return var > VAR_TOL * vmax
+
+
+def _whitener(cov: torch.Tensor, rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(W, V)``: ``W`` (d, k) with ``W^T cov W = I_k`` (k = numerical rank), ``V`` the kept eigenvectors."""
+    evals, evecs = torch.linalg.eigh(cov)
+    top = evals[-1].clamp_min(0)
+    keep = evals > rank_tol * top
+    v = evecs[:, keep]
+    return v * evals[keep].rsqrt(), v
+
+
+@dataclass
+class _CCA:
+    rho: torch.Tensor  # (r,) descending
+    wx: torch.Tensor  # (dx', kx) whitener
+    wy: torch.Tensor  # (dy', ky)
+    vx: torch.Tensor  # (dx', kx) kept eigenvectors of S_xx
+    vy: torch.Tensor  # (dy', ky)
+    u: torch.Tensor  # (kx, r)
+    v: torch.Tensor  # (ky, r)
+    sxx: torch.Tensor
+    syy: torch.Tensor
+
+
+def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str) -> _CCA:
+    kx_mask, ky_mask = _keep_units(sxx), _keep_units(syy)
+    if not bool(kx_mask.any()) or not bool(ky_mask.any()):
+        side = "x" if not bool(kx_mask.any()) else "y"
+        raise ValueError(
+            f"Every unit of `{side}` is constant over the samples; {what} is undefined. Check the layer "
+            "(dead ReLUs?) or the probe inputs."
+        )
+    sxx, syy, sxy = sxx[kx_mask][:, kx_mask], syy[ky_mask][:, ky_mask], sxy[kx_mask][:, ky_mask]
+    _need_samples(n, sxx.shape[0], "x", what)
+    _need_samples(n, syy.shape[0], "y", what)
+    (wx, vx), (wy, vy) = _whitener(sxx, rank_tol), _whitener(syy, rank_tol)
+    if wx.shape[1] == 0 or wy.shape[1] == 0:
+        raise ValueError(f"A representation has no variance above `rank_tol`; {what} is undefined.")
+    m = wx.T @ sxy @ wy
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, u, vh.T, sxx, syy)
+
+
+def _cov(mom: _Moments) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = max(mom.n - 1, 1)
+    return mom.cxx / d, mom.cyy / d, mom.cxy / d
+
+
+def _check_rank_tol(rank_tol: float) -> float:
+    if not isinstance(rank_tol, (int, float)) or not (0.0 <= float(rank_tol) < 1.0):
+        raise ValueError(f"Expected `rank_tol` in [0, 1), but got {rank_tol!r}.")
+    return float(rank_tol)
+
+
+def _check_keep(keep: Union[float, int]) -> Union[float, int]:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"Expected `keep` to be a float in (0, 1] or an int >= 1, but got {type(keep).__name__}.")
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"Expected an int `keep` >= 1 (directions kept), but got {keep}.")
+    elif not (0.0 < keep <= 1.0):
+        raise ValueError(f"Expected a float `keep` in (0, 1] (fraction of variance kept), but got {keep}.")
+    return keep
+
+
+def _svd_reduce(cov: torch.Tensor, keep: Union[float, int]) -> torch.Tensor:
+    """Top principal directions (d, k) of ``cov`` keeping ``keep`` of the variance (or ``keep`` of them)."""
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    pos = int((evals > RANK_TOL * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
+    if pos == 0:
+        raise ValueError("A representation has no variance at all (every unit constant); SVCCA is undefined.")
+    if isinstance(keep, int):
+        k = min(keep, pos)
+    else:
+        frac = evals.cumsum(0) / evals.sum()
+        k = int((frac < keep - 1e-12).sum()) + 1
+        k = min(k, pos)
+    return evecs[:, :k]
+
+
+# ----------------------------------------------------------------------------- from moments
+def _cca_from(mom: _Moments, rank_tol: float) -> torch.Tensor:
+    sxx, syy, sxy = _cov(mom)
+    return _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="CCA").rho
+
+
+def _svcca_from(mom: _Moments, keep: Union[float, int], rank_tol: float) -> torch.Tensor:
+    sxx, syy, sxy = _cov(mom)
+    px, py = _svd_reduce(sxx, keep), _svd_reduce(syy, keep)
+    r = _cca_core(px.T @ sxx @ px, py.T @ syy @ py, px.T @ sxy @ py, mom.n, rank_tol=rank_tol, what="SVCCA")
+    return r.rho.mean()
+
+
+def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
+    sxx, syy, sxy = _cov(mom)
+    r = _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="PWCCA")
+    use_x = r.wx.shape[1] <= r.wy.shape[1]  # fewer kept (whitened) dimensions; x on a tie
+    w, rot, s = (r.wx, r.u, r.sxx) if use_x else (r.wy, r.v, r.syy)
+    if method == "paper":
+        # <h_i, x_j> with h_i = Xc W rot_i / sqrt(n-1) (unit norm) equals sqrt(n-1) (rot^T W^T S)_ij;
+        # the common factor cancels in the normalized weights.
+        alpha = (rot.T @ w.T @ s).abs().sum(1)
+    else:  # google/svcca's compute_pwcca on centered inputs
+        # google whitens with the symmetric inverse square root S^{-1/2} = V L^{-1/2} V^T, so its
+        # left singular vectors are R = V U, and it applies them to the *unwhitened* centered
+        # activations: dirns = R^T Xc^T, P = qr(Xc R), weights_i = sum_j |P_i^T x_j|. With
+        # R^T S R = L L^T (Cholesky), P = Xc R L^{-T} / sqrt(n-1) up to column signs, hence
+        # P^T x_j = sqrt(n-1) (L^{-1} R^T S)_ij; the common factor cancels.
+        vv = r.vx if use_x else r.vy
+        rr = vv @ rot
+        g = rr.T @ s @ rr
+        chol = torch.linalg.cholesky((g + g.T) / 2)
+        alpha = torch.linalg.solve_triangular(chol, rr.T @ s, upper=False).abs().sum(1)
+    total = alpha.sum()
+    if not bool(total > 0):
+        raise ValueError("PWCCA weights are all zero (degenerate representations); use `cca` to inspect.")
+    return ((alpha / total) * r.rho).sum().clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- public API
+def cca(x: torch.Tensor, y: torch.Tensor, *, rank_tol: float = RANK_TOL) -> torch.Tensor:
+    """Canonical correlations between two representations of the same inputs.
+
+    Args:
+        x: ``(n, d_x)`` activations (rows = inputs, columns = units).
+        y: ``(n, d_y)`` activations of the same ``n`` inputs, in the same order.
+        rank_tol: whitening keeps eigen-directions with eigenvalue above ``rank_tol`` times the
+            largest; collinear directions below it are truncated (not regularized).
+
+    Returns:
+        ``(r,)`` float64 correlations in ``[0, 1]``, descending, ``r = min(rank_x, rank_y)``.
+        Units whose variance is below ``1e-10`` times the largest are dropped first.
+
+    Raises:
+        ValueError: non-2-D input, different ``n``, NaN/Inf, all units constant, or
+            ``n <= d`` for a side (CCA then finds spurious perfect correlations).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(500, 4, generator=g)
+        >>> cca(x, x @ torch.randn(4, 4, generator=g)).round(decimals=6)   # invertible map
+        tensor([1., 1., 1., 1.], dtype=torch.float64)
+    """
+    x, y = _prep(x, y)
+    return _cca_from(_Moments.of(x, y), _check_rank_tol(rank_tol))
+
+
+def svcca(x: torch.Tensor, y: torch.Tensor, *, keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL) -> torch.Tensor:
+    """SVCCA (Raghu et al. 2017): mean canonical correlation after an SVD reduction of each side.
+
+    Each representation is centered and projected on its top singular directions explaining
+    ``keep`` of its variance (squared singular values), or on its ``keep`` top directions when
+    ``keep`` is an int; the result is the mean CCA correlation of the reduced pair.
+
+    Args:
+        x: ``(n, d_x)``. y: ``(n, d_y)``, same inputs.
+        keep: float in ``(0, 1]`` (fraction of variance) or int ``>= 1`` (number of directions).
+
+    Returns:
+        0-d float64 tensor in ``[0, 1]``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(300, 8, generator=g)
+        >>> float(svcca(x, 2 * x + 1, keep=0.99))
+        1.0
+    """
+    x, y = _prep(x, y)
+    return _svcca_from(_Moments.of(x, y), _check_keep(keep), _check_rank_tol(rank_tol))
+
+
+def pwcca(x: torch.Tensor, y: torch.Tensor, *, method: str = "paper", rank_tol: float = RANK_TOL) -> torch.Tensor:
+    """Projection-weighted CCA (Morcos, Raghu & Bengio 2018).
+
+    ``sum_i alpha_i rho_i / sum_i alpha_i`` with canonical correlations ``rho_i`` and weights
+    ``alpha_i = sum_j |<h_i, x_j>|``, where ``h_i`` are the canonical variates (whitened, centered,
+    unit norm) of the representation with fewer kept dimensions (``x`` on a tie) and ``x_j`` that
+    representation's centered activation vector of unit ``j``. Invariant to adding constants, to
+    the sign conventions of the factorizations and to the order of units.
+
+    Args:
+        x: ``(n, d_x)``. y: ``(n, d_y)``, same inputs.
+        method: ``"paper"`` (default; the formula above) or ``"google"``: google/svcca's
+            ``compute_pwcca`` on centered inputs, whose weights project the activations on the QR
+            basis of *unwhitened* directions (``u^T (x - mean)``). Kept for comparing with numbers
+            computed with that code; it is well defined here when ``x`` has more units too (the
+            original indexes the wrong layer and raises ``IndexError`` then).
+
+    Returns:
+        0-d float64 tensor in ``[0, 1]``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(400, 6, generator=g)
+        >>> float(pwcca(x, x + 3.0))
+        1.0
+    """
+    if method not in ("paper", "google"):
+        raise ValueError(f"Expected `method` to be 'paper' or 'google', but got {method!r}.")
+    x, y = _prep(x, y)
+    return _pwcca_from(_Moments.of(x, y), method, _check_rank_tol(rank_tol))
+
+
+def _cka_from_cov(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> torch.Tensor:
+    den = torch.linalg.matrix_norm(sxx) * torch.linalg.matrix_norm(syy)
+    if not bool(den > 0):
+        raise ValueError("Linear CKA is undefined: a representation is constant over the samples.")
+    return (torch.linalg.matrix_norm(sxy) ** 2 / den).clamp(0.0, 1.0)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
+    """Linear centered kernel alignment (Kornblith et al. 2019), in feature space.
+
+    ``CKA = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)`` with column-centered ``X_c``,
+    ``Y_c``: invariant to orthogonal transforms and isotropic scaling of either side (not to
+    arbitrary invertible maps, unlike CCA), and defined for any ``n >= 2`` (also ``n < d``).
+
+    Args:
+        x: ``(n, d_x)``. y: ``(n, d_y)``, same inputs.
+        debiased: use the unbiased HSIC estimator (Song et al. 2012) in numerator and denominator,
+            which removes CKA's upward bias when ``d`` is large relative to ``n``; needs ``n >= 4``.
+            The debiased value can fall slightly below 0 for unrelated representations; it is
+            clipped to ``[0, 1]``.
+
+    Returns:
+        0-d float64 tensor in ``[0, 1]``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(100, 5, generator=g)
+        >>> q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
+        >>> round(float(linear_cka(x, 3 * x @ q)), 6)
+        1.0
+    """
+    x, y = _prep(x, y)
+    n = x.shape[0]
+    if not debiased:
+        if n < 2:
+            raise ValueError(f"Linear CKA needs at least 2 samples, but got n={n}.")
+        return _cka_from_cov(*_cov(_Moments.of(x, y))[0:3])
+    if n < 4:
+        raise ValueError(f"Debiased linear CKA needs at least 4 samples, but got n={n}.")
+    xc, yc = x - x.mean(0), y - y.mean(0)
+
+    def hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # unbiased HSIC (up to a common 1/(n(n-3)) factor) with linear kernels, in feature space
+        ra, rb = (a * a).sum(1), (b * b).sum(1)  # squared row norms = kernel diagonals
+        return (
+            torch.linalg.matrix_norm(a.T @ b) ** 2
+            - n / (n - 2) * (ra @ rb)
+            + ra.sum() * rb.sum() / ((n - 1) * (n - 2))
+        )
+
+    hxy, hxx, hyy = hsic(xc, yc), hsic(xc, xc), hsic(yc, yc)
+    if not bool(hxx > 0) or not bool(hyy > 0):
+        raise ValueError("Debiased linear CKA is undefined here: a representation has no estimable variance.")
+    return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp(0.0, 1.0)
+
+
+class SimilarityAccumulator:
+    """Streaming CCA / SVCCA / PWCCA / linear CKA over paired batches, without storing activations.
+
+    Keeps, in float64 on the inputs' device, the sample count, the means and the centered
+    co-moment matrices of ``x`` and ``y``: memory ``8 * (d_x^2 + d_y^2 + d_x d_y + d_x + d_y)``
+    bytes whatever the number of samples. Batches are merged with Chan et al.'s pairwise update,
+    which is exact (no running-sum cancellation), and ranks merge the same way
+    (:meth:`all_reduce`), so the values equal the functional forms on the concatenated data.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(600, 5, generator=g), torch.randn(600, 3, generator=g)
+        >>> acc = SimilarityAccumulator()
+        >>> for i in range(0, 600, 128):
+        ...     acc.update(x[i:i + 128], y[i:i + 128])
+        >>> torch.allclose(acc.pwcca(), pwcca(x, y))
+        True
+    """
+
+    def __init__(self) -> None:
+        self._m: Optional[_Moments] = None
+
+    @property
+    def n(self) -> int:
+        return 0 if self._m is None else self._m.n
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> "SimilarityAccumulator":
+        """Add a batch of paired rows ``x`` ``(b, d_x)``, ``y`` ``(b, d_y)``."""
+        x, y = _prep(x, y)
+        if x.shape[0] == 0:
+            return self
+        batch = _Moments.of(x, y)
+        if self._m is not None:
+            if (self._m.mx.shape[0], self._m.my.shape[0]) != (x.shape[1], y.shape[1]):
+                raise ValueError(
+                    f"Expected batches of widths ({self._m.mx.shape[0]}, {self._m.my.shape[0]}) like the "
+                    f"first one, but got ({x.shape[1]}, {y.shape[1]})."
+                )
+            self._m = self._m.merge(batch)
+        else:
+            self._m = batch
+        return self
+
+    def merge(self, other: "SimilarityAccumulator") -> "SimilarityAccumulator":
+        """Merge another accumulator's statistics into this one (in place); returns ``self``."""
+        if not isinstance(other, SimilarityAccumulator):
+            raise TypeError(f"Expected a SimilarityAccumulator, but got {type(other).__name__}.")
+        if other._m is not None:
+            self._m = other._m if self._m is None else self._m.merge(other._m)
+        return self
+
+    def reset(self) -> None:
+        self._m = None
+
+    def _flat(self) -> torch.Tensor:
+        m = self._need()
+        return torch.cat([
+            torch.tensor([float(m.n)], dtype=_F64, device=m.mx.device), m.mx, m.my,
+            m.cxx.flatten(), m.cyy.flatten(), m.cxy.flatten(),
+        ])
+
+    @staticmethod
+    def _unflat(t: torch.Tensor, dx: int, dy: int) -> _Moments:
+        n = int(t[0])
+        o = 1
+        mx = t[o : o + dx]; o += dx  # noqa: E702
+        my = t[o : o + dy]; o += dy  # noqa: E702
+        cxx = t[o : o + dx * dx].reshape(dx, dx); o += dx * dx  # noqa: E702
+        cyy = t[o : o + dy * dy].reshape(dy, dy); o += dy * dy  # noqa: E702
+        cxy = t[o : o + dx * dy].reshape(dx, dy)
+        return _Moments(n, mx, my, cxx, cyy, cxy)
+
+    def all_reduce(self) -> "SimilarityAccumulator":
+        """Merge the statistics of every rank, in rank order (every rank ends with the same values).
+
+        A collective under ``torch.distributed`` (every rank must call it, each having seen at least
+        one batch); a no-op otherwise.
+        """
+        if not _dist.is_distributed():
+            return self
+        m = self._need()
+        dx, dy = m.mx.shape[0], m.my.shape[0]
+        merged: Optional[_Moments] = None
+        for part in _dist.all_gather(self._flat()):
+            pm = self._unflat(part, dx, dy)
+            merged = pm if merged is None else merged.merge(pm)
+        self._m = merged
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self._m is None:
+            return {"n": 0}
+        m = self._m
+        return {"n": m.n, "mx": m.mx, "my": m.my, "cxx": m.cxx, "cyy": m.cyy, "cxy": m.cxy}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state.get("n", 0)) == 0:
+            self._m = None
+        else:
+            self._m = _Moments(int(state["n"]), *(state[k].to(_F64) for k in ("mx", "my", "cxx", "cyy", "cxy")))
+
+    def _need(self) -> _Moments:
+        if self._m is None:
+            raise ValueError("The accumulator is empty: call `update(x, y)` with at least one batch first.")
+        return self._m
+
+    # -- the metrics -------------------------------------------------------------------
+    def cca(self, *, rank_tol: float = RANK_TOL) -> torch.Tensor:
+        """Canonical correlations of all rows seen; see :func:`cca`."""
+        return _cca_from(self._need(), _check_rank_tol(rank_tol))
+
+    def svcca(self, *, keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL) -> torch.Tensor:
+        """See :func:`svcca`."""
+        return _svcca_from(self._need(), _check_keep(keep), _check_rank_tol(rank_tol))
+
+    def pwcca(self, *, method: str = "paper", rank_tol: float = RANK_TOL) -> torch.Tensor:
+        """See :func:`pwcca`."""
+        if method not in ("paper", "google"):
+            raise ValueError(f"Expected `method` to be 'paper' or 'google', but got {method!r}.")
+        return _pwcca_from(self._need(), method, _check_rank_tol(rank_tol))
+
+    def linear_cka(self, *, debiased: bool = False) -> torch.Tensor:
+        """See :func:`linear_cka`. The debiased form needs per-row norms and is not available here."""
+        if debiased:
+            raise ValueError(
+                "Debiased linear CKA needs per-sample statistics that the streaming form does not keep; "
+                "call `linear_cka(x, y, debiased=True)` on the activations instead."
+            )
+        m = self._need()
+        if m.n < 2:
+            raise ValueError(f"Linear CKA needs at least 2 samples, but got n={m.n}.")
+        return _cka_from_cov(*_cov(m))

@@ -1,0 +1,189 @@
+"""Similarity metrics against numpy references (tests/reference_similarity.py) and properties."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netprobe.metrics import SimilarityAccumulator, cca, linear_cka, pwcca, svcca
+from reference_similarity import cca_ref, cka_debiased_ref, cka_ref, pwcca_google_ref, pwcca_ref, svcca_ref
+
+
+def _pair(n, dx, dy, seed, shared=3, noise=0.5):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, shared))
+    x = z @ rng.normal(size=(shared, dx)) + noise * rng.normal(size=(n, dx)) + rng.normal(size=dx)
+    y = np.tanh(z @ rng.normal(size=(shared, dy))) + noise * rng.normal(size=(n, dy)) - 2.0
+    return x, y
+
+
+T = lambda a: torch.tensor(a)  # noqa: E731
+
+
+# ----------------------------------------------------------------------------- references
+@pytest.mark.parametrize("n,dx,dy,seed", [(200, 5, 8, 0), (500, 12, 4, 1), (300, 10, 10, 2), (1000, 30, 25, 3)])
+def test_against_numpy_references(n, dx, dy, seed):
+    x, y = _pair(n, dx, dy, seed)
+    np.testing.assert_allclose(cca(T(x), T(y)).numpy(), cca_ref(x, y), atol=1e-9)
+    assert float(pwcca(T(x), T(y))) == pytest.approx(pwcca_ref(x, y), abs=1e-9)
+    assert float(pwcca(T(x), T(y), method="google")) == pytest.approx(pwcca_google_ref(x, y), abs=1e-8)
+    assert float(svcca(T(x), T(y), keep=0.99)) == pytest.approx(svcca_ref(x, y, 0.99), abs=1e-9)
+    assert float(svcca(T(x), T(y), keep=3)) == pytest.approx(svcca_ref(x, y, 3), abs=1e-9)
+    assert float(linear_cka(T(x), T(y))) == pytest.approx(cka_ref(x, y), abs=1e-10)
+    assert float(linear_cka(T(x), T(y), debiased=True)) == pytest.approx(max(0.0, cka_debiased_ref(x, y)), abs=1e-10)
+
+
+def test_google_mode_is_not_the_paper_formula_and_moves_with_constants_only_in_google_code():
+    x, y = _pair(400, 6, 9, 5)
+    paper, google = float(pwcca(T(x), T(y))), float(pwcca(T(x), T(y), method="google"))
+    assert abs(paper - google) > 1e-4  # the two weightings differ on generic data
+    # our google mode is on centered inputs, so a constant shift does not move it either
+    assert float(pwcca(T(x + 5.0), T(y), method="google")) == pytest.approx(google, abs=1e-10)
+    # and it is defined when the first argument has more units (the original raises IndexError)
+    assert 0.0 <= float(pwcca(T(y), T(x), method="google")) <= 1.0
+
+
+# ----------------------------------------------------------------------------- properties
+arrays = st.integers(0, 10_000)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=arrays, dx=st.integers(1, 8), dy=st.integers(1, 8))
+def test_cca_invariant_to_invertible_maps(seed, dx, dy):
+    x, y = _pair(150, dx, dy, seed)
+    rng = np.random.default_rng(seed + 1)
+    a = rng.normal(size=(dx, dx)) + 3 * np.eye(dx)
+    b = rng.normal(size=(dy, dy)) + 3 * np.eye(dy)
+    base = cca(T(x), T(y)).numpy()
+    np.testing.assert_allclose(cca(T(x @ a), T(y @ b + 7)).numpy(), base, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=arrays, dx=st.integers(2, 8), dy=st.integers(2, 8), scale=st.floats(0.01, 100))
+def test_cka_invariant_to_orthogonal_maps_and_isotropic_scaling(seed, dx, dy, scale):
+    x, y = _pair(80, dx, dy, seed)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dx, dx)))
+    for debiased in (False, True):
+        base = float(linear_cka(T(x), T(y), debiased=debiased))
+        assert float(linear_cka(T(scale * x @ q), T(y), debiased=debiased)) == pytest.approx(base, abs=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=arrays, dx=st.integers(1, 10), dy=st.integers(1, 10), n=st.integers(30, 200))
+def test_bounds_self_similarity_permutation_and_constants(seed, dx, dy, n):
+    x, y = _pair(n, dx, dy, seed)
+    tx, ty = T(x), T(y)
+    values = [pwcca(tx, ty), svcca(tx, ty), linear_cka(tx, ty), pwcca(tx, ty, method="google"), *cca(tx, ty)]
+    assert all(0.0 <= float(v) <= 1.0 for v in values)
+    assert float(pwcca(tx, tx)) == pytest.approx(1.0, abs=1e-9)
+    assert float(linear_cka(tx, tx)) == pytest.approx(1.0, abs=1e-12)
+    assert float(svcca(tx, tx)) == pytest.approx(1.0, abs=1e-9)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    assert float(pwcca(tx[perm], ty[perm])) == pytest.approx(float(pwcca(tx, ty)), abs=1e-9)
+    assert float(linear_cka(tx[perm], ty[perm])) == pytest.approx(float(linear_cka(tx, ty)), abs=1e-12)
+    shift = T(np.random.default_rng(seed).normal(size=dx) * 10)
+    assert float(pwcca(tx + shift, ty - 3)) == pytest.approx(float(pwcca(tx, ty)), abs=1e-9)
+
+
+def test_collinear_and_constant_units_give_the_remaining_subspace():
+    x, y = _pair(300, 4, 5, 7)
+    base = cca(T(x), T(y)).numpy()
+    x_dup = np.concatenate([x, x[:, :2] * 2 + 1, np.full((300, 1), 3.0)], axis=1)  # duplicates + a constant
+    got = cca(T(x_dup), T(y)).numpy()
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, base, atol=1e-7)
+    # duplicated units legitimately re-weight PWCCA (alpha sums over units); it stays finite and bounded
+    assert 0.0 <= float(pwcca(T(x_dup), T(y))) <= 1.0
+    x_const = np.concatenate([x, np.full((300, 2), -4.0)], axis=1)  # constant units carry no weight
+    assert float(pwcca(T(x_const), T(y))) == pytest.approx(float(pwcca(T(x), T(y))), abs=1e-9)
+    near = np.concatenate([x, x[:, :1] + 1e-9 * np.random.default_rng(0).normal(size=(300, 1))], axis=1)
+    assert np.all(np.isfinite(cca(T(near), T(y)).numpy()))
+
+
+def test_low_precision_inputs_are_computed_in_float64():
+    x, y = _pair(300, 6, 6, 9)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xl, yl = T(x).to(dtype), T(y).to(dtype)
+        out = pwcca(xl, yl)
+        assert out.dtype == torch.float64
+        ref = pwcca_ref(xl.double().numpy(), yl.double().numpy())  # same rounded inputs, float64 math
+        assert float(out) == pytest.approx(ref, abs=1e-9)
+        assert cca(xl, yl).dtype == torch.float64 and linear_cka(xl, yl).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- streaming
+@settings(max_examples=20, deadline=None)
+@given(seed=arrays, cuts=st.lists(st.integers(1, 299), max_size=6, unique=True))
+def test_streaming_equals_functional_for_any_split(seed, cuts):
+    x, y = _pair(300, 7, 5, seed)
+    tx, ty = T(x) * 1e3 + 1e4, T(y)  # large offsets: a naive running sum would cancel
+    bounds = [0, *sorted(cuts), 300]
+    acc = SimilarityAccumulator()
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        acc.update(tx[a:b], ty[a:b])
+        parts.append(SimilarityAccumulator().update(tx[a:b], ty[a:b]))
+    merged = parts[0]
+    for p in reversed(parts[1:]):  # merge order does not matter
+        merged.merge(p)
+    for a in (acc, merged):
+        assert a.n == 300
+        np.testing.assert_allclose(a.cca().numpy(), cca(tx, ty).numpy(), atol=1e-9)
+        assert float(a.pwcca()) == pytest.approx(float(pwcca(tx, ty)), abs=1e-9)
+        assert float(a.pwcca(method="google")) == pytest.approx(float(pwcca(tx, ty, method="google")), abs=1e-8)
+        assert float(a.svcca(keep=0.95)) == pytest.approx(float(svcca(tx, ty, keep=0.95)), abs=1e-9)
+        assert float(a.linear_cka()) == pytest.approx(float(linear_cka(tx, ty)), abs=1e-10)
+
+
+def test_accumulator_state_dict_roundtrip_and_errors():
+    x, y = _pair(200, 4, 3, 1)
+    acc = SimilarityAccumulator().update(T(x), T(y))
+    other = SimilarityAccumulator()
+    other.load_state_dict(acc.state_dict())
+    assert float(other.pwcca()) == float(acc.pwcca())
+    assert acc.all_reduce() is acc  # no-op without torch.distributed
+    with pytest.raises(ValueError, match="empty"):
+        SimilarityAccumulator().cca()
+    with pytest.raises(ValueError, match="widths"):
+        acc.update(T(x[:, :2]), T(y))
+    with pytest.raises(ValueError, match="Debiased"):
+        acc.linear_cka(debiased=True)
+    with pytest.raises(TypeError, match="SimilarityAccumulator"):
+        acc.merge(3)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_input_errors():
+    x, y = T(np.random.default_rng(0).normal(size=(50, 4))), T(np.random.default_rng(1).normal(size=(50, 3)))
+    with pytest.raises(ValueError, match="2-D"):
+        cca(x[:, 0], y)
+    with pytest.raises(ValueError, match=r"same number of samples.*50 and 49"):
+        pwcca(x, y[:49])
+    bad = x.clone()
+    bad[0, 0], bad[1, 1], bad[2, 2] = float("nan"), float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 NaN and 1 Inf"):
+        svcca(bad, y)
+    with pytest.raises(ValueError, match=r"n=50 samples for d=60 units.*at least 61.*svcca"):
+        cca(T(np.random.default_rng(2).normal(size=(50, 60))), y)
+    with pytest.raises(ValueError, match="constant"):
+        pwcca(torch.ones(50, 3), y)
+    with pytest.raises(ValueError, match="method"):
+        pwcca(x, y, method="svcca")
+    with pytest.raises(ValueError, match="keep"):
+        svcca(x, y, keep=1.5)
+    with pytest.raises(TypeError, match="keep"):
+        svcca(x, y, keep="all")
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_cka(x[:3], y[:3], debiased=True)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cca(np.zeros((5, 2)), y)
+
+
+def test_svcca_reduces_before_the_sample_check():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(60, 3))
+    x = z @ rng.normal(size=(3, 100)) + 1e-3 * rng.normal(size=(60, 100))  # n < d, low intrinsic rank
+    y = z @ rng.normal(size=(3, 80))
+    assert float(svcca(T(x), T(y), keep=3)) == pytest.approx(1.0, abs=1e-3)
+    assert float(linear_cka(T(x), T(y))) > 0.5  # CKA has no n > d requirement
