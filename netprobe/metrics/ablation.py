@@ -1,0 +1,500 @@
+"""Single-direction reliance (Morcos et al. 2018): cumulative ablation and noise-robustness curves.
+
+Measure reliance on the TRAINING data with the labels the network was trained on. On held-out
+data a memorizing network is near chance before any ablation, so its normalized curve is flat and
+the signal inverts (a network that memorized looks robust). The papers' finding is that networks
+that generalize are *less* reliant on single directions: their training-set accuracy degrades
+slowly as units are ablated, giving a larger area under the curve.
+
+Both functions evaluate the model under ``torch.no_grad()`` in eval mode and leave it exactly as
+they found it (every module's training flag, parameters, buffers, hooks, the global RNG).
+Randomness (unit orders, noise) comes from the caller's ``torch.Generator`` only.
+
+Vectorization: instead of one forward pass per ablation mask, a batch of ``b`` inputs is repeated
+``m`` times and ``m`` different masks are applied at the layer in one forward pass (``m`` chosen so
+that ``m * b <= max_batch``). This assumes the model treats samples independently in eval mode,
+which holds for standard layers (eval-mode BatchNorm and Dropout included), not for layers that mix
+samples across the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from netprobe import distributed as _dist
+from netprobe._modules import resolve_layer, unit_dim
+
+__all__ = ["ablation_curve", "noise_curve", "CurveResult", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
+
+_F64 = torch.float64
+DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+Data = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Any]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    """An ablation or noise curve with its sufficient statistics.
+
+    Attributes:
+        x: ``(k,)`` the ablated fractions (ablation) or noise scales (noise), ascending, ``x[0] == 0``.
+        correct: ``(repeats, k)`` float64 number of correct predictions per repeat and point.
+        loss_sum: ``(repeats, k)`` float64 summed per-sample loss.
+        count: number of samples evaluated (per point).
+        kind: ``"ablation"`` or ``"noise"``.
+        layer: the qualified name of the layer.
+        order: ``(repeats, d)`` the unit orders used (ablation), else ``None``.
+    """
+
+    x: torch.Tensor
+    correct: torch.Tensor
+    loss_sum: torch.Tensor
+    count: int
+    kind: str
+    layer: str
+    order: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def fractions(self) -> torch.Tensor:
+        return self.x
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.x
+
+    @property
+    def accuracy_per_repeat(self) -> torch.Tensor:
+        return self.correct / self.count
+
+    @property
+    def loss_per_repeat(self) -> torch.Tensor:
+        return self.loss_sum / self.count
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """``(k,)`` accuracy at each point, averaged over repeats."""
+        return self.accuracy_per_repeat.mean(0)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """``(k,)`` mean per-sample loss at each point, averaged over repeats."""
+        return self.loss_per_repeat.mean(0)
+
+    @property
+    def auc(self) -> torch.Tensor:
+        """Trapezoidal area under the accuracy curve over ``x``, divided by the unablated accuracy
+        and by the span of ``x``: 1.0 means no degradation, lower means more reliance.
+
+        When the unablated accuracy is 0 there is nothing to degrade: the AUC is defined as 0.0
+        (and a warning says so).
+        """
+        acc = self.accuracy
+        base = acc[0]
+        span = self.x[-1] - self.x[0]
+        if not bool(base > 0):
+            warnings.warn(
+                f"Unablated accuracy on layer {self.layer!r} is 0; the normalized AUC is set to 0.0.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return torch.zeros((), dtype=_F64, device=acc.device)
+        if not bool(span > 0):
+            return torch.ones((), dtype=_F64, device=acc.device)
+        return torch.trapezoid(acc, self.x) / (base * span)
+
+    def all_reduce(self) -> "CurveResult":
+        """Sum the statistics over ranks (each rank evaluated its shard of the data, with the same
+        generator seed so the unit orders agree). A collective under torch.distributed; returns
+        ``self`` otherwise."""
+        if not _dist.is_distributed():
+            return self
+        flat = torch.cat([self.correct.flatten(), self.loss_sum.flatten(),
+                          torch.tensor([float(self.count)], dtype=_F64, device=self.correct.device)])
+        flat = _dist.all_reduce_sum(flat)
+        r, k = self.correct.shape
+        return replace(self, correct=flat[: r * k].reshape(r, k), loss_sum=flat[r * k : 2 * r * k].reshape(r, k),
+                       count=int(flat[-1]))
+
+
+# ----------------------------------------------------------------------------- helpers
+def _batches(data: Data) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if data[0].shape[0] != data[1].shape[0]:
+            raise ValueError(
+                f"Expected inputs and targets with the same first dimension, but got {data[0].shape[0]} and {data[1].shape[0]}."
+            )
+        yield data[0], data[1]
+        return
+    try:
+        it = iter(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            "Expected `data` to be an (inputs, targets) pair of tensors or an iterable of such batches "
+            f"(e.g. a DataLoader), but got {type(data).__name__}."
+        ) from None
+    for batch in it:
+        if isinstance(batch, dict):
+            batch = (batch.get("x", batch.get("input", batch.get("inputs"))), batch.get("y", batch.get("target", batch.get("targets", batch.get("label")))))
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(isinstance(t, torch.Tensor) for t in batch[:2]):
+            raise TypeError(
+                "Expected each batch of `data` to be an (inputs, targets) pair of tensors, but got "
+                f"{type(batch).__name__}."
+            )
+        yield batch[0], batch[1]
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _check_points(x: Sequence[float], name: str, lo: float, hi: Optional[float]) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(list(x), dtype=_F64)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected `{name}` to be a sequence of numbers, but got {x!r}.") from None
+    if t.ndim != 1 or t.numel() < 2:
+        raise ValueError(f"Expected at least 2 `{name}`, but got {t.tolist()}.")
+    if float(t[0]) != 0.0:
+        raise ValueError(f"Expected `{name}` to start at 0 (the unablated reference), but got {t.tolist()}.")
+    if bool((t[1:] <= t[:-1]).any()) or float(t.min()) < lo or (hi is not None and float(t.max()) > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"Expected strictly increasing `{name}` in {rng}, but got {t.tolist()}.")
+    return t
+
+
+def _per_sample_loss(loss_fn: Optional[LossFn], out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if loss_fn is None:
+        return nn.functional.cross_entropy(out, y, reduction="none")
+    loss = loss_fn(out, y)
+    if not isinstance(loss, torch.Tensor) or loss.shape != (out.shape[0],):
+        raise ValueError(
+            "Expected `loss_fn(outputs, targets)` to return per-sample losses of shape "
+            f"({out.shape[0]},) (e.g. reduction='none'), but got "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}."
+        )
+    return loss
+
+
+class _LayerStats:
+    """One pass over the data: unit count, per-unit mean/std (over samples and positions), selectivity inputs."""
+
+    def __init__(self) -> None:
+        self.ud: Optional[int] = None
+        self.d = 0
+        self.n = 0
+        self.s1: Optional[torch.Tensor] = None
+        self.s2: Optional[torch.Tensor] = None
+        self.cnt = 0
+        self.unit_means: List[torch.Tensor] = []  # per-sample per-unit means (for selectivity)
+        self.labels: List[torch.Tensor] = []
+
+
+def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool) -> _LayerStats:
+    st = _LayerStats()
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"Ablation needs a layer that returns a tensor, but it returned {type(out).__name__}.")
+        ud = unit_dim(mod, out)
+        o = out.detach().to(_F64).movedim(ud, -1)
+        d = o.shape[-1]
+        flat = o.reshape(-1, d)
+        if st.s1 is None:
+            st.ud, st.d = ud, d
+            st.s1 = torch.zeros(d, dtype=_F64, device=o.device)
+            st.s2 = torch.zeros(d, dtype=_F64, device=o.device)
+        st.s1 += flat.sum(0)
+        st.s2 += (flat * flat).sum(0)
+        st.cnt += flat.shape[0]
+        if keep_rows:
+            st.unit_means.append(o.reshape(o.shape[0], -1, d).mean(1))
+
+    h = module.register_forward_hook(hook)
+    try:
+        for x, y in _batches(data):
+            x = x.to(device) if device is not None else x
+            model(x)
+            st.n += x.shape[0]
+            if keep_rows:
+                st.labels.append(y.to(x.device))
+    finally:
+        h.remove()
+    if st.s1 is None:
+        raise ValueError("The layer was never reached by a forward pass over `data` (empty data, or the layer is unused).")
+    return st
+
+
+class _MaskingHook:
+    """Applies ``m`` masks/perturbations to an output of ``m * b`` rows (m repeated batches)."""
+
+    def __init__(self, ud: int) -> None:
+        self.ud = ud
+        self.fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def __call__(self, mod: nn.Module, args: Any, out: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.fn is None else self.fn(out)
+
+
+def _run(
+    model: nn.Module, module: nn.Module, data: Data, device, ud: int, n_masks: int,
+    perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
+    loss_fn: Optional[LossFn], max_batch: int, vectorize: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, batch_index)``."""
+    correct = torch.zeros(n_masks, dtype=_F64)
+    loss_sum = torch.zeros(n_masks, dtype=_F64)
+    n = 0
+    hook = _MaskingHook(ud)
+    h = module.register_forward_hook(hook)
+    try:
+        for bi, (x, y) in enumerate(_batches(data)):
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            b = x.shape[0]
+            if b == 0:
+                continue
+            m_chunk = max(1, max_batch // b) if vectorize else 1
+            for start in range(0, n_masks, m_chunk):
+                m = min(m_chunk, n_masks - start)
+
+                def fn(out: torch.Tensor, start: int = start, m: int = m, b: int = b, bi: int = bi) -> torch.Tensor:
+                    view = out.reshape(m, b, *out.shape[1:])
+                    return perturb(view, start, m, bi).reshape(out.shape)
+
+                hook.fn = fn
+                xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
+                out = model(xin)
+                if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                    raise ValueError(
+                        "Expected the model to return class scores (batch, num_classes), but got "
+                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}."
+                    )
+                yy = y.repeat(m) if m > 1 else y
+                hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
+                ls = _per_sample_loss(loss_fn, out, yy).to(_F64).reshape(m, b).sum(1)
+                correct[start : start + m] += hit.cpu()
+                loss_sum[start : start + m] += ls.cpu()
+            n += b
+    finally:
+        h.remove()
+        hook.fn = None
+    return correct, loss_sum, n
+
+
+def _unit_shape(view: torch.Tensor, ud: int, m: int, d: int) -> List[int]:
+    # view is (m, b, *rest); the unit dimension of the original output is `ud` -> rest index ud - 1
+    shape = [m, 1] + [1] * (view.ndim - 2)
+    shape[ud + 1] = d
+    return shape
+
+
+def _selectivity_order(st: _LayerStats, descending: bool) -> torch.Tensor:
+    from netprobe.metrics.selectivity import class_selectivity
+
+    acts = torch.cat(st.unit_means)
+    labels = torch.cat(st.labels).long()
+    num_classes = int(labels.max()) + 1 if labels.numel() else 2
+    sel = class_selectivity(acts, labels, num_classes=max(num_classes, 2)).values.cpu()
+    key = torch.nan_to_num(sel, nan=-1.0 if descending else 2.0)  # dead units last either way
+    return torch.argsort(key, descending=descending, stable=True)
+
+
+# ----------------------------------------------------------------------------- public API
+def ablation_curve(
+    model: nn.Module,
+    layer: Union[str, nn.Module],
+    data: Data,
+    *,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    order: Union[str, torch.Tensor] = "random",
+    mode: str = "zero",
+    repeats: int = 3,
+    generator: Optional[torch.Generator] = None,
+    loss_fn: Optional[LossFn] = None,
+    max_batch: int = 8192,
+    vectorize: bool = True,
+) -> CurveResult:
+    """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
+
+    A growing fraction of the layer's units (channels of a conv output, the last dimension of a
+    sequence output) is ablated, cumulatively in one order, and accuracy and loss are recorded at
+    each fraction. ``round(f * d)`` units are ablated at fraction ``f``.
+
+    Args:
+        model: a classifier returning ``(batch, num_classes)`` scores.
+        layer: qualified module name (``"encoder.relu2"``) or the submodule itself.
+        data: an ``(inputs, targets)`` pair of tensors, or an iterable of such batches (a
+            ``DataLoader``). Use the TRAINING data with the training labels (module docstring).
+        fractions: ascending, in ``[0, 1]``, starting at 0 (default 0, 0.1, ..., 1).
+        order: ``"random"`` (a new random order per repeat), ``"selectivity_desc"`` (most
+            class-selective units first; dead units last), ``"selectivity_asc"`` (least selective
+            first), or a permutation tensor of the ``d`` units (then ``repeats`` is 1).
+        mode: ``"zero"`` (set to 0) or ``"mean"`` (set to the unit's mean over ``data``, and over
+            positions for conv/sequence outputs).
+        repeats: random orders averaged (``order="random"`` only).
+        generator: source of the random orders; a fresh ``torch.Generator`` seeded with 0 when
+            ``None`` (the global RNG is never used).
+        loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses; default cross-entropy.
+        max_batch: most samples per forward pass when masks are stacked (memory bound).
+        vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
+            (same numbers, slower).
+
+    Returns:
+        :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
+        degradation; slightly above 1 when ablation happens to help).
+
+    Example:
+        >>> torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> r = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(0))
+        >>> r.fractions.shape, r.accuracy.shape, float(r.accuracy[0]) == float((net(x).argmax(1) == y).double().mean())
+        (torch.Size([11]), torch.Size([11]), True)
+    """
+    name, module = resolve_layer(model, layer)
+    fr = _check_points(fractions, "fractions", 0.0, 1.0)
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"Expected `max_batch` to be a positive int, but got {max_batch!r}.")
+    if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
+        raise ValueError(
+            f"Expected `order` to be 'random', 'selectivity_desc', 'selectivity_asc' or a permutation tensor, but got {order!r}."
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = _model_device(model)
+    with _evaluating(model):
+        st = _layer_pass(model, module, data, device, keep_rows=isinstance(order, str) and order != "random")
+        d, ud = st.d, int(st.ud or 0)
+        if isinstance(order, torch.Tensor):
+            perm = order.detach().cpu().long()
+            if perm.shape != (d,) or not torch.equal(perm.sort().values, torch.arange(d)):
+                raise ValueError(f"Expected `order` to be a permutation of the layer's {d} units, but got shape {tuple(order.shape)}.")
+            orders = perm[None]
+        elif order == "random":
+            orders = torch.stack([torch.randperm(d, generator=gen, device=gen.device).cpu() for _ in range(repeats)])
+        else:
+            orders = _selectivity_order(st, descending=(order == "selectivity_desc"))[None]
+        n_rep, k = orders.shape[0], fr.numel()
+        n_ablate = torch.round(fr * d).long()
+        # masks[r * k + j] keeps 1 for units not among the first n_ablate[j] of orders[r]
+        rank = torch.empty_like(orders)
+        rank.scatter_(1, orders, torch.arange(d).expand(n_rep, d))
+        masks = (rank[:, None, :] >= n_ablate[None, :, None]).reshape(n_rep * k, d)
+        mean = (st.s1 / st.cnt) if mode == "mean" else None
+        masks_dev = None
+
+        def perturb(view: torch.Tensor, start: int, m: int, bi: int) -> torch.Tensor:
+            nonlocal masks_dev
+            if masks_dev is None or masks_dev.device != view.device:
+                masks_dev = masks.to(view.device)
+            mk = masks_dev[start : start + m].to(view.dtype).reshape(_unit_shape(view, ud, m, d))
+            if mean is None:
+                return view * mk
+            fill = mean.to(view.device, view.dtype).reshape([1, 1] + [d if i == ud - 1 else 1 for i in range(view.ndim - 2)])
+            return view * mk + fill * (1 - mk)
+
+        correct, loss_sum, n = _run(model, module, data, device, ud, n_rep * k, perturb, loss_fn, max_batch, vectorize)
+    return CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
+
+
+def noise_curve(
+    model: nn.Module,
+    layer: Union[str, nn.Module],
+    data: Data,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    repeats: int = 3,
+    generator: Optional[torch.Generator] = None,
+    loss_fn: Optional[LossFn] = None,
+    max_batch: int = 8192,
+    vectorize: bool = True,
+) -> CurveResult:
+    """Noise-robustness curve of one layer: Gaussian noise of std ``scale * per-unit std`` added to
+    its output, accuracy and loss recorded per scale (Morcos et al. 2018).
+
+    The per-unit std is taken over ``data`` (and over positions for conv/sequence outputs). Within
+    a repeat the same standard-normal draw is scaled for every scale (common random numbers, so
+    the curve is smooth in the scale); repeats use independent draws from ``generator``.
+
+    Args:
+        model, layer, data, repeats, generator, loss_fn, max_batch, vectorize: as in
+            :func:`ablation_curve`.
+        scales: ascending, ``>= 0``, starting at 0.
+
+    Returns:
+        :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).
+
+    Example:
+        >>> torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> r = noise_curve(net, "1", (x, y), scales=[0.0, 1.0, 2.0])
+        >>> r.scales.tolist()
+        [0.0, 1.0, 2.0]
+    """
+    name, module = resolve_layer(model, layer)
+    sc = _check_points(scales, "scales", 0.0, None)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = _model_device(model)
+    with _evaluating(model):
+        st = _layer_pass(model, module, data, device, keep_rows=False)
+        d, ud = st.d, int(st.ud or 0)
+        mean = st.s1 / st.cnt
+        std = (st.s2 / st.cnt - mean * mean).clamp_min(0).sqrt()
+        k = sc.numel()
+        seeds = torch.randint(0, 2**62, (repeats,), generator=gen, device=gen.device).tolist()
+        noise_cache: dict = {}
+
+        def z_for(rep: int, bi: int, shape: torch.Size, dev: torch.device) -> torch.Tensor:
+            key = (rep, bi)
+            if key not in noise_cache:
+                noise_cache.clear()
+                g = torch.Generator().manual_seed(int(seeds[rep]) + 7919 * bi)
+                noise_cache[key] = torch.randn(shape, generator=g, dtype=torch.float32).to(dev)
+            return noise_cache[key]
+
+        def perturb(view: torch.Tensor, start: int, m: int, bi: int) -> torch.Tensor:
+            out = view.clone()
+            s = std.to(view.device, view.dtype).reshape([d if i == ud - 1 else 1 for i in range(view.ndim - 2)])
+            for i in range(m):
+                rep, j = divmod(start + i, k)
+                if float(sc[j]) == 0.0:
+                    continue
+                out[i] = view[i] + float(sc[j]) * s * z_for(rep, bi, view.shape[1:], view.device).to(view.dtype)
+            return out
+
+        correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize)
+    return CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)

@@ -1,0 +1,198 @@
+"""Ablation and noise curves against direct (unvectorized, hand-written) computations."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from netprobe.metrics import CurveResult, ablation_curve, noise_curve
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 4))
+
+
+def _data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    return x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+
+
+def _trained(seed=0):
+    m = _mlp(seed)
+    x, y = _data()
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m, x, y
+
+
+def _direct_accuracy(model, layer_mod, x, y, ablate_idx, fill=None, unit_dim=1):
+    """Reference: one plain forward with the given units overwritten (0 or `fill`)."""
+
+    def hook(mod, args, out):
+        out = out.clone()
+        idx = [slice(None)] * out.ndim
+        idx[unit_dim] = ablate_idx
+        out[tuple(idx)] = 0.0 if fill is None else fill[ablate_idx].reshape(
+            [-1 if i == unit_dim else 1 for i in range(out.ndim)])
+        return out
+
+    was = model.training
+    model.eval()
+    h = layer_mod.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        h.remove()
+        model.train(was)
+    return float((out.argmax(1) == y).double().mean()), float(nn.functional.cross_entropy(out, y))
+
+
+def test_matches_direct_computation_for_a_given_order():
+    m, x, y = _trained()
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(3))
+    fr = [0.0, 0.25, 0.5, 0.75, 1.0]
+    r = ablation_curve(m, "2", (x, y), fractions=fr, order=perm)
+    for j, f in enumerate(fr):
+        acc, loss = _direct_accuracy(m, m[2], x, y, perm[: round(f * 20)])
+        assert float(r.accuracy[j]) == pytest.approx(acc, abs=1e-12)
+        assert float(r.loss[j]) == pytest.approx(loss, rel=1e-5)
+    # normalized trapezoidal AUC from the formula
+    acc = r.accuracy.numpy()
+    assert float(r.auc) == pytest.approx(np.trapezoid(acc, fr) / acc[0], rel=1e-12)
+
+
+def test_fraction_zero_is_unablated_and_one_is_whole_layer_zeroed():
+    m, x, y = _trained()
+    r = ablation_curve(m, m[2], (x, y), generator=torch.Generator().manual_seed(0))
+    m.eval()
+    with torch.no_grad():
+        base = float((m(x).argmax(1) == y).double().mean())
+    m.train()
+    assert float(r.accuracy[0]) == base
+    assert (r.accuracy_per_repeat[:, 0] == base).all()
+    full, _ = _direct_accuracy(m, m[2], x, y, torch.arange(20))
+    assert (r.accuracy_per_repeat[:, -1] == full).all()
+    assert base > 0.6  # the trained net is well above chance, so the test means something
+
+
+def test_mean_mode_matches_direct_computation():
+    m, x, y = _trained()
+    m.eval()
+    with torch.no_grad():
+        h = m[1](m[0](x))
+        acts = m[2](h)
+    m.train()
+    perm = torch.arange(20).flip(0)
+    r = ablation_curve(m, "2", (x, y), fractions=[0.0, 0.5, 1.0], order=perm, mode="mean")
+    for j, f in enumerate([0.0, 0.5, 1.0]):
+        acc, _ = _direct_accuracy(m, m[2], x, y, perm[: round(f * 20)], fill=acts.double().mean(0).float())
+        assert float(r.accuracy[j]) == pytest.approx(acc, abs=1e-12)
+
+
+@pytest.mark.parametrize("max_batch", [96, 200, 10_000])
+def test_vectorized_equals_loop(max_batch):
+    m, x, y = _trained()
+    kw = dict(repeats=4, generator=torch.Generator().manual_seed(5))
+    a = ablation_curve(m, "2", (x, y), max_batch=max_batch, **kw)
+    b = ablation_curve(m, "2", (x, y), vectorize=False, repeats=4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.correct, b.correct)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum, rtol=1e-5, atol=1e-5)
+    na = noise_curve(m, "2", (x, y), max_batch=max_batch, generator=torch.Generator().manual_seed(1))
+    nb = noise_curve(m, "2", (x, y), vectorize=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(na.correct, nb.correct)
+
+
+def test_reproducible_and_global_rng_untouched_and_model_left_as_found():
+    m, x, y = _trained()
+    m.train()
+    m[3].eval()  # a mixed-mode model must come back mixed
+    user = m[2].register_forward_hook(lambda *a: None)
+    state = copy.deepcopy(m.state_dict())
+    hooks = {n: dict(mod._forward_hooks) for n, mod in m.named_modules()}
+    flags = {n: mod.training for n, mod in m.named_modules()}
+    rng = torch.random.get_rng_state()
+    r1 = ablation_curve(m, "2", (x, y), generator=torch.Generator().manual_seed(9))
+    r2 = ablation_curve(m, "2", (x, y), generator=torch.Generator().manual_seed(9))
+    n1 = noise_curve(m, "2", (x, y), generator=torch.Generator().manual_seed(9))
+    n2 = noise_curve(m, "2", (x, y), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(r1.correct, r2.correct) and torch.equal(r1.order, r2.order)
+    assert torch.equal(n1.correct, n2.correct)
+    r3 = ablation_curve(m, "2", (x, y), generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(r1.order, r3.order)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert {n: mod.training for n, mod in m.named_modules()} == flags
+    assert {n: dict(mod._forward_hooks) for n, mod in m.named_modules()} == hooks
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    user.remove()
+
+
+def test_conv_channels_are_ablated_whole_and_dataloader_input():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, 5, 5, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    perm = torch.tensor([4, 1, 5, 0, 2, 3])
+    r = ablation_curve(net, "1", (x, y), fractions=[0.0, 0.5, 1.0], order=perm)
+    for j, f in enumerate([0.0, 0.5, 1.0]):
+        acc, _ = _direct_accuracy(net, net[1], x, y, perm[: round(f * 6)], unit_dim=1)
+        assert float(r.accuracy[j]) == acc
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    rl = ablation_curve(net, "1", loader, fractions=[0.0, 0.5, 1.0], order=perm)
+    assert torch.equal(rl.correct, r.correct) and rl.count == 40
+    torch.testing.assert_close(rl.loss_sum, r.loss_sum)
+
+
+def test_selectivity_order_and_noise_scale_zero():
+    m, x, y = _trained()
+    desc = ablation_curve(m, "2", (x, y), order="selectivity_desc")
+    asc = ablation_curve(m, "2", (x, y), order="selectivity_asc")
+    assert desc.order.shape == (1, 20) and torch.equal(desc.order[0].sort().values, torch.arange(20))
+    assert not torch.equal(desc.order, asc.order)
+    n = noise_curve(m, "2", (x, y), scales=[0.0, 1.0, 4.0])
+    assert float(n.accuracy[0]) == float(desc.accuracy[0])  # scale 0 = unablated
+    assert float(n.accuracy[-1]) < float(n.accuracy[0])  # heavy noise hurts a trained net
+
+
+def test_curve_result_all_reduce_is_noop_and_auc_of_zero_accuracy():
+    r = CurveResult(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+                    torch.zeros(1, 2, dtype=torch.float64), 10, "ablation", "fc")
+    assert r.all_reduce() is r
+    with pytest.warns(RuntimeWarning, match="Unablated accuracy"):
+        assert float(r.auc) == 0.0
+
+
+def test_errors():
+    m, x, y = _trained()
+    with pytest.raises(ValueError, match="Unknown layer 'relu'"):
+        ablation_curve(m, "relu", (x, y))
+    with pytest.raises(ValueError, match="start at 0"):
+        ablation_curve(m, "2", (x, y), fractions=[0.1, 0.5])
+    with pytest.raises(ValueError, match="increasing"):
+        ablation_curve(m, "2", (x, y), fractions=[0.0, 0.5, 0.4])
+    with pytest.raises(ValueError, match="mode"):
+        ablation_curve(m, "2", (x, y), mode="drop")
+    with pytest.raises(ValueError, match="order"):
+        ablation_curve(m, "2", (x, y), order="largest")
+    with pytest.raises(ValueError, match="permutation of the layer's 20 units"):
+        ablation_curve(m, "2", (x, y), order=torch.arange(19))
+    with pytest.raises(ValueError, match="repeats"):
+        noise_curve(m, "2", (x, y), repeats=0)
+    with pytest.raises(TypeError, match="iterable of such batches"):
+        ablation_curve(m, "2", 3)
+    with pytest.raises(ValueError, match="per-sample losses"):
+        ablation_curve(m, "2", (x, y), loss_fn=lambda o, t: nn.functional.cross_entropy(o, t))
+    with pytest.raises(ValueError, match="same first dimension"):
+        ablation_curve(m, "2", (x, y[:5]))
+    with pytest.raises(ValueError, match="non-negative"):
+        ablation_curve(m, "1", (x, y), order="selectivity_desc")  # BatchNorm output: negative values
