@@ -30,7 +30,7 @@ from torch import nn
 from netprobe import distributed as _dist
 from netprobe._modules import resolve_layer, unit_dim
 
-__all__ = ["ablation_curve", "noise_curve", "CurveResult", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
+__all__ = ["ablation_curve", "noise_curve", "CurveResult", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
 
 _F64 = torch.float64
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
@@ -312,15 +312,21 @@ def _unit_shape(view: torch.Tensor, ud: int, m: int, d: int) -> List[int]:
     return shape
 
 
+def selectivity_order(selectivity: torch.Tensor, *, descending: bool = True) -> torch.Tensor:
+    """Unit order by class selectivity (``(d,)``, NaN = dead): most selective first when
+    ``descending``; dead units last either way. Ties keep unit order."""
+    key = torch.nan_to_num(selectivity.detach().cpu().double(), nan=-1.0 if descending else 2.0)
+    return torch.argsort(key, descending=descending, stable=True)
+
+
 def _selectivity_order(st: _LayerStats, descending: bool) -> torch.Tensor:
     from netprobe.metrics.selectivity import class_selectivity
 
     acts = torch.cat(st.unit_means)
     labels = torch.cat(st.labels).long()
     num_classes = int(labels.max()) + 1 if labels.numel() else 2
-    sel = class_selectivity(acts, labels, num_classes=max(num_classes, 2)).values.cpu()
-    key = torch.nan_to_num(sel, nan=-1.0 if descending else 2.0)  # dead units last either way
-    return torch.argsort(key, descending=descending, stable=True)
+    sel = class_selectivity(acts, labels, num_classes=max(num_classes, 2)).values
+    return selectivity_order(sel, descending=descending)
 
 
 # ----------------------------------------------------------------------------- public API

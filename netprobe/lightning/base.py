@@ -1,0 +1,374 @@
+"""The shared base of netprobe's Lightning callbacks (the only package that imports Lightning).
+
+What every monitor does, in one place:
+
+* **Probe set.** A fixed set of examples, drawn once and kept for the whole run, so every epoch
+  is measured on the same inputs: by default ``num_samples`` examples of the *training* dataset,
+  chosen with the callback's own seeded ``torch.Generator`` (the global RNG is never touched:
+  drawing happens under ``torch.random.fork_rng``); or the user's tensors / DataLoader
+  (``probe_data``). The indices are part of the callback's ``state_dict``, so a resumed run
+  measures the same examples.
+* **When.** After the optimizer step of the epoch's last training batch (before validation), every
+  ``every_n_epochs`` epochs; if the number of batches is unknown, in ``on_train_epoch_end``. The
+  values are written to ``trainer.callback_metrics`` at once, so ``EarlyStopping`` and
+  ``ModelCheckpoint`` see them in the same epoch whatever the order of the callbacks, and to every
+  logger (rank zero) at ``trainer.global_step``.
+* **Training does not notice.** Evaluation runs under ``torch.no_grad()`` in eval mode; every
+  module's training flag and the CPU/CUDA RNG states are restored afterwards; probe hooks are
+  removed; gradients are untouched.
+* **DDP.** Each rank evaluates a contiguous shard of the probe set; sufficient statistics are
+  reduced across ranks, so the values equal the single-process ones, and every rank logs the same.
+* **Failures.** Misconfiguration fails fast (unknown layers with close names in ``setup``; layers
+  not reached, classes not inferable, a probe set too small for CCA at ``on_train_start``). A
+  metric that cannot be computed for a layer at some epoch (e.g. every unit dead) is skipped with
+  a warning; the training run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from netprobe import distributed as _dist
+from netprobe._modules import LayerSpec, resolve_layers
+
+try:
+    import pytorch_lightning as _pl
+except ImportError:  # pragma: no cover
+    _pl = None  # type: ignore[assignment]
+try:
+    import lightning.pytorch as _L
+except ImportError:  # pragma: no cover
+    _L = None  # type: ignore[assignment]
+
+_BASES: Tuple[type, ...] = tuple(m.Callback for m in (_pl, _L) if m is not None)
+if not _BASES:  # pragma: no cover
+    raise ImportError("netprobe.lightning needs `pytorch-lightning` (or `lightning`) installed.")
+
+__all__ = ["NetprobeMonitor"]
+
+Batch = Any
+ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data", "features")
+_TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+class NetprobeMonitor(*_BASES):  # type: ignore[misc]
+    """Base of :class:`SelectivityMonitor`, :class:`RelianceMonitor`, :class:`ConvergenceMonitor`.
+
+    Accepted by the ``Trainer`` of ``pytorch_lightning`` and of ``lightning.pytorch`` (it derives
+    from both ``Callback`` classes when both are installed).
+
+    Args:
+        layers: the layers to monitor, as in :func:`netprobe.probe`: qualified names of the
+            LightningModule's submodules, glob patterns, module classes, mixed.
+        num_samples: size of the default probe set (examples of the training dataset).
+        every_n_epochs: measure every ``n`` epochs (epochs ``n-1, 2n-1, ...``, 0-based).
+        probe_data: ``(inputs, targets)`` tensors or a DataLoader to use instead of the default
+            (at most ``num_samples`` examples are taken from a DataLoader).
+        batch_size: examples per forward pass during evaluation.
+        seed: seed of the callback's own generator (probe-set choice, ablation orders).
+        num_classes: number of classes; inferred from the model's output width when ``None``.
+    """
+
+    #: metric names this monitor logs (``netprobe/<metric>/<layer>`` and ``netprobe/<metric>``)
+    metrics: Tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        layers: Union[LayerSpec, Sequence[LayerSpec]],
+        *,
+        num_samples: int = 512,
+        every_n_epochs: int = 1,
+        probe_data: Optional[ProbeData] = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if layers is None or (isinstance(layers, (list, tuple)) and not layers):
+            raise ValueError("Expected `layers` to name at least one layer to monitor, but got none.")
+        for name, v, lo in (("num_samples", num_samples, 2), ("every_n_epochs", every_n_epochs, 1), ("batch_size", batch_size, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"Expected `{name}` to be an int >= {lo}, but got {v!r}.")
+        if not isinstance(seed, int):
+            raise TypeError(f"Expected `seed` to be an int, but got {type(seed).__name__}.")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"Expected `num_classes` to be an int >= 2 or None, but got {num_classes!r}.")
+        if probe_data is not None and not (
+            (isinstance(probe_data, (tuple, list)) and len(probe_data) == 2 and all(isinstance(t, torch.Tensor) for t in probe_data))
+            or hasattr(probe_data, "__iter__")
+        ):
+            raise TypeError(
+                "Expected `probe_data` to be an (inputs, targets) pair of tensors or a DataLoader, "
+                f"but got {type(probe_data).__name__}."
+            )
+        self.layer_specs = layers
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.probe_data = probe_data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_classes = num_classes
+        self.layers: List[str] = []
+        self._probe_indices: Optional[torch.Tensor] = None
+        self._probe: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._last_epoch = -1
+        self._widths: Dict[str, int] = {}
+        self.last_values: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------ identity / state
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__name__}{{'layers': {self._layer_key()}}}"
+
+    def _layer_key(self) -> str:
+        specs = self.layer_specs if isinstance(self.layer_specs, (list, tuple)) else [self.layer_specs]
+        return repr([s.__name__ if isinstance(s, type) else str(s) for s in specs])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"probe_indices": self._probe_indices, "last_epoch": self._last_epoch, "extra": self._extra_state()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._probe_indices = state_dict.get("probe_indices")
+        self._last_epoch = int(state_dict.get("last_epoch", -1))
+        self._probe = None  # re-drawn from the indices
+        self._load_extra_state(state_dict.get("extra", {}))
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ batches
+    def batch_to_inputs_targets(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Split a batch into ``(inputs, integer targets)``. Override for unusual batch formats.
+
+        Default: ``(x, y, ...)`` tuples/lists, and dicts with keys such as ``x``/``input``/``image``
+        and ``y``/``target``/``label``.
+        """
+        if isinstance(batch, Mapping):
+            x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
+            y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+            if x is None or y is None:
+                raise ValueError(
+                    f"Cannot find inputs and targets in a batch dict with keys {list(batch)}: expected one of "
+                    f"{list(_INPUT_KEYS)} and one of {list(_TARGET_KEYS)}. Override `batch_to_inputs_targets`."
+                )
+            return x, y
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise ValueError(
+            f"Cannot split a batch of type {type(batch).__name__} into (inputs, targets); override "
+            "`batch_to_inputs_targets(batch)` in a subclass of the monitor."
+        )
+
+    def forward(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """How the monitored model is called on probe inputs (default ``pl_module(x)``)."""
+        return pl_module(x)
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        self.layers = list(resolve_layers(pl_module, self.layer_specs))
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self._probe is None:
+            self._probe = self._draw_probe_set(trainer)
+            self._validate(pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        nb = trainer.num_training_batches
+        if isinstance(nb, (int, float)) and math.isfinite(nb) and batch_idx + 1 == int(nb):
+            self._maybe_run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._maybe_run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ probe set
+    def _draw_probe_set(self, trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            if self.probe_data is not None:
+                if isinstance(self.probe_data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in self.probe_data):
+                    x, y = self.probe_data
+                else:
+                    x, y = self._take(iter(self.probe_data), self.num_samples)
+            else:
+                loader = trainer.train_dataloader
+                while isinstance(loader, (Mapping, list, tuple)) and loader:
+                    loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
+                ds = getattr(loader, "dataset", None)
+                if ds is None:
+                    raise ValueError(
+                        f"{type(self).__name__}: no training DataLoader to draw the probe set from; pass "
+                        "`probe_data=(inputs, targets)`."
+                    )
+                if hasattr(ds, "__len__") and hasattr(ds, "__getitem__"):
+                    if self._probe_indices is None:
+                        g = torch.Generator().manual_seed(self.seed)
+                        k = min(self.num_samples, len(ds))
+                        self._probe_indices = torch.randperm(len(ds), generator=g)[:k].sort().values
+                    items = [ds[int(i)] for i in self._probe_indices]
+                    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+                    x, y = self.batch_to_inputs_targets(collate(items))
+                else:  # iterable dataset: the first num_samples examples
+                    x, y = self._take(iter(loader), self.num_samples)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: the probe set must be tensors (inputs, targets).")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{type(self).__name__}: probe inputs and targets differ in length ({x.shape[0]} vs {y.shape[0]}).")
+        if y.is_floating_point() or y.ndim != 1:
+            raise ValueError(
+                f"{type(self).__name__}: no classes can be inferred: expected 1-D integer class targets, but got "
+                f"dtype {y.dtype} and shape {tuple(y.shape)}. Override `batch_to_inputs_targets` to return class indices."
+            )
+        return x.detach().cpu(), y.detach().cpu().long()
+
+    def _take(self, it: Iterator[Any], n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        xs, ys, got = [], [], 0
+        for batch in it:
+            x, y = self.batch_to_inputs_targets(batch)
+            xs.append(x)
+            ys.append(y)
+            got += x.shape[0]
+            if got >= n:
+                break
+        if not xs:
+            raise ValueError(f"{type(self).__name__}: the probe data is empty.")
+        return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+    def _shard(self) -> Tuple[torch.Tensor, torch.Tensor, slice]:
+        """This rank's contiguous block of the probe set (all of it without DDP)."""
+        assert self._probe is not None
+        x, y = self._probe
+        n, ws, r = x.shape[0], _dist.world_size(), _dist.rank()
+        sl = slice(r * n // ws, (r + 1) * n // ws)
+        return x[sl], y[sl], sl
+
+    # ------------------------------------------------------------------ evaluation helpers
+    @contextlib.contextmanager
+    def _frozen(self, pl_module: nn.Module) -> Iterator[None]:
+        flags = [(m, m.training) for m in pl_module.modules()]
+        cpu_rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, t in flags:
+                m.training = t
+            torch.random.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+    def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs."""
+        from netprobe.capture import probe
+
+        layers = list(layers or self.layers)
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        outs = []
+        with probe(pl_module, layers, capacity=max(1, x.shape[0])) as p:
+            for i in range(0, x.shape[0], self.batch_size):
+                outs.append(self.forward(pl_module, x[i : i + self.batch_size].to(device)))
+        missing = [n for n in layers if not p.buffers[n].allocated]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: layers {missing} were not reached by the forward pass on the probe inputs "
+                "(check the names, or override `forward(pl_module, x)`)."
+            )
+        out = torch.cat(outs) if outs and isinstance(outs[0], torch.Tensor) else torch.empty(0)
+        return {n: p[n] for n in layers}, out
+
+    def _validate(self, pl_module: nn.Module) -> None:
+        assert self._probe is not None
+        x, y = self._probe
+        with self._frozen(pl_module):
+            acts, out = self._capture(pl_module, x[: min(len(x), 16)])
+        self._widths = {n: a.shape[1] for n, a in acts.items()}
+        if self.num_classes is None:
+            if out.ndim == 2 and out.shape[1] >= 2:
+                self.num_classes = int(out.shape[1])
+            else:
+                self.num_classes = int(y.max()) + 1 if y.numel() else 0
+        if self.num_classes < 2:
+            raise ValueError(f"{type(self).__name__}: no classes can be inferred; pass `num_classes`.")
+        if int(y.max()) >= self.num_classes or int(y.min()) < 0:
+            raise ValueError(
+                f"{type(self).__name__}: probe targets span [{int(y.min())}, {int(y.max())}] but num_classes={self.num_classes}."
+            )
+        self._check(self._widths, len(x))
+
+    def _check(self, widths: Mapping[str, int], n: int) -> None:
+        """Subclass hook: raise ValueError listing what is wrong for these layer widths and probe size."""
+
+    # ------------------------------------------------------------------ running and publishing
+    def _due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every_n_epochs == 0 and epoch != self._last_epoch
+
+    def _maybe_run(self, trainer: Any, pl_module: nn.Module) -> None:
+        epoch = int(trainer.current_epoch)
+        if getattr(trainer, "sanity_checking", False) or not self._due(epoch):
+            return
+        if self._probe is None:
+            self.on_train_start(trainer, pl_module)
+        self._last_epoch = epoch
+        t0 = time.perf_counter()
+        with self._frozen(pl_module):
+            scalars, media = self.compute(trainer, pl_module)
+        scalars[f"netprobe/time/{type(self).__name__}"] = time.perf_counter() - t0
+        self._publish(trainer, scalars, media)
+
+    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Subclass hook: ``({key: value}, {media})`` for this epoch. Runs frozen (eval, no_grad)."""
+        raise NotImplementedError
+
+    def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float]) -> None:
+        """Add ``netprobe/<metric>/<layer>`` and their mean ``netprobe/<metric>`` to ``out``."""
+        finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        for layer, v in finite.items():
+            out[f"netprobe/{metric}/{layer}"] = v
+        if finite:
+            out[f"netprobe/{metric}"] = sum(finite.values()) / len(finite)
+
+    def _warn_skip(self, layer: str, metric: str, err: Exception) -> None:
+        if _dist.rank() == 0:
+            warnings.warn(f"{type(self).__name__}: {metric} for layer {layer!r} skipped this epoch: {err}", RuntimeWarning, stacklevel=3)
+
+    def _publish(self, trainer: Any, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
+        self.last_values = dict(scalars)
+        cm = trainer.callback_metrics
+        for k, v in scalars.items():
+            cm[k] = torch.tensor(float(v))
+        loggers = list(getattr(trainer, "loggers", []) or [])
+        if _dist.rank() != 0 or not loggers:
+            return
+        step = int(trainer.global_step)
+        for logger in loggers:
+            logger.log_metrics({**scalars, "epoch": float(trainer.current_epoch)}, step=step)
+        writer = _tensorboard_writer(loggers)
+        if writer is None:
+            return
+        for tag, values in media.get("histograms", {}).items():
+            if values.numel():
+                writer.add_histogram(tag, values.detach().cpu().float(), step)
+        for tag, fig in media.get("figures", {}).items():
+            if fig is not None:
+                writer.add_figure(tag, fig, step, close=True)
+
+
+def _tensorboard_writer(loggers: Sequence[Any]) -> Optional[Any]:
+    for logger in loggers:
+        if type(logger).__name__ == "TensorBoardLogger":
+            exp = logger.experiment
+            if hasattr(exp, "add_histogram") and hasattr(exp, "add_figure"):
+                return exp
+    return None

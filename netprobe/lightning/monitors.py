@@ -1,0 +1,334 @@
+"""The three netprobe monitors. Each composes the capture engine and the metrics; none
+re-implements a metric. See :mod:`netprobe.lightning.base` for the behaviour they share."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from netprobe import distributed as _dist
+from netprobe import viz
+from netprobe.lightning.base import NetprobeMonitor
+from netprobe.metrics.ablation import DEFAULT_FRACTIONS, DEFAULT_SCALES, ablation_curve, noise_curve, selectivity_order
+from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
+from netprobe.metrics.selectivity import SelectivityAccumulator
+from netprobe.metrics.similarity import SimilarityAccumulator, linear_cka
+
+__all__ = ["SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor"]
+
+
+class SelectivityMonitor(NetprobeMonitor):
+    """Class selectivity of each monitored layer's units on the probe set, every epoch.
+
+    Logs ``netprobe/selectivity_mean/<layer>`` (mean over live units), ``netprobe/selectivity_mean``
+    (mean over layers), ``netprobe/dead_fraction/<layer>`` (units never active on the probe set),
+    optionally ``netprobe/mutual_info_mean[/<layer>]`` (bits), and with a TensorBoardLogger a
+    histogram ``netprobe/selectivity/<layer>`` of per-unit selectivity.
+
+    Monitor post-ReLU layers (selectivity is defined for non-negative activations); conv layers
+    are reduced to per-channel spatial means. Memory: the probe set, plus per layer
+    ``num_samples x d`` floats while computing and ``8 num_classes (d + 1)`` bytes of statistics.
+
+    Args:
+        layers: see :class:`~netprobe.lightning.base.NetprobeMonitor`.
+        mutual_info: also log per-unit mutual information with the label (equal-frequency bins).
+        bins: bins for mutual information.
+        histograms: log the per-unit histogram to TensorBoard.
+        **kwargs: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``, ``seed``,
+            ``num_classes`` (see the base).
+
+    Example:
+        >>> SelectivityMonitor(layers=["relu1", "relu2"], mutual_info=True).metrics
+        ('selectivity_mean', 'dead_fraction', 'mutual_info_mean')
+    """
+
+    def __init__(self, layers: Any, *, mutual_info: bool = False, bins: int = 16, histograms: bool = True, **kwargs: Any) -> None:
+        super().__init__(layers, **kwargs)
+        if not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"Expected `bins` to be an int >= 2, but got {bins!r}.")
+        self.mutual_info = bool(mutual_info)
+        self.bins = bins
+        self.histograms = bool(histograms)
+        self.metrics = ("selectivity_mean", "dead_fraction") + (("mutual_info_mean",) if mutual_info else ())
+
+    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        x, y, _ = self._shard()
+        acts, _ = self._capture(pl_module, x)
+        sel, dead, mi, hists = {}, {}, {}, {}
+        for layer, a in acts.items():
+            try:
+                acc = SelectivityAccumulator(self.num_classes).update(a, y.to(a.device)).all_reduce()  # type: ignore[arg-type]
+                res = acc.compute()
+                sel[layer] = float(res.mean)
+                dead[layer] = res.num_dead / res.num_units
+                hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
+            except ValueError as err:
+                self._warn_skip(layer, "selectivity", err)
+            if self.mutual_info:
+                full = _dist.all_gather_cat(a)
+                edges = quantile_edges(full, bins=self.bins)
+                mi_acc = MutualInfoAccumulator(self.num_classes, bins=self.bins, edges=edges)  # type: ignore[arg-type]
+                mi[layer] = float(mi_acc.update(a, y.to(a.device)).all_reduce().compute().mean())
+        out: Dict[str, float] = {}
+        self._layer_values("selectivity_mean", sel, out)
+        self._layer_values("dead_fraction", dead, out)
+        if self.mutual_info:
+            self._layer_values("mutual_info_mean", mi, out)
+        return out, {"histograms": hists if self.histograms else {}}
+
+
+class RelianceMonitor(NetprobeMonitor):
+    """Single-direction reliance (Morcos et al. 2018): the cumulative ablation curve of each
+    monitored layer on the probe set, every epoch, and its normalized area (higher = less reliance).
+
+    Logs ``netprobe/reliance_auc/<layer>`` and ``netprobe/reliance_auc``; with ``noise=True`` also
+    ``netprobe/noise_auc[/<layer>]``; with a TensorBoardLogger and matplotlib, the curves as a
+    figure (``netprobe/reliance_curves``, ``netprobe/noise_curves``).
+
+    Why the training set with the training labels (the default probe set): reliance predicts
+    generalization *from the training data*. On held-out data a memorizing network is near chance
+    before any ablation, its normalized curve is flat, and the signal inverts.
+
+    Defaults follow the paper: random unit order averaged over 3 orders, zero ablation, 11
+    fractions. The orders of epoch ``e`` come from a generator seeded with ``(seed, e)``, so a
+    resumed run and every DDP rank use the same ones. Cost per epoch and layer: about
+    ``repeats x len(fractions)`` forward passes over the probe set (stacked into large batches).
+
+    Args:
+        layers: see the base.
+        fractions, order, mode, repeats: as in :func:`netprobe.metrics.ablation_curve` (a
+            selectivity order is computed over the whole probe set, across ranks).
+        noise: also compute the noise-robustness curve (``scales``).
+        figures: log the curves as a figure to TensorBoard.
+        **kwargs: see the base.
+
+    Example:
+        >>> RelianceMonitor(layers=["fc1", "fc2"]).metrics
+        ('reliance_auc',)
+    """
+
+    def __init__(
+        self,
+        layers: Any,
+        *,
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        order: str = "random",
+        mode: str = "zero",
+        repeats: int = 3,
+        noise: bool = False,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        figures: bool = True,
+        max_batch: int = 8192,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(layers, **kwargs)
+        if order not in ("random", "selectivity_desc", "selectivity_asc"):
+            raise ValueError(f"Expected `order` to be 'random', 'selectivity_desc' or 'selectivity_asc', but got {order!r}.")
+        if mode not in ("zero", "mean"):
+            raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+        fr = list(fractions)
+        if len(fr) < 2 or fr[0] != 0 or any(b <= a for a, b in zip(fr, fr[1:])) or fr[-1] > 1:
+            raise ValueError(f"Expected `fractions` strictly increasing in [0, 1] and starting at 0, but got {fr}.")
+        sc = list(scales)
+        if len(sc) < 2 or sc[0] != 0 or any(b <= a for a, b in zip(sc, sc[1:])):
+            raise ValueError(f"Expected `scales` strictly increasing from 0, but got {sc}.")
+        self.fractions, self.order, self.mode, self.repeats = fr, order, mode, repeats
+        self.noise, self.scales, self.figures, self.max_batch = bool(noise), sc, bool(figures), max_batch
+        self.metrics = ("reliance_auc",) + (("noise_auc",) if noise else ())
+
+    def _generator(self, epoch: int, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + salt) % (2**63 - 1))
+
+    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        x, y, _ = self._shard()
+        epoch = int(trainer.current_epoch)
+        data = [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        orders: Dict[str, Any] = {n: "random" for n in self.layers}
+        if self.order != "random":
+            acts, _ = self._capture(pl_module, x)
+            for n, a in acts.items():
+                res = SelectivityAccumulator(self.num_classes).update(a, y.to(a.device)).all_reduce().compute()  # type: ignore[arg-type]
+                orders[n] = selectivity_order(res.values, descending=self.order == "selectivity_desc")
+        fwd = _ForwardAdapter(self, pl_module)
+        aucs, noise_aucs, curves, ncurves = {}, {}, {}, {}
+        for i, layer in enumerate(self.layers):
+            try:
+                c = ablation_curve(
+                    fwd, f"module.{layer}", data, fractions=self.fractions, order=orders[layer], mode=self.mode,
+                    repeats=self.repeats, generator=self._generator(epoch, i), max_batch=self.max_batch,
+                ).all_reduce()
+                aucs[layer], curves[layer] = float(c.auc), c
+                if self.noise:
+                    nc = noise_curve(fwd, f"module.{layer}", data, scales=self.scales, repeats=self.repeats,
+                                     generator=self._generator(epoch, 10_000 + i), max_batch=self.max_batch).all_reduce()
+                    noise_aucs[layer], ncurves[layer] = float(nc.auc), nc
+            except ValueError as err:
+                self._warn_skip(layer, "reliance", err)
+        out: Dict[str, float] = {}
+        self._layer_values("reliance_auc", aucs, out)
+        if self.noise:
+            self._layer_values("noise_auc", noise_aucs, out)
+        figs: Dict[str, Any] = {}
+        if self.figures and _dist.rank() == 0 and _has_tensorboard(trainer):
+            figs["netprobe/reliance_curves"] = viz.curves_figure(curves, title=f"cumulative ablation, epoch {epoch}", xlabel="fraction of units ablated")
+            if self.noise:
+                figs["netprobe/noise_curves"] = viz.curves_figure(ncurves, title=f"noise robustness, epoch {epoch}", xlabel="noise std / unit std")
+        return out, {"figures": figs}
+
+
+class _ForwardAdapter(nn.Module):
+    """Lets the metric functions call the monitor's ``forward(pl_module, x)``; the monitored
+    layers are reached as ``module.<name>``."""
+
+    def __init__(self, monitor: NetprobeMonitor, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_monitor", monitor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._monitor.forward(self.module, x)  # type: ignore[attr-defined]
+
+
+_METHODS = ("pwcca", "svcca", "cka")
+
+
+class ConvergenceMonitor(NetprobeMonitor):
+    """How much each layer's representation still changes: similarity of this epoch's activations
+    on the probe set to the previous epoch's (``<method>_prev``) and, optionally, to a reference
+    model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``.
+
+    Logs ``netprobe/<method>_prev/<layer>`` and the mean ``netprobe/<method>_prev`` (1 = the layer
+    did not change up to the method's invariances), likewise ``*_ref``; with ``heatmap=True`` and a
+    TensorBoardLogger, a layer-by-layer linear-CKA heatmap of the current epoch
+    (``netprobe/cka_layers``). Lower layers typically converge first (Raghu et al. 2017).
+
+    Memory: the previous epoch's activations of the whole probe set are kept, per layer
+    ``num_samples x d x 4`` bytes (CPU), and saved in the callback's state for resuming; the
+    similarity itself streams paired shards through :class:`~netprobe.metrics.SimilarityAccumulator`
+    (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > d`` per layer (checked
+    before training starts); SVCCA reduces to ``keep`` of the variance first.
+
+    Args:
+        layers: see the base.
+        methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"``.
+        reference: an ``nn.Module`` with the same layer names, or a checkpoint path whose
+            ``state_dict`` loads into a copy of the LightningModule.
+        keep: SVCCA's variance fraction (or int number of directions).
+        heatmap: log the layer-by-layer CKA heatmap.
+        **kwargs: see the base.
+
+    Example:
+        >>> ConvergenceMonitor(layers=["relu1"], methods=("pwcca", "cka")).metrics
+        ('pwcca_prev', 'cka_prev')
+    """
+
+    def __init__(
+        self,
+        layers: Any,
+        *,
+        methods: Sequence[str] = _METHODS,
+        reference: Optional[Union[nn.Module, str]] = None,
+        keep: Union[float, int] = 0.99,
+        heatmap: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(layers, **kwargs)
+        methods = tuple(methods)
+        bad = [m for m in methods if m not in _METHODS]
+        if not methods or bad:
+            raise ValueError(f"Expected `methods` among {list(_METHODS)}, but got {list(methods)}.")
+        if reference is not None and not isinstance(reference, (nn.Module, str)):
+            raise TypeError(f"Expected `reference` to be an nn.Module or a checkpoint path, but got {type(reference).__name__}.")
+        self.methods, self.reference, self.keep, self.heatmap = methods, reference, keep, bool(heatmap)
+        self._prev: Dict[str, torch.Tensor] = {}
+        self._ref: Dict[str, torch.Tensor] = {}
+        self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
+
+    def _check(self, widths: Mapping[str, int], n: int) -> None:
+        if "pwcca" in self.methods:
+            small = {k: d for k, d in widths.items() if d >= n}
+            if small:
+                raise ValueError(
+                    f"ConvergenceMonitor: PWCCA needs more probe samples than units, but the probe set has "
+                    f"n={n} and layers {small} have that many units or more. Use num_samples > {max(small.values())} "
+                    "(10x d is safer), or methods=('svcca', 'cka')."
+                )
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"prev": {k: v.clone() for k, v in self._prev.items()}}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._prev = dict(state.get("prev", {}))
+
+    def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice) -> Dict[str, float]:
+        acc = SimilarityAccumulator().update(cur.double(), other_full[sl].to(cur.device).double()).all_reduce()
+        out = {}
+        for m in self.methods:
+            if m == "pwcca":
+                out[m] = float(acc.pwcca())
+            elif m == "svcca":
+                out[m] = float(acc.svcca(keep=self.keep))
+            else:
+                out[m] = float(acc.linear_cka())
+        return out
+
+    def _reference_acts(self, pl_module: nn.Module) -> Dict[str, torch.Tensor]:
+        if not self._ref and self.reference is not None:
+            ref = self.reference
+            if isinstance(ref, str):
+                model = copy.deepcopy(pl_module)
+                ckpt = torch.load(ref, map_location="cpu", weights_only=False)
+                model.load_state_dict(ckpt.get("state_dict", ckpt))
+                ref = model
+            x, _, _ = self._shard()
+            flags = [(m, m.training) for m in ref.modules()]
+            ref.eval()
+            try:
+                acts, _ = self._capture(ref, x)
+            finally:
+                for m, t in flags:
+                    m.training = t
+            self._ref = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
+        return self._ref
+
+    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        x, _, sl = self._shard()
+        acts, _ = self._capture(pl_module, x)
+        prev_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
+        ref_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
+        ref = self._reference_acts(pl_module) if self.reference is not None else {}
+        for layer, a in acts.items():
+            try:
+                if layer in self._prev:
+                    for m, v in self._similarities(a, self._prev[layer], sl).items():
+                        prev_vals[m][layer] = v
+                if layer in ref:
+                    for m, v in self._similarities(a, ref[layer], sl).items():
+                        ref_vals[m][layer] = v
+            except ValueError as err:
+                self._warn_skip(layer, "similarity", err)
+        full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
+        self._prev = full
+        out: Dict[str, float] = {}
+        for m in self.methods:
+            self._layer_values(f"{m}_prev", prev_vals[m], out)
+            if self.reference is not None:
+                self._layer_values(f"{m}_ref", ref_vals[m], out)
+        figs: Dict[str, Any] = {}
+        if self.heatmap and _dist.rank() == 0 and _has_tensorboard(trainer) and len(full) > 1:
+            names = list(full)
+            mat = torch.ones(len(names), len(names), dtype=torch.float64)
+            for i, a in enumerate(names):
+                for j in range(i + 1, len(names)):
+                    mat[i, j] = mat[j, i] = linear_cka(full[a], full[names[j]])
+            figs["netprobe/cka_layers"] = viz.heatmap_figure(mat, names, title=f"linear CKA between layers, epoch {trainer.current_epoch}")
+        return out, {"figures": figs}
+
+
+def _has_tensorboard(trainer: Any) -> bool:
+    return any(type(lg).__name__ == "TensorBoardLogger" for lg in (getattr(trainer, "loggers", None) or []))
