@@ -1,0 +1,216 @@
+"""The Lightning monitors with real Trainers (both `pytorch_lightning` and `lightning.pytorch`)."""
+
+import csv
+import importlib
+import math
+
+import pytest
+import torch
+
+from lightning_helpers import digits, loader, make_module, trainer
+from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor
+from netprobe.metrics import ablation_curve, class_selectivity, linear_cka, pwcca
+
+PACKAGES = [p for p in ("pytorch_lightning", "lightning.pytorch") if importlib.util.find_spec(p.split(".")[0])]
+
+
+def _pl(name):
+    return importlib.import_module(name)
+
+
+class Recorder:
+    """Reads the monitors' values at each epoch end (after them) and the per-step loss."""
+
+    def __init__(self, pl):
+        self.epochs, self.losses = [], []
+        self.cb = self._make(pl)
+
+    def _make(self, pl):
+        rec = self
+
+        class _R(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                rec.losses.append(outputs["loss"].detach().clone())
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                rec.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("netprobe/")})
+
+        return _R()
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_values_equal_the_functional_metrics_on_the_probe_set(package):
+    pl = _pl(package)
+    torch.manual_seed(0)
+    x, y = digits(300)
+    model = make_module(pl, dropout=0.0)
+    sel = SelectivityMonitor(["relu1", "relu2"], num_samples=128)
+    rel = RelianceMonitor(["relu2"], num_samples=128, repeats=2)
+    conv = ConvergenceMonitor(["relu1"], num_samples=128, methods=("pwcca", "cka"))
+    tr = trainer(pl, max_epochs=2, callbacks=[sel, rel, conv])
+    tr.fit(model, loader(x, y))
+    # the probe set: 128 training examples drawn by the callback's own generator, same for all three
+    idx = sel._probe_indices
+    assert idx is not None and len(idx) == 128 and torch.equal(idx, rel._probe_indices)
+    px, py = x[idx], y[idx]
+    model.eval()
+    with torch.no_grad():
+        h1 = model.relu1(model.bn1(model.fc1(px)))
+        h2 = model.relu2(model.fc2(model.drop(h1)))
+    cm = tr.callback_metrics
+    for name, h in (("relu1", h1), ("relu2", h2)):
+        assert float(cm[f"netprobe/selectivity_mean/{name}"]) == pytest.approx(float(class_selectivity(h, py, num_classes=10).mean), abs=1e-6)
+    exp = ablation_curve(model, "relu2", (px, py), repeats=2, generator=rel._generator(1, 0))
+    assert float(cm["netprobe/reliance_auc/relu2"]) == pytest.approx(float(exp.auc), abs=1e-6)
+    assert float(cm["netprobe/reliance_auc"]) == pytest.approx(float(exp.auc), abs=1e-6)
+    assert 0 < float(cm["netprobe/pwcca_prev"]) <= 1 and 0 < float(cm["netprobe/cka_prev"]) <= 1
+    assert "netprobe/time/RelianceMonitor" in cm
+    # *_prev compares with the previous epoch's activations kept by the monitor
+    prev = conv._prev["relu1"]
+    assert prev.shape == (128, 32)
+    torch.testing.assert_close(prev, h1.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("monitor_first", [True, False])
+@pytest.mark.parametrize("with_val", [False, True])
+def test_early_stopping_and_checkpoint_see_values_in_the_same_epoch(package, monitor_first, with_val, tmp_path):
+    pl = _pl(package)
+    torch.manual_seed(1)
+    x, y = digits(300)
+    rel = RelianceMonitor(["relu1", "relu2"], num_samples=96, repeats=1, fractions=[0.0, 0.5, 1.0])
+    rec = Recorder(pl)
+    patience = 2
+    es = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", patience=patience)
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="netprobe/reliance_auc", mode="max", save_top_k=1,
+                                      filename="{epoch}")
+    cbs = [rel, es, ck] if monitor_first else [es, ck, rel]
+    tr = trainer(pl, max_epochs=14, callbacks=[*cbs, rec.cb], enable_checkpointing=True,
+                 limit_val_batches=1.0 if with_val else 0)
+    model = make_module(pl, lr=0.05)
+    tr.fit(model, loader(x, y), loader(x[:100], y[:100], shuffle=False) if with_val else None)
+    values = [e["netprobe/reliance_auc"] for e in rec.epochs]
+    # independent re-statement of EarlyStopping(mode="max", min_delta=0, patience=2) on the logged values
+    best, wait, stop = -math.inf, 0, None
+    for epoch, v in enumerate(values):
+        if v > best:
+            best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                stop = epoch
+                break
+    if stop is None:
+        assert es.stopped_epoch == 0 and len(values) == 14
+    else:
+        assert es.stopped_epoch == stop and len(values) == stop + 1
+    best_epoch = max(range(len(values)), key=lambda e: (values[e], -e))
+    assert ck.best_model_path.endswith(f"epoch={best_epoch}.ckpt")
+    assert float(ck.best_model_score) == pytest.approx(values[best_epoch], abs=1e-6)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_training_is_bit_identical_with_and_without_monitors(package):
+    pl = _pl(package)
+    x, y = digits(300)
+    runs = []
+    for with_monitors in (False, True):
+        pl.seed_everything(3, verbose=False)
+        model = make_module(pl, dropout=0.3, batchnorm=True)
+        rec = Recorder(pl)
+        cbs = [rec.cb]
+        if with_monitors:
+            cbs = [SelectivityMonitor(["relu1", "relu2"], num_samples=64, mutual_info=True),
+                   RelianceMonitor(["relu1"], num_samples=64, noise=True, repeats=1),
+                   ConvergenceMonitor(["relu2"], num_samples=64), *cbs]
+        tr = trainer(pl, max_epochs=3, callbacks=cbs)
+        tr.fit(model, loader(x, y, shuffle=True))
+        runs.append((torch.stack(rec.losses), {k: v.clone() for k, v in model.state_dict().items()}))
+        assert model.training and all(m.training for m in model.modules())
+        assert all(not m._forward_hooks for m in model.modules())
+    assert torch.equal(runs[0][0], runs[1][0])
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_csv_logger_and_no_logger(package, tmp_path):
+    pl = _pl(package)
+    x, y = digits(200)
+    from pytorch_lightning.loggers import CSVLogger as PLCSV  # noqa: F401
+
+    csv_cls = _pl(package).loggers.CSVLogger
+    tr = trainer(pl, max_epochs=2, logger=csv_cls(tmp_path), callbacks=[SelectivityMonitor(["relu1"], num_samples=64)])
+    tr.fit(make_module(pl), loader(x, y))
+    rows = list(csv.DictReader(open(tr.logger.log_dir + "/metrics.csv")))
+    vals = [r["netprobe/selectivity_mean"] for r in rows if r.get("netprobe/selectivity_mean")]
+    assert len(vals) == 2
+    tr2 = trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], num_samples=64)])
+    tr2.fit(make_module(pl), loader(x, y))
+    assert "netprobe/selectivity_mean/relu1" in tr2.callback_metrics
+
+
+@pytest.mark.parametrize("package", PACKAGES[:1])
+def test_every_n_epochs_and_resume(package, tmp_path):
+    pl = _pl(package)
+    x, y = digits(200)
+
+    def run(max_epochs, ckpt=None, callbacks=()):
+        pl.seed_everything(0, verbose=False)
+        rec = Recorder(pl)
+        mons = [RelianceMonitor(["relu1"], num_samples=64, repeats=1), ConvergenceMonitor(["relu1", "relu2"], num_samples=64),
+                SelectivityMonitor(["relu2"], num_samples=64, every_n_epochs=2)]
+        tr = trainer(pl, max_epochs=max_epochs, callbacks=[*mons, rec.cb, *callbacks], enable_checkpointing=bool(callbacks))
+        tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False), ckpt_path=ckpt)
+        return rec.epochs
+
+    full = run(4)
+    assert "netprobe/selectivity_mean" not in full[0] or full[0]["netprobe/selectivity_mean"] == full[1].get("netprobe/selectivity_mean")
+    ck = _pl(package).callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    run(2, callbacks=[ck])
+    resumed = run(4, ckpt=str(tmp_path / "last.ckpt"))
+    assert len(resumed) == 2
+    for a, b in zip(full[2:], resumed):
+        for k in ("netprobe/reliance_auc", "netprobe/pwcca_prev", "netprobe/cka_prev", "netprobe/svcca_prev"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+@pytest.mark.parametrize("package", PACKAGES[:1])
+def test_misconfiguration_fails_fast_with_clear_messages(package):
+    pl = _pl(package)
+    x, y = digits(100)
+    with pytest.raises(ValueError, match=r"Unknown layer 'relu3'.*relu"):
+        trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu3"])]).fit(make_module(pl), loader(x, y))
+    with pytest.raises(ValueError, match=r"PWCCA needs more probe samples than units.*num_samples > 32"):
+        trainer(pl, max_epochs=1, callbacks=[ConvergenceMonitor(["relu1"], num_samples=20)]).fit(make_module(pl), loader(x, y))
+    with pytest.raises(ValueError, match="no classes can be inferred"):
+        trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], probe_data=(x, y.float()))]).fit(make_module(pl), loader(x, y))
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        RelianceMonitor(["relu1"], every_n_epochs=0)
+    with pytest.raises(ValueError, match="methods"):
+        ConvergenceMonitor(["relu1"], methods=("cca_distance",))
+    with pytest.raises(ValueError, match="fractions"):
+        RelianceMonitor(["relu1"], fractions=[0.2, 0.5])
+    with pytest.raises(TypeError, match="probe_data"):
+        SelectivityMonitor(["relu1"], probe_data=3)
+
+
+def test_reference_model_and_user_probe_data():
+    import pytorch_lightning as pl
+
+    x, y = digits(200)
+    torch.manual_seed(0)
+    model = make_module(pl, dropout=0.0)
+    ref = make_module(pl, dropout=0.0)
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    mon = ConvergenceMonitor(["relu1"], reference=ref, probe_data=(x[:100], y[:100]), methods=("pwcca", "cka"))
+    tr = trainer(pl, max_epochs=1, callbacks=[mon])
+    tr.fit(model, loader(x, y))
+    model.eval()
+    with torch.no_grad():
+        h = model.relu1(model.bn1(model.fc1(x[:100])))
+        h_ref = ref.relu1(ref.bn1(ref.fc1(x[:100])))
+    cm = tr.callback_metrics
+    assert float(cm["netprobe/pwcca_ref"]) == pytest.approx(float(pwcca(h, h_ref)), abs=1e-5)
+    assert float(cm["netprobe/cka_ref"]) == pytest.approx(float(linear_cka(h, h_ref)), abs=1e-5)
