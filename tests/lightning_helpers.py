@@ -1,5 +1,7 @@
 """Small LightningModules and data for the callback tests (kept tiny: the suite must stay fast)."""
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -13,10 +15,11 @@ def digits(n=400):
     return x, y
 
 
-def make_module(pl, *, dropout=0.2, batchnorm=True, lr=1e-2, width=32):
+def _net_class(pl):
     class Net(pl.LightningModule):
-        def __init__(self):
+        def __init__(self, dropout=0.2, batchnorm=True, lr=1e-2, width=32):
             super().__init__()
+            self.lr = lr
             self.fc1 = nn.Linear(64, width)
             self.bn1 = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
             self.relu1 = nn.ReLU()
@@ -39,9 +42,26 @@ def make_module(pl, *, dropout=0.2, batchnorm=True, lr=1e-2, width=32):
             self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
-    return Net()
+    return Net
+
+
+# module-level classes (picklable, for ddp_spawn), one per installed Lightning package
+_NETS = {}
+for _name in ("pytorch_lightning", "lightning.pytorch"):
+    try:
+        _mod = importlib.import_module(_name)
+    except ImportError:  # pragma: no cover
+        continue
+    _cls = _net_class(_mod)
+    _cls.__name__ = _cls.__qualname__ = "Net_" + _name.replace(".", "_")
+    globals()[_cls.__name__] = _cls
+    _NETS[_mod.__name__] = _cls
+
+
+def make_module(pl, *, dropout=0.2, batchnorm=True, lr=1e-2, width=32):
+    return _NETS[pl.__name__](dropout=dropout, batchnorm=batchnorm, lr=lr, width=width)
 
 
 def loader(x, y, *, batch_size=50, shuffle=True):

@@ -145,7 +145,7 @@ class RelianceMonitor(NetprobeMonitor):
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + salt) % (2**63 - 1))
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
-        x, y, _ = self._shard()
+        x, y, sl = self._shard()
         epoch = int(trainer.current_epoch)
         data = [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
         orders: Dict[str, Any] = {n: "random" for n in self.layers}
@@ -160,12 +160,12 @@ class RelianceMonitor(NetprobeMonitor):
             try:
                 c = ablation_curve(
                     fwd, f"module.{layer}", data, fractions=self.fractions, order=orders[layer], mode=self.mode,
-                    repeats=self.repeats, generator=self._generator(epoch, i), max_batch=self.max_batch,
-                ).all_reduce()
+                    repeats=self.repeats, generator=self._generator(epoch, i), max_batch=self.max_batch, distributed=True,
+                )
                 aucs[layer], curves[layer] = float(c.auc), c
                 if self.noise:
-                    nc = noise_curve(fwd, f"module.{layer}", data, scales=self.scales, repeats=self.repeats,
-                                     generator=self._generator(epoch, 10_000 + i), max_batch=self.max_batch).all_reduce()
+                    nc = noise_curve(fwd, f"module.{layer}", data, scales=self.scales, repeats=self.repeats, index_offset=sl.start,
+                                     generator=self._generator(epoch, 10_000 + i), max_batch=self.max_batch, distributed=True)
                     noise_aucs[layer], ncurves[layer] = float(nc.auc), nc
             except ValueError as err:
                 self._warn_skip(layer, "reliance", err)

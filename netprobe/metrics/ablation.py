@@ -248,6 +248,14 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
     return st
 
 
+def _reduce_stats(st: _LayerStats) -> None:
+    """Sum the per-unit sums over ranks (no-op without torch.distributed)."""
+    if _dist.is_distributed():
+        flat = _dist.all_reduce_sum(torch.cat([st.s1, st.s2, torch.tensor([float(st.cnt)], dtype=_F64, device=st.s1.device)]))  # type: ignore[list-item]
+        d = st.d
+        st.s1, st.s2, st.cnt = flat[:d], flat[d : 2 * d], int(flat[-1])
+
+
 class _MaskingHook:
     """Applies ``m`` masks/perturbations to an output of ``m * b`` rows (m repeated batches)."""
 
@@ -264,14 +272,14 @@ def _run(
     perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
     loss_fn: Optional[LossFn], max_batch: int, vectorize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, batch_index)``."""
+    """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, first_sample_index)``."""
     correct = torch.zeros(n_masks, dtype=_F64)
     loss_sum = torch.zeros(n_masks, dtype=_F64)
     n = 0
     hook = _MaskingHook(ud)
     h = module.register_forward_hook(hook)
     try:
-        for bi, (x, y) in enumerate(_batches(data)):
+        for x, y in _batches(data):
             if device is not None:
                 x, y = x.to(device), y.to(device)
             b = x.shape[0]
@@ -281,9 +289,9 @@ def _run(
             for start in range(0, n_masks, m_chunk):
                 m = min(m_chunk, n_masks - start)
 
-                def fn(out: torch.Tensor, start: int = start, m: int = m, b: int = b, bi: int = bi) -> torch.Tensor:
+                def fn(out: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = n) -> torch.Tensor:
                     view = out.reshape(m, b, *out.shape[1:])
-                    return perturb(view, start, m, bi).reshape(out.shape)
+                    return perturb(view, start, m, first).reshape(out.shape)
 
                 hook.fn = fn
                 xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
@@ -343,6 +351,7 @@ def ablation_curve(
     loss_fn: Optional[LossFn] = None,
     max_batch: int = 8192,
     vectorize: bool = True,
+    distributed: bool = False,
 ) -> CurveResult:
     """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
 
@@ -368,6 +377,10 @@ def ablation_curve(
         max_batch: most samples per forward pass when masks are stacked (memory bound).
         vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
             (same numbers, slower).
+        distributed: ``data`` is this rank's shard of a dataset split across the ranks of
+            ``torch.distributed``: the per-unit statistics (``mode="mean"``, selectivity orders) and
+            the result are reduced across ranks, so every rank gets the curve of the whole data.
+            Every rank must call with the same generator state. Ignored when not distributed.
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
@@ -399,6 +412,11 @@ def ablation_curve(
     device = _model_device(model)
     with _evaluating(model):
         st = _layer_pass(model, module, data, device, keep_rows=isinstance(order, str) and order != "random")
+        if distributed:
+            _reduce_stats(st)
+            if st.unit_means:
+                st.unit_means = [_dist.all_gather_cat(torch.cat(st.unit_means))]
+                st.labels = [_dist.all_gather_cat(torch.cat(st.labels))]
         d, ud = st.d, int(st.ud or 0)
         if isinstance(order, torch.Tensor):
             perm = order.detach().cpu().long()
@@ -429,7 +447,8 @@ def ablation_curve(
             return view * mk + fill * (1 - mk)
 
         correct, loss_sum, n = _run(model, module, data, device, ud, n_rep * k, perturb, loss_fn, max_batch, vectorize)
-    return CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
+    res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
+    return res.all_reduce() if distributed else res
 
 
 def noise_curve(
@@ -443,18 +462,25 @@ def noise_curve(
     loss_fn: Optional[LossFn] = None,
     max_batch: int = 8192,
     vectorize: bool = True,
+    index_offset: int = 0,
+    distributed: bool = False,
 ) -> CurveResult:
     """Noise-robustness curve of one layer: Gaussian noise of std ``scale * per-unit std`` added to
     its output, accuracy and loss recorded per scale (Morcos et al. 2018).
 
     The per-unit std is taken over ``data`` (and over positions for conv/sequence outputs). Within
     a repeat the same standard-normal draw is scaled for every scale (common random numbers, so
-    the curve is smooth in the scale); repeats use independent draws from ``generator``.
+    the curve is smooth in the scale); repeats use independent draws from ``generator``. The draw of
+    each sample depends only on the repeat and the sample's index, so splitting ``data`` into shards
+    (with ``index_offset`` = the global index of a shard's first sample) and summing the shards'
+    statistics (:meth:`CurveResult.all_reduce`) gives exactly the unsharded curve.
 
     Args:
         model, layer, data, repeats, generator, loss_fn, max_batch, vectorize: as in
             :func:`ablation_curve`.
         scales: ascending, ``>= 0``, starting at 0.
+        index_offset: global index of the first sample of ``data`` (for sharded evaluation).
+        distributed: as in :func:`ablation_curve` (the per-unit std is taken over all ranks).
 
     Returns:
         :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).
@@ -477,6 +503,8 @@ def noise_curve(
     device = _model_device(model)
     with _evaluating(model):
         st = _layer_pass(model, module, data, device, keep_rows=False)
+        if distributed:
+            _reduce_stats(st)
         d, ud = st.d, int(st.ud or 0)
         mean = st.s1 / st.cnt
         std = (st.s2 / st.cnt - mean * mean).clamp_min(0).sqrt()
@@ -484,23 +512,27 @@ def noise_curve(
         seeds = torch.randint(0, 2**62, (repeats,), generator=gen, device=gen.device).tolist()
         noise_cache: dict = {}
 
-        def z_for(rep: int, bi: int, shape: torch.Size, dev: torch.device) -> torch.Tensor:
-            key = (rep, bi)
+        def z_for(rep: int, first: int, shape: torch.Size, dev: torch.device) -> torch.Tensor:
+            key = (rep, first)
             if key not in noise_cache:
                 noise_cache.clear()
-                g = torch.Generator().manual_seed(int(seeds[rep]) + 7919 * bi)
-                noise_cache[key] = torch.randn(shape, generator=g, dtype=torch.float32).to(dev)
+                draws = []
+                for i in range(shape[0]):  # one generator per (repeat, global sample index)
+                    g = torch.Generator().manual_seed((int(seeds[rep]) + 1_000_003 * (index_offset + first + i)) % (2**63 - 1))
+                    draws.append(torch.randn(shape[1:], generator=g, dtype=torch.float32))
+                noise_cache[key] = torch.stack(draws).to(dev)
             return noise_cache[key]
 
-        def perturb(view: torch.Tensor, start: int, m: int, bi: int) -> torch.Tensor:
+        def perturb(view: torch.Tensor, start: int, m: int, first: int) -> torch.Tensor:
             out = view.clone()
             s = std.to(view.device, view.dtype).reshape([d if i == ud - 1 else 1 for i in range(view.ndim - 2)])
             for i in range(m):
                 rep, j = divmod(start + i, k)
                 if float(sc[j]) == 0.0:
                     continue
-                out[i] = view[i] + float(sc[j]) * s * z_for(rep, bi, view.shape[1:], view.device).to(view.dtype)
+                out[i] = view[i] + float(sc[j]) * s * z_for(rep, first, view.shape[1:], view.device).to(view.dtype)
             return out
 
         correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize)
-    return CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
+    res = CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
+    return res.all_reduce() if distributed else res

@@ -1,0 +1,38 @@
+"""Under DDP (2 CPU processes, gloo) the monitors log the single-process values of the same probe set."""
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from lightning_helpers import digits, loader, make_module, trainer  # noqa: E402
+from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor  # noqa: E402
+
+KEYS = ("netprobe/selectivity_mean", "netprobe/selectivity_mean/relu1", "netprobe/mutual_info_mean",
+        "netprobe/reliance_auc", "netprobe/reliance_auc/relu2", "netprobe/noise_auc",
+        "netprobe/pwcca_ref", "netprobe/svcca_ref", "netprobe/cka_ref", "netprobe/pwcca_prev")
+
+
+def _run(strategy, devices):
+    pl.seed_everything(0, verbose=False)
+    x, y = digits(240)
+    model = make_module(pl, dropout=0.0, batchnorm=False, lr=0.0)  # lr=0: same weights in both runs
+    pl.seed_everything(1, verbose=False)
+    ref = make_module(pl, dropout=0.0, batchnorm=False)
+    mons = [
+        SelectivityMonitor(["relu1", "relu2"], num_samples=101, mutual_info=True),  # odd n: unequal shards
+        RelianceMonitor(["relu1", "relu2"], num_samples=101, noise=True, repeats=2, order="random"),
+        ConvergenceMonitor(["relu1", "relu2"], num_samples=101, reference=ref),
+    ]
+    tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices, callbacks=mons)
+    tr.fit(model, loader(x, y, batch_size=40, shuffle=False))
+    return {k: float(v) for k, v in tr.callback_metrics.items()}
+
+
+@pytest.mark.slow
+def test_ddp_values_equal_single_process():
+    single = _run("auto", 1)
+    ddp = _run("ddp_spawn", 2)
+    for k in KEYS:
+        assert k in single and k in ddp, k
+        assert ddp[k] == pytest.approx(single[k], abs=1e-6), k
