@@ -196,3 +196,35 @@ def test_errors():
         ablation_curve(m, "2", (x, y[:5]))
     with pytest.raises(ValueError, match="non-negative"):
         ablation_curve(m, "1", (x, y), order="selectivity_desc")  # BatchNorm output: negative values
+
+
+class _Residual(nn.Module):
+    """A skip connection around the ablated layer: expanding at the layer must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(x + self.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("make", [lambda: _trained()[0], lambda: _Residual()])
+def test_expand_modes_agree_and_residual_falls_back(make):
+    torch.manual_seed(0)
+    m = make()
+    x, y = _data()
+    layer = "2" if isinstance(m, nn.Sequential) else "relu"
+    kw = dict(repeats=3, generator=None)
+    curves = {e: ablation_curve(m, layer, (x, y), expand=e, **kw) for e in ("auto", "input")}
+    noises = {e: noise_curve(m, layer, (x, y), expand=e) for e in ("auto", "input")}
+    assert torch.equal(curves["auto"].correct, curves["input"].correct)
+    torch.testing.assert_close(curves["auto"].loss_sum, curves["input"].loss_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(noises["auto"].correct, noises["input"].correct)
+    if isinstance(m, _Residual):
+        with pytest.raises(RuntimeError):
+            ablation_curve(m, layer, (x, y), expand="layer")
+    else:
+        assert torch.equal(ablation_curve(m, layer, (x, y), expand="layer").correct, curves["input"].correct)

@@ -270,14 +270,22 @@ class _MaskingHook:
 def _run(
     model: nn.Module, module: nn.Module, data: Data, device, ud: int, n_masks: int,
     perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
-    loss_fn: Optional[LossFn], max_batch: int, vectorize: bool,
+    loss_fn: Optional[LossFn], max_batch: int, vectorize: bool, expand: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, first_sample_index)``."""
+    """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, first_sample_index)``.
+
+    ``expand="layer"`` runs the layers before the perturbed one once per batch and repeats the
+    layer's output ``m`` times inside the hook; ``"input"`` repeats the inputs (always valid for
+    models that treat samples independently); ``"auto"`` tries ``"layer"`` and falls back to
+    ``"input"`` for good if the model's output does not have ``m * b`` rows or a shape error is
+    raised (e.g. a skip connection around the layer).
+    """
     correct = torch.zeros(n_masks, dtype=_F64)
     loss_sum = torch.zeros(n_masks, dtype=_F64)
     n = 0
     hook = _MaskingHook(ud)
     h = module.register_forward_hook(hook)
+    at_layer = expand in ("auto", "layer")
     try:
         for x, y in _batches(data):
             if device is not None:
@@ -288,14 +296,29 @@ def _run(
             m_chunk = max(1, max_batch // b) if vectorize else 1
             for start in range(0, n_masks, m_chunk):
                 m = min(m_chunk, n_masks - start)
+                out = None
+                if at_layer and m > 1 and b > 1:
+                    def fn_layer(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = n) -> torch.Tensor:
+                        view = o.unsqueeze(0).expand(m, *o.shape)
+                        return perturb(view, start, m, first).reshape(m * b, *o.shape[1:])
 
-                def fn(out: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = n) -> torch.Tensor:
-                    view = out.reshape(m, b, *out.shape[1:])
-                    return perturb(view, start, m, first).reshape(out.shape)
+                    hook.fn = fn_layer
+                    try:
+                        out = model(x)
+                        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != m * b:
+                            raise RuntimeError("output rows do not follow the layer's rows")
+                    except RuntimeError:
+                        if expand == "layer":
+                            raise
+                        at_layer, out = False, None  # fall back to repeating the inputs, for good
+                if out is None:
+                    def fn(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = n) -> torch.Tensor:
+                        view = o.reshape(m, b, *o.shape[1:])
+                        return perturb(view, start, m, first).reshape(o.shape)
 
-                hook.fn = fn
-                xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
-                out = model(xin)
+                    hook.fn = fn
+                    xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
+                    out = model(xin)
                 if not isinstance(out, torch.Tensor) or out.ndim != 2:
                     raise ValueError(
                         "Expected the model to return class scores (batch, num_classes), but got "
@@ -352,6 +375,7 @@ def ablation_curve(
     max_batch: int = 8192,
     vectorize: bool = True,
     distributed: bool = False,
+    expand: str = "auto",
 ) -> CurveResult:
     """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
 
@@ -381,6 +405,10 @@ def ablation_curve(
             ``torch.distributed``: the per-unit statistics (``mode="mean"``, selectivity orders) and
             the result are reduced across ranks, so every rank gets the curve of the whole data.
             Every rank must call with the same generator state. Ignored when not distributed.
+        expand: how masks are stacked: ``"auto"`` (default) runs the layers before ``layer`` once
+            per batch and repeats only the layer's output, falling back to ``"input"`` (repeat the
+            inputs) when the model's structure does not allow it (e.g. a skip connection around
+            the layer); ``"layer"`` or ``"input"`` force one way. All give the same numbers.
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
@@ -402,6 +430,8 @@ def ablation_curve(
         raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"Expected `max_batch` to be a positive int, but got {max_batch!r}.")
+    if expand not in ("auto", "layer", "input"):
+        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
     if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
         raise ValueError(
             f"Expected `order` to be 'random', 'selectivity_desc', 'selectivity_asc' or a permutation tensor, but got {order!r}."
@@ -446,7 +476,11 @@ def ablation_curve(
             fill = mean.to(view.device, view.dtype).reshape([1, 1] + [d if i == ud - 1 else 1 for i in range(view.ndim - 2)])
             return view * mk + fill * (1 - mk)
 
-        correct, loss_sum, n = _run(model, module, data, device, ud, n_rep * k, perturb, loss_fn, max_batch, vectorize)
+        # identical masks (fraction 0 in every repeat, fraction 1, repeated counts) are evaluated once
+        all_masks = masks
+        masks, inverse = torch.unique(all_masks, dim=0, return_inverse=True)
+        correct_u, loss_u, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand)
+        correct, loss_sum = correct_u[inverse], loss_u[inverse]
     res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
     return res.all_reduce() if distributed else res
 
@@ -464,6 +498,7 @@ def noise_curve(
     vectorize: bool = True,
     index_offset: int = 0,
     distributed: bool = False,
+    expand: str = "auto",
 ) -> CurveResult:
     """Noise-robustness curve of one layer: Gaussian noise of std ``scale * per-unit std`` added to
     its output, accuracy and loss recorded per scale (Morcos et al. 2018).
@@ -481,6 +516,7 @@ def noise_curve(
         scales: ascending, ``>= 0``, starting at 0.
         index_offset: global index of the first sample of ``data`` (for sharded evaluation).
         distributed: as in :func:`ablation_curve` (the per-unit std is taken over all ranks).
+        expand: as in :func:`ablation_curve`.
 
     Returns:
         :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).
@@ -495,6 +531,8 @@ def noise_curve(
     """
     name, module = resolve_layer(model, layer)
     sc = _check_points(scales, "scales", 0.0, None)
+    if expand not in ("auto", "layer", "input"):
+        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -533,6 +571,6 @@ def noise_curve(
                 out[i] = view[i] + float(sc[j]) * s * z_for(rep, first, view.shape[1:], view.device).to(view.dtype)
             return out
 
-        correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize)
+        correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize, expand)
     res = CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
     return res.all_reduce() if distributed else res
