@@ -41,11 +41,32 @@ def _prep(x: Any, y: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     x = check_2d(x, "x")
     y = check_2d(y, "y")
     check_same_n(x, y)
-    check_finite(x, "x")
-    check_finite(y, "y")
     if x.device != y.device:
         raise ValueError(f"Expected `x` and `y` on the same device, but got {x.device} and {y.device}.")
     return x.to(_F64), y.to(_F64)
+
+
+def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> None:
+    # A NaN/Inf anywhere in a column makes that column's mean or sum of squares non-finite, so
+    # checking the O(d) diagonals is enough; the O(n d) scan only runs to word the error.
+    if not bool(torch.isfinite(m.cxx.diagonal()).all() & torch.isfinite(m.cyy.diagonal()).all()
+                & torch.isfinite(m.mx).all() & torch.isfinite(m.my).all()):
+        check_finite(x, "x")
+        check_finite(y, "y")
+        raise ValueError("Expected finite inputs, but their sums overflowed float64; rescale the activations.")
+
+
+def _gram(a: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``a.T @ a`` computing only the upper block triangle (about half the work for wide ``a``)."""
+    d = a.shape[1]
+    if d <= 2 * block:
+        return a.T @ a
+    out = torch.empty((d, d), dtype=a.dtype, device=a.device)
+    for i in range(0, d, block):
+        blk = a[:, i : i + block].T @ a[:, i:]
+        out[i : i + block, i:] = blk
+        out[i:, i : i + block] = blk.T
+    return out
 
 
 @dataclass
@@ -63,7 +84,9 @@ class _Moments:
     def of(x: torch.Tensor, y: torch.Tensor) -> "_Moments":
         mx, my = x.mean(0), y.mean(0)
         xc, yc = x - mx, y - my
-        return _Moments(x.shape[0], mx, my, xc.T @ xc, yc.T @ yc, xc.T @ yc)
+        m = _Moments(x.shape[0], mx, my, _gram(xc), _gram(yc), xc.T @ yc)
+        _check_moments_finite(m, x, y)
+        return m
 
     def merge(self, o: "_Moments") -> "_Moments":
         """Chan et al.'s pairwise update: exact, order-independent up to rounding."""
@@ -122,7 +145,8 @@ class _CCA:
     syy: torch.Tensor
 
 
-def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str) -> _CCA:
+def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str,
+              vectors: bool = True) -> _CCA:
     kx_mask, ky_mask = _keep_units(sxx), _keep_units(syy)
     if not bool(kx_mask.any()) or not bool(ky_mask.any()):
         side = "x" if not bool(kx_mask.any()) else "y"
@@ -137,6 +161,9 @@ def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *
     if wx.shape[1] == 0 or wy.shape[1] == 0:
         raise ValueError(f"A representation has no variance above `rank_tol`; {what} is undefined.")
     m = wx.T @ sxy @ wy
+    if not vectors:  # correlations only: singular values without the (costlier) vectors
+        s = torch.linalg.svdvals(m)
+        return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, m.new_zeros(0), m.new_zeros(0), sxx, syy)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, u, vh.T, sxx, syy)
 
@@ -182,13 +209,13 @@ def _svd_reduce(cov: torch.Tensor, keep: Union[float, int]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- from moments
 def _cca_from(mom: _Moments, rank_tol: float) -> torch.Tensor:
     sxx, syy, sxy = _cov(mom)
-    return _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="CCA").rho
+    return _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="CCA", vectors=False).rho
 
 
 def _svcca_from(mom: _Moments, keep: Union[float, int], rank_tol: float) -> torch.Tensor:
     sxx, syy, sxy = _cov(mom)
     px, py = _svd_reduce(sxx, keep), _svd_reduce(syy, keep)
-    r = _cca_core(px.T @ sxx @ px, py.T @ syy @ py, px.T @ sxy @ py, mom.n, rank_tol=rank_tol, what="SVCCA")
+    r = _cca_core(px.T @ sxx @ px, py.T @ syy @ py, px.T @ sxy @ py, mom.n, rank_tol=rank_tol, what="SVCCA", vectors=False)
     return r.rho.mean()
 
 
