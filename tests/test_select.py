@@ -1,0 +1,127 @@
+"""netprobe.select and the `netprobe rank` CLI on event files written here; statistics against scipy."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from netprobe.cli import main
+from netprobe.select import SelectionError, kendall_tau, rank_runs, spearman_rho, top_k_hits
+
+
+# ----------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("seed", range(6))
+def test_rank_correlations_match_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 5, 30).astype(float)  # many ties
+    b = a + rng.integers(0, 4, 30)
+    assert spearman_rho(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert kendall_tau(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-12)
+    c = rng.normal(size=17)
+    d = rng.normal(size=17)
+    assert spearman_rho(c, d) == pytest.approx(stats.spearmanr(c, d).statistic, abs=1e-12)
+    assert kendall_tau(c, d) == pytest.approx(stats.kendalltau(c, d).statistic, abs=1e-12)
+
+
+def test_top_k_hits_exact_and_resampled():
+    sig = [0.9, 0.8, 0.1, 0.5]
+    ref = [0.7, 0.9, 0.2, 0.3]  # the signal's pick (run 0) is 2nd by reference
+    assert top_k_hits(sig, ref, [1, 2, 3]) == {1: 0.0, 2: 1.0, 3: 1.0}
+    # subsets of 2: brute-force expectation over the 6 pairs
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    exact = np.mean([ref[max((i, j), key=lambda t: sig[t])] == max(ref[i], ref[j]) for i, j in pairs])
+    est = top_k_hits(sig, ref, [1], subset_size=2, n_draws=20_000, seed=1)[1]
+    assert est == pytest.approx(exact, abs=0.02)
+    with pytest.raises(SelectionError, match="subset_size"):
+        top_k_hits(sig, ref, [1], subset_size=9)
+
+
+# ----------------------------------------------------------------------------- event files
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = tmp_path_factory.mktemp("sweep")
+    curves = {  # reliance per epoch; test accuracy at the end
+        "lr0.1": ([0.5, 0.6, 0.7], 0.90),
+        "lr0.01": ([0.4, 0.8, 0.75], 0.95),
+        "lr1": ([0.3, 0.2, 0.1], 0.40),
+        "wd0": ([0.6, 0.65, 0.66], 0.92),
+        "short": ([0.5], 0.5),  # stopped after epoch 0
+    }
+    for name, (vals, acc) in curves.items():
+        with SummaryWriter(str(root / name)) as w:
+            for epoch, v in enumerate(vals):
+                step = 10 * (epoch + 1)
+                w.add_scalar("netprobe/reliance_auc", v, step)
+                w.add_scalar("epoch", epoch, step)
+            w.add_scalar("test/acc", acc, 100)
+            w.add_hparams({"lr": float(name[2:]) if name.startswith("lr") else 0.1, "tag": name}, {"hparam/test_acc": acc})
+    with SummaryWriter(str(root / "nokey")) as w:
+        w.add_scalar("train/loss", 1.0, 1)
+    return root, curves
+
+
+def test_rank_last_and_statistics(sweep):
+    root, curves = sweep
+    res = rank_runs(root, "netprobe/reliance_auc", against="test/acc")
+    names = [r["run"] for r in res["runs"]]
+    assert names == ["lr0.01", "lr0.1", "wd0", "short", "lr1"]  # by last value: .75 .7 .66 .5 .1
+    assert [s["run"] for s in res["skipped"]] == ["nokey"]
+    assert res["runs"][0]["hparams"]["tag"] == "lr0.01" and res["runs"][0]["hparams"]["lr"] == pytest.approx(0.01)
+    sig = [curves[n][0][-1] for n in names]
+    ref = [curves[n][1] for n in names]
+    assert res["spearman_rho"] == pytest.approx(stats.spearmanr(sig, ref).statistic)
+    assert res["kendall_tau"] == pytest.approx(stats.kendalltau(sig, ref).statistic)
+    assert res["pick"] == "lr0.01" and res["pick_reference_rank"] == 1.0 and res["top_k"]["1"] == 1.0
+
+
+def test_rank_best_and_epoch(sweep):
+    root, _ = sweep
+    best = rank_runs(root, "netprobe/reliance_auc", at="best")
+    assert best["runs"][0]["run"] == "lr0.01" and best["runs"][0]["signal"] == pytest.approx(0.8)
+    e1 = rank_runs(root, "netprobe/reliance_auc", at=1)
+    assert [r["run"] for r in e1["runs"]][:2] == ["lr0.01", "wd0"]
+    assert {s["run"]: s["reason"] for s in e1["skipped"]}["short"].startswith("stopped before epoch 1")
+    low = rank_runs(root, "netprobe/reliance_auc", mode="min")
+    assert low["pick"] == "lr1"
+
+
+def test_errors(sweep, tmp_path):
+    root, _ = sweep
+    with pytest.raises(SelectionError, match="No runs under"):
+        rank_runs(tmp_path, "netprobe/reliance_auc")
+    with pytest.raises(SelectionError, match=r"No run logged 'netprobe/reliance'.*netprobe/reliance_auc"):
+        rank_runs(root, "netprobe/reliance")
+    with pytest.raises(SelectionError, match="not a directory"):
+        rank_runs(tmp_path / "missing", "x")
+    with pytest.raises(SelectionError, match="at"):
+        rank_runs(root, "netprobe/reliance_auc", at="first")
+
+
+def test_cli_table_json_and_errors(sweep, capsys):
+    root, _ = sweep
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--top-k", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "lr0.01" in out and "spearman_rho" in out and "skipped  nokey" in out and "top-2" in out
+    assert main(["rank", str(root), "--json", "--at", "best", "--against", "hparam/test_acc"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["metric"] == "netprobe/reliance_auc" and doc["runs"][0]["run"] == "lr0.01"
+    assert {"runs", "skipped", "spearman_rho", "kendall_tau", "top_k"} <= set(doc)
+    assert main(["rank", str(root), "--metric", "netprobe/relaince_auc"]) == 2
+    err = capsys.readouterr().err
+    assert "No run logged" in err and "netprobe/reliance_auc" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["rank", str(root), "--at", "-3"])
+
+
+def test_python_dash_m_is_the_command(sweep):
+    root, _ = sweep
+    out = subprocess.run([sys.executable, "-m", "netprobe", "rank", str(root), "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["pick"] == "lr0.01"
+    v = subprocess.run([sys.executable, "-m", "netprobe", "--version"], capture_output=True, text=True, timeout=60)
+    assert v.stdout.startswith("netprobe ")
