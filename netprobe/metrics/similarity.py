@@ -190,11 +190,12 @@ def _check_keep(keep: Union[float, int]) -> Union[float, int]:
     return keep
 
 
-def _svd_reduce(cov: torch.Tensor, keep: Union[float, int]) -> torch.Tensor:
-    """Top principal directions (d, k) of ``cov`` keeping ``keep`` of the variance (or ``keep`` of them)."""
+def _svd_reduce(cov: torch.Tensor, keep: Union[float, int], rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top principal directions ``(d, k)`` of ``cov`` keeping ``keep`` of the variance (or ``keep``
+    of them), and their variances ``(k,)``, all above ``rank_tol`` times the largest."""
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    pos = int((evals > RANK_TOL * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
+    pos = int((evals > rank_tol * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
     if pos == 0:
         raise ValueError("A representation has no variance at all (every unit constant); SVCCA is undefined.")
     if isinstance(keep, int):
@@ -203,7 +204,7 @@ def _svd_reduce(cov: torch.Tensor, keep: Union[float, int]) -> torch.Tensor:
         frac = evals.cumsum(0) / evals.sum()
         k = int((frac < keep - 1e-12).sum()) + 1
         k = min(k, pos)
-    return evecs[:, :k]
+    return evecs[:, :k], evals[:k]
 
 
 # ----------------------------------------------------------------------------- from moments
@@ -214,9 +215,13 @@ def _cca_from(mom: _Moments, rank_tol: float) -> torch.Tensor:
 
 def _svcca_from(mom: _Moments, keep: Union[float, int], rank_tol: float) -> torch.Tensor:
     sxx, syy, sxy = _cov(mom)
-    px, py = _svd_reduce(sxx, keep), _svd_reduce(syy, keep)
-    r = _cca_core(px.T @ sxx @ px, py.T @ syy @ py, px.T @ sxy @ py, mom.n, rank_tol=rank_tol, what="SVCCA", vectors=False)
-    return r.rho.mean()
+    (px, lx), (py, ly) = _svd_reduce(sxx, keep, rank_tol), _svd_reduce(syy, keep, rank_tol)
+    _need_samples(mom.n, px.shape[1], "x", "SVCCA")
+    _need_samples(mom.n, py.shape[1], "y", "SVCCA")
+    # The kept directions are principal axes: the reduced covariances are diag(l), so whitening
+    # is a scaling (no second eigendecomposition), and the kept variances are above rank_tol.
+    wx, wy = px * lx.rsqrt(), py * ly.rsqrt()
+    return torch.linalg.svdvals(wx.T @ sxy @ wy).clamp(0.0, 1.0).mean()
 
 
 def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
