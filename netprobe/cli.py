@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--subset-size", type=int, default=None, help="runs per resampled subset (default: all runs)")
     r.add_argument("--draws", type=int, default=10_000, help="resampled subsets (when --subset-size < runs)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="keep runs meeting KEY OP NUMBER, e.g. 'netprobe/probe_accuracy>=0.99' (repeatable)")
     r.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     return p
 
@@ -68,7 +70,8 @@ def _print_table(res, out) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=out)
     for s in res["skipped"]:
         print(f"skipped  {s['run']}: {s['reason']}", file=out)
-    print(f"\n{len(res['runs'])} runs ranked by {res['metric']} ({res['mode']}, at {res['at']}); pick: {res['pick']}", file=out)
+    where = f" where {' and '.join(res['where'])}" if res.get("where") else ""
+    print(f"\n{len(res['runs'])} runs ranked by {res['metric']} ({res['mode']}, at {res['at']}){where}; pick: {res['pick']}", file=out)
     if res["against"] and res["runs"]:
         print(f"against {res['against']}: pick's reference rank {_fmt(res['pick_reference_rank'], 1)} of {len(res['runs'])}", file=out)
         if res["spearman_rho"] is not None:
@@ -84,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         res = rank_runs(args.logdir, args.metric, mode=args.mode, at=args.at, against=args.against,
                         against_mode=args.against_mode, top_k=args.top_k, subset_size=args.subset_size,
-                        n_draws=args.draws, seed=args.seed)
+                        n_draws=args.draws, seed=args.seed, where=args.where)
     except SelectionError as err:
         print(f"netprobe rank: error: {err}", file=sys.stderr)
         return 2

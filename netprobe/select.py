@@ -15,6 +15,13 @@ Which value of a series is used (``at``):
 
 The reference (``against``, e.g. a test accuracy logged once at the end) is read at its last value.
 
+Conditions (``where``, e.g. ``"netprobe/probe_accuracy>=0.99"``) keep only the runs that meet
+them; each is read at the same epoch as the signal when ``at`` is an epoch, else at its last
+value. A run that fails a condition, or lacks its key, is listed as skipped with the reason.
+Reliance should be compared between networks that fit their training data about equally well
+(its AUC is normalized by the unablated accuracy, so an underfit network scores high): filter on
+``netprobe/probe_accuracy``, which ``RelianceMonitor`` logs beside it.
+
 Statistics over the runs that have both values: Spearman's rho and Kendall's tau-b between signal
 and reference (ties handled; written here in numpy and tested against scipy), the reference rank of
 the run the signal picks, and **top-k hit probabilities**: draw ``n_draws`` random subsets of
@@ -30,7 +37,9 @@ Everything returned is plain data (dicts, lists, floats).
 
 from __future__ import annotations
 
+import operator
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -38,7 +47,7 @@ import numpy as np
 
 from netprobe._validation import close_names
 
-__all__ = ["SelectionError", "Run", "find_runs", "load_run", "load_runs", "rank_runs", "spearman_rho", "kendall_tau", "top_k_hits"]
+__all__ = ["SelectionError", "Run", "find_runs", "load_run", "load_runs", "rank_runs", "parse_condition", "spearman_rho", "kendall_tau", "top_k_hits"]
 
 
 class SelectionError(ValueError):
@@ -161,6 +170,24 @@ def _value_at(run: Run, tag: str, at: Union[str, int], mode: str) -> Tuple[Optio
     return None, f"stopped before epoch {epoch} ({len(s)} values of {tag!r})"
 
 
+_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
+_COND = re.compile(r"^\s*(?P<key>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<val>[^<>=!\s]+)\s*$")
+
+
+def parse_condition(text: str) -> Tuple[str, str, float]:
+    """``"KEY>=VALUE"`` (``>=``, ``<=``, ``>``, ``<``, ``==``, ``!=``) -> ``(key, op, value)``."""
+    m = _COND.match(str(text))
+    try:
+        if m is None:
+            raise ValueError
+        return m["key"], m["op"], float(m["val"])
+    except ValueError:
+        raise SelectionError(
+            f"Cannot read the condition {text!r}; write KEY OP NUMBER with OP one of >=, <=, >, <, ==, != "
+            "(e.g. 'netprobe/probe_accuracy>=0.99')."
+        ) from None
+
+
 # ----------------------------------------------------------------------------- statistics
 def _rankdata(a: np.ndarray) -> np.ndarray:
     """Ranks 1..n with ties given their average rank."""
@@ -235,11 +262,14 @@ def rank_runs(
     subset_size: Optional[int] = None,
     n_draws: int = 10_000,
     seed: int = 0,
+    where: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """Rank the runs under ``logdir`` by ``metric``; see the module docstring.
 
+    ``where``: conditions such as ``"netprobe/probe_accuracy>=0.99"``; runs failing one are skipped.
+
     Returns:
-        ``{"metric", "mode", "at", "against", "runs": [...], "skipped": [...], "spearman_rho",
+        ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "spearman_rho",
         "kendall_tau", "pick", "pick_reference_rank", "top_k", "subset_size", "n_draws"}``; each run is
         ``{"rank", "run", "path", "hparams", "signal", "reference", "reference_rank"}`` (best first).
     """
@@ -247,9 +277,12 @@ def rank_runs(
         raise SelectionError(f"Expected `mode` and `against_mode` to be 'max' or 'min', but got {mode!r}, {against_mode!r}.")
     if not (at in ("last", "best") or (isinstance(at, int) and not isinstance(at, bool) and at >= 0)):
         raise SelectionError(f"Expected `at` to be 'last', 'best' or an epoch number >= 0, but got {at!r}.")
+    if isinstance(where, str):
+        where = [where]
+    conds = [parse_condition(c) for c in where]
     runs = load_runs(logdir)
     all_tags = sorted({t for r in runs for t in r.scalars})
-    for key in [metric] + ([against] if against else []):
+    for key in [metric] + ([against] if against else []) + [k for k, _, _ in conds]:
         if not any(key in r.scalars for r in runs):
             raise SelectionError(
                 f"No run logged {key!r}. Closest keys: {close_names(key, all_tags)}. "
@@ -257,6 +290,15 @@ def rank_runs(
             )
     rows, skipped = [], []
     for r in runs:
+        failed = None
+        for key, op, val in conds:
+            v, why_c = _value_at(r, key, at if isinstance(at, int) else "last", "max")
+            if v is None or not _OPS[op](v, val):
+                failed = why_c or f"{key}={v:.4g} fails {op} {val:g}"
+                break
+        if failed:
+            skipped.append({"run": r.name, "path": r.path, "reason": failed})
+            continue
         sig, why = _value_at(r, metric, at, mode)
         ref, why_ref = (_value_at(r, against, "last", against_mode) if against else (None, None))
         if sig is None or not np.isfinite(sig):
@@ -271,7 +313,8 @@ def rank_runs(
     rows.sort(key=lambda d: (sign * d["signal"], d["run"]))
     for i, d in enumerate(rows, 1):
         d["rank"] = i
-    out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "runs": rows, "skipped": skipped,
+    out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "where": list(where),
+                           "runs": rows, "skipped": skipped,
                            "spearman_rho": None, "kendall_tau": None, "pick": rows[0]["run"] if rows else None,
                            "pick_reference_rank": None, "top_k": {}, "subset_size": None, "n_draws": None}
     if against and rows:

@@ -63,6 +63,9 @@ def test_values_equal_the_functional_metrics_on_the_probe_set(package):
     exp = ablation_curve(model, "relu2", (px, py), repeats=2, generator=rel._generator(1, 0))
     assert float(cm["netprobe/reliance_auc/relu2"]) == pytest.approx(float(exp.auc), abs=1e-6)
     assert float(cm["netprobe/reliance_auc"]) == pytest.approx(float(exp.auc), abs=1e-6)
+    with torch.no_grad():
+        own_acc = (model(px).argmax(1) == py).double().mean()
+    assert float(cm["netprobe/probe_accuracy"]) == pytest.approx(float(own_acc), abs=1e-6)
     assert 0 < float(cm["netprobe/pwcca_prev"]) <= 1 and 0 < float(cm["netprobe/cka_prev"]) <= 1
     assert "netprobe/time/RelianceMonitor" in cm
     # *_prev compares with the previous epoch's activations kept by the monitor

@@ -125,3 +125,23 @@ def test_python_dash_m_is_the_command(sweep):
     assert json.loads(out.stdout)["pick"] == "lr0.01"
     v = subprocess.run([sys.executable, "-m", "netprobe", "--version"], capture_output=True, text=True, timeout=60)
     assert v.stdout.startswith("netprobe ")
+
+
+def test_where_conditions_filter_and_explain(sweep, capsys):
+    root, curves = sweep
+    res = rank_runs(root, "netprobe/reliance_auc", against="test/acc", where=["test/acc>=0.85"])
+    assert [r["run"] for r in res["runs"]] == ["lr0.01", "lr0.1", "wd0"]
+    reasons = {s["run"]: s["reason"] for s in res["skipped"]}
+    assert set(reasons) == {"lr1", "short", "nokey"}
+    assert "test/acc=0.4 fails >= 0.85" in reasons["lr1"] and "no 'test/acc'" in reasons["nokey"]
+    # at an epoch, conditions are read at that epoch: reliance at epoch 1 is .6 .8 .2 .65
+    res = rank_runs(root, "netprobe/reliance_auc", at=1, where="netprobe/reliance_auc>0.61")
+    assert [r["run"] for r in res["runs"]] == ["lr0.01", "wd0"]
+    assert "stopped before epoch 1" in {s["run"]: s["reason"] for s in res["skipped"]}["short"]
+    with pytest.raises(SelectionError, match="KEY OP NUMBER"):
+        rank_runs(root, "netprobe/reliance_auc", where=["test/acc => 0.9"])
+    with pytest.raises(SelectionError, match="No run logged 'test/accc'.*test/acc"):
+        rank_runs(root, "netprobe/reliance_auc", where=["test/accc>=0.9"])
+    assert main(["rank", str(root), "--where", "test/acc>=0.85", "--where", "test/acc<0.94", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in doc["runs"]] == ["lr0.1", "wd0"] and doc["where"] == ["test/acc>=0.85", "test/acc<0.94"]

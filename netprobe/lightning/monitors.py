@@ -85,8 +85,15 @@ class RelianceMonitor(NetprobeMonitor):
     monitored layer on the probe set, every epoch, and its normalized area (higher = less reliance).
 
     Logs ``netprobe/reliance_auc/<layer>`` and ``netprobe/reliance_auc``; with ``noise=True`` also
-    ``netprobe/noise_auc[/<layer>]``; with a TensorBoardLogger and matplotlib, the curves as a
-    figure (``netprobe/reliance_curves``, ``netprobe/noise_curves``).
+    ``netprobe/noise_auc[/<layer>]``; ``netprobe/probe_accuracy``, the unablated accuracy on the
+    probe set (the curves' starting point); with a TensorBoardLogger and matplotlib, the curves as
+    a figure (``netprobe/reliance_curves``, ``netprobe/noise_curves``).
+
+    Compare reliance between networks (or epochs) that fit the probe set about equally well: the
+    AUC is normalized by the unablated accuracy, so an underfit network, which has little to lose,
+    scores high. Early in training, or for a configuration that never fits its training data, read
+    ``netprobe/probe_accuracy`` beside it (``netprobe rank --where`` filters runs on it, and
+    :class:`~netprobe.lightning.RelianceEarlyStopping` has ``warmup_epochs``).
 
     Why the training set with the training labels (the default probe set): reliance predicts
     generalization *from the training data*. On held-out data a memorizing network is near chance
@@ -107,7 +114,7 @@ class RelianceMonitor(NetprobeMonitor):
 
     Example:
         >>> RelianceMonitor(layers=["fc1", "fc2"]).metrics
-        ('reliance_auc',)
+        ('reliance_auc', 'probe_accuracy')
     """
 
     def __init__(
@@ -139,7 +146,7 @@ class RelianceMonitor(NetprobeMonitor):
             raise ValueError(f"Expected `scales` strictly increasing from 0, but got {sc}.")
         self.fractions, self.order, self.mode, self.repeats = fr, order, mode, repeats
         self.noise, self.scales, self.figures, self.max_batch = bool(noise), sc, bool(figures), max_batch
-        self.metrics = ("reliance_auc",) + (("noise_auc",) if noise else ())
+        self.metrics = ("reliance_auc",) + (("noise_auc",) if noise else ()) + ("probe_accuracy",)
 
     def _generator(self, epoch: int, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + salt) % (2**63 - 1))
@@ -173,6 +180,8 @@ class RelianceMonitor(NetprobeMonitor):
         self._layer_values("reliance_auc", aucs, out)
         if self.noise:
             self._layer_values("noise_auc", noise_aucs, out)
+        if curves:  # the unablated point is the same for every layer: the model's own accuracy
+            out["netprobe/probe_accuracy"] = float(next(iter(curves.values())).accuracy[0])
         figs: Dict[str, Any] = {}
         if self.figures and _dist.rank() == 0 and _has_tensorboard(trainer):
             figs["netprobe/reliance_curves"] = viz.curves_figure(curves, title=f"cumulative ablation, epoch {epoch}", xlabel="fraction of units ablated")
