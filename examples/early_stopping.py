@@ -1,8 +1,8 @@
 """Stop without a validation set: test accuracy at the epoch where reliance stops improving vs the
 epoch where validation loss stops improving vs the last epoch, on the same runs.
 
-MLPs on MNIST-1D (generated locally) with 20 % of the training labels corrupted, so that long
-training overfits; several seeds. Each run trains for a fixed number of epochs with
+MLPs on scikit-learn's digits with 50 % of the training labels corrupted, so that long training
+memorizes the wrong labels and test accuracy falls after an early peak; several seeds. Each run trains for a fixed number of epochs with
 `RelianceMonitor` (training data, training labels) and records, every epoch, the reliance AUC, the
 loss on a held-out validation split, and the test accuracy. The stopping rules are then applied to
 the recorded series (the same rule as Lightning's EarlyStopping: stop after `patience` records
@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from _common import accuracy, corrupt_labels, lightning_mlp, loader, mnist1d, one_thread, quiet_lightning, trainer_kwargs
+from _common import accuracy, corrupt_labels, digits, lightning_mlp, loader, one_thread, quiet_lightning, trainer_kwargs
 from netprobe.lightning import RelianceMonitor
 
 
@@ -64,7 +64,7 @@ def main():
     args = ap.parse_args()
     print(f"early_stopping.py: {one_thread()}")
     quiet_lightning()
-    data = mnist1d(seed=0, num_samples=1000 if args.smoke else 5000)
+    data = digits(seed=0)
     n_val = len(data["x_train"]) // 5
     x_val, y_val = data["x_train"][:n_val], data["y_train"][:n_val]
     x_tr, y_tr = data["x_train"][n_val:], data["y_train"][n_val:]
@@ -73,12 +73,12 @@ def main():
     rows = []
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
-        y_noisy = corrupt_labels(y_tr, 0.2, 10, torch.Generator().manual_seed(seed))
+        y_noisy = corrupt_labels(y_tr, 0.5, 10, torch.Generator().manual_seed(seed))
         rec = Recorder(x_val, y_val, data["x_test"], data["y_test"])
         mon = RelianceMonitor(["net.relu1", "net.relu2"], num_samples=512)
         trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon, rec],
                              logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"seed{seed}"), **trainer_kwargs())
-        trainer.fit(lightning_mlp(40, [256, 256], 10, lr=3e-3), loader(x_tr, y_noisy, batch_size=64, seed=seed))
+        trainer.fit(lightning_mlp(64, [256, 256], 10, lr=1e-3), loader(x_tr, y_noisy, batch_size=64, seed=seed))
         e_rel = stop_epoch(rec.reliance, mode="max", patience=args.patience, smoothing=0.5)
         e_val = stop_epoch(rec.val_loss, mode="min", patience=args.patience)
         e_last = len(rec.test_acc) - 1
