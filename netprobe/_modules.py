@@ -6,8 +6,9 @@ Shared by the capture engine (``netprobe.capture``) and the ablation metrics
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Dict, Iterable, Sequence, Union
+from typing import Dict, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from netprobe._validation import close_names
 
 LayerSpec = Union[str, type, nn.Module]
 
-__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim"]
+__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -147,3 +148,24 @@ def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
         nn.modules.instancenorm._InstanceNorm,
     )
     return 1 if isinstance(module, conv_like) else 2
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, *, restore_rng: bool = False) -> Iterator[None]:
+    """Eval mode under ``torch.no_grad()``; afterwards every submodule's ``training`` flag is what
+    it was (a model may mix modes), and with ``restore_rng`` the global CPU and CUDA RNG states too."""
+    flags = [(m, m.training) for m in model.modules()]
+    cpu_rng = torch.random.get_rng_state() if restore_rng else None
+    cuda_rng = (torch.cuda.get_rng_state_all()
+                if restore_rng and torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in flags:
+            m.training = t
+        if cpu_rng is not None:
+            torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

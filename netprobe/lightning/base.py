@@ -26,17 +26,16 @@ What every monitor does, in one place:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import LayerSpec, resolve_layers
+from netprobe._modules import LayerSpec, evaluating, resolve_layers
 
 try:
     import pytorch_lightning as _pl
@@ -253,21 +252,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         return x[sl], y[sl], sl
 
     # ------------------------------------------------------------------ evaluation helpers
-    @contextlib.contextmanager
-    def _frozen(self, pl_module: nn.Module) -> Iterator[None]:
-        flags = [(m, m.training) for m in pl_module.modules()]
-        cpu_rng = torch.random.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for m, t in flags:
-                m.training = t
-            torch.random.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+    def _frozen(self, pl_module: nn.Module) -> ContextManager[None]:
+        return evaluating(pl_module, restore_rng=True)
 
     def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs."""

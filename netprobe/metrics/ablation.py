@@ -19,7 +19,6 @@ samples across the batch.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import resolve_layer, unit_dim
+from netprobe._modules import evaluating, resolve_layer, unit_dim
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
 
@@ -157,18 +156,6 @@ def _model_device(model: nn.Module) -> Optional[torch.device]:
     for b in model.buffers():
         return b.device
     return None
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 def _check_points(x: Sequence[float], name: str, lo: float, hi: Optional[float]) -> torch.Tensor:
@@ -440,7 +427,7 @@ def ablation_curve(
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
-    with _evaluating(model):
+    with evaluating(model):
         st = _layer_pass(model, module, data, device, keep_rows=isinstance(order, str) and order != "random")
         if distributed:
             _reduce_stats(st)
@@ -539,7 +526,7 @@ def noise_curve(
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
-    with _evaluating(model):
+    with evaluating(model):
         st = _layer_pass(model, module, data, device, keep_rows=False)
         if distributed:
             _reduce_stats(st)
