@@ -228,3 +228,15 @@ def test_expand_modes_agree_and_residual_falls_back(make):
             ablation_curve(m, layer, (x, y), expand="layer")
     else:
         assert torch.equal(ablation_curve(m, layer, (x, y), expand="layer").correct, curves["input"].correct)
+
+
+@pytest.mark.parametrize("classes", [2, 10, 100])
+def test_fast_cross_entropy_equals_torch(classes):
+    from netprobe.metrics.ablation import _cross_entropy
+
+    g = torch.Generator().manual_seed(classes)
+    out = torch.randn(300, classes, generator=g) * torch.tensor([1.0, 1e3]).repeat(150)[:, None]  # large logits too
+    y = torch.randint(0, classes, (300,), generator=g)
+    torch.testing.assert_close(_cross_entropy(out, y), nn.functional.cross_entropy(out, y, reduction="none"), rtol=1e-5, atol=1e-4)
+    y[0] = -100  # torch's ignore_index keeps its meaning
+    torch.testing.assert_close(_cross_entropy(out, y), nn.functional.cross_entropy(out, y, reduction="none"))
