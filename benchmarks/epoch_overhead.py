@@ -23,6 +23,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from _common import quiet_lightning  # noqa: E402
 from demo import MLP  # noqa: E402
 
 from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor  # noqa: E402
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    quiet_lightning()
     from sklearn.datasets import load_digits
 
     d = load_digits()
