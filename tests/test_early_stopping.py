@@ -25,13 +25,15 @@ class Tiny(pl.LightningModule):
 class Script(pl.Callback):
     """Writes values[epoch] (or nothing, for None) as the monitored key at each epoch end."""
 
-    def __init__(self, values):
-        self.values = values
+    def __init__(self, values, fit=None):
+        self.values, self.fit = values, fit
 
     def on_train_epoch_end(self, trainer, pl_module):
         v = self.values[trainer.current_epoch]
         if v is not None:
             trainer.callback_metrics["netprobe/reliance_auc"] = torch.tensor(v)
+            if self.fit is not None:
+                trainer.callback_metrics["netprobe/probe_accuracy"] = torch.tensor(self.fit[trainer.current_epoch])
 
 
 def _loader():
@@ -40,21 +42,21 @@ def _loader():
     return torch.utils.data.DataLoader(ds, batch_size=4)
 
 
-def _fit(values, stop):
-    trainer = pl.Trainer(max_epochs=len(values), callbacks=[Script(values), stop], logger=False,
+def _fit(values, stop, fit=None):
+    trainer = pl.Trainer(max_epochs=len(values), callbacks=[Script(values, fit), stop], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Tiny(), _loader())
     return trainer
 
 
-def _expected_stop(values, patience, beta=0.0, warmup=0):
+def _expected_stop(values, patience, beta=0.0, warmup=0, fit=None, min_fit=None):
     """Independent re-statement: EMA over fresh values, patience counted in measurements."""
     best, wait, ema = -float("inf"), 0, None
     for epoch, v in enumerate(values):
         if v is None:
             continue
         ema = v if ema is None or beta == 0 else beta * ema + (1 - beta) * v
-        if epoch < warmup:
+        if epoch < warmup or (min_fit is not None and fit[epoch] < min_fit):
             continue
         if ema > best:
             best, wait = ema, 0
@@ -84,6 +86,22 @@ def test_stops_at_the_epoch_the_values_imply(values, patience, beta, warmup):
     assert [h[1] for h in stop.history] == pytest.approx(fresh[: len(stop.history)])
 
 
+def test_min_probe_accuracy_ignores_records_until_the_network_fits():
+    # an underfit network scores high and reliance falls while it learns: without the fit gate the
+    # rule stops at once; with it, only records at probe accuracy >= 0.9 count
+    values = [0.95, 0.9, 0.85, 0.8, 0.82, 0.84, 0.83, 0.81, 0.8, 0.79, 0.78, 0.77]
+    fit = [0.2, 0.5, 0.7, 0.85, 0.9, 0.95, 0.97, 0.99, 1.0, 1.0, 1.0, 1.0]
+    plain = RelianceEarlyStopping(patience=2)
+    _fit(values, plain, fit)
+    assert plain.stopped_epoch == _expected_stop(values, 2) == 2
+    gated = RelianceEarlyStopping(patience=2, min_probe_accuracy=0.9)
+    _fit(values, gated, fit)
+    assert gated.stopped_epoch == _expected_stop(values, 2, fit=fit, min_fit=0.9) == 7
+    assert gated.state_dict()["min_probe_accuracy"] == 0.9
+    with pytest.raises(RuntimeError, match="add a RelianceMonitor"):
+        _fit(values, RelianceEarlyStopping(patience=2, min_probe_accuracy=0.9))
+
+
 def test_plain_early_stopping_would_count_stale_values():
     values = [0.9, None, 0.8, None, 0.85, None, 0.95, None, 0.7, None, 0.6, None]
     plain = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", patience=2, strict=False)
@@ -105,7 +123,7 @@ def test_state_dict_roundtrip():
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(smoothing=1.0), "smoothing"), (dict(warmup_epochs=-1), "warmup_epochs"),
-     (dict(patience=0), "patience"), (dict(monitor=""), "monitor")],
+     (dict(patience=0), "patience"), (dict(monitor=""), "monitor"), (dict(min_probe_accuracy=1.5), "min_probe_accuracy")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

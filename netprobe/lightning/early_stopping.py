@@ -11,8 +11,12 @@ improving, and keep no data aside for validation.
 * netprobe defaults: ``monitor="netprobe/reliance_auc"``, ``mode="max"``, ``patience=3``;
 * ``smoothing``: an exponential moving average of the signal (``0`` = off), because a reliance
   AUC measured on a few hundred probe examples is noisy from epoch to epoch;
-* ``warmup_epochs``: records of the first epochs are ignored (early in training the network is
-  far from memorizing and the signal rises steeply anyway);
+* ``warmup_epochs``: records of the first epochs are ignored. Early in training the normalized
+  AUC reflects how little the network has fit (an underfit network has little to lose, so it
+  scores high), not memorization: it can rise or fall steeply there;
+* ``min_probe_accuracy``: records taken while the network's own accuracy on the probe set
+  (``netprobe/probe_accuracy``, logged by ``RelianceMonitor``) is below this are ignored the
+  same way, a warm-up measured in fit rather than epochs;
 * only *fresh* records count: a monitor that runs every ``n`` epochs leaves its last value in
   ``trainer.callback_metrics`` in between, and plain ``EarlyStopping`` would count each stale
   repetition as "no improvement". Here patience is counted in measurements, not epochs.
@@ -41,6 +45,8 @@ except ImportError:  # pragma: no cover - only the unified package installed
 
 __all__ = ["RelianceEarlyStopping"]
 
+_PROBE_ACC = "netprobe/probe_accuracy"
+
 
 class RelianceEarlyStopping(_EarlyStopping):
     """``EarlyStopping`` preset for netprobe signals (see the module docstring).
@@ -54,6 +60,8 @@ class RelianceEarlyStopping(_EarlyStopping):
             ``s_t = beta * s_{t-1} + (1 - beta) * x_t`` (``0`` = raw values).
         warmup_epochs: measurements made before this epoch (0-based ``trainer.current_epoch``)
             update the EMA but never count towards patience or the best score.
+        min_probe_accuracy: measurements made while ``netprobe/probe_accuracy`` is below this
+            are treated like warm-up ones (needs a ``RelianceMonitor`` in the same ``Trainer``).
         **kwargs: any other ``EarlyStopping`` argument (``strict`` defaults to ``False``,
             ``verbose``, ``stopping_threshold``, ``check_on_train_epoch_end``...).
     """
@@ -67,6 +75,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         min_delta: float = 0.0,
         smoothing: float = 0.0,
         warmup_epochs: int = 0,
+        min_probe_accuracy: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
@@ -75,12 +84,17 @@ class RelianceEarlyStopping(_EarlyStopping):
             raise ValueError(f"Expected `smoothing` in [0, 1) (0 = off), but got {smoothing!r}.")
         if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"Expected `warmup_epochs` to be an int >= 0, but got {warmup_epochs!r}.")
+        if min_probe_accuracy is not None and not (
+            isinstance(min_probe_accuracy, (int, float)) and 0.0 <= float(min_probe_accuracy) <= 1.0
+        ):
+            raise ValueError(f"Expected `min_probe_accuracy` in [0, 1] or None, but got {min_probe_accuracy!r}.")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"Expected `patience` to be an int >= 1, but got {patience!r}.")
         kwargs.setdefault("strict", False)
         super().__init__(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta, **kwargs)
         self.smoothing = float(smoothing)
         self.warmup_epochs = warmup_epochs
+        self.min_probe_accuracy = None if min_probe_accuracy is None else float(min_probe_accuracy)
         self._ema: Optional[torch.Tensor] = None
         self._last_seen: Any = None  # the tensor object last read from callback_metrics
         self._last_value: Optional[float] = None
@@ -102,6 +116,15 @@ class RelianceEarlyStopping(_EarlyStopping):
         self.history.append((int(trainer.current_epoch), value, float(self._ema)))
         if trainer.current_epoch < self.warmup_epochs:
             return
+        if self.min_probe_accuracy is not None:
+            fit = logs.get(_PROBE_ACC)
+            if fit is None:
+                raise RuntimeError(
+                    f"RelianceEarlyStopping(min_probe_accuracy={self.min_probe_accuracy}) reads {_PROBE_ACC!r}, which "
+                    "no callback logged; add a RelianceMonitor to the Trainer's callbacks, or drop min_probe_accuracy."
+                )
+            if float(fit) < self.min_probe_accuracy:
+                return
         should_stop, reason = self._evaluate_stopping_criteria(self._ema.to(torch.float32))
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         trainer.should_stop = trainer.should_stop or should_stop
@@ -119,6 +142,7 @@ class RelianceEarlyStopping(_EarlyStopping):
             history=list(self.history),
             smoothing=self.smoothing,
             warmup_epochs=self.warmup_epochs,
+            min_probe_accuracy=self.min_probe_accuracy,
         )
         return state
 
