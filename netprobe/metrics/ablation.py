@@ -412,7 +412,7 @@ def ablation_curve(
         degradation; slightly above 1 when ablation happens to help).
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
         >>> r = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(0))
@@ -519,7 +519,7 @@ def noise_curve(
         :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
         >>> r = noise_curve(net, "1", (x, y), scales=[0.0, 1.0, 2.0])

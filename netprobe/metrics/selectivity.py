@@ -69,8 +69,8 @@ class SelectivityAccumulator:
 
     Example:
         >>> acc = SelectivityAccumulator(num_classes=3)
-        >>> acc.update(torch.tensor([[1.0, 2.0], [0.0, 2.0]]), torch.tensor([0, 1]))
-        >>> acc.update(torch.tensor([[0.0, 2.0]]), torch.tensor([2]))
+        >>> _ = acc.update(torch.tensor([[1.0, 2.0], [0.0, 2.0]]), torch.tensor([0, 1]))
+        >>> _ = acc.update(torch.tensor([[0.0, 2.0]]), torch.tensor([2]))
         >>> acc.compute().values.tolist()
         [1.0, 0.0]
     """
