@@ -451,3 +451,17 @@ def test_inference_mode_and_grad_mode_mix():
     assert not p["0"].is_inference()
     torch.testing.assert_close(p["0"], m(torch.cat(xs)).detach())
     assert p.targets("0").tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_empty_batch_with_targets_and_ringbuffer_dim_are_checked():
+    from netprobe import RingBuffer
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    with netprobe.probe(net, ["0"], capacity=8, store_targets=True) as p:
+        p.set_targets(torch.zeros(0, dtype=torch.long))
+        net(torch.zeros(0, 4))  # an empty batch is not an error
+        p.set_targets(torch.tensor([1, 2]))
+        net(torch.randn(2, 4))
+    assert p["0"].shape == (2, 3) and p.targets("0").tolist() == [1, 2]
+    with pytest.raises(ValueError, match="width 3 .*`dim`.*got 5"):
+        RingBuffer(4, dim=3).write(torch.zeros(2, 5))

@@ -34,7 +34,9 @@ class Probe:
     :class:`RingBuffer`, which keeps the newest ``capacity`` rows on the output's own device.
     The hooks return nothing, so the model's outputs and gradients are exactly unchanged, and no
     autograd graph is kept. They are removed by :meth:`detach` / on leaving the ``with`` block,
-    also when the body raises; the modules' own hook dictionaries are left as they were.
+    also when the body raises; the modules' own hook dictionaries are left as they were. An
+    attached probe is referenced by its hooks, so dropping the last name for it does not detach it:
+    use the ``with`` block or call :meth:`detach`.
 
     A module called several times in one forward (weight sharing, recurrence) records one block of
     rows per call, in call order.
@@ -48,12 +50,13 @@ class Probe:
             ``sum_layers capacity * d_layer * dtype.itemsize`` (+ ``capacity * 8`` with targets).
         reduce: ``"mean"`` (default), ``"flatten"``, ``"last"``, ``"sample"``, a callable
             ``output -> (n, d)``, or a dict ``{layer_name: reduce}`` (layers not in it use ``"mean"``).
-        dtype: storage dtype, ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``.
+        dtype: storage dtype, ``torch.float32`` (default), ``torch.float16``, ``torch.bfloat16`` or
+            ``torch.float64``.
         positions: for ``reduce="sample"``, positions drawn per input (each a row).
         generator: ``torch.Generator`` for ``"sample"`` (never the global RNG); a probe-owned one
             seeded with 0 when ``None``.
         select: which tensor of a non-tensor output to capture: an index into a tuple/list
-            (default 0, the first tensor), a key of a dict-like output, or a callable
+            (default: the first tensor element), a key of a dict-like output, or a callable
             ``output -> tensor``; a dict ``{layer_name: selector}`` for per-layer choices.
         store_targets: keep one ``int64`` target per row; give them with :meth:`set_targets`
             before each forward.
@@ -153,7 +156,7 @@ class Probe:
     def __exit__(self, *exc: Any) -> None:
         self.detach()
 
-    def __del__(self) -> None:  # best effort: never leave hooks behind a dropped probe
+    def __del__(self) -> None:  # when collected detached; an attached probe is kept alive by its hooks
         try:
             self.detach()
         except Exception:
@@ -213,11 +216,21 @@ class Probe:
     def _row_targets(self, name: str, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         t = self._targets
         n_in, n_rows = out.shape[0] if out.ndim else 1, rows.shape[0]
-        if t is None or t.shape[0] != n_in or n_rows % n_in:
-            why = "no targets were set" if t is None else f"targets had {t.shape[0]} entries for a batch of {n_in}"
+        if n_rows == 0:
+            return torch.empty((0,), dtype=torch.long, device=rows.device)
+        why = None
+        if t is None:
+            why = "no targets were set"
+        elif n_in == 0 or t.shape[0] != n_in:
+            why = f"targets had {t.shape[0]} entries for a batch of {n_in}"
+        elif n_rows % n_in:
+            why = f"{n_rows} captured rows are not a whole number per input of a batch of {n_in}"
+        if why is not None:
             self._target_problems.setdefault(name, why)
             return torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
-        t = t.to(rows.device, torch.long, non_blocking=True)
+        # Non-blocking only host -> device (the copy is ordered before any use on that device's stream);
+        # device -> host must be complete before the buffer reads it.
+        t = t.to(rows.device, torch.long, non_blocking=rows.device.type != "cpu")
         rep = n_rows // n_in
         return t.repeat_interleave(rep) if rep > 1 else t
 

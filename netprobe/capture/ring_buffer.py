@@ -126,6 +126,8 @@ class RingBuffer:
             raise ValueError(f"Expected `rows` to be 2-D (k, dim), but got shape {tuple(rows.shape)}.")
         k, d = rows.shape
         if self._data is None:
+            if self._dim is not None and d != self._dim:
+                raise ValueError(f"Expected rows of width {self._dim} (the buffer's `dim`), but got {d}.")
             self._allocate(d, rows.device)
         elif d != self._dim:
             raise ValueError(
