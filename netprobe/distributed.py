@@ -8,12 +8,12 @@ in a single process and under DDP. Collectives follow the device of the tensor
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_gather", "all_gather_cat"]
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_true", "all_gather", "all_gather_cat"]
 
 
 def is_distributed() -> bool:
@@ -36,6 +36,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def all_true(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """Whether ``flag`` holds on every rank (one small collective; ``flag`` itself when not
+    distributed). ``device``: where the collective's tensor lives (a CUDA device under NCCL)."""
+    if not is_distributed():
+        return bool(flag)
+    bad = torch.tensor([0.0 if flag else 1.0], device=device)
+    return bool(all_reduce_sum(bad).item() == 0)
 
 
 def all_gather(t: torch.Tensor) -> List[torch.Tensor]:

@@ -35,9 +35,23 @@ def _worker(rank, world, port, outdir):
             model(x[sl])
         got = gather(p, targets=True)
         s = nd.all_reduce_sum(torch.tensor([float(rank + 1)]))
+        flags = (nd.all_true(True), nd.all_true(rank == 0))
+        # a rank-local check failing on rank 1 only: every rank raises, none waits in a collective
+        from netprobe.lightning import SelectivityMonitor
+
+        def local_check():
+            if rank == 1:
+                raise ValueError("rank-local NaN")
+            return 1
+
+        try:
+            agreed = SelectivityMonitor(["1"])._agreed(local_check, None)
+        except ValueError as err:
+            agreed = str(err)
+        after = nd.all_reduce_sum(torch.tensor([1.0]))  # still in step
         torch.save(
             {"rows1": got["1"][0], "t1": got["1"][1], "rows2": gather(p)["2"], "sum": s,
-             "ws": nd.world_size(), "rank": nd.rank(), "scalar": nd.all_gather(torch.tensor(rank * 1.0))},
+             "ws": nd.world_size(), "rank": nd.rank(), "flags": flags, "agreed": agreed, "after": after, "scalar": nd.all_gather(torch.tensor(rank * 1.0))},
             os.path.join(outdir, f"r{rank}.pt"),
         )
     finally:
@@ -50,6 +64,7 @@ def test_noop_without_distributed():
     assert nd.all_reduce_sum(t) is t
     assert nd.all_gather(t)[0] is t
     assert nd.all_gather_cat(t) is t
+    assert nd.all_true(True) is True and nd.all_true(False) is False
 
 
 @pytest.mark.slow
@@ -68,3 +83,6 @@ def test_two_process_gather(tmp_path):
         assert out["t1"].tolist() == list(range(10))
         assert out["sum"].item() == 3.0
         assert [v.item() for v in out["scalar"]] == [0.0, 1.0]
+        assert out["flags"] == (True, False)
+        assert out["agreed"] == ("rank-local NaN" if r == 1 else "it failed on another rank (see that rank's warning)")
+        assert out["after"].item() == 2.0

@@ -217,3 +217,37 @@ def test_reference_model_and_user_probe_data():
     cm = tr.callback_metrics
     assert float(cm["netprobe/pwcca_ref"]) == pytest.approx(float(pwcca(h, h_ref)), abs=1e-5)
     assert float(cm["netprobe/cka_ref"]) == pytest.approx(float(linear_cka(h, h_ref)), abs=1e-5)
+
+
+def test_layer_called_twice_fails_fast_and_settings_tell_monitors_apart():
+    import pytorch_lightning as pl
+
+    x, y = digits(100)
+    m = make_module(pl, dropout=0.0, batchnorm=False)
+    once = m.forward
+
+    def twice(inp):
+        m.relu1(m.fc1(inp))  # a second call of relu1 per forward
+        return once(inp)
+
+    m.forward = twice
+    with pytest.raises(ValueError, match=r"one row per probe input.*'relu1': 32"):
+        trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"])]).fit(m, loader(x, y))
+    # two monitors of one class on the same layers, with different settings, are both accepted
+    a, b = SelectivityMonitor(["relu1"], num_samples=64), SelectivityMonitor(["relu1"], num_samples=64, every_n_epochs=2)
+    assert a.state_key != b.state_key
+    tr = trainer(pl, max_epochs=2, callbacks=[a, b])
+    tr.fit(make_module(pl), loader(x, y))
+    assert "netprobe/selectivity_mean" in tr.callback_metrics
+
+
+def test_selectivity_order_on_a_signed_layer_skips_that_layer_with_a_warning():
+    import pytorch_lightning as pl
+
+    x, y = digits(100)
+    mon = RelianceMonitor(["fc1", "relu1"], order="selectivity_desc", num_samples=64, repeats=1)
+    tr = trainer(pl, max_epochs=1, callbacks=[mon])
+    with pytest.warns(RuntimeWarning, match=r"selectivity order\) for layer 'fc1' skipped.*non-negative"):
+        tr.fit(make_module(pl, batchnorm=False), loader(x, y))
+    cm = tr.callback_metrics
+    assert "netprobe/reliance_auc/relu1" in cm and "netprobe/reliance_auc/fc1" not in cm

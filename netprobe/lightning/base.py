@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,6 +57,10 @@ ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+class _OtherRankFailed(ValueError):
+    """A rank-local check failed on another rank; this rank skips the same step."""
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -126,7 +130,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ identity / state
     @property
     def state_key(self) -> str:
-        return f"{type(self).__name__}{{'layers': {self._layer_key()}}}"
+        # two monitors of one class on the same layers differ in their settings (else Lightning
+        # refuses them as duplicate stateful callbacks)
+        settings = {"layers": self._layer_key(), "every_n_epochs": self.every_n_epochs, "num_samples": self.num_samples,
+                    "seed": self.seed, "metrics": list(self.metrics)}
+        return f"{type(self).__name__}{settings}"
 
     def _layer_key(self) -> str:
         specs = self.layer_specs if isinstance(self.layer_specs, (list, tuple)) else [self.layer_specs]
@@ -194,6 +202,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ probe set
     def _draw_probe_set(self, trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
+            # random transforms in the dataset draw from a seeded CPU generator: the same probe set on
+            # every rank and after a resume (the training run's RNG is restored on leaving the block)
+            torch.random.default_generator.manual_seed(self.seed)
             if self.probe_data is not None:
                 if isinstance(self.probe_data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in self.probe_data):
                     x, y = self.probe_data
@@ -271,12 +282,24 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 f"{type(self).__name__}: layers {missing} were not reached by the forward pass on the probe inputs "
                 "(check the names, or override `forward(pl_module, x)`)."
             )
+        misaligned = {n: p.buffers[n].total_written for n in layers if p.buffers[n].total_written != x.shape[0]}
+        if misaligned:
+            raise ValueError(
+                f"{type(self).__name__}: layers must give one row per probe input, but {x.shape[0]} inputs gave "
+                f"{misaligned} rows (a module called several times per forward, or a per-position reduction). "
+                "Monitor a module that runs once per input, or override `forward(pl_module, x)`."
+            )
         out = torch.cat(outs) if outs and isinstance(outs[0], torch.Tensor) else torch.empty(0)
         return {n: p[n] for n in layers}, out
 
     def _validate(self, pl_module: nn.Module) -> None:
         assert self._probe is not None
         x, y = self._probe
+        if len(x) < _dist.world_size():
+            raise ValueError(
+                f"{type(self).__name__}: the probe set has {len(x)} examples for {_dist.world_size()} ranks; every rank "
+                "evaluates a share of it, so use num_samples >= the number of ranks."
+            )
         with self._frozen(pl_module):
             acts, out = self._capture(pl_module, x[: min(len(x), 16)])
         self._widths = {n: a.shape[1] for n, a in acts.items()}
@@ -325,8 +348,22 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if finite:
             out[f"netprobe/{metric}"] = sum(finite.values()) / len(finite)
 
+    def _agreed(self, fn: Callable[[], Any], device: Optional[torch.device]) -> Any:
+        """Run a rank-local step that may raise ValueError (input checks on this rank's shard)
+        and agree across ranks before any collective: if it failed on any rank, every rank raises
+        ValueError (its own, or one saying another rank failed), so all of them skip the same
+        layer instead of some waiting forever in the next collective."""
+        result, err = None, None
+        try:
+            result = fn()
+        except ValueError as e:
+            err = e
+        if not _dist.all_true(err is None, device):
+            raise err if err is not None else _OtherRankFailed("it failed on another rank (see that rank's warning)")
+        return result
+
     def _warn_skip(self, layer: str, metric: str, err: Exception) -> None:
-        if _dist.rank() == 0:
+        if _dist.rank() == 0 or not isinstance(err, _OtherRankFailed):  # the rank with the cause says why
             warnings.warn(f"{type(self).__name__}: {metric} for layer {layer!r} skipped this epoch: {err}", RuntimeWarning, stacklevel=3)
 
     def _publish(self, trainer: Any, scalars: Dict[str, float], media: Dict[str, Any]) -> None:

@@ -11,6 +11,8 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe import viz
+from netprobe._modules import evaluating
+from netprobe._validation import check_finite
 from netprobe.lightning.base import NetprobeMonitor
 from netprobe.metrics.ablation import DEFAULT_FRACTIONS, DEFAULT_SCALES, ablation_curve, noise_curve, selectivity_order
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
@@ -59,19 +61,24 @@ class SelectivityMonitor(NetprobeMonitor):
         acts, _ = self._capture(pl_module, x)
         sel, dead, mi, hists = {}, {}, {}, {}
         for layer, a in acts.items():
+            ya = y.to(a.device)
             try:
-                acc = SelectivityAccumulator(self.num_classes).update(a, y.to(a.device)).all_reduce()  # type: ignore[arg-type]
-                res = acc.compute()
+                acc = self._agreed(lambda: SelectivityAccumulator(self.num_classes).update(a, ya), a.device)  # type: ignore[arg-type]
+                res = acc.all_reduce().compute()
                 sel[layer] = float(res.mean)
                 dead[layer] = res.num_dead / res.num_units
                 hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
             except ValueError as err:
                 self._warn_skip(layer, "selectivity", err)
-            if self.mutual_info:
-                full = _dist.all_gather_cat(a)
-                edges = quantile_edges(full, bins=self.bins)
-                mi_acc = MutualInfoAccumulator(self.num_classes, bins=self.bins, edges=edges)  # type: ignore[arg-type]
-                mi[layer] = float(mi_acc.update(a, y.to(a.device)).all_reduce().compute().mean())
+            if self.mutual_info:  # any sign is fine here; only finiteness is checked first
+                try:
+                    self._agreed(lambda: check_finite(a, f"activations of {layer!r}"), a.device)
+                    full = _dist.all_gather_cat(a)
+                    edges = quantile_edges(full, bins=self.bins)
+                    mi_acc = MutualInfoAccumulator(self.num_classes, bins=self.bins, edges=edges)  # type: ignore[arg-type]
+                    mi[layer] = float(mi_acc.update(a, ya).all_reduce().compute().mean())
+                except ValueError as err:
+                    self._warn_skip(layer, "mutual information", err)
         out: Dict[str, float] = {}
         self._layer_values("selectivity_mean", sel, out)
         self._layer_values("dead_fraction", dead, out)
@@ -159,11 +166,18 @@ class RelianceMonitor(NetprobeMonitor):
         if self.order != "random":
             acts, _ = self._capture(pl_module, x)
             for n, a in acts.items():
-                res = SelectivityAccumulator(self.num_classes).update(a, y.to(a.device)).all_reduce().compute()  # type: ignore[arg-type]
-                orders[n] = selectivity_order(res.values, descending=self.order == "selectivity_desc")
+                try:
+                    ya = y.to(a.device)
+                    acc = self._agreed(lambda: SelectivityAccumulator(self.num_classes).update(a, ya), a.device)  # type: ignore[arg-type]
+                    orders[n] = selectivity_order(acc.all_reduce().compute().values, descending=self.order == "selectivity_desc")
+                except ValueError as err:  # e.g. negative activations: no selectivity, so no such order
+                    orders[n] = None
+                    self._warn_skip(n, "reliance (selectivity order)", err)
         fwd = _ForwardAdapter(self, pl_module)
         aucs, noise_aucs, curves, ncurves = {}, {}, {}, {}
         for i, layer in enumerate(self.layers):
+            if orders[layer] is None:
+                continue
             try:
                 c = ablation_curve(
                     fwd, f"module.{layer}", data, fractions=self.fractions, order=orders[layer], mode=self.mode,
@@ -208,7 +222,8 @@ _METHODS = ("pwcca", "svcca", "cka")
 
 class ConvergenceMonitor(NetprobeMonitor):
     """How much each layer's representation still changes: similarity of this epoch's activations
-    on the probe set to the previous epoch's (``<method>_prev``) and, optionally, to a reference
+    on the probe set to those of the previous measurement (``<method>_prev``; the previous epoch
+    with ``every_n_epochs=1``, else ``every_n_epochs`` epochs earlier) and, optionally, to a reference
     model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``.
 
     Logs ``netprobe/<method>_prev/<layer>`` and the mean ``netprobe/<method>_prev`` (1 = the layer
@@ -216,7 +231,7 @@ class ConvergenceMonitor(NetprobeMonitor):
     TensorBoardLogger, a layer-by-layer linear-CKA heatmap of the current epoch
     (``netprobe/cka_layers``). Lower layers typically converge first (Raghu et al. 2017).
 
-    Memory: the previous epoch's activations of the whole probe set are kept, per layer
+    Memory: the previous measurement's activations of the whole probe set are kept, per layer
     ``num_samples x d x 4`` bytes (CPU), and saved in the callback's state for resuming; the
     similarity itself streams paired shards through :class:`~netprobe.metrics.SimilarityAccumulator`
     (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > d`` per layer (checked
@@ -275,7 +290,8 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._prev = dict(state.get("prev", {}))
 
     def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice) -> Dict[str, float]:
-        acc = SimilarityAccumulator().update(cur.double(), other_full[sl].to(cur.device).double()).all_reduce()
+        other = other_full[sl].to(cur.device).double()
+        acc = self._agreed(lambda: SimilarityAccumulator().update(cur.double(), other), cur.device).all_reduce()
         out = {}
         for m in self.methods:
             if m == "pwcca":
@@ -295,13 +311,8 @@ class ConvergenceMonitor(NetprobeMonitor):
                 model.load_state_dict(ckpt.get("state_dict", ckpt))
                 ref = model
             x, _, _ = self._shard()
-            flags = [(m, m.training) for m in ref.modules()]
-            ref.eval()
-            try:
+            with evaluating(ref):
                 acts, _ = self._capture(ref, x)
-            finally:
-                for m, t in flags:
-                    m.training = t
             self._ref = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
         return self._ref
 
