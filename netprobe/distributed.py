@@ -8,12 +8,12 @@ in a single process and under DDP. Collectives follow the device of the tensor
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_true", "all_gather", "all_gather_cat"]
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_true", "broadcast_object", "all_gather", "all_gather_cat"]
 
 
 def is_distributed() -> bool:
@@ -45,6 +45,15 @@ def all_true(flag: bool, device: Optional[torch.device] = None) -> bool:
         return bool(flag)
     bad = torch.tensor([0.0 if flag else 1.0], device=device)
     return bool(all_reduce_sum(bad).item() == 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself when not distributed)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_gather(t: torch.Tensor) -> List[torch.Tensor]:

@@ -49,9 +49,10 @@ def _worker(rank, world, port, outdir):
         except ValueError as err:
             agreed = str(err)
         after = nd.all_reduce_sum(torch.tensor([1.0]))  # still in step
+        bcast = nd.broadcast_object((torch.tensor([rank]), f"rank{rank}"))
         torch.save(
             {"rows1": got["1"][0], "t1": got["1"][1], "rows2": gather(p)["2"], "sum": s,
-             "ws": nd.world_size(), "rank": nd.rank(), "flags": flags, "agreed": agreed, "after": after, "scalar": nd.all_gather(torch.tensor(rank * 1.0))},
+             "ws": nd.world_size(), "rank": nd.rank(), "flags": flags, "agreed": agreed, "after": after, "bcast": bcast, "scalar": nd.all_gather(torch.tensor(rank * 1.0))},
             os.path.join(outdir, f"r{rank}.pt"),
         )
     finally:
@@ -65,6 +66,7 @@ def test_noop_without_distributed():
     assert nd.all_gather(t)[0] is t
     assert nd.all_gather_cat(t) is t
     assert nd.all_true(True) is True and nd.all_true(False) is False
+    assert nd.broadcast_object(t) is t
 
 
 @pytest.mark.slow
@@ -86,3 +88,4 @@ def test_two_process_gather(tmp_path):
         assert out["flags"] == (True, False)
         assert out["agreed"] == ("rank-local NaN" if r == 1 else "it failed on another rank (see that rank's warning)")
         assert out["after"].item() == 2.0
+        assert out["bcast"][0].tolist() == [0] and out["bcast"][1] == "rank0"

@@ -188,7 +188,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._probe is None:
-            self._probe = self._draw_probe_set(trainer)
+            # rank 0's probe set on every rank: a user DataLoader that shuffles, or an iterable
+            # dataset split by rank, would otherwise give each rank different examples
+            self._probe = _dist.broadcast_object(self._draw_probe_set(trainer))
             self._validate(pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
