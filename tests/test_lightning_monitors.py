@@ -251,3 +251,18 @@ def test_selectivity_order_on_a_signed_layer_skips_that_layer_with_a_warning():
         tr.fit(make_module(pl, batchnorm=False), loader(x, y))
     cm = tr.callback_metrics
     assert "netprobe/reliance_auc/relu1" in cm and "netprobe/reliance_auc/fc1" not in cm
+
+
+def test_media_every_thins_histograms_but_not_scalars(tmp_path):
+    import pytorch_lightning as pl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = digits(100)
+    mon = SelectivityMonitor(["relu1"], num_samples=64, media_every=2)
+    tr = trainer(pl, max_epochs=5, callbacks=[mon], logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="m"))
+    tr.fit(make_module(pl), loader(x, y))
+    acc = EventAccumulator(tr.logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    hist_steps = [e.step for e in acc.Histograms("netprobe/selectivity/relu1")]
+    scalar_steps = [e.step for e in acc.Scalars("netprobe/selectivity_mean")]
+    assert len(scalar_steps) == 5 and hist_steps == [scalar_steps[0], scalar_steps[2], scalar_steps[4]]

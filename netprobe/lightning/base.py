@@ -79,6 +79,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         batch_size: examples per forward pass during evaluation.
         seed: seed of the callback's own generator (probe-set choice, ablation orders).
         num_classes: number of classes; inferred from the model's output width when ``None``.
+        media_every: draw and log the TensorBoard media (histograms, figures, heatmaps) at every
+            ``media_every``-th measurement, starting with the first (default 5). Scalars are logged
+            at every measurement; media cost far more (matplotlib drawing and PNG encoding, tens
+            of ms per figure). ``1`` = every measurement.
     """
 
     #: metric names this monitor logs (``netprobe/<metric>/<layer>`` and ``netprobe/<metric>``)
@@ -94,11 +98,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         batch_size: int = 256,
         seed: int = 0,
         num_classes: Optional[int] = None,
+        media_every: int = 5,
     ) -> None:
         super().__init__()
         if layers is None or (isinstance(layers, (list, tuple)) and not layers):
             raise ValueError("Expected `layers` to name at least one layer to monitor, but got none.")
-        for name, v, lo in (("num_samples", num_samples, 2), ("every_n_epochs", every_n_epochs, 1), ("batch_size", batch_size, 1)):
+        for name, v, lo in (("num_samples", num_samples, 2), ("every_n_epochs", every_n_epochs, 1), ("batch_size", batch_size, 1),
+                             ("media_every", media_every, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"Expected `{name}` to be an int >= {lo}, but got {v!r}.")
         if not isinstance(seed, int):
@@ -120,6 +126,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self.batch_size = batch_size
         self.seed = seed
         self.num_classes = num_classes
+        self.media_every = media_every
+        self._media_due = True  # whether the running measurement draws media (see _maybe_run)
         self.layers: List[str] = []
         self._probe_indices: Optional[torch.Tensor] = None
         self._probe: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -332,6 +340,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if self._probe is None:
             self.on_train_start(trainer, pl_module)
         self._last_epoch = epoch
+        self._media_due = ((epoch + 1) // self.every_n_epochs - 1) % self.media_every == 0
         t0 = time.perf_counter()
         with self._frozen(pl_module):
             scalars, media = self.compute(trainer, pl_module)
@@ -380,7 +389,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         for logger in loggers:
             logger.log_metrics({**scalars, "epoch": float(trainer.current_epoch)}, step=step)
         writer = _tensorboard_writer(loggers)
-        if writer is None:
+        if writer is None or not self._media_due:
             return
         for tag, values in media.get("histograms", {}).items():
             if values.numel():

@@ -40,7 +40,7 @@ class SelectivityMonitor(NetprobeMonitor):
         bins: bins for mutual information.
         histograms: log the per-unit histogram to TensorBoard.
         **kwargs: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``, ``seed``,
-            ``num_classes`` (see the base).
+            ``num_classes``, ``media_every`` (see the base).
 
     Example:
         >>> SelectivityMonitor(layers=["relu1", "relu2"], mutual_info=True).metrics
@@ -197,7 +197,7 @@ class RelianceMonitor(NetprobeMonitor):
         if curves:  # the unablated point is the same for every layer: the model's own accuracy
             out["netprobe/probe_accuracy"] = float(next(iter(curves.values())).accuracy[0])
         figs: Dict[str, Any] = {}
-        if self.figures and _dist.rank() == 0 and _has_tensorboard(trainer):
+        if self.figures and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer):
             figs["netprobe/reliance_curves"] = viz.curves_figure(curves, title=f"cumulative ablation, epoch {epoch}", xlabel="fraction of units ablated")
             if self.noise:
                 figs["netprobe/noise_curves"] = viz.curves_figure(ncurves, title=f"noise robustness, epoch {epoch}", xlabel="noise std / unit std")
@@ -340,7 +340,7 @@ class ConvergenceMonitor(NetprobeMonitor):
             if self.reference is not None:
                 self._layer_values(f"{m}_ref", ref_vals[m], out)
         figs: Dict[str, Any] = {}
-        if self.heatmap and _dist.rank() == 0 and _has_tensorboard(trainer) and len(full) > 1:
+        if self.heatmap and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer) and len(full) > 1:
             names = list(full)
             mat = torch.ones(len(names), len(names), dtype=torch.float64)
             for i, a in enumerate(names):
