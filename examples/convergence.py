@@ -38,7 +38,7 @@ def main():
     data = mnist1d(seed=0, num_samples=1000 if args.smoke else 5000)
     layers = [f"net.relu{i}" for i in range(1, 5)]
     rec = Recorder()
-    mon = ConvergenceMonitor(layers, num_samples=200 if args.smoke else 1000, methods=("pwcca", "cka"), heatmap=True)
+    mon = ConvergenceMonitor(layers, num_samples=250 if args.smoke else 1000, methods=("pwcca", "cka"), heatmap=True)
     trainer = pl.Trainer(max_epochs=2 if args.smoke else args.epochs, callbacks=[mon, rec],
                          logger=pl.loggers.TensorBoardLogger(args.logdir, name="mlp4"), **trainer_kwargs())
     model = lightning_mlp(40, [100, 100, 100, 100], 10, lr=1e-3)

@@ -125,7 +125,7 @@ def test_training_is_bit_identical_with_and_without_monitors(package):
         if with_monitors:
             cbs = [SelectivityMonitor(["relu1", "relu2"], num_samples=64, mutual_info=True),
                    RelianceMonitor(["relu1"], num_samples=64, noise=True, repeats=1),
-                   ConvergenceMonitor(["relu2"], num_samples=64), *cbs]
+                   ConvergenceMonitor(["relu2"], num_samples=96), *cbs]
         tr = trainer(pl, max_epochs=3, callbacks=cbs)
         tr.fit(model, loader(x, y, shuffle=True))
         runs.append((torch.stack(rec.losses), {k: v.clone() for k, v in model.state_dict().items()}))
@@ -161,7 +161,7 @@ def test_every_n_epochs_and_resume(package, tmp_path):
     def run(max_epochs, ckpt=None, callbacks=()):
         pl.seed_everything(0, verbose=False)
         rec = Recorder(pl)
-        mons = [RelianceMonitor(["relu1"], num_samples=64, repeats=1), ConvergenceMonitor(["relu1", "relu2"], num_samples=64),
+        mons = [RelianceMonitor(["relu1"], num_samples=64, repeats=1), ConvergenceMonitor(["relu1", "relu2"], num_samples=96),
                 SelectivityMonitor(["relu2"], num_samples=64, every_n_epochs=2)]
         tr = trainer(pl, max_epochs=max_epochs, callbacks=[*mons, rec.cb, *callbacks], enable_checkpointing=bool(callbacks))
         tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False), ckpt_path=ckpt)
@@ -184,7 +184,7 @@ def test_misconfiguration_fails_fast_with_clear_messages(package):
     x, y = digits(100)
     with pytest.raises(ValueError, match=r"Unknown layer 'relu3'.*relu"):
         trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu3"])]).fit(make_module(pl), loader(x, y))
-    with pytest.raises(ValueError, match=r"PWCCA needs more probe samples than units.*num_samples > 32"):
+    with pytest.raises(ValueError, match=r"PWCCA compares a layer with itself.*num_samples > 64"):
         trainer(pl, max_epochs=1, callbacks=[ConvergenceMonitor(["relu1"], num_samples=20)]).fit(make_module(pl), loader(x, y))
     with pytest.raises(ValueError, match="no classes can be inferred"):
         trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], probe_data=(x, y.float()))]).fit(make_module(pl), loader(x, y))

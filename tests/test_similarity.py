@@ -164,7 +164,7 @@ def test_input_errors():
     bad[0, 0], bad[1, 1], bad[2, 2] = float("nan"), float("nan"), float("inf")
     with pytest.raises(ValueError, match="2 NaN and 1 Inf"):
         svcca(bad, y)
-    with pytest.raises(ValueError, match=r"n=50 samples for d=60 units.*at least 61.*svcca"):
+    with pytest.raises(ValueError, match=r"n=50 samples for d_x=49 and d_y=3 .*at least 53 samples.*svcca"):
         cca(T(np.random.default_rng(2).normal(size=(50, 60))), y)
     with pytest.raises(ValueError, match="constant"):
         pwcca(torch.ones(50, 3), y)
@@ -187,3 +187,20 @@ def test_svcca_reduces_before_the_sample_check():
     y = z @ rng.normal(size=(3, 80))
     assert float(svcca(T(x), T(y), keep=3)) == pytest.approx(1.0, abs=1e-3)
     assert float(linear_cka(T(x), T(y))) > 0.5  # CKA has no n > d requirement
+
+
+def test_too_few_samples_for_both_sides_together_is_refused_not_a_spurious_one():
+    # centered, n samples span n-1 dimensions: with d_x + d_y > n - 1 some correlations are 1
+    # whatever the data (unrelated random x and y here)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(11, 10, generator=g, dtype=torch.float64), torch.randn(11, 10, generator=g, dtype=torch.float64)
+    for fn in (cca, pwcca):
+        with pytest.raises(ValueError, match=r"n=11 samples for d_x=10 and d_y=10.*at least 21"):
+            fn(x, y)
+    with pytest.raises(ValueError, match="SVCCA.*n=11"):
+        svcca(x, y, keep=0.999999)
+    # n - 1 == d_x + d_y is the smallest accepted size; the reference agrees there
+    x, y = torch.randn(15, 7, generator=g, dtype=torch.float64), torch.randn(15, 7, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(np.sort(cca(x, y).numpy())[::-1], np.sort(cca_ref(x.numpy(), y.numpy()))[::-1][:7], atol=1e-8)
+    with pytest.raises(ValueError, match="at least 15"):
+        cca(x[:14], y[:14])

@@ -234,7 +234,7 @@ class ConvergenceMonitor(NetprobeMonitor):
     Memory: the previous measurement's activations of the whole probe set are kept, per layer
     ``num_samples x d x 4`` bytes (CPU), and saved in the callback's state for resuming; the
     similarity itself streams paired shards through :class:`~netprobe.metrics.SimilarityAccumulator`
-    (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > d`` per layer (checked
+    (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > 2 d`` per layer (checked
     before training starts); SVCCA reduces to ``keep`` of the variance first.
 
     Args:
@@ -275,12 +275,13 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     def _check(self, widths: Mapping[str, int], n: int) -> None:
         if "pwcca" in self.methods:
-            small = {k: d for k, d in widths.items() if d >= n}
+            small = {k: d for k, d in widths.items() if 2 * d >= n}
             if small:
                 raise ValueError(
-                    f"ConvergenceMonitor: PWCCA needs more probe samples than units, but the probe set has "
-                    f"n={n} and layers {small} have that many units or more. Use num_samples > {max(small.values())} "
-                    "(10x d is safer), or methods=('svcca', 'cka')."
+                    f"ConvergenceMonitor: PWCCA compares a layer with itself at another epoch, so it needs more probe "
+                    f"samples than twice the layer's units, but the probe set has n={n} and layers {small} have "
+                    f"n/2 units or more. Use num_samples > {2 * max(small.values())} (several times that is safer), "
+                    "or methods=('svcca', 'cka')."
                 )
 
     def _extra_state(self) -> Dict[str, Any]:

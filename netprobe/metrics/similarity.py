@@ -107,13 +107,18 @@ class _Moments:
         )
 
 
-def _need_samples(n: int, d: int, side: str, what: str) -> None:
-    if n <= d:
+def _need_samples(n: int, kx: int, ky: int, what: str) -> None:
+    """Centered, ``n`` samples span ``n - 1`` dimensions: when the two sides' independent directions
+    ``kx + ky`` exceed that, ``kx + ky - (n - 1)`` canonical correlations are 1 by construction,
+    whatever the data. Refuse instead of returning a spurious similarity."""
+    if n - 1 < kx + ky:
         raise ValueError(
-            f"{what} needs more samples than units, but `{side}` has n={n} samples for d={d} units "
-            f"(after dropping constant units). Use at least {d + 1} samples (10x d is safer), reduce the "
-            f"units first (`svcca(..., keep=0.99)` or an int `keep`, or a spatial-mean reduction), or use "
-            f"`linear_cka`, which has no such limit."
+            f"{what} needs more samples than the two representations have dimensions together, but got "
+            f"n={n} samples for d_x={kx} and d_y={ky} linearly independent directions (constant and collinear "
+            f"units removed): with so few samples {kx + ky - (n - 1)} correlations would be 1 by construction. "
+            f"Use at least {kx + ky + 1} samples (10x that is safer), reduce the units first "
+            f"(`svcca(..., keep=0.99)` or an int `keep`, or a spatial-mean reduction), or use `linear_cka`, "
+            f"which has no such limit."
         )
 
 
@@ -155,11 +160,12 @@ def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *
             "(dead ReLUs?) or the probe inputs."
         )
     sxx, syy, sxy = sxx[kx_mask][:, kx_mask], syy[ky_mask][:, ky_mask], sxy[kx_mask][:, ky_mask]
-    _need_samples(n, sxx.shape[0], "x", what)
-    _need_samples(n, syy.shape[0], "y", what)
+    if n < 2:
+        raise ValueError(f"{what} needs at least 2 samples, but got n={n}.")
     (wx, vx), (wy, vy) = _whitener(sxx, rank_tol), _whitener(syy, rank_tol)
     if wx.shape[1] == 0 or wy.shape[1] == 0:
         raise ValueError(f"A representation has no variance above `rank_tol`; {what} is undefined.")
+    _need_samples(n, wx.shape[1], wy.shape[1], what)
     m = wx.T @ sxy @ wy
     if not vectors:  # correlations only: singular values without the (costlier) vectors
         s = torch.linalg.svdvals(m)
@@ -216,8 +222,7 @@ def _cca_from(mom: _Moments, rank_tol: float) -> torch.Tensor:
 def _svcca_from(mom: _Moments, keep: Union[float, int], rank_tol: float) -> torch.Tensor:
     sxx, syy, sxy = _cov(mom)
     (px, lx), (py, ly) = _svd_reduce(sxx, keep, rank_tol), _svd_reduce(syy, keep, rank_tol)
-    _need_samples(mom.n, px.shape[1], "x", "SVCCA")
-    _need_samples(mom.n, py.shape[1], "y", "SVCCA")
+    _need_samples(mom.n, px.shape[1], py.shape[1], "SVCCA")
     # The kept directions are principal axes: the reduced covariances are diag(l), so whitening
     # is a scaling (no second eigendecomposition), and the kept variances are above rank_tol.
     wx, wy = px * lx.rsqrt(), py * ly.rsqrt()
@@ -266,7 +271,9 @@ def cca(x: torch.Tensor, y: torch.Tensor, *, rank_tol: float = RANK_TOL) -> torc
 
     Raises:
         ValueError: non-2-D input, different ``n``, NaN/Inf, all units constant, or
-            ``n <= d`` for a side (CCA then finds spurious perfect correlations).
+            ``n <= k_x + k_y`` (the two sides' independent directions together): centered, ``n``
+            samples span ``n - 1`` dimensions, so with fewer samples some correlations are 1 by
+            construction. Estimates stay biased upwards until ``n`` is several times ``k_x + k_y``.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
