@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import List, Optional
 
@@ -59,6 +60,17 @@ def _fmt(v, nd=4):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _finite(obj):
+    """JSON has no NaN/Infinity: such floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_table(res, out) -> None:
     hp_keys = sorted({k for r in res["runs"] for k in r["hparams"]})
     head = ["rank", "run"] + hp_keys + [res["metric"]] + ([res["against"], "ref rank"] if res["against"] else [])
@@ -71,11 +83,17 @@ def _print_table(res, out) -> None:
     for s in res["skipped"]:
         print(f"skipped  {s['run']}: {s['reason']}", file=out)
     where = f" where {' and '.join(res['where'])}" if res.get("where") else ""
-    print(f"\n{len(res['runs'])} runs ranked by {res['metric']} ({res['mode']}, at {res['at']}){where}; pick: {res['pick']}", file=out)
+    ties = res.get("pick_ties") or []
+    tie_note = f" (tied for the best signal with {', '.join(t for t in ties if t != res['pick'])})" if len(ties) > 1 else ""
+    print(f"\n{len(res['runs'])} runs ranked by {res['metric']} ({res['mode']}, at {res['at']}){where}; "
+          f"pick: {res['pick']}{tie_note}", file=out)
     if res["against"] and res["runs"]:
         print(f"against {res['against']}: pick's reference rank {_fmt(res['pick_reference_rank'], 1)} of {len(res['runs'])}", file=out)
-        if res["spearman_rho"] is not None:
+        if len(res["runs"]) >= 2 and res["spearman_rho"] is None:
+            print("spearman_rho and kendall_tau undefined: the signal or the reference is the same for every run", file=out)
+        elif res["spearman_rho"] is not None:
             print(f"spearman_rho {res['spearman_rho']:.3f}   kendall_tau {res['kendall_tau']:.3f}", file=out)
+        if res["top_k"]:
             hits = "  ".join(f"top-{k} {p:.2f}" for k, p in res["top_k"].items())
             print(f"hit rates (pick by signal in subsets of {res['subset_size']} runs, {res['n_draws']} draws): {hits}", file=out)
 
@@ -92,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"netprobe rank: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(res, indent=2, default=str))
+        print(json.dumps(_finite(res), indent=2, default=str, allow_nan=False))
     else:
         _print_table(res, sys.stdout)
     return 0

@@ -229,23 +229,30 @@ def top_k_hits(
     reference_mode: str = "max", subset_size: Optional[int] = None, n_draws: int = 10_000, seed: int = 0,
 ) -> Dict[int, float]:
     """Probability that the run with the best signal in a random subset is in that subset's top ``k``
-    by the reference (module docstring). Ties in the signal go to the earlier run."""
+    by the reference (module docstring). Ties are broken at random, in expectation: a tie for the
+    best signal averages over the tied runs, and a run tied with ``e`` others by the reference, with
+    ``b`` runs strictly better, is in the top ``k`` with probability ``clip((k - b) / (e + 1), 0, 1)``."""
     sig = np.asarray(signal, float) * (1 if mode == "max" else -1)
     ref = np.asarray(reference, float) * (1 if reference_mode == "max" else -1)
     n = len(sig)
     m = n if subset_size is None else int(subset_size)
     if not 1 <= m <= n:
         raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
+    if not isinstance(n_draws, int) or n_draws < 1:
+        raise SelectionError(f"Expected `n_draws` to be an int >= 1 (resampled subsets), but got {n_draws!r}.")
     rng = np.random.default_rng(seed)
     draws = 1 if m == n else n_draws
     ks = sorted(set(int(k) for k in ks))
-    hits = {k: 0 for k in ks}
+    hits = {k: 0.0 for k in ks}
     for _ in range(draws):
         idx = np.arange(n) if m == n else np.sort(rng.choice(n, size=m, replace=False))
-        pick = idx[int(np.argmax(sig[idx]))]
-        better = int((ref[idx] > ref[pick]).sum())  # reference rank of the pick within the subset, 0-based
-        for k in ks:
-            hits[k] += better < k
+        s = sig[idx]
+        picks = idx[s == s.max()]  # the runs tied for the best signal, each picked with equal chance
+        for pick in picks:
+            better = int((ref[idx] > ref[pick]).sum())  # strictly better by the reference
+            equal = int((ref[idx] == ref[pick]).sum()) - 1  # tied with it (itself excluded)
+            for k in ks:
+                hits[k] += min(1.0, max(0.0, (k - better) / (equal + 1))) / len(picks)
     return {k: hits[k] / draws for k in ks}
 
 
@@ -270,7 +277,9 @@ def rank_runs(
 
     Returns:
         ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "spearman_rho",
-        "kendall_tau", "pick", "pick_reference_rank", "top_k", "subset_size", "n_draws"}``; each run is
+        "kendall_tau", "pick", "pick_ties", "pick_reference_rank", "top_k", "subset_size", "n_draws"}``
+        (``pick_ties``: the runs tied for the best signal, ``pick`` the first by name; with a tie,
+        ``pick_reference_rank`` is their mean reference rank); each run is
         ``{"rank", "run", "path", "hparams", "signal", "reference", "reference_rank"}`` (best first).
     """
     if mode not in ("max", "min") or against_mode not in ("max", "min"):
@@ -316,6 +325,7 @@ def rank_runs(
     out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "where": list(where),
                            "runs": rows, "skipped": skipped,
                            "spearman_rho": None, "kendall_tau": None, "pick": rows[0]["run"] if rows else None,
+                           "pick_ties": [d["run"] for d in rows if rows and d["signal"] == rows[0]["signal"]],
                            "pick_reference_rank": None, "top_k": {}, "subset_size": None, "n_draws": None}
     if against and rows:
         refs = np.array([d["reference"] for d in rows])
@@ -323,11 +333,13 @@ def rank_runs(
         ref_order = _rankdata(rsign * refs)  # 1 = best reference (ties: average)
         for d, rr in zip(rows, ref_order):
             d["reference_rank"] = float(rr)
-        out["pick_reference_rank"] = float(ref_order[0])
+        tied = len(out["pick_ties"])  # a tie for the best signal: the expected rank of a random pick among them
+        out["pick_reference_rank"] = float(np.mean(ref_order[:tied]))
         if len(rows) >= 2:
             sigs = [d["signal"] for d in rows]
-            out["spearman_rho"] = spearman_rho(sigs, refs)
-            out["kendall_tau"] = kendall_tau(sigs, refs)
+            rho, tau = spearman_rho(sigs, refs), kendall_tau(sigs, refs)  # NaN when a side is constant
+            out["spearman_rho"] = None if np.isnan(rho) else rho
+            out["kendall_tau"] = None if np.isnan(tau) else tau
             m = subset_size if subset_size is not None else len(rows)
             out["subset_size"], out["n_draws"] = m, (1 if m == len(rows) else n_draws)
             out["top_k"] = {str(k): p for k, p in top_k_hits(sigs, refs, top_k, mode=mode, reference_mode=against_mode,

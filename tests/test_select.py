@@ -145,3 +145,32 @@ def test_where_conditions_filter_and_explain(sweep, capsys):
     assert main(["rank", str(root), "--where", "test/acc>=0.85", "--where", "test/acc<0.94", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [r["run"] for r in doc["runs"]] == ["lr0.1", "wd0"] and doc["where"] == ["test/acc>=0.85", "test/acc<0.94"]
+
+
+def test_ties_are_broken_at_random_in_expectation_not_by_name():
+    # three runs tied for the best signal, references .9 .8 .7: a random pick is top-1 one time in 3
+    sig, ref = [0.5, 0.5, 0.5, 0.1], [0.9, 0.8, 0.7, 0.6]
+    assert top_k_hits(sig, ref, [1, 2, 3]) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    assert top_k_hits(sig[::-1], ref[::-1], [1, 2, 3]) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    # a pick tied by the reference with two others: in the top 1 with probability 1/3
+    assert top_k_hits([0.9, 0.1, 0.2], [0.5, 0.5, 0.5], [1, 2]) == pytest.approx({1: 1 / 3, 2: 2 / 3})
+    with pytest.raises(SelectionError, match="n_draws"):
+        top_k_hits(sig, ref, [1], subset_size=2, n_draws=0)
+
+
+def test_constant_signal_gives_null_correlations_and_valid_json(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, acc in (("a", 0.9), ("b", 0.8), ("c", 0.7)):
+        with SummaryWriter(str(tmp_path / name)) as w:
+            w.add_scalar("netprobe/reliance_auc", 0.5, 1)
+            w.add_scalar("test/acc", acc, 1)
+    res = rank_runs(tmp_path, "netprobe/reliance_auc", against="test/acc")
+    assert res["spearman_rho"] is None and res["kendall_tau"] is None
+    assert res["pick_ties"] == ["a", "b", "c"] and res["pick_reference_rank"] == 2.0
+    assert res["top_k"]["1"] == pytest.approx(1 / 3)
+    assert main(["rank", str(tmp_path), "--against", "test/acc", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert doc["spearman_rho"] is None and doc["pick_ties"] == ["a", "b", "c"]
+    assert main(["rank", str(tmp_path), "--against", "test/acc"]) == 0
+    assert "undefined" in capsys.readouterr().out
