@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_true", "broadcast_object", "all_gather", "all_gather_cat"]
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_true", "require_all", "broadcast_object", "all_gather", "all_gather_cat"]
 
 
 def is_distributed() -> bool:
@@ -43,6 +43,8 @@ def all_true(flag: bool, device: Optional[torch.device] = None) -> bool:
     distributed). ``device``: where the collective's tensor lives (a CUDA device under NCCL)."""
     if not is_distributed():
         return bool(flag)
+    if device is None:  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     bad = torch.tensor([0.0 if flag else 1.0], device=device)
     return bool(all_reduce_sum(bad).item() == 0)
 
@@ -54,6 +56,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def require_all(flag: bool, message: str, device: Optional[torch.device] = None) -> None:
+    """Raise ``ValueError(message)`` on *every* rank when ``flag`` is false on any rank, so that no
+    rank goes on to a collective the others will never join."""
+    if not all_true(flag, device):
+        raise ValueError(message if not flag else f"{message} (on another rank)")
 
 
 def all_gather(t: torch.Tensor) -> List[torch.Tensor]:

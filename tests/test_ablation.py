@@ -240,3 +240,22 @@ def test_fast_cross_entropy_equals_torch(classes):
     torch.testing.assert_close(_cross_entropy(out, y), nn.functional.cross_entropy(out, y, reduction="none"), rtol=1e-5, atol=1e-4)
     y[0] = -100  # torch's ignore_index keeps its meaning
     torch.testing.assert_close(_cross_entropy(out, y), nn.functional.cross_entropy(out, y, reduction="none"))
+
+
+def test_data_and_layer_misuse_get_clear_errors():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    with pytest.raises(TypeError, match="one-shot iterator.*list"):
+        ablation_curve(net, "1", ((x[i:i + 10], y[i:i + 10]) for i in range(0, 30, 10)))
+    with pytest.raises(ValueError, match=r"class-index targets.*argmax\(1\)"):
+        noise_curve(net, "1", (x, nn.functional.one_hot(y, 3).float()))
+    # the same nn.ReLU instance used twice in one forward
+    relu = nn.ReLU()
+    shared = nn.Sequential(nn.Linear(4, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="runs 2 times in one forward"):
+        ablation_curve(shared, "1", (x, y))
+    # a list of batches is fine, and equals the single pair
+    a = ablation_curve(net, "1", [(x[:15], y[:15]), (x[15:], y[15:])], generator=torch.Generator().manual_seed(1))
+    b = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.correct, b.correct)

@@ -50,9 +50,20 @@ def _worker(rank, world, port, outdir):
             agreed = str(err)
         after = nd.all_reduce_sum(torch.tensor([1.0]))  # still in step
         bcast = nd.broadcast_object((torch.tensor([rank]), f"rank{rank}"))
+        from netprobe.metrics import SelectivityAccumulator
+
+        acc = SelectivityAccumulator(3)
+        if rank == 0:
+            acc.update(torch.rand(4, 2), torch.tensor([0, 1, 2, 0]))
+        try:
+            acc.all_reduce()
+            empty = "no error"
+        except ValueError as err:
+            empty = str(err)
+        after_empty = nd.all_reduce_sum(torch.tensor([1.0]))
         torch.save(
             {"rows1": got["1"][0], "t1": got["1"][1], "rows2": gather(p)["2"], "sum": s,
-             "ws": nd.world_size(), "rank": nd.rank(), "flags": flags, "agreed": agreed, "after": after, "bcast": bcast, "scalar": nd.all_gather(torch.tensor(rank * 1.0))},
+             "ws": nd.world_size(), "rank": nd.rank(), "flags": flags, "agreed": agreed, "after": after, "bcast": bcast, "empty": empty, "after_empty": after_empty, "scalar": nd.all_gather(torch.tensor(rank * 1.0))},
             os.path.join(outdir, f"r{rank}.pt"),
         )
     finally:
@@ -89,3 +100,5 @@ def test_two_process_gather(tmp_path):
         assert out["agreed"] == ("rank-local NaN" if r == 1 else "it failed on another rank (see that rank's warning)")
         assert out["after"].item() == 2.0
         assert out["bcast"][0].tolist() == [0] and out["bcast"][1] == "rank0"
+        assert out["empty"].startswith("Every rank must `update`") and out["after_empty"].item() == 2.0
+        assert out["empty"].endswith("(on another rank)") == (r == 0)

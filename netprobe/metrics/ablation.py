@@ -124,12 +124,33 @@ class CurveResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _check_reiterable(data: Data) -> None:
+    """The curves pass over ``data`` more than once: a one-shot iterator would be empty the second time."""
+    try:
+        one_shot = iter(data) is data  # type: ignore[arg-type]
+    except TypeError:
+        return  # reported with the right message by _batches
+    if one_shot:
+        raise TypeError(
+            f"Expected `data` that can be iterated several times (a list of batches, a DataLoader, or an "
+            f"(inputs, targets) pair), but got a one-shot iterator ({type(data).__name__}); the curve passes "
+            "over the data more than once. Wrap it: `list(...)`."
+        )
+
+
+def _check_targets(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"Expected inputs and targets with the same first dimension, but got {x.shape[0]} and {y.shape[0]}.")
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(
+            f"Expected class-index targets: a 1-D integer tensor (batch,), but got dtype {y.dtype} and shape "
+            f"{tuple(y.shape)}. For one-hot or soft targets pass `targets.argmax(1)`."
+        )
+
+
 def _batches(data: Data) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].shape[0] != data[1].shape[0]:
-            raise ValueError(
-                f"Expected inputs and targets with the same first dimension, but got {data[0].shape[0]} and {data[1].shape[0]}."
-            )
+        _check_targets(data[0], data[1])
         yield data[0], data[1]
         return
     try:
@@ -147,6 +168,7 @@ def _batches(data: Data) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
                 "Expected each batch of `data` to be an (inputs, targets) pair of tensors, but got "
                 f"{type(batch).__name__}."
             )
+        _check_targets(batch[0], batch[1])
         yield batch[0], batch[1]
 
 
@@ -208,6 +230,7 @@ class _LayerStats:
         self.cnt = 0
         self.unit_means: List[torch.Tensor] = []  # per-sample per-unit means (for selectivity)
         self.labels: List[torch.Tensor] = []
+        self.calls = 0  # hook calls (to catch a module that runs more than once per forward)
 
 
 def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool) -> _LayerStats:
@@ -216,6 +239,7 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
     def hook(mod: nn.Module, args: Any, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"Ablation needs a layer that returns a tensor, but it returned {type(out).__name__}.")
+        st.calls += 1
         ud = unit_dim(mod, out)
         o = out.detach().to(_F64).movedim(ud, -1)
         d = o.shape[-1]
@@ -235,6 +259,12 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
         for x, y in _batches(data):
             x = x.to(device) if device is not None else x
             model(x)
+            if st.n == 0 and st.calls > 1:
+                raise ValueError(
+                    f"The layer runs {st.calls} times in one forward pass (one module instance used at several "
+                    "places, e.g. a shared nn.ReLU), so ablating it would hit every call site. Give the site you "
+                    "want its own module instance."
+                )
             st.n += x.shape[0]
             if keep_rows:
                 st.labels.append(y.to(x.device))
@@ -435,6 +465,7 @@ def ablation_curve(
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+    _check_reiterable(data)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
     with evaluating(model):
@@ -504,8 +535,9 @@ def noise_curve(
     a repeat the same standard-normal draw is scaled for every scale (common random numbers, so
     the curve is smooth in the scale); repeats use independent draws from ``generator``. The draw of
     each sample depends only on the repeat and the sample's index, so splitting ``data`` into shards
-    (with ``index_offset`` = the global index of a shard's first sample) and summing the shards'
-    statistics (:meth:`CurveResult.all_reduce`) gives exactly the unsharded curve.
+    across ranks (with ``index_offset`` = the global index of a shard's first sample and
+    ``distributed=True``, which takes the per-unit std over all ranks) gives exactly the unsharded
+    curve. Without ``distributed=True`` each call scales the noise by its own data's std.
 
     Args:
         model, layer, data, repeats, generator, loss_fn, max_batch, vectorize: as in
@@ -534,6 +566,7 @@ def noise_curve(
         raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+    _check_reiterable(data)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
     with evaluating(model):

@@ -107,8 +107,7 @@ class MutualInfoAccumulator:
     def all_reduce(self) -> "MutualInfoAccumulator":
         """Sum the counts over ranks (edges must be equal on every rank, e.g. broadcast or given)."""
         if _dist.is_distributed():
-            if self.counts is None:
-                raise ValueError("Every rank must `update` at least once before `all_reduce`.")
+            _dist.require_all(self.counts is not None, "Every rank must `update` at least once before `all_reduce`.")
             self.counts = _dist.all_reduce_sum(self.counts)
         return self
 

@@ -117,8 +117,7 @@ class SelectivityAccumulator:
     def all_reduce(self) -> "SelectivityAccumulator":
         """Sum the statistics over ranks (a collective under torch.distributed; no-op otherwise)."""
         if _dist.is_distributed():
-            if self.sums is None:
-                raise ValueError("Every rank must `update` at least once before `all_reduce`.")
+            _dist.require_all(self.sums is not None, "Every rank must `update` at least once before `all_reduce`.")
             flat = _dist.all_reduce_sum(torch.cat([self.sums.flatten(), self.counts]))  # type: ignore[list-item]
             c, d = self.sums.shape
             self.sums, self.counts = flat[: c * d].reshape(c, d), flat[c * d :]

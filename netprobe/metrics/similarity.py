@@ -477,6 +477,7 @@ class SimilarityAccumulator:
         """
         if not _dist.is_distributed():
             return self
+        _dist.require_all(self._m is not None, "Every rank must `update` the accumulator at least once before `all_reduce`.")
         m = self._need()
         dx, dy = m.mx.shape[0], m.my.shape[0]
         merged: Optional[_Moments] = None
