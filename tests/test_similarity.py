@@ -204,3 +204,18 @@ def test_too_few_samples_for_both_sides_together_is_refused_not_a_spurious_one()
     np.testing.assert_allclose(np.sort(cca(x, y).numpy())[::-1], np.sort(cca_ref(x.numpy(), y.numpy()))[::-1][:7], atol=1e-8)
     with pytest.raises(ValueError, match="at least 15"):
         cca(x[:14], y[:14])
+
+
+@pytest.mark.parametrize("n,dx,dy", [(20, 300, 500), (40, 30, 900), (200, 20, 30)])
+def test_linear_cka_gram_and_feature_forms_both_match_the_reference(n, dx, dy):
+    # n < d takes the n x n Gram form, n > d the d x d feature form; both equal the Gram reference
+    rng = np.random.default_rng(n + dx)
+    z = rng.normal(size=(n, 5))
+    x = z @ rng.normal(size=(5, dx)) + rng.normal(size=(n, dx)) + 3.0
+    y = np.tanh(z @ rng.normal(size=(5, dy))) + 0.5 * rng.normal(size=(n, dy))
+    assert float(linear_cka(T(x), T(y))) == pytest.approx(cka_ref(x, y), abs=1e-9)
+    assert float(linear_cka(T(x), T(y), debiased=True)) == pytest.approx(max(0.0, cka_debiased_ref(x, y)), abs=1e-9)
+    bad = x.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        linear_cka(T(bad), T(y))

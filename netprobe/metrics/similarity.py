@@ -373,25 +373,35 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
         1.0
     """
     x, y = _prep(x, y)
-    n = x.shape[0]
-    if not debiased:
-        if n < 2:
-            raise ValueError(f"Linear CKA needs at least 2 samples, but got n={n}.")
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    if n < (4 if debiased else 2):
+        raise ValueError(f"{'Debiased linear' if debiased else 'Linear'} CKA needs at least {4 if debiased else 2} samples, but got n={n}.")
+    # Feature space costs n (dx^2 + dy^2 + dx dy) and d x d memory; the n x n Gram matrices cost
+    # n^2 (dx + dy): the same value (||X^T Y||_F^2 = <X X^T, Y Y^T>_F), cheaper when n < d.
+    gram = n * (dx + dy) < dx * dx + dy * dy + dx * dy
+    if not debiased and not gram:
         return _cka_from_cov(*_cov(_Moments.of(x, y))[0:3])
-    if n < 4:
-        raise ValueError(f"Debiased linear CKA needs at least 4 samples, but got n={n}.")
+    check_finite(x, "x")
+    check_finite(y, "y")
     xc, yc = x - x.mean(0), y - y.mean(0)
+    if gram:
+        kx, ky = xc @ xc.T, yc @ yc.T
+        sq = {"xy": (kx * ky).sum(), "xx": (kx * kx).sum(), "yy": (ky * ky).sum()}  # ||A^T B||_F^2 = <A A^T, B B^T>
+    else:
+        sq = {"xy": torch.linalg.matrix_norm(xc.T @ yc) ** 2, "xx": torch.linalg.matrix_norm(_gram(xc)) ** 2,
+              "yy": torch.linalg.matrix_norm(_gram(yc)) ** 2}
+    if not debiased:
+        den = sq["xx"].sqrt() * sq["yy"].sqrt()
+        if not bool(den > 0):
+            raise ValueError("Linear CKA is undefined: a representation is constant over the samples.")
+        return (sq["xy"] / den).clamp(0.0, 1.0)
+    rx, ry = (xc * xc).sum(1), (yc * yc).sum(1)  # squared row norms = the linear kernels' diagonals
 
-    def hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # unbiased HSIC (up to a common 1/(n(n-3)) factor) with linear kernels, in feature space
-        ra, rb = (a * a).sum(1), (b * b).sum(1)  # squared row norms = kernel diagonals
-        return (
-            torch.linalg.matrix_norm(a.T @ b) ** 2
-            - n / (n - 2) * (ra @ rb)
-            + ra.sum() * rb.sum() / ((n - 1) * (n - 2))
-        )
+    def hsic(cross: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+        # unbiased HSIC (Song et al. 2012) with linear kernels, up to a common 1/(n(n-3)) factor
+        return cross - n / (n - 2) * (ra @ rb) + ra.sum() * rb.sum() / ((n - 1) * (n - 2))
 
-    hxy, hxx, hyy = hsic(xc, yc), hsic(xc, xc), hsic(yc, yc)
+    hxy, hxx, hyy = hsic(sq["xy"], rx, ry), hsic(sq["xx"], rx, rx), hsic(sq["yy"], ry, ry)
     if not bool(hxx > 0) or not bool(hyy > 0):
         raise ValueError("Debiased linear CKA is undefined here: a representation has no estimable variance.")
     return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp(0.0, 1.0)
