@@ -37,7 +37,7 @@ def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
     x, y = digits(200)
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
     mons = [SelectivityMonitor(["relu1", "relu2"], num_samples=64), RelianceMonitor(["relu1"], num_samples=64, repeats=1),
-            ConvergenceMonitor(["relu1", "relu2"], num_samples=64, heatmap=True)]
+            ConvergenceMonitor(["relu1", "relu2"], num_samples=96, heatmap=True)]
     trainer(pl, max_epochs=2, logger=logger, callbacks=mons).fit(make_module(pl), loader(x, y))
     logger.experiment.flush()
 
