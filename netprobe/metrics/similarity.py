@@ -263,7 +263,9 @@ def cca(x: torch.Tensor, y: torch.Tensor, *, rank_tol: float = RANK_TOL) -> torc
         x: ``(n, d_x)`` activations (rows = inputs, columns = units).
         y: ``(n, d_y)`` activations of the same ``n`` inputs, in the same order.
         rank_tol: whitening keeps eigen-directions with eigenvalue above ``rank_tol`` times the
-            largest; collinear directions below it are truncated (not regularized).
+            largest; collinear directions below it are truncated (not regularized). The invariance
+            to invertible maps holds for maps that keep every direction above this cutoff (the
+            covariance's condition number, the map's squared, below ``1 / rank_tol``).
 
     Returns:
         ``(r,)`` float64 correlations in ``[0, 1]``, descending, ``r = min(rank_x, rank_y)``.
