@@ -259,3 +259,52 @@ def test_data_and_layer_misuse_get_clear_errors():
     a = ablation_curve(net, "1", [(x[:15], y[:15]), (x[15:], y[15:])], generator=torch.Generator().manual_seed(1))
     b = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.correct, b.correct)
+
+
+def test_selectivity_orders_follow_the_selectivity_index_and_random_curves_average_their_orders():
+    from reference_selectivity import selectivity_ref
+
+    m, x, y = _trained()
+    m.eval()
+    with torch.no_grad():
+        acts = m[2](m[1](m[0](x)))  # the ReLU output, (96, 20)
+    m.train()
+    sel = np.asarray(selectivity_ref(acts.numpy(), y.numpy(), 4), dtype=float)
+    key = np.where(np.isnan(sel), -1.0, sel)  # dead units (NaN) last when most selective first
+    desc = ablation_curve(m, "2", (x, y), order="selectivity_desc")
+    assert list(desc.order[0].numpy()) == list(np.argsort(-key, kind="stable"))
+    asc = ablation_curve(m, "2", (x, y), order="selectivity_asc")  # least selective first, dead last
+    assert list(asc.order[0].numpy()) == list(np.argsort(np.where(np.isnan(sel), 2.0, sel), kind="stable"))
+    # random order: each repeat's curve is the direct computation for its order, and `accuracy` their mean
+    fr = [0.0, 0.2, 0.5, 1.0]
+    r = ablation_curve(m, "2", (x, y), fractions=fr, repeats=3, generator=torch.Generator().manual_seed(5))
+    assert r.order.shape == (3, 20) and len({tuple(o.tolist()) for o in r.order}) == 3
+    direct = np.array([[_direct_accuracy(m, m[2], x, y, r.order[k][: round(f * 20)])[0] for f in fr] for k in range(3)])
+    np.testing.assert_allclose(r.accuracy_per_repeat.numpy(), direct, atol=1e-12)
+    np.testing.assert_allclose(r.accuracy.numpy(), direct.mean(0), atol=1e-12)
+
+
+def test_noise_std_is_scale_times_the_units_std():
+    # capture what the layer after the noised one receives: its input minus the clean activations is
+    # the noise, whose per-unit std must be scale x that unit's std over the data (and mean ~0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        net[0].weight.mul_(torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0])[:, None])  # units of very different spread
+    x, y = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1)), torch.randint(0, 2, (4000,))
+    with torch.no_grad():
+        clean = net[1](net[0](x))
+    seen = []
+    h = net[2].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        scales = [0.0, 0.5, 2.0]
+        noise_curve(net, "1", (x, y), scales=scales, repeats=1, vectorize=False, expand="input")
+    finally:
+        h.remove()
+    seen = seen[1:]  # the first forward is the statistics pass
+    assert len(seen) == len(scales)
+    unit_std = clean.double().std(0)
+    for s, got in zip(scales, seen):
+        noise = got.double() - clean.double()
+        torch.testing.assert_close(noise.std(0), s * unit_std, rtol=0.05, atol=1e-9)
+        assert (noise.mean(0).abs() <= 0.1 * s * unit_std + 1e-9).all()
