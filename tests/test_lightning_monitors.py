@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from lightning_helpers import digits, loader, make_module, trainer
+from lightning_helpers import _NETS, digits, loader, make_module, trainer
 from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor
 from netprobe.metrics import ablation_curve, class_selectivity, linear_cka, pwcca
 
@@ -266,3 +267,99 @@ def test_media_every_thins_histograms_but_not_scalars(tmp_path):
     hist_steps = [e.step for e in acc.Histograms("netprobe/selectivity/relu1")]
     scalar_steps = [e.step for e in acc.Scalars("netprobe/selectivity_mean")]
     assert len(scalar_steps) == 5 and hist_steps == [scalar_steps[0], scalar_steps[2], scalar_steps[4]]
+
+
+class _Acts:
+    """Records relu1's activations on the probe inputs after every epoch, computed here by hand."""
+
+    def __init__(self, pl, px):
+        self.px, self.acts = px, []
+        outer = self
+
+        class CB(pl.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                was = pl_module.training
+                pl_module.eval()
+                with torch.no_grad():
+                    outer.acts.append(pl_module.relu1(pl_module.bn1(pl_module.fc1(outer.px))).double())
+                    outer.values.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+                pl_module.train(was)
+
+        self.values = []
+        self.cb = CB()
+
+
+def test_convergence_values_equal_the_functional_metrics_between_consecutive_epochs():
+    import pytorch_lightning as pl
+
+    from netprobe.metrics import pwcca, svcca
+
+    x, y = digits(300)
+    torch.manual_seed(0)
+    conv = ConvergenceMonitor(["relu1"], probe_data=(x[:150], y[:150]))
+    rec = _Acts(pl, x[:150])
+    trainer(pl, max_epochs=3, callbacks=[conv, rec.cb]).fit(make_module(pl, dropout=0.0), loader(x, y))
+    for e in (1, 2):
+        cur, prev = rec.acts[e], rec.acts[e - 1]
+        v = rec.values[e]
+        assert v["netprobe/pwcca_prev/relu1"] == pytest.approx(float(pwcca(cur, prev)), abs=1e-5)
+        assert v["netprobe/svcca_prev/relu1"] == pytest.approx(float(svcca(cur, prev)), abs=1e-5)
+        assert v["netprobe/cka_prev/relu1"] == pytest.approx(float(linear_cka(cur, prev)), abs=1e-5)
+    assert "netprobe/pwcca_prev" not in rec.values[0]  # nothing to compare with at the first epoch
+
+
+def test_dict_batches_and_a_custom_batch_hook():
+    import pytorch_lightning as pl
+
+    x, y = digits(120)
+
+    class DictData(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return {"x": x[i], "y": y[i]}
+
+    class DictNet(_NETS[pl.__name__]):
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    dl = torch.utils.data.DataLoader(DictData(), batch_size=30)
+    sel = SelectivityMonitor(["relu1"], num_samples=64)  # the default hook reads obvious dict keys
+    tr = trainer(pl, max_epochs=1, callbacks=[sel])
+    tr.fit(DictNet(), dl)
+    assert "netprobe/selectivity_mean" in tr.callback_metrics
+
+    class Odd(SelectivityMonitor):  # an unusual batch format, handled by overriding the hook
+        def batch_to_inputs_targets(self, batch):
+            return batch["pixels"], batch["label"]
+
+    class OddData(DictData):
+        def __getitem__(self, i):
+            return {"pixels": x[i], "label": y[i]}
+
+    class OddNet(_NETS[pl.__name__]):
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self(batch["pixels"]), batch["label"])
+
+    tr = trainer(pl, max_epochs=1, callbacks=[Odd(["relu1"], num_samples=64)])
+    tr.fit(OddNet(), torch.utils.data.DataLoader(OddData(), batch_size=30))
+    assert "netprobe/selectivity_mean" in tr.callback_metrics
+
+
+def test_without_matplotlib_one_warning_and_scalars_only(monkeypatch, tmp_path):
+    import sys
+
+    import pytorch_lightning as pl
+
+    from netprobe import viz
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(viz, "_warned", False)
+    x, y = digits(100)
+    mon = RelianceMonitor(["relu1"], num_samples=64, repeats=1, media_every=1)
+    tr = trainer(pl, max_epochs=2, callbacks=[mon], logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="r"))
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed") as rec:
+        tr.fit(make_module(pl), loader(x, y))
+    assert sum("matplotlib is not installed" in str(w.message) for w in rec) == 1
+    assert "netprobe/reliance_auc" in tr.callback_metrics
