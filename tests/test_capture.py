@@ -381,6 +381,32 @@ def test_compile_parity():
     assert p.num_rows("head") == 16
 
 
+def test_pausing_does_not_recompile():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(4, 6)
+    p = Probe(m, ["encoder.0", "head"]).attach()
+    try:
+        cm = torch.compile(m, backend="aot_eager")
+        cm(x)
+        frames = counters["stats"]["unique_graphs"]
+        assert frames >= 1  # the counter sees compilation at all
+        for _ in range(3):  # toggling capture off and on many times
+            with p.paused():
+                cm(x)
+            p.enabled = False
+            cm(x)
+            p.enabled = True
+            cm(x)
+        assert counters["stats"]["unique_graphs"] == frames  # no new graph per toggle
+    finally:
+        p.detach()
+    assert p.num_rows("head") == 4 * 4  # the first call and the 3 re-enabled ones
+
+
 def test_hook_path_never_synchronises(monkeypatch):
     """No .item()/.tolist()/.cpu()/bool() of a tensor inside the hooks (host-sync free on GPU)."""
     m = CNN().eval()
