@@ -9,6 +9,15 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+MARKERS = {  # a line each example prints with its results
+    "demo.py": "reliance",
+    "quickstart_pytorch.py": "reliance AUC",
+    "quickstart_lightning.py": "netprobe/reliance_auc",
+    "memorization.py": "per corruption level",
+    "early_stopping.py": "reliance stop",
+    "hparam_selection.py": "Kendall tau",
+    "convergence.py": "bottom-up",
+}
 
 
 @pytest.mark.slow
@@ -21,3 +30,7 @@ def test_example_smoke(script, tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "torch threads = 1" in out.stdout
+    assert MARKERS[script] in out.stdout, out.stdout[-3000:]  # its table (or summary) was printed
+    if script != "quickstart_pytorch.py":  # the shortest plain-PyTorch use writes no logs, on purpose
+        events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+        assert events, f"{script} wrote no TensorBoard logs under --logdir"

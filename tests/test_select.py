@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,10 @@ def test_python_dash_m_is_the_command(sweep):
     assert json.loads(out.stdout)["pick"] == "lr0.01"
     v = subprocess.run([sys.executable, "-m", "netprobe", "--version"], capture_output=True, text=True, timeout=60)
     assert v.stdout.startswith("netprobe ")
+    script = Path(sys.executable).with_name("netprobe")  # the console script the package installs
+    if script.exists():
+        c = subprocess.run([str(script), "rank", str(root), "--json"], capture_output=True, text=True, timeout=120)
+        assert c.returncode == 0 and json.loads(c.stdout) == json.loads(out.stdout)
 
 
 def test_where_conditions_filter_and_explain(sweep, capsys):
