@@ -439,7 +439,8 @@ def ablation_curve(
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
-        degradation; slightly above 1 when ablation happens to help).
+        degradation; above 1 when ablation happens to help, which for a network near chance,
+        whose unablated accuracy is tiny, can reach 2 or more: read it beside that accuracy).
 
     Example:
         >>> _ = torch.manual_seed(0)
