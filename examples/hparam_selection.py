@@ -67,7 +67,8 @@ def main():
         logger.log_hyperparams(cfg)
         mon = RelianceMonitor(["net.relu1", "net.relu2"], num_samples=128 if args.smoke else 512)
         # Train until the network fits its training data (reliance compares networks at equal fit).
-        fitted = pl.callbacks.EarlyStopping(monitor="netprobe/probe_accuracy", mode="max", stopping_threshold=args.fit,
+        # (Lightning stops once the value is > stopping_threshold; we mean >= --fit)
+        fitted = pl.callbacks.EarlyStopping(monitor="netprobe/probe_accuracy", mode="max", stopping_threshold=args.fit - 1e-9,
                                             patience=10**9, check_on_train_epoch_end=True)
         trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon, fitted], logger=logger, **trainer_kwargs())
         trainer.fit(model, loader(data["x_train"], data["y_train"], batch_size=cfg["batch_size"], seed=i))
@@ -92,8 +93,11 @@ def main():
         print(f"{r['rank']:>4} {r['run']:<6} {r['signal']:>12.3f} {r['reference']:>8.3f} {r['reference_rank']:>9.1f}")
     for sk in res["skipped"]:
         print(f"skipped {sk['run']}: {sk['reason']}")
-    if res["kendall_tau"] is None:
+    if len(res["runs"]) < 2:
         print(f"\nonly {len(res['runs'])} run(s) fit their training data: raise --max-epochs or lower --fit")
+        return
+    if res["kendall_tau"] is None:
+        print("\nthe signal or the test accuracy is the same for every run: no ranking to compare")
         return
     m = res["subset_size"] or len(res["runs"])
     print(f"\nKendall tau(reliance AUC, test acc) = {res['kendall_tau']:.3f}   Spearman rho = {res['spearman_rho']:.3f}")

@@ -308,3 +308,13 @@ def test_noise_std_is_scale_times_the_units_std():
         noise = got.double() - clean.double()
         torch.testing.assert_close(noise.std(0), s * unit_std, rtol=0.05, atol=1e-9)
         assert (noise.mean(0).abs() <= 0.1 * s * unit_std + 1e-9).all()
+
+
+def test_uint8_targets_work_like_int64():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    a = ablation_curve(net, "1", (x, y.to(torch.uint8)), generator=torch.Generator().manual_seed(0))
+    b = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.correct, b.correct)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum)

@@ -367,3 +367,15 @@ def test_without_matplotlib_one_warning_and_scalars_only(monkeypatch, tmp_path):
         tr.fit(make_module(pl), loader(x, y))
     assert sum("matplotlib is not installed" in str(w.message) for w in rec) == 1
     assert "netprobe/reliance_auc" in tr.callback_metrics
+
+
+def test_a_failing_method_skips_only_itself():
+    import pytorch_lightning as pl
+
+    x, y = digits(100)
+    # 40 probe examples, 32 units: SVCCA keeping ~all directions needs n > 2 x 32 and fails; CKA does not
+    conv = ConvergenceMonitor(["relu1"], probe_data=(x[:40], y[:40]), methods=("svcca", "cka"), keep=0.999999)
+    tr = trainer(pl, max_epochs=2, callbacks=[conv])
+    with pytest.warns(RuntimeWarning, match=r"svcca \(to the previous measurement\) for layer 'relu1' skipped.*SVCCA needs"):
+        tr.fit(make_module(pl, batchnorm=False, dropout=0.0), loader(x, y))
+    assert "netprobe/cka_prev/relu1" in tr.callback_metrics and "netprobe/svcca_prev/relu1" not in tr.callback_metrics

@@ -226,3 +226,10 @@ def test_linear_cka_gram_and_feature_forms_both_match_the_reference(n, dx, dy):
     bad[1, 2] = np.nan
     with pytest.raises(ValueError, match="1 NaN"):
         linear_cka(T(bad), T(y))
+
+
+def test_rank_tol_zero_never_whitens_by_rounding_noise():
+    g = torch.Generator().manual_seed(0)
+    xr = torch.randn(300, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 20, generator=g, dtype=torch.float64)
+    assert float(svcca(xr, xr, keep=20, rank_tol=0.0)) == pytest.approx(1.0, abs=1e-9)
+    assert float(pwcca(xr, xr, rank_tol=0.0)) == pytest.approx(1.0, abs=1e-9)

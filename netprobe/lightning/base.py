@@ -85,7 +85,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             of ms per figure). ``1`` = every measurement.
     """
 
-    #: metric names this monitor logs (``netprobe/<metric>/<layer>`` and ``netprobe/<metric>``)
+    #: metric names this monitor logs (``netprobe/<metric>/<layer>`` and their mean ``netprobe/<metric>``;
+    #: a model-level one such as ``probe_accuracy`` only as ``netprobe/<metric>``)
     metrics: Tuple[str, ...] = ()
 
     def __init__(

@@ -281,7 +281,7 @@ class ConvergenceMonitor(NetprobeMonitor):
                     f"ConvergenceMonitor: PWCCA compares a layer with itself at another epoch, so it needs more probe "
                     f"samples than twice the layer's units, but the probe set has n={n} and layers {small} have "
                     f"n/2 units or more. Use num_samples > {2 * max(small.values())} (several times that is safer), "
-                    "or methods=('svcca', 'cka')."
+                    "or methods=('cka',), or ('svcca', 'cka') with an int `keep` below n/2."
                 )
 
     def _extra_state(self) -> Dict[str, Any]:
@@ -290,17 +290,20 @@ class ConvergenceMonitor(NetprobeMonitor):
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._prev = dict(state.get("prev", {}))
 
-    def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice) -> Dict[str, float]:
+    def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice, layer: str, what: str) -> Dict[str, float]:
         other = other_full[sl].to(cur.device).double()
         acc = self._agreed(lambda: SimilarityAccumulator().update(cur.double(), other), cur.device).all_reduce()
         out = {}
-        for m in self.methods:
-            if m == "pwcca":
-                out[m] = float(acc.pwcca())
-            elif m == "svcca":
-                out[m] = float(acc.svcca(keep=self.keep))
-            else:
-                out[m] = float(acc.linear_cka())
+        for m in self.methods:  # after the reduce every rank holds the same moments: same outcome everywhere
+            try:
+                if m == "pwcca":
+                    out[m] = float(acc.pwcca())
+                elif m == "svcca":
+                    out[m] = float(acc.svcca(keep=self.keep))
+                else:
+                    out[m] = float(acc.linear_cka())
+            except ValueError as err:  # e.g. SVCCA keeping more directions than the samples allow
+                self._warn_skip(layer, f"{m} ({what})", err)
         return out
 
     def _reference_acts(self, pl_module: nn.Module) -> Dict[str, torch.Tensor]:
@@ -326,10 +329,10 @@ class ConvergenceMonitor(NetprobeMonitor):
         for layer, a in acts.items():
             try:
                 if layer in self._prev:
-                    for m, v in self._similarities(a, self._prev[layer], sl).items():
+                    for m, v in self._similarities(a, self._prev[layer], sl, layer, "to the previous measurement").items():
                         prev_vals[m][layer] = v
                 if layer in ref:
-                    for m, v in self._similarities(a, ref[layer], sl).items():
+                    for m, v in self._similarities(a, ref[layer], sl, layer, "to the reference").items():
                         ref_vals[m][layer] = v
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)

@@ -19,6 +19,7 @@ samples across the batch.
 
 from __future__ import annotations
 
+import collections.abc
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -126,11 +127,7 @@ class CurveResult:
 # ----------------------------------------------------------------------------- helpers
 def _check_reiterable(data: Data) -> None:
     """The curves pass over ``data`` more than once: a one-shot iterator would be empty the second time."""
-    try:
-        one_shot = iter(data) is data  # type: ignore[arg-type]
-    except TypeError:
-        return  # reported with the right message by _batches
-    if one_shot:
+    if isinstance(data, collections.abc.Iterator):  # (no iter() here: it would start DataLoader workers)
         raise TypeError(
             f"Expected `data` that can be iterated several times (a list of batches, a DataLoader, or an "
             f"(inputs, targets) pair), but got a one-shot iterator ({type(data).__name__}); the curve passes "
@@ -201,7 +198,7 @@ def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     to rounding. Otherwise (and for targets such as ignore_index=-100) torch's own."""
     if out.device.type == "cpu" and out.shape[1] <= 32 and out.is_floating_point() and y.numel() and bool(y.min() >= 0):
         top = out.amax(1, keepdim=True)
-        return (out - top).exp().sum(1).log() + top.squeeze(1) - out.gather(1, y[:, None]).squeeze(1)
+        return (out - top).exp().sum(1).log() + top.squeeze(1) - out.gather(1, y.long()[:, None]).squeeze(1)
     return nn.functional.cross_entropy(out, y, reduction="none")
 
 

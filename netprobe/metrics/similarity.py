@@ -122,6 +122,12 @@ def _need_samples(n: int, kx: int, ky: int, what: str) -> None:
         )
 
 
+def _tol(rank_tol: float, cov: torch.Tensor) -> float:
+    """``rank_tol``, but never below the eigensolver's rounding level (``d * eps``): eigenvalues
+    below that are noise, and whitening by them would blow rounding errors up (``rank_tol=0``)."""
+    return max(rank_tol, cov.shape[0] * torch.finfo(cov.dtype).eps)
+
+
 def _keep_units(cov: torch.Tensor) -> torch.Tensor:
     var = cov.diagonal()
     vmax = var.max() if var.numel() else torch.zeros((), dtype=cov.dtype, device=cov.device)
@@ -132,7 +138,7 @@ def _whitener(cov: torch.Tensor, rank_tol: float) -> Tuple[torch.Tensor, torch.T
     """``(W, V)``: ``W`` (d, k) with ``W^T cov W = I_k`` (k = numerical rank), ``V`` the kept eigenvectors."""
     evals, evecs = torch.linalg.eigh(cov)
     top = evals[-1].clamp_min(0)
-    keep = evals > rank_tol * top
+    keep = evals > _tol(rank_tol, cov) * top
     v = evecs[:, keep]
     return v * evals[keep].rsqrt(), v
 
@@ -201,7 +207,7 @@ def _svd_reduce(cov: torch.Tensor, keep: Union[float, int], rank_tol: float) -> 
     of them), and their variances ``(k,)``, all above ``rank_tol`` times the largest."""
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    pos = int((evals > rank_tol * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
+    pos = int((evals > _tol(rank_tol, cov) * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
     if pos == 0:
         raise ValueError("A representation has no variance at all (every unit constant); SVCCA is undefined.")
     if isinstance(keep, int):
@@ -351,7 +357,7 @@ def _cka_from_cov(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> to
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
-    """Linear centered kernel alignment (Kornblith et al. 2019), in feature space.
+    """Linear centered kernel alignment (Kornblith et al. 2019).
 
     ``CKA = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)`` with column-centered ``X_c``,
     ``Y_c``: invariant to orthogonal transforms and isotropic scaling of either side (not to
