@@ -67,6 +67,7 @@ def _worker(rank, world, port, outdir):
             os.path.join(outdir, f"r{rank}.pt"),
         )
     finally:
+        dist.barrier()  # both ranks done with every collective before the group goes (gloo may abort otherwise)
         dist.destroy_process_group()
 
 
