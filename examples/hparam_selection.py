@@ -67,8 +67,8 @@ def main():
         logger.log_hyperparams(cfg)
         mon = RelianceMonitor(["net.relu1", "net.relu2"], num_samples=128 if args.smoke else 512)
         # Train until the network fits its training data (reliance compares networks at equal fit).
-        # (Lightning stops once the value is > stopping_threshold; we mean >= --fit)
-        fitted = pl.callbacks.EarlyStopping(monitor="netprobe/probe_accuracy", mode="max", stopping_threshold=args.fit - 1e-9,
+        # (Lightning stops once the value is > stopping_threshold, compared in float32; we mean >= --fit)
+        fitted = pl.callbacks.EarlyStopping(monitor="netprobe/probe_accuracy", mode="max", stopping_threshold=args.fit - 1e-6,
                                             patience=10**9, check_on_train_epoch_end=True)
         trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon, fitted], logger=logger, **trainer_kwargs())
         trainer.fit(model, loader(data["x_train"], data["y_train"], batch_size=cfg["batch_size"], seed=i))
