@@ -13,6 +13,18 @@ KEYS = ("netprobe/selectivity_mean", "netprobe/selectivity_mean/relu1", "netprob
         "netprobe/pwcca_ref", "netprobe/svcca_ref", "netprobe/cka_ref", "netprobe/pwcca_prev")
 
 
+class _SyncedTeardown(pl.Callback):
+    """Both ranks leave together and close the gloo group themselves: Lightning's atexit teardown
+    without a barrier sometimes aborts one rank (SIGABRT) when the other has already gone."""
+
+    def teardown(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def _run(strategy, devices):
     pl.seed_everything(0, verbose=False)
     x, y = digits(240)
@@ -24,7 +36,7 @@ def _run(strategy, devices):
         RelianceMonitor(["relu1", "relu2"], num_samples=101, noise=True, repeats=2, order="random"),
         ConvergenceMonitor(["relu1", "relu2"], num_samples=101, reference=ref),
     ]
-    tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices, callbacks=mons)
+    tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices, callbacks=[*mons, _SyncedTeardown()])
     tr.fit(model, loader(x, y, batch_size=40, shuffle=False))
     return {k: float(v) for k, v in tr.callback_metrics.items()}
 
