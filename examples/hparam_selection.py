@@ -100,7 +100,7 @@ def main():
         print("\nthe signal or the test accuracy is the same for every run: no ranking to compare")
         return
     m = res["subset_size"] or len(res["runs"])
-    print(f"\nKendall tau(reliance AUC, test acc) = {res['kendall_tau']:.3f}   Spearman rho = {res['spearman_rho']:.3f}")
+    print(f"\nKendall tau(reliance AUC, test acc) = {res['kendall_tau']:.3f} (talk: 0.13)   Spearman rho = {res['spearman_rho']:.3f}")
     print(f"pick among all {len(res['runs'])} runs that fit: {res['pick']} (test-accuracy rank {res['pick_reference_rank']:.0f})")
     print(f"pick by reliance in random subsets of {m} runs ({res['n_draws']} draws):")
     print(f"{'':>10} {'netprobe':>9} {'random pick':>11} {'talk (48 configs)':>18}")
@@ -108,7 +108,7 @@ def main():
     for k, p in res["top_k"].items():
         t = talk[k]
         print(f"  top-{k:<4} {p:>9.2f} {min(1.0, int(k) / m):>11.2f} {('-' if t is None else f'{t:.2f}'):>18}")
-    print("(the talk reports tau = 0.13 for the comparison the issue cites; see README 'Findings reproduced')")
+    print("(the talk's figures as the issue cites them; see README 'Findings reproduced')")
     print(f"\nSame ranking from the command line:\n  netprobe rank {args.logdir} --metric netprobe/reliance_auc "
           f"--against test/acc --where '{fit}' --subset-size {m}")
 
