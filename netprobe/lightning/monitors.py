@@ -16,10 +16,18 @@ from netprobe._validation import check_finite
 from netprobe.lightning.base import NetprobeMonitor
 from netprobe.metrics.ablation import DEFAULT_FRACTIONS, DEFAULT_SCALES, ablation_curve, noise_curve, selectivity_order
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
-from netprobe.metrics.selectivity import SelectivityAccumulator
+from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
 from netprobe.metrics.similarity import SimilarityAccumulator, linear_cka
 
 __all__ = ["SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor"]
+
+
+def _probe_selectivity(mon: NetprobeMonitor, acts: torch.Tensor, labels: torch.Tensor) -> SelectivityResult:
+    """Class selectivity over the whole probe set (this rank's shard, reduced across ranks); the
+    shard's input checks are agreed across ranks first, so a failure skips the layer everywhere."""
+    labels = labels.to(acts.device)
+    acc = mon._agreed(lambda: SelectivityAccumulator(mon.num_classes).update(acts, labels), acts.device)  # type: ignore[arg-type]
+    return acc.all_reduce().compute()
 
 
 class SelectivityMonitor(NetprobeMonitor):
@@ -63,8 +71,7 @@ class SelectivityMonitor(NetprobeMonitor):
         for layer, a in acts.items():
             ya = y.to(a.device)
             try:
-                acc = self._agreed(lambda: SelectivityAccumulator(self.num_classes).update(a, ya), a.device)  # type: ignore[arg-type]
-                res = acc.all_reduce().compute()
+                res = _probe_selectivity(self, a, ya)
                 sel[layer] = float(res.mean)
                 dead[layer] = res.num_dead / res.num_units
                 hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
@@ -167,9 +174,7 @@ class RelianceMonitor(NetprobeMonitor):
             acts, _ = self._capture(pl_module, x)
             for n, a in acts.items():
                 try:
-                    ya = y.to(a.device)
-                    acc = self._agreed(lambda: SelectivityAccumulator(self.num_classes).update(a, ya), a.device)  # type: ignore[arg-type]
-                    orders[n] = selectivity_order(acc.all_reduce().compute().values, descending=self.order == "selectivity_desc")
+                    orders[n] = selectivity_order(_probe_selectivity(self, a, y).values, descending=self.order == "selectivity_desc")
                 except ValueError as err:  # e.g. negative activations: no selectivity, so no such order
                     orders[n] = None
                     self._warn_skip(n, "reliance (selectivity order)", err)
