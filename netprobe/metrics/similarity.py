@@ -349,11 +349,17 @@ def pwcca(x: torch.Tensor, y: torch.Tensor, *, method: str = "paper", rank_tol: 
     return _pwcca_from(_Moments.of(x, y), method, _check_rank_tol(rank_tol))
 
 
-def _cka_from_cov(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> torch.Tensor:
-    den = torch.linalg.matrix_norm(sxx) * torch.linalg.matrix_norm(syy)
+def _cka_ratio(xy2: torch.Tensor, xx2: torch.Tensor, yy2: torch.Tensor) -> torch.Tensor:
+    """CKA from squared Frobenius norms ``||X^T Y||^2``, ``||X^T X||^2``, ``||Y^T Y||^2`` (of either form)."""
+    den = xx2.sqrt() * yy2.sqrt()
     if not bool(den > 0):
         raise ValueError("Linear CKA is undefined: a representation is constant over the samples.")
-    return (torch.linalg.matrix_norm(sxy) ** 2 / den).clamp(0.0, 1.0)
+    return (xy2 / den).clamp(0.0, 1.0)
+
+
+def _cka_from_cov(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> torch.Tensor:
+    norm2 = lambda m: torch.linalg.matrix_norm(m) ** 2  # noqa: E731
+    return _cka_ratio(norm2(sxy), norm2(sxx), norm2(syy))
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
@@ -399,10 +405,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
         sq = {"xy": torch.linalg.matrix_norm(xc.T @ yc) ** 2, "xx": torch.linalg.matrix_norm(_gram(xc)) ** 2,
               "yy": torch.linalg.matrix_norm(_gram(yc)) ** 2}
     if not debiased:
-        den = sq["xx"].sqrt() * sq["yy"].sqrt()
-        if not bool(den > 0):
-            raise ValueError("Linear CKA is undefined: a representation is constant over the samples.")
-        return (sq["xy"] / den).clamp(0.0, 1.0)
+        return _cka_ratio(sq["xy"], sq["xx"], sq["yy"])
     rx, ry = (xc * xc).sum(1), (yc * yc).sum(1)  # squared row norms = the linear kernels' diagonals
 
     def hsic(cross: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
