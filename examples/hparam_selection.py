@@ -27,7 +27,7 @@ import torch
 
 from _common import accuracy, digits, lightning_mlp, loader, mnist1d, one_thread, quiet_lightning, trainer_kwargs
 from netprobe.lightning import RelianceMonitor
-from netprobe.select import rank_runs
+from netprobe.select import rank_runs, top_k_hits
 
 GRID = {
     "lr": [3e-4, 1e-3, 3e-3, 1e-2],
@@ -82,12 +82,12 @@ def main():
     print(f"sweep of {n_configs} configurations: {time.perf_counter() - t0:.0f}s")
 
     fit = f"netprobe/probe_accuracy>={args.fit:g}"
-    res = rank_runs(args.logdir, "netprobe/reliance_auc", against="test/acc", top_k=(1, 5, 10), where=[fit],
-                    subset_size=None, n_draws=10_000)
+    res = rank_runs(args.logdir, "netprobe/reliance_auc", against="test/acc", top_k=(1, 5, 10), where=[fit])
     m = max(2, len(res["runs"]) // 2)
-    if len(res["runs"]) > m:  # top-k hit rates over random subsets of half the fitted runs
-        res = rank_runs(args.logdir, "netprobe/reliance_auc", against="test/acc", top_k=(1, 5, 10), where=[fit],
-                        subset_size=m, n_draws=10_000)
+    if len(res["runs"]) > m:  # top-k hit rates over random subsets of half the fitted runs (as --subset-size does)
+        sigs, refs = [r["signal"] for r in res["runs"]], [r["reference"] for r in res["runs"]]
+        hits = top_k_hits(sigs, refs, (1, 5, 10), subset_size=m, n_draws=10_000)
+        res.update(top_k={str(k): p for k, p in hits.items()}, subset_size=m, n_draws=10_000)
     print(f"\n{'rank':>4} {'run':<6} {'reliance_auc':>12} {'test acc':>8} {'test rank':>9}")
     for r in res["runs"]:
         print(f"{r['rank']:>4} {r['run']:<6} {r['signal']:>12.3f} {r['reference']:>8.3f} {r['reference_rank']:>9.1f}")
