@@ -286,10 +286,8 @@ class _Acts:
                 pl_module.eval()
                 with torch.no_grad():
                     outer.acts.append(pl_module.relu1(pl_module.bn1(pl_module.fc1(outer.px))).double())
-                    outer.values.append({k: float(v) for k, v in trainer.callback_metrics.items()})
                 pl_module.train(was)
 
-        self.values = []
         self.cb = CB()
 
 
@@ -301,15 +299,15 @@ def test_convergence_values_equal_the_functional_metrics_between_consecutive_epo
     x, y = digits(300)
     torch.manual_seed(0)
     conv = ConvergenceMonitor(["relu1"], probe_data=(x[:150], y[:150]))
-    rec = _Acts(pl, x[:150])
-    trainer(pl, max_epochs=3, callbacks=[conv, rec.cb]).fit(make_module(pl, dropout=0.0), loader(x, y))
+    acts, rec = _Acts(pl, x[:150]), Recorder(pl)
+    trainer(pl, max_epochs=3, callbacks=[conv, acts.cb, rec.cb]).fit(make_module(pl, dropout=0.0), loader(x, y))
     for e in (1, 2):
-        cur, prev = rec.acts[e], rec.acts[e - 1]
-        v = rec.values[e]
+        cur, prev = acts.acts[e], acts.acts[e - 1]
+        v = rec.epochs[e]
         assert v["netprobe/pwcca_prev/relu1"] == pytest.approx(float(pwcca(cur, prev)), abs=1e-5)
         assert v["netprobe/svcca_prev/relu1"] == pytest.approx(float(svcca(cur, prev)), abs=1e-5)
         assert v["netprobe/cka_prev/relu1"] == pytest.approx(float(linear_cka(cur, prev)), abs=1e-5)
-    assert "netprobe/pwcca_prev" not in rec.values[0]  # nothing to compare with at the first epoch
+    assert "netprobe/pwcca_prev" not in rec.epochs[0]  # nothing to compare with at the first epoch
 
 
 def test_dict_batches_and_a_custom_batch_hook():
