@@ -93,6 +93,52 @@ def test_bounds_self_similarity_permutation_and_constants(seed, dx, dy, n):
     assert float(pwcca(tx + shift, ty - 3)) == pytest.approx(float(pwcca(tx, ty)), abs=1e-9)
 
 
+def test_wide_layers_across_row_blocks_match_the_references():
+    # widths above the recursive Gram's base block and n spanning several row blocks (partial last one)
+    x, y = _pair(1300, 300, 150, 11, shared=20)
+    np.testing.assert_allclose(cca(T(x), T(y)).numpy(), cca_ref(x, y), atol=1e-9)
+    assert float(pwcca(T(x), T(y))) == pytest.approx(pwcca_ref(x, y), abs=1e-9)
+    assert float(linear_cka(T(x), T(y))) == pytest.approx(cka_ref(x, y), abs=1e-10)
+    acc = SimilarityAccumulator().update(T(x[:700]), T(y[:700])).update(T(x[700:]), T(y[700:]))
+    assert float(acc.pwcca()) == pytest.approx(pwcca_ref(x, y), abs=1e-9)
+
+
+def test_cholesky_whitening_is_used_only_when_it_equals_the_truncated_eigen_whitening():
+    from netprobe.metrics.similarity import RANK_TOL, _cca_core, _cholesky_whitener, _Moments, _cov
+
+    x, y = _pair(2000, 40, 30, 12)
+    sxx, syy, sxy = _cov(_Moments.of(T(x), T(y)))
+    assert _cholesky_whitener(sxx, RANK_TOL) is not None  # well conditioned: the fast route is taken
+    fast = _cca_core(sxx, syy, sxy, 2000, rank_tol=RANK_TOL, what="CCA")
+    eig = _cca_core(sxx, syy, sxy, 2000, rank_tol=RANK_TOL, what="CCA", eigvecs=True)
+    np.testing.assert_allclose(fast.rho.numpy(), eig.rho.numpy(), atol=1e-12)
+    w = fast.wx
+    np.testing.assert_allclose((w.T @ sxx @ w).numpy(), np.eye(40), atol=1e-9)
+    # a spectrum reaching down to the cutoff is left to eigh (which truncates it)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(20, 20)))
+    spectrum = lambda low: T((q * np.geomspace(1.0, low, 20)) @ q.T)  # noqa: E731
+    assert _cholesky_whitener(spectrum(1e-4), RANK_TOL) is not None
+    for low in (1e-11, 1e-16):
+        assert _cholesky_whitener(spectrum(low), RANK_TOL) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=arrays, d=st.integers(1, 12), decades=st.floats(0, 14), rank_tol=st.sampled_from([1e-10, 1e-6, 1e-3]))
+def test_cholesky_whitener_never_skips_a_truncation(seed, d, decades, rank_tol):
+    from netprobe.metrics.similarity import _cholesky_whitener, _tol
+
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    lam = 10.0 ** -(rng.uniform(0, decades, size=d))
+    cov = T((q * lam) @ q.T)
+    cov = (cov + cov.T) / 2
+    w = _cholesky_whitener(cov, rank_tol)
+    evals = torch.linalg.eigvalsh(cov)
+    if w is not None:  # only when eigh would keep every direction, with room to spare
+        assert float(evals[0]) > _tol(rank_tol, cov) * float(evals[-1])
+        np.testing.assert_allclose((w.T @ cov @ w).numpy(), np.eye(d), atol=1e-6)
+
+
 def test_collinear_and_constant_units_give_the_remaining_subspace():
     x, y = _pair(300, 4, 5, 7)
     base = cca(T(x), T(y)).numpy()

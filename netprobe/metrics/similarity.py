@@ -9,7 +9,10 @@ computed from the centered (cross-)covariance blocks ``S_xx, S_yy, S_xy`` in flo
 whitened through ``eigh(S_xx)`` keeping only eigenvalues above ``rank_tol * max eigenvalue``
 (a rank *truncation*, not a ridge: exactly or nearly collinear units give the correlations of the
 remaining subspace, never NaN), and the canonical correlations are the singular values of
-``W_x^T S_xy W_y``. Squaring the data into covariances costs precision only for directions whose
+``W_x^T S_xy W_y``. When a cheap bound proves a covariance has no eigenvalue near the cutoff (the
+usual case), it is whitened through its Cholesky factor instead, which gives the same
+correlations about 5x faster. The blocks are accumulated over row blocks that are converted and
+centered on the fly, so no ``(n, d)`` float64 copy of the data is made. Squaring the data into covariances costs precision only for directions whose
 variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange, the same
 code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
 merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
@@ -43,7 +46,7 @@ def _prep(x: Any, y: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     check_same_n(x, y)
     if x.device != y.device:
         raise ValueError(f"Expected `x` and `y` on the same device, but got {x.device} and {y.device}.")
-    return x.to(_F64), y.to(_F64)
+    return x, y
 
 
 def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> None:
@@ -56,17 +59,42 @@ def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> No
         raise ValueError("Expected finite inputs, but their sums overflowed float64; rescale the activations.")
 
 
-def _gram(a: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """``a.T @ a`` computing only the upper block triangle (about half the work for wide ``a``)."""
-    d = a.shape[1]
-    if d <= 2 * block:
-        return a.T @ a
-    out = torch.empty((d, d), dtype=a.dtype, device=a.device)
-    for i in range(0, d, block):
-        blk = a[:, i : i + block].T @ a[:, i:]
-        out[i : i + block, i:] = blk
-        out[i:, i : i + block] = blk.T
+#: width below which a Gram block is one full product (and above which it is split in halves)
+_GRAM_BASE = 64
+
+
+def _gram_into(at: torch.Tensor, out: torch.Tensor, base: int = _GRAM_BASE) -> None:
+    """``out += at @ at.T`` for ``at`` ``(d, c)``, computing only the upper block triangle (about
+    half the work): the diagonal blocks recursively, the off-diagonal one as one product. Blocks
+    below the diagonal are left for :func:`_mirror_blocks`."""
+    d = at.shape[0]
+    if d <= base:
+        out.addmm_(at, at.T)
+        return
+    h = d // 2
+    _gram_into(at[:h], out[:h, :h], base)
+    _gram_into(at[h:], out[h:, h:], base)
+    out[:h, h:].addmm_(at[:h], at[h:].T)
+
+
+def _mirror_blocks(out: torch.Tensor, base: int = _GRAM_BASE) -> torch.Tensor:
+    """Fill the blocks :func:`_gram_into` leaves unset (below its off-diagonal products) by symmetry."""
+    d = out.shape[0]
+    if d > base:
+        h = d // 2
+        out[h:, :h] = out[:h, h:].T
+        _mirror_blocks(out[:h, :h], base)
+        _mirror_blocks(out[h:, h:], base)
     return out
+
+
+def _chunk_rows(x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
+    """Rows per block of products, and per centering piece. On CPU small blocks keep the float64
+    centered copy in cache; on a GPU few large ones (at most 2^23 elements, 64 MiB, per side)."""
+    if x.device.type == "cpu":
+        return 512, 128
+    rows = max(256, min(16384, 2**23 // max(x.shape[1], y.shape[1], 1)))
+    return rows, rows
 
 
 @dataclass
@@ -82,9 +110,30 @@ class _Moments:
 
     @staticmethod
     def of(x: torch.Tensor, y: torch.Tensor) -> "_Moments":
-        mx, my = x.mean(0), y.mean(0)
-        xc, yc = x - mx, y - my
-        m = _Moments(x.shape[0], mx, my, _gram(xc), _gram(yc), xc.T @ yc)
+        """Moments of ``x`` ``(n, d_x)``, ``y`` ``(n, d_y)`` (any real dtype) in float64. Rows are
+        converted and centered a block at a time, so no ``(n, d)`` float64 copy is ever made
+        (extra memory ``O(d^2)`` plus one block), and the products accumulate block by block."""
+        mx, my = x.mean(0, dtype=_F64), y.mean(0, dtype=_F64)
+        dx, dy = x.shape[1], y.shape[1]
+        cxx = torch.zeros((dx, dx), dtype=_F64, device=x.device)
+        cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device)
+        cxy = torch.zeros((dx, dy), dtype=_F64, device=x.device)
+        rows, piece = _chunk_rows(x, y)
+        rows = min(rows, max(x.shape[0], 1))
+        # blocks laid out (d, rows): the recursive halves of the Gram are then contiguous row
+        # blocks; converting, centering and transposing happen in one pass into reused buffers
+        bx = torch.empty((dx, rows), dtype=_F64, device=x.device)
+        by = torch.empty((dy, rows), dtype=_F64, device=x.device)
+        for i in range(0, x.shape[0], rows):
+            r = min(rows, x.shape[0] - i)
+            a, b = bx[:, :r], by[:, :r]
+            for j in range(0, r, piece):  # transposed writes in pieces small enough for the cache
+                torch.sub(x[i + j : i + min(j + piece, r)].T, mx[:, None], out=a[:, j : j + piece])
+                torch.sub(y[i + j : i + min(j + piece, r)].T, my[:, None], out=b[:, j : j + piece])
+            _gram_into(a, cxx)
+            _gram_into(b, cyy)
+            cxy.addmm_(a, b.T)
+        m = _Moments(x.shape[0], mx, my, _mirror_blocks(cxx), _mirror_blocks(cyy), cxy)
         _check_moments_finite(m, x, y)
         return m
 
@@ -143,13 +192,33 @@ def _whitener(cov: torch.Tensor, rank_tol: float) -> Tuple[torch.Tensor, torch.T
     return v * evals[keep].rsqrt(), v
 
 
+def _cholesky_whitener(cov: torch.Tensor, rank_tol: float) -> Optional[torch.Tensor]:
+    """``W = L^{-T}`` (``W^T cov W = I``, all ``d`` directions) from the Cholesky factor ``cov = L L^T``,
+    but only when ``cov`` provably has no eigenvalue at or below the whitening cutoff, so that
+    :func:`_whitener` would keep every direction too and both give the same correlations (any two
+    full whitenings differ by a rotation). The proof is cheap: ``lambda_min >= 1 / trace(cov^-1)
+    = 1 / ||L^-1||_F^2`` and ``lambda_max <= ||cov||_F``. ``None`` when the bound does not show it
+    (nearly collinear units, or not positive definite): then eigendecomposition truncates.
+    About 5x cheaper than ``eigh`` for large ``d``."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    lam_min_bound = 1.0 / (linv * linv).sum()
+    # 10x margin: near the cutoff, leave the decision to the eigenvalues themselves
+    if not bool(lam_min_bound > 10.0 * _tol(rank_tol, cov) * torch.linalg.matrix_norm(cov)):
+        return None
+    return linv.T
+
+
 @dataclass
 class _CCA:
     rho: torch.Tensor  # (r,) descending
     wx: torch.Tensor  # (dx', kx) whitener
     wy: torch.Tensor  # (dy', ky)
-    vx: torch.Tensor  # (dx', kx) kept eigenvectors of S_xx
-    vy: torch.Tensor  # (dy', ky)
+    vx: Optional[torch.Tensor]  # (dx', kx) kept eigenvectors of S_xx (eigen-whitening only)
+    vy: Optional[torch.Tensor]  # (dy', ky)
     u: torch.Tensor  # (kx, r)
     v: torch.Tensor  # (ky, r)
     sxx: torch.Tensor
@@ -157,7 +226,7 @@ class _CCA:
 
 
 def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str,
-              vectors: bool = True) -> _CCA:
+              vectors: bool = True, eigvecs: bool = False) -> _CCA:
     kx_mask, ky_mask = _keep_units(sxx), _keep_units(syy)
     if not bool(kx_mask.any()) or not bool(ky_mask.any()):
         side = "x" if not bool(kx_mask.any()) else "y"
@@ -165,16 +234,33 @@ def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *
             f"Every unit of `{side}` is constant over the samples; {what} is undefined. Check the layer "
             "(dead ReLUs?) or the probe inputs."
         )
-    sxx, syy, sxy = sxx[kx_mask][:, kx_mask], syy[ky_mask][:, ky_mask], sxy[kx_mask][:, ky_mask]
+    if not bool(kx_mask.all()):
+        sxx, sxy = sxx[kx_mask][:, kx_mask], sxy[kx_mask]
+    if not bool(ky_mask.all()):
+        syy, sxy = syy[ky_mask][:, ky_mask], sxy[:, ky_mask]
     if n < 2:
         raise ValueError(f"{what} needs at least 2 samples, but got n={n}.")
-    (wx, vx), (wy, vy) = _whitener(sxx, rank_tol), _whitener(syy, rank_tol)
+    # Cholesky whitening when it provably equals the truncated eigen-whitening (no direction near
+    # the cutoff); eigenvectors are needed only for google's PWCCA weights.
+    # Either side's full whitening may pair with the other's truncated one: the correlations are
+    # the singular values of W_x^T S_xy W_y, unchanged by rotating either full-rank whitening.
+    vx = vy = None
+    wx = None if eigvecs else _cholesky_whitener(sxx, rank_tol)
+    if wx is None:
+        wx, vx = _whitener(sxx, rank_tol)
+    wy = None if eigvecs else _cholesky_whitener(syy, rank_tol)
+    if wy is None:
+        wy, vy = _whitener(syy, rank_tol)
     if wx.shape[1] == 0 or wy.shape[1] == 0:
         raise ValueError(f"A representation has no variance above `rank_tol`; {what} is undefined.")
     _need_samples(n, wx.shape[1], wy.shape[1], what)
     m = wx.T @ sxy @ wy
-    if not vectors:  # correlations only: singular values without the (costlier) vectors
-        s = torch.linalg.svdvals(m)
+    if not vectors:
+        # correlations only: their squares are the eigenvalues of the smaller of M M^T, M^T M, a
+        # symmetric eigenproblem about 2x (d=512) to 4x (d=2048) cheaper than the SVD. Squaring
+        # costs absolute accuracy only for tiny correlations: ~1e-10 above 1e-3, ~1e-7 near 0.
+        g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        s = torch.linalg.eigvalsh((g + g.T) / 2).flip(0).clamp_min(0.0).sqrt()
         return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, m.new_zeros(0), m.new_zeros(0), sxx, syy)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, u, vh.T, sxx, syy)
@@ -237,7 +323,7 @@ def _svcca_from(mom: _Moments, keep: Union[float, int], rank_tol: float) -> torc
 
 def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
     sxx, syy, sxy = _cov(mom)
-    r = _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="PWCCA")
+    r = _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="PWCCA", eigvecs=method == "google")
     use_x = r.wx.shape[1] <= r.wy.shape[1]  # fewer kept (whitened) dimensions; x on a tie
     w, rot, s = (r.wx, r.u, r.sxx) if use_x else (r.wy, r.v, r.syy)
     if method == "paper":
@@ -251,6 +337,7 @@ def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
         # R^T S R = L L^T (Cholesky), P = Xc R L^{-T} / sqrt(n-1) up to column signs, hence
         # P^T x_j = sqrt(n-1) (L^{-1} R^T S)_ij; the common factor cancels.
         vv = r.vx if use_x else r.vy
+        assert vv is not None  # eigvecs=True above
         rr = vv @ rot
         g = rr.T @ s @ rr
         chol = torch.linalg.cholesky((g + g.T) / 2)
@@ -275,7 +362,9 @@ def cca(x: torch.Tensor, y: torch.Tensor, *, rank_tol: float = RANK_TOL) -> torc
 
     Returns:
         ``(r,)`` float64 correlations in ``[0, 1]``, descending, ``r = min(rank_x, rank_y)``.
-        Units whose variance is below ``1e-10`` times the largest are dropped first.
+        Units whose variance is below ``1e-10`` times the largest are dropped first. Computed as
+        square roots of eigenvalues (faster than an SVD): accurate to ~1e-10 for correlations
+        above 1e-3 and to ~1e-7 absolute below (far inside the sampling error of any estimate).
 
     Raises:
         ValueError: non-2-D input, different ``n``, NaN/Inf, all units constant, or
@@ -310,7 +399,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, keep: Union[float, int] = 0.99, r
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(300, 8, generator=g)
-        >>> float(svcca(x, 2 * x + 1, keep=0.99))
+        >>> round(float(svcca(x, 2 * x + 1, keep=0.99)), 9)
         1.0
     """
     x, y = _prep(x, y)
@@ -393,17 +482,19 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     # Feature space costs n (dx^2 + dy^2 + dx dy) and d x d memory; the n x n Gram matrices cost
     # n^2 (dx + dy): the same value (||X^T Y||_F^2 = <X X^T, Y Y^T>_F), cheaper when n < d.
     gram = n * (dx + dy) < dx * dx + dy * dy + dx * dy
+    if not gram:
+        mom = _Moments.of(x, y)
+        norm2 = lambda m: torch.linalg.matrix_norm(m) ** 2  # noqa: E731
+        sq = {"xy": norm2(mom.cxy), "xx": norm2(mom.cxx), "yy": norm2(mom.cyy)}
     if not debiased and not gram:
-        return _cka_from_cov(*_cov(_Moments.of(x, y))[0:3])
+        return _cka_ratio(sq["xy"], sq["xx"], sq["yy"])
+    x, y = x.to(_F64), y.to(_F64)
     check_finite(x, "x")
     check_finite(y, "y")
     xc, yc = x - x.mean(0), y - y.mean(0)
     if gram:
         kx, ky = xc @ xc.T, yc @ yc.T
         sq = {"xy": (kx * ky).sum(), "xx": (kx * kx).sum(), "yy": (ky * ky).sum()}  # ||A^T B||_F^2 = <A A^T, B B^T>
-    else:
-        sq = {"xy": torch.linalg.matrix_norm(xc.T @ yc) ** 2, "xx": torch.linalg.matrix_norm(_gram(xc)) ** 2,
-              "yy": torch.linalg.matrix_norm(_gram(yc)) ** 2}
     if not debiased:
         return _cka_ratio(sq["xy"], sq["xx"], sq["yy"])
     rx, ry = (xc * xc).sum(1), (yc * yc).sum(1)  # squared row norms = the linear kernels' diagonals
