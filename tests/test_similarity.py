@@ -139,6 +139,21 @@ def test_cholesky_whitener_never_skips_a_truncation(seed, d, decades, rank_tol):
         np.testing.assert_allclose((w.T @ cov @ w).numpy(), np.eye(d), atol=1e-6)
 
 
+def test_cca_precision_as_documented_also_for_correlations_near_zero():
+    # y's first columns are made exactly uncorrelated with x in the sample: true correlations 0
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(3000, 8))
+    y = rng.normal(size=(3000, 6))
+    xc = x - x.mean(0)
+    y[:, :3] -= xc @ np.linalg.lstsq(xc, y[:, :3] - y[:, :3].mean(0), rcond=None)[0]
+    y[:, 3:] += 0.3 * x[:, :3]
+    got, ref = cca(T(x), T(y)).numpy(), cca_ref(x, y)
+    big = ref > 1e-3
+    assert big.sum() >= 3 and (~big).sum() >= 3
+    np.testing.assert_allclose(got[big], ref[big], atol=1e-10)
+    np.testing.assert_allclose(got[~big], ref[~big], atol=1e-7)
+
+
 def test_collinear_and_constant_units_give_the_remaining_subspace():
     x, y = _pair(300, 4, 5, 7)
     base = cca(T(x), T(y)).numpy()

@@ -124,6 +124,7 @@ class RelianceMonitor(NetprobeMonitor):
             selectivity order is computed over the whole probe set, across ranks).
         noise: also compute the noise-robustness curve (``scales``).
         figures: log the curves as a figure to TensorBoard.
+        max_batch: most examples per stacked forward pass (as in :func:`~netprobe.metrics.ablation_curve`).
         **kwargs: see the base.
 
     Example:
@@ -142,7 +143,7 @@ class RelianceMonitor(NetprobeMonitor):
         noise: bool = False,
         scales: Sequence[float] = DEFAULT_SCALES,
         figures: bool = True,
-        max_batch: int = 8192,
+        max_batch: int = 4096,
         **kwargs: Any,
     ) -> None:
         super().__init__(layers, **kwargs)

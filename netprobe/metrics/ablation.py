@@ -396,7 +396,7 @@ def ablation_curve(
     repeats: int = 3,
     generator: Optional[torch.Generator] = None,
     loss_fn: Optional[LossFn] = None,
-    max_batch: int = 8192,
+    max_batch: int = 4096,
     vectorize: bool = True,
     distributed: bool = False,
     expand: str = "auto",
@@ -422,7 +422,9 @@ def ablation_curve(
         generator: source of the random orders; a fresh ``torch.Generator`` seeded with 0 when
             ``None`` (the global RNG is never used).
         loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses; default cross-entropy.
-        max_batch: most samples per forward pass when masks are stacked (memory bound).
+        max_batch: most samples per forward pass when masks are stacked (memory bound). On CPU,
+            4096 was faster than larger stacks (whose activations fall out of cache); on a GPU
+            raise it as far as memory allows.
         vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
             (same numbers, slower).
         distributed: ``data`` is this rank's shard of a dataset split across the ranks of
@@ -520,7 +522,7 @@ def noise_curve(
     repeats: int = 3,
     generator: Optional[torch.Generator] = None,
     loss_fn: Optional[LossFn] = None,
-    max_batch: int = 8192,
+    max_batch: int = 4096,
     vectorize: bool = True,
     index_offset: int = 0,
     distributed: bool = False,
