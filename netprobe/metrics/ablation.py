@@ -310,50 +310,59 @@ def _run(
     hook = _MaskingHook(ud)
     h = module.register_forward_hook(hook)
     at_layer = expand in ("auto", "layer")
+    # Every mask stacked in one pass over sub-batches of `sub` samples, so the layers before the
+    # perturbed one run once per sample; only with more masks than `max_batch` are they chunked.
+    if not vectorize:
+        m_chunk, sub = 1, None
+    elif n_masks <= max_batch:
+        m_chunk, sub = n_masks, max(1, max_batch // n_masks)
+    else:
+        m_chunk, sub = max_batch, 1
     try:
-        for x, y in _batches(data):
+        for xb, yb in _batches(data):
             if device is not None:
-                x, y = x.to(device), y.to(device)
-            b = x.shape[0]
-            if b == 0:
+                xb, yb = xb.to(device), yb.to(device)
+            if xb.shape[0] == 0:
                 continue
-            m_chunk = max(1, max_batch // b) if vectorize else 1
-            for start in range(0, n_masks, m_chunk):
-                m = min(m_chunk, n_masks - start)
-                out = None
-                if at_layer and m > 1 and b > 1:
-                    def fn_layer(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = n) -> torch.Tensor:
-                        view = o.unsqueeze(0).expand(m, *o.shape)
-                        return perturb(view, start, m, first).reshape(m * b, *o.shape[1:])
+            for s0 in range(0, xb.shape[0], sub or xb.shape[0]):
+                x, y = xb[s0 : s0 + (sub or xb.shape[0])], yb[s0 : s0 + (sub or xb.shape[0])]
+                b, first = x.shape[0], n + s0
+                for start in range(0, n_masks, m_chunk):
+                    m = min(m_chunk, n_masks - start)
+                    out = None
+                    if at_layer and m > 1 and b > 1:
+                        def fn_layer(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
+                            view = o.unsqueeze(0).expand(m, *o.shape)
+                            return perturb(view, start, m, first).reshape(m * b, *o.shape[1:])
 
-                    hook.fn = fn_layer
-                    try:
-                        out = model(x)
-                        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != m * b:
-                            raise RuntimeError("output rows do not follow the layer's rows")
-                    except RuntimeError:
-                        if expand == "layer":
-                            raise
-                        at_layer, out = False, None  # fall back to repeating the inputs, for good
-                if out is None:
-                    def fn(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = n) -> torch.Tensor:
-                        view = o.reshape(m, b, *o.shape[1:])
-                        return perturb(view, start, m, first).reshape(o.shape)
+                        hook.fn = fn_layer
+                        try:
+                            out = model(x)
+                            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != m * b:
+                                raise RuntimeError("output rows do not follow the layer's rows")
+                        except RuntimeError:
+                            if expand == "layer":
+                                raise
+                            at_layer, out = False, None  # fall back to repeating the inputs, for good
+                    if out is None:
+                        def fn(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
+                            view = o.reshape(m, b, *o.shape[1:])
+                            return perturb(view, start, m, first).reshape(o.shape)
 
-                    hook.fn = fn
-                    xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
-                    out = model(xin)
-                if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                    raise ValueError(
-                        "Expected the model to return class scores (batch, num_classes), but got "
-                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}."
-                    )
-                yy = y.repeat(m) if m > 1 else y
-                hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
-                ls = _per_sample_loss(loss_fn, out, yy).to(_F64).reshape(m, b).sum(1)
-                correct[start : start + m] += hit.cpu()
-                loss_sum[start : start + m] += ls.cpu()
-            n += b
+                        hook.fn = fn
+                        xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
+                        out = model(xin)
+                    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                        raise ValueError(
+                            "Expected the model to return class scores (batch, num_classes), but got "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}."
+                        )
+                    yy = y.repeat(m) if m > 1 else y
+                    hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
+                    ls = _per_sample_loss(loss_fn, out, yy).to(_F64).reshape(m, b).sum(1)
+                    correct[start : start + m] += hit.cpu()
+                    loss_sum[start : start + m] += ls.cpu()
+            n += xb.shape[0]
     finally:
         h.remove()
         hook.fn = None
