@@ -230,7 +230,9 @@ class _LayerStats:
         self.calls = 0  # hook calls (to catch a module that runs more than once per forward)
 
 
-def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool) -> _LayerStats:
+def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False) -> _LayerStats:
+    """Unit count and layout, per-unit statistics; with ``first_only``, from the first non-empty batch
+    (enough for the shape and the one-call check, when no statistic over all the data is needed)."""
     st = _LayerStats()
 
     def hook(mod: nn.Module, args: Any, out: Any) -> None:
@@ -265,6 +267,8 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
             st.n += x.shape[0]
             if keep_rows:
                 st.labels.append(y.to(x.device))
+            if first_only and st.s1 is not None:
+                break
     finally:
         h.remove()
     if st.s1 is None:
@@ -478,7 +482,8 @@ def ablation_curve(
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
     with evaluating(model):
-        st = _layer_pass(model, module, data, device, keep_rows=isinstance(order, str) and order != "random")
+        needs_all = mode == "mean" or (isinstance(order, str) and order != "random")  # per-unit means / selectivity
+        st = _layer_pass(model, module, data, device, keep_rows=isinstance(order, str) and order != "random", first_only=not needs_all)
         if distributed:
             _reduce_stats(st)
             if st.unit_means:
