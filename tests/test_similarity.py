@@ -123,20 +123,33 @@ def test_cholesky_whitening_is_used_only_when_it_equals_the_truncated_eigen_whit
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=arrays, d=st.integers(1, 12), decades=st.floats(0, 14), rank_tol=st.sampled_from([1e-10, 1e-6, 1e-3]))
-def test_cholesky_whitener_never_skips_a_truncation(seed, d, decades, rank_tol):
+@given(seed=arrays, d=st.integers(1, 12), decades=st.floats(0, 14), rank_tol=st.sampled_from([1e-10, 1e-6, 1e-3]),
+       scale=st.sampled_from([1.0, 1e-170, 1e-84, 1e80]))
+def test_cholesky_whitener_never_skips_a_truncation(seed, d, decades, rank_tol, scale):
     from netprobe.metrics.similarity import _cholesky_whitener, _tol
 
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     lam = 10.0 ** -(rng.uniform(0, decades, size=d))
     cov = T((q * lam) @ q.T)
-    cov = (cov + cov.T) / 2
+    cov = (cov + cov.T) / 2 * scale  # tiny scales: squared entries would underflow
     w = _cholesky_whitener(cov, rank_tol)
     evals = torch.linalg.eigvalsh(cov)
     if w is not None:  # only when eigh would keep every direction, with room to spare
         assert float(evals[0]) > _tol(rank_tol, cov) * float(evals[-1])
         np.testing.assert_allclose((w.T @ cov @ w).numpy(), np.eye(d), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-84, 1e-30, 1e30, 1e80])  # covariances ~1e-168 .. 1e160
+def test_cca_truncation_does_not_depend_on_the_scale_of_the_data(scale):
+    rng = np.random.default_rng(14)
+    z = rng.normal(size=(500, 3))
+    x = np.stack([z[:, 0], z[:, 0] + 1e-6 * z[:, 1]], 1)  # nearly collinear: one direction is cut
+    y = z[:, :1] + rng.normal(size=(500, 1))
+    base = cca(T(x), T(y)).numpy()
+    assert base.shape == (1,)
+    np.testing.assert_allclose(cca(T(x * scale), T(y)).numpy(), base, rtol=1e-9)
+    np.testing.assert_allclose(cca(T(x), T(y * scale)).numpy(), base, rtol=1e-9)
 
 
 def test_cca_precision_as_documented_also_for_correlations_near_zero():
@@ -152,6 +165,22 @@ def test_cca_precision_as_documented_also_for_correlations_near_zero():
     assert big.sum() >= 3 and (~big).sum() >= 3
     np.testing.assert_allclose(got[big], ref[big], atol=1e-10)
     np.testing.assert_allclose(got[~big], ref[~big], atol=1e-7)
+
+
+def test_moments_never_allocate_a_float64_copy_of_the_inputs():
+    from torch.profiler import ProfilerActivity, profile
+
+    from netprobe.metrics.similarity import _Moments
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100_000, 64, generator=g), torch.randn(100_000, 32, generator=g)  # float32
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        m = _Moments.of(x, y)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < x.numel() * 8 // 4  # a float64 copy of x would be 51 MB; blocks are <= 8 MB
+    xd = x.double()
+    torch.testing.assert_close(m.mx, xd.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.cxx, (xd - xd.mean(0)).T @ (xd - xd.mean(0)), rtol=1e-12, atol=1e-8)
 
 
 def test_collinear_and_constant_units_give_the_remaining_subspace():

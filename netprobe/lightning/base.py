@@ -142,7 +142,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # two monitors of one class on the same layers differ in their settings (else Lightning
         # refuses them as duplicate stateful callbacks). Lightning reads this for every hook call
         # (hundreds per epoch), so it is built once per set of settings.
-        settings = (self._layer_key(), self.every_n_epochs, self.num_samples, self.seed, self.metrics)
+        settings = (self._layer_key(), self.every_n_epochs, self.num_samples, self.seed, tuple(self.metrics))
         cached = self.__dict__.get("_state_key_cache")
         if cached is None or cached[0] != settings:
             key = {"layers": settings[0], "every_n_epochs": self.every_n_epochs, "num_samples": self.num_samples,

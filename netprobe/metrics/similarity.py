@@ -12,8 +12,8 @@ remaining subspace, never NaN), and the canonical correlations are the singular 
 ``W_x^T S_xy W_y``. When a cheap bound proves a covariance has no eigenvalue near the cutoff (the
 usual case), it is whitened through its Cholesky factor instead, which gives the same
 correlations about 5x faster. The blocks are accumulated over row blocks that are converted and
-centered on the fly, so no ``(n, d)`` float64 copy of the data is made. Squaring the data into covariances costs precision only for directions whose
-variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange, the same
+centered on the fly, so no ``(n, d)`` float64 copy of the data is made. Squaring the data into
+covariances costs precision only for directions whose variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange, the same
 code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
 merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
 ``(n, d)`` data for ``n >> d``; see ``benchmarks/similarity.py``).
@@ -89,12 +89,25 @@ def _mirror_blocks(out: torch.Tensor, base: int = _GRAM_BASE) -> torch.Tensor:
 
 
 def _chunk_rows(x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
-    """Rows per block of products, and per centering piece. On CPU small blocks keep the float64
-    centered copy in cache; on a GPU few large ones (at most 2^23 elements, 64 MiB, per side)."""
+    """Rows per block of products, and per centering piece. On CPU small blocks (~2 MiB, at least
+    512 rows) keep the float64 centered copy in cache; on a GPU few large ones (at most 2^23
+    elements, 64 MiB, per side)."""
+    d = max(x.shape[1], y.shape[1], 1)
     if x.device.type == "cpu":
-        return 512, 128
-    rows = max(256, min(16384, 2**23 // max(x.shape[1], y.shape[1], 1)))
+        return max(512, 2**18 // d), max(128, 2**16 // d)
+    rows = max(1, min(16384, 2**23 // d))
     return rows, rows
+
+
+def _col_mean(x: torch.Tensor) -> torch.Tensor:
+    """Column means in float64 without a float64 copy of ``x`` (``mean(dtype=...)`` makes one)."""
+    if x.dtype == _F64:
+        return x.mean(0)
+    total = torch.zeros(x.shape[1], dtype=_F64, device=x.device)
+    rows = max(1, 2**20 // max(x.shape[1], 1))
+    for i in range(0, x.shape[0], rows):
+        total += x[i : i + rows].sum(0, dtype=_F64)
+    return total / x.shape[0]
 
 
 @dataclass
@@ -113,7 +126,7 @@ class _Moments:
         """Moments of ``x`` ``(n, d_x)``, ``y`` ``(n, d_y)`` (any real dtype) in float64. Rows are
         converted and centered a block at a time, so no ``(n, d)`` float64 copy is ever made
         (extra memory ``O(d^2)`` plus one block), and the products accumulate block by block."""
-        mx, my = x.mean(0, dtype=_F64), y.mean(0, dtype=_F64)
+        mx, my = _col_mean(x), _col_mean(y)
         dx, dy = x.shape[1], y.shape[1]
         cxx = torch.zeros((dx, dx), dtype=_F64, device=x.device)
         cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device)
@@ -200,16 +213,22 @@ def _cholesky_whitener(cov: torch.Tensor, rank_tol: float) -> Optional[torch.Ten
     = 1 / ||L^-1||_F^2`` and ``lambda_max <= ||cov||_F``. ``None`` when the bound does not show it
     (nearly collinear units, or not positive definite): then eigendecomposition truncates.
     About 5x cheaper than ``eigh`` for large ``d``."""
-    chol, info = torch.linalg.cholesky_ex(cov)
+    # on the covariance scaled to a unit largest variance: the test is then free of underflow
+    # (squares of entries below ~1e-154 would vanish and make any matrix pass) and of overflow
+    scale = cov.diagonal().max() if cov.numel() else cov.new_zeros(())
+    if not bool(torch.isfinite(scale) & (scale > 0)):
+        return None
+    covn = cov / scale
+    chol, info = torch.linalg.cholesky_ex(covn)
     if int(info) != 0:
         return None
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     linv = torch.linalg.solve_triangular(chol, eye, upper=False)
     lam_min_bound = 1.0 / (linv * linv).sum()
     # 10x margin: near the cutoff, leave the decision to the eigenvalues themselves
-    if not bool(lam_min_bound > 10.0 * _tol(rank_tol, cov) * torch.linalg.matrix_norm(cov)):
+    if not bool(lam_min_bound > 10.0 * _tol(rank_tol, covn) * torch.linalg.matrix_norm(covn)):
         return None
-    return linv.T
+    return linv.T * scale.rsqrt()
 
 
 @dataclass
@@ -258,7 +277,7 @@ def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *
     if not vectors:
         # correlations only: their squares are the eigenvalues of the smaller of M M^T, M^T M, a
         # symmetric eigenproblem about 2x (d=512) to 4x (d=2048) cheaper than the SVD. Squaring
-        # costs absolute accuracy only for tiny correlations: ~1e-10 above 1e-3, ~1e-7 near 0.
+        # costs absolute accuracy only for tiny correlations: ~1e-13 above 1e-3, ~1e-8 near 0.
         g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
         s = torch.linalg.eigvalsh((g + g.T) / 2).flip(0).clamp_min(0.0).sqrt()
         return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, m.new_zeros(0), m.new_zeros(0), sxx, syy)
@@ -363,8 +382,9 @@ def cca(x: torch.Tensor, y: torch.Tensor, *, rank_tol: float = RANK_TOL) -> torc
     Returns:
         ``(r,)`` float64 correlations in ``[0, 1]``, descending, ``r = min(rank_x, rank_y)``.
         Units whose variance is below ``1e-10`` times the largest are dropped first. Computed as
-        square roots of eigenvalues (faster than an SVD): accurate to ~1e-10 for correlations
-        above 1e-3 and to ~1e-7 absolute below (far inside the sampling error of any estimate).
+        square roots of eigenvalues (faster than an SVD), which adds errors of ~1e-13 to
+        correlations above 1e-3 and up to ~1e-8 near 0 (far inside the sampling error of any
+        estimate); beyond that, accuracy is set by the conditioning of the data, as for any method.
 
     Raises:
         ValueError: non-2-D input, different ``n``, NaN/Inf, all units constant, or
