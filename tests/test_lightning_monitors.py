@@ -241,6 +241,11 @@ def test_layer_called_twice_fails_fast_and_settings_tell_monitors_apart():
     # two monitors of one class on the same layers, with different settings, are both accepted
     a, b = SelectivityMonitor(["relu1"], num_samples=64), SelectivityMonitor(["relu1"], num_samples=64, every_n_epochs=2)
     assert a.state_key != b.state_key
+    key = a.state_key  # built once, rebuilt when a setting changes
+    a.layer_specs.append("relu2")
+    assert a.state_key != key and "relu2" in a.state_key
+    a.layer_specs.pop()
+    assert a.state_key == key
     tr = trainer(pl, max_epochs=2, callbacks=[a, b])
     tr.fit(make_module(pl), loader(x, y))
     assert "netprobe/selectivity_mean" in tr.callback_metrics

@@ -142,10 +142,12 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # two monitors of one class on the same layers differ in their settings (else Lightning
         # refuses them as duplicate stateful callbacks). Lightning reads this for every hook call
         # (hundreds per epoch), so it is built once per set of settings.
-        settings = (self._layer_key(), self.every_n_epochs, self.num_samples, self.seed, tuple(self.metrics))
+        specs = self.layer_specs
+        specs = tuple(specs) if isinstance(specs, (list, tuple)) else (specs,)
+        settings = (specs, self.every_n_epochs, self.num_samples, self.seed, tuple(self.metrics))
         cached = self.__dict__.get("_state_key_cache")
         if cached is None or cached[0] != settings:
-            key = {"layers": settings[0], "every_n_epochs": self.every_n_epochs, "num_samples": self.num_samples,
+            key = {"layers": self._layer_key(), "every_n_epochs": self.every_n_epochs, "num_samples": self.num_samples,
                    "seed": self.seed, "metrics": list(self.metrics)}
             cached = self._state_key_cache = (settings, f"{type(self).__name__}{key}")
         return cached[1]
