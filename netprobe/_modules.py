@@ -126,6 +126,11 @@ def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, 
     return name, mod
 
 
+#: keys under which a batch dict holds its inputs and its class targets (first match wins)
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data", "features")
+TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
     """The dimension of ``output`` that indexes units.
 

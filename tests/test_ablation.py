@@ -318,3 +318,19 @@ def test_uint8_targets_work_like_int64():
     b = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a.correct, b.correct)
     torch.testing.assert_close(a.loss_sum, b.loss_sum)
+
+
+def test_batch_formats_and_output_checks_name_the_fix():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    ref = ablation_curve(net, "1", (x, y))
+    dicts = [{"image": x[:20], "label": y[:20]}, {"image": x[20:], "label": y[20:]}]  # the monitors' keys work here too
+    assert torch.equal(ablation_curve(net, "1", dicts).correct, ref.correct)
+    with pytest.raises(ValueError, match=r"keys \['img', 'label'\]"):
+        ablation_curve(net, "1", [{"img": x, "label": y}])
+    one = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match=r"single binary logit.*torch.cat\(\[-z, z\], 1\)"):
+        ablation_curve(one, "1", (x, torch.zeros(40, dtype=torch.long)))
+    with pytest.raises(ValueError, match="Targets reach class 2, but the model returns scores for 2 classes"):
+        ablation_curve(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "1", (x, y.clamp(max=2)))

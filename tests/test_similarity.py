@@ -183,6 +183,14 @@ def test_moments_never_allocate_a_float64_copy_of_the_inputs():
     torch.testing.assert_close(m.cxx, (xd - xd.mean(0)).T @ (xd - xd.mean(0)), rtol=1e-12, atol=1e-8)
 
 
+def test_activations_that_require_grad_are_accepted():
+    x, y = _pair(200, 4, 5, 15)
+    xg, yg = T(x).requires_grad_(), T(y).requires_grad_()
+    assert float(pwcca(xg, yg)) == pytest.approx(float(pwcca(T(x), T(y))), abs=1e-12)
+    assert float(linear_cka(xg, yg)) == pytest.approx(float(linear_cka(T(x), T(y))), abs=1e-12)
+    assert float(SimilarityAccumulator().update(xg, yg).cca()[0]) == pytest.approx(float(cca(T(x), T(y))[0]), abs=1e-12)
+
+
 def test_collinear_and_constant_units_give_the_remaining_subspace():
     x, y = _pair(300, 4, 5, 7)
     base = cca(T(x), T(y)).numpy()

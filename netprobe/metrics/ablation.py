@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import evaluating, resolve_layer, unit_dim
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, evaluating, resolve_layer, unit_dim
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
 
@@ -158,8 +158,14 @@ def _batches(data: Data) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
             f"(e.g. a DataLoader), but got {type(data).__name__}."
         ) from None
     for batch in it:
-        if isinstance(batch, dict):
-            batch = (batch.get("x", batch.get("input", batch.get("inputs"))), batch.get("y", batch.get("target", batch.get("targets", batch.get("label")))))
+        if isinstance(batch, collections.abc.Mapping):
+            keys = list(batch)
+            batch = (next((batch[k] for k in INPUT_KEYS if k in batch), None), next((batch[k] for k in TARGET_KEYS if k in batch), None))
+            if batch[0] is None or batch[1] is None:
+                raise ValueError(
+                    f"Cannot find inputs and targets in a batch dict with keys {keys}: expected one of {list(INPUT_KEYS)} "
+                    f"and one of {list(TARGET_KEYS)}. Pass (inputs, targets) batches instead."
+                )
         if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(isinstance(t, torch.Tensor) for t in batch[:2]):
             raise TypeError(
                 "Expected each batch of `data` to be an (inputs, targets) pair of tensors, but got "
@@ -167,6 +173,37 @@ def _batches(data: Data) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
             )
         _check_targets(batch[0], batch[1])
         yield batch[0], batch[1]
+
+
+def _check_scores(out: Any, y: torch.Tensor) -> None:
+    """The model's output must be class scores that the targets index."""
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ValueError(
+            "Expected the model to return class scores (batch, num_classes), but got "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}. Pass a module whose forward "
+            "returns the scores (wrap a model that returns a tuple or dict); with the Lightning monitors, override "
+            "`forward(pl_module, x)`."
+        )
+    if out.shape[1] < 2:
+        raise ValueError(
+            f"Expected class scores for at least 2 classes, but the model returns {out.shape[1]} per input (a single "
+            "binary logit?). Return two scores, e.g. `torch.cat([-z, z], 1)` for a logit `z`."
+        )
+    if y.numel() and int(y.max()) >= out.shape[1]:
+        raise ValueError(f"Targets reach class {int(y.max())}, but the model returns scores for {out.shape[1]} classes.")
+
+
+def _check_finite_loss(res: "CurveResult") -> "CurveResult":
+    """A network whose outputs are NaN/Inf has no accuracy to lose: refuse it rather than return a
+    curve whose normalized area (flat at the share of one class) reads as perfect robustness."""
+    bad = ~torch.isfinite(res.loss_sum)
+    if bool(bad.any()):
+        where = "before any ablation" if bool(bad[..., 0].any()) else "at some ablation points"
+        raise ValueError(
+            f"The loss is not finite (NaN/Inf) on `data` {where}: the network's outputs are not finite (diverged "
+            "training?), so its reliance is undefined. Check the model, or pass a `loss_fn` that is finite here."
+        )
+    return res
 
 
 def _model_device(model: nn.Module) -> Optional[torch.device]:
@@ -356,11 +393,7 @@ def _run(
                         hook.fn = fn
                         xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
                         out = model(xin)
-                    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                        raise ValueError(
-                            "Expected the model to return class scores (batch, num_classes), but got "
-                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}."
-                        )
+                    _check_scores(out, y)
                     yy = y.repeat(m) if m > 1 else y
                     hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
                     ls = _per_sample_loss(loss_fn, out, yy).to(_F64).reshape(m, b).sum(1)
@@ -524,7 +557,7 @@ def ablation_curve(
         correct_u, loss_u, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand)
         correct, loss_sum = correct_u[inverse], loss_u[inverse]
     res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
-    return res.all_reduce() if distributed else res
+    return _check_finite_loss(res.all_reduce() if distributed else res)  # after the reduce: every rank agrees
 
 
 def noise_curve(
@@ -617,4 +650,4 @@ def noise_curve(
 
         correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize, expand)
     res = CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
-    return res.all_reduce() if distributed else res
+    return _check_finite_loss(res.all_reduce() if distributed else res)

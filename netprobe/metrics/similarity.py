@@ -46,7 +46,7 @@ def _prep(x: Any, y: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     check_same_n(x, y)
     if x.device != y.device:
         raise ValueError(f"Expected `x` and `y` on the same device, but got {x.device} and {y.device}.")
-    return x, y
+    return x.detach(), y.detach()  # the metrics are not differentiable; activations often still require grad
 
 
 def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> None:
