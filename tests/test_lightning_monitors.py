@@ -382,3 +382,75 @@ def test_a_failing_method_skips_only_itself():
     with pytest.warns(RuntimeWarning, match=r"svcca \(to the previous measurement\) for layer 'relu1' skipped.*SVCCA needs"):
         tr.fit(make_module(pl, batchnorm=False, dropout=0.0), loader(x, y))
     assert "netprobe/cka_prev/relu1" in tr.callback_metrics and "netprobe/svcca_prev/relu1" not in tr.callback_metrics
+
+
+def test_startup_checks_catch_what_would_fail_every_epoch():
+    import pytorch_lightning as pl
+
+    x, y = digits(100)
+
+    class Steps(pl.Callback):
+        n = 0
+
+        def on_train_batch_start(self, *a):
+            Steps.n += 1
+
+    def fit(mon, model=None):
+        trainer(pl, max_epochs=1, callbacks=[mon, Steps()]).fit(model or make_module(pl, batchnorm=False), loader(x, y))
+
+    with pytest.raises(ValueError, match=r"non-negative.*\['fc1'\].*ReLU"):
+        fit(SelectivityMonitor(["fc1", "relu1"], num_samples=64))
+    tuple_out = make_module(pl)
+    tuple_out.forward = lambda inp, f=tuple_out.forward: (f(inp), None)
+    with pytest.raises(ValueError, match=r"class scores.*tuple or dict.*Override `forward"):
+        fit(RelianceMonitor(["relu1"], num_samples=64, num_classes=10), tuple_out)
+    one_logit = make_module(pl)
+    one_logit.forward = lambda inp, f=one_logit.forward: f(inp)[:, :1]
+    with pytest.raises(ValueError, match=r"binary logit z: `torch.cat\(\[-z, z\], 1\)`"):
+        fit(RelianceMonitor(["relu1"], num_samples=64, num_classes=10), one_logit)
+    with pytest.raises(FileNotFoundError):
+        fit(ConvergenceMonitor(["relu1"], num_samples=80, reference="/nonexistent/ref.ckpt"))
+    assert Steps.n == 0  # all of them before the first training step
+
+
+def test_a_diverged_network_gets_no_reliance_and_no_stale_values():
+    import pytorch_lightning as pl
+
+    x, y = digits(100)
+    model = make_module(pl, batchnorm=False)
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite.*before any ablation"):
+        ablation_curve(model, "relu1", (x, y))
+
+    class Diverge(pl.Callback):  # epoch 0 is fine; from epoch 1 on, the weights are NaN
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    pl_module.fc1.weight[0, 0] = float("nan")
+
+    rec = Recorder(pl)
+    tr = trainer(pl, max_epochs=2, callbacks=[Diverge(), RelianceMonitor(["relu1"], num_samples=64, repeats=1), rec.cb])
+    with pytest.warns(RuntimeWarning, match="reliance for layer 'relu1' skipped.*not finite"):
+        tr.fit(make_module(pl, batchnorm=False), loader(x, y))
+    assert "netprobe/reliance_auc" in rec.epochs[0] and "netprobe/probe_accuracy" in rec.epochs[0]
+    assert not any(k.startswith(("netprobe/reliance_auc", "netprobe/probe_accuracy")) for k in rec.epochs[1])
+
+
+def test_a_monitor_reused_for_a_new_model_starts_afresh_and_bf16_models_work():
+    import pytorch_lightning as pl
+
+    x, y = digits(200)
+    mon = ConvergenceMonitor(["relu1"], num_samples=100, methods=("cka",))
+    trainer(pl, max_epochs=2, callbacks=[mon]).fit(make_module(pl), loader(x, y))
+    first = mon.state_dict()["probe_indices"].clone()
+    rec = Recorder(pl)
+    trainer(pl, max_epochs=2, callbacks=[mon, rec.cb]).fit(make_module(pl), loader(x[100:], y[100:]))
+    assert "netprobe/cka_prev" not in rec.epochs[0]  # no comparison with the old model's activations
+    assert "netprobe/cka_prev" in rec.epochs[1]
+    assert mon.state_dict()["probe_indices"].max() < 100 <= first.max()  # drawn from the new, smaller dataset
+    # precision="bf16-true": the probe inputs follow the model's dtype
+    rec = Recorder(pl)
+    mons = [SelectivityMonitor(["relu1"], num_samples=64), RelianceMonitor(["relu1"], num_samples=64, repeats=1), rec.cb]
+    trainer(pl, max_epochs=1, precision="bf16-true", callbacks=mons).fit(make_module(pl, batchnorm=False), loader(x, y))
+    assert {"netprobe/selectivity_mean", "netprobe/reliance_auc"} <= set(rec.epochs[0])

@@ -29,13 +29,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import LayerSpec, evaluating, resolve_layers
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, evaluating, resolve_layers
 
 try:
     import pytorch_lightning as _pl
@@ -55,8 +56,6 @@ __all__ = ["NetprobeMonitor"]
 Batch = Any
 ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data", "features")
-_TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 
 class _OtherRankFailed(ValueError):
@@ -135,6 +134,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._last_epoch = -1
         self._widths: Dict[str, int] = {}
         self.last_values: Dict[str, float] = {}
+        self._published: set = set()  # keys written at the last measurement
+        self._seen: Optional[Tuple[Any, Any]] = None  # weak refs to the Trainer and module of this run
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -168,6 +169,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _extra_state(self) -> Dict[str, Any]:
         return {}
 
+    def _reset_extra_state(self) -> None:
+        pass
+
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         pass
 
@@ -179,12 +183,12 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         and ``y``/``target``/``label``.
         """
         if isinstance(batch, Mapping):
-            x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
-            y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+            x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+            y = next((batch[k] for k in TARGET_KEYS if k in batch), None)
             if x is None or y is None:
                 raise ValueError(
                     f"Cannot find inputs and targets in a batch dict with keys {list(batch)}: expected one of "
-                    f"{list(_INPUT_KEYS)} and one of {list(_TARGET_KEYS)}. Override `batch_to_inputs_targets`."
+                    f"{list(INPUT_KEYS)} and one of {list(TARGET_KEYS)}. Override `batch_to_inputs_targets`."
                 )
             return x, y
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
@@ -195,12 +199,25 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         )
 
     def forward(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """How the monitored model is called on probe inputs (default ``pl_module(x)``)."""
+        """How the monitored model is called on probe inputs (default ``pl_module(x)``, floating
+        inputs cast to the dtype of the model's parameters, e.g. for ``precision="bf16-true"``)."""
+        p = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+        if p is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != p.dtype:
+            x = x.to(p.dtype)
         return pl_module(x)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         self.layers = list(resolve_layers(pl_module, self.layer_specs))
+        # a monitor reused for another Trainer or model starts afresh (its probe set and previous
+        # activations belong to the old run); a second fit of the same pair goes on where it was.
+        # A checkpoint being resumed is loaded after this, so its state wins.
+        seen = self._seen
+        if seen is None or seen[0]() is not trainer or seen[1]() is not pl_module:
+            self._seen = (weakref.ref(trainer), weakref.ref(pl_module))
+            self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
+            self._published = set()
+            self._reset_extra_state()
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._probe is None:
@@ -284,8 +301,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _frozen(self, pl_module: nn.Module) -> ContextManager[None]:
         return evaluating(pl_module, restore_rng=True)
 
-    def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs."""
+    def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs
+        (``None`` when the model does not return a tensor)."""
         from netprobe.capture import probe
 
         layers = list(layers or self.layers)
@@ -307,7 +325,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 f"{misaligned} rows (a module called several times per forward, or a per-position reduction). "
                 "Monitor a module that runs once per input, or override `forward(pl_module, x)`."
             )
-        out = torch.cat(outs) if outs and isinstance(outs[0], torch.Tensor) else torch.empty(0)
+        out = torch.cat(outs) if outs and all(isinstance(o, torch.Tensor) for o in outs) else None
         return {n: p[n] for n in layers}, out
 
     def _validate(self, pl_module: nn.Module) -> None:
@@ -322,7 +340,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             acts, out = self._capture(pl_module, x[: min(len(x), 16)])
         self._widths = {n: a.shape[1] for n, a in acts.items()}
         if self.num_classes is None:
-            if out.ndim == 2 and out.shape[1] >= 2:
+            if out is not None and out.ndim == 2 and out.shape[1] >= 2:
                 self.num_classes = int(out.shape[1])
             else:
                 self.num_classes = int(y.max()) + 1 if y.numel() else 0
@@ -332,10 +350,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             raise ValueError(
                 f"{type(self).__name__}: probe targets span [{int(y.min())}, {int(y.max())}] but num_classes={self.num_classes}."
             )
-        self._check(self._widths, len(x))
+        self._check(self._widths, len(x), acts, out)
 
-    def _check(self, widths: Mapping[str, int], n: int) -> None:
-        """Subclass hook: raise ValueError listing what is wrong for these layer widths and probe size."""
+    def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
+        """Subclass hook: raise ValueError listing what is wrong for these layer widths and probe
+        size, given the activations and outputs of the first few probe examples."""
 
     # ------------------------------------------------------------------ running and publishing
     def _due(self, epoch: int) -> bool:
@@ -388,6 +407,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _publish(self, trainer: Any, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
         self.last_values = dict(scalars)
         cm = trainer.callback_metrics
+        for k in self._published - set(scalars):
+            cm.pop(k, None)  # skipped this time (warned): no stale value for EarlyStopping/ModelCheckpoint to read
+        self._published = set(scalars)
         for k, v in scalars.items():
             cm[k] = torch.tensor(float(v))
         loggers = list(getattr(trainer, "loggers", []) or [])

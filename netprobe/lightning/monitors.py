@@ -64,6 +64,15 @@ class SelectivityMonitor(NetprobeMonitor):
         self.histograms = bool(histograms)
         self.metrics = ("selectivity_mean", "dead_fraction") + (("mutual_info_mean",) if mutual_info else ())
 
+    def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
+        neg = {k: float(a.min()) for k, a in acts.items() if a.numel() and bool((a < 0).any())}
+        if neg:
+            raise ValueError(
+                f"SelectivityMonitor: class selectivity is defined for non-negative (post-ReLU) activations, but layers "
+                f"{sorted(neg)} give negative values on the probe inputs (min {min(neg.values()):.3g}). Monitor the "
+                "activation after them (e.g. the ReLU module), or use ConvergenceMonitor for such layers."
+            )
+
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, y, _ = self._shard()
         acts, _ = self._capture(pl_module, x)
@@ -163,6 +172,19 @@ class RelianceMonitor(NetprobeMonitor):
         self.noise, self.scales, self.figures, self.max_batch = bool(noise), sc, bool(figures), max_batch
         self.metrics = ("reliance_auc",) + (("noise_auc",) if noise else ()) + ("probe_accuracy",)
 
+    def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
+        if out is None or out.ndim != 2 or out.shape[1] < 2:
+            got = "not a tensor (a tuple or dict?)" if out is None else f"of shape {tuple(out.shape)}"
+            raise ValueError(
+                f"RelianceMonitor: accuracy under ablation needs the model to return class scores (batch, num_classes) "
+                f"with at least 2 classes, but its output is {got}. Override `forward(pl_module, x)` in a subclass to "
+                "return the scores (for a single binary logit z: `torch.cat([-z, z], 1)`)."
+            )
+        assert self._probe is not None and self.num_classes is not None
+        top = int(self._probe[1].max()) if self._probe[1].numel() else 0
+        if top >= out.shape[1]:
+            raise ValueError(f"RelianceMonitor: probe targets reach class {top}, but the model returns {out.shape[1]} scores.")
+
     def _generator(self, epoch: int, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + salt) % (2**63 - 1))
 
@@ -247,7 +269,9 @@ class ConvergenceMonitor(NetprobeMonitor):
         layers: see the base.
         methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"``.
         reference: an ``nn.Module`` with the same layer names, or a checkpoint path whose
-            ``state_dict`` loads into a copy of the LightningModule.
+            ``state_dict`` loads into a copy of the LightningModule. Treated as fixed: its
+            activations on the probe set are computed once, when training starts (a reference
+            that changes during training, e.g. an EMA copy, is compared as that snapshot).
         keep: SVCCA's variance fraction (or int number of directions).
         heatmap: log the layer-by-layer CKA heatmap.
         **kwargs: see the base.
@@ -279,7 +303,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._ref: Dict[str, torch.Tensor] = {}
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
 
-    def _check(self, widths: Mapping[str, int], n: int) -> None:
+    def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
         if "pwcca" in self.methods:
             small = {k: d for k, d in widths.items() if 2 * d >= n}
             if small:
@@ -289,6 +313,14 @@ class ConvergenceMonitor(NetprobeMonitor):
                     f"n/2 units or more. Use num_samples > {2 * max(small.values())} (several times that is safer), "
                     "or methods=('cka',), or ('svcca', 'cka') with an int `keep` below n/2."
                 )
+
+    def _validate(self, pl_module: nn.Module) -> None:
+        super()._validate(pl_module)
+        if self.reference is not None:  # a missing checkpoint or mismatched layers fail now, not after an epoch
+            self._reference_acts(pl_module)
+
+    def _reset_extra_state(self) -> None:
+        self._prev, self._ref = {}, {}
 
     def _extra_state(self) -> Dict[str, Any]:
         return {"prev": {k: v.clone() for k, v in self._prev.items()}}
