@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import weakref
 from typing import Dict, Iterable, Iterator, Sequence, Union
 
 import torch
@@ -111,7 +112,9 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Iterable[LayerSpec
                 "Expected each entry of `layers` to be a str (name or glob), an nn.Module subclass or a "
                 f"submodule, but got {type(spec).__name__}: {spec!r}."
             )
-    return {n: named[n] for n in named if n in selected}
+    out = {n: named[n] for n in named if n in selected}
+    _note_layouts(model, out.values())
+    return out
 
 
 def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, nn.Module]:
@@ -131,28 +134,61 @@ INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data", "features")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 
+_CONV_LIKE = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling.MaxPool1d,
+    nn.modules.pooling.AvgPool1d,
+    nn.modules.pooling.AdaptiveAvgPool1d,
+    nn.modules.pooling.AdaptiveMaxPool1d,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+# Shape-preserving modules selected as layers whose 3-D outputs are channels-first, because they
+# follow a conv-like module (see _note_layouts). Weak keys: no module is kept alive by this.
+_CHANNELS_FIRST: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _transparent(m: nn.Module) -> bool:
+    """Elementwise / shape-preserving modules that keep their input's layout (ReLU, GELU, Dropout, Identity...)."""
+    if isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)):
+        return True
+    return type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
+
+
+def _note_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> None:
+    """For each selected shape-preserving module, record whether it follows a conv-like module
+    among its siblings (skipping other shape-preserving ones): a ReLU after a Conv1d gets
+    ``(N, C, L)`` and its units are channels, not positions. Siblings are taken in registration
+    order, which is the execution order in ``nn.Sequential`` and in the usual ``__init__``."""
+    wanted = {id(m): m for m in modules if _transparent(m)}
+    if not wanted:
+        return
+    for parent in model.modules():
+        prev_layout = None
+        for child in parent.children():
+            if id(child) in wanted:
+                _CHANNELS_FIRST[child] = prev_layout == "channels_first"
+            if not _transparent(child):
+                prev_layout = "channels_first" if isinstance(child, _CONV_LIKE) else "other"
+
+
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
     """The dimension of ``output`` that indexes units.
 
     * 2-D ``(N, D)``: dim 1.
     * 4-D/5-D ``(N, C, ...)`` (2-D/3-D convolutions, pooling, batch norm): dim 1, the channel.
-    * 3-D: dim 1 for 1-D convolution/pooling/batch-norm modules ``(N, C, L)``; otherwise a sequence
-      ``(N, T, D)`` and dim 2.
+    * 3-D: dim 1 for 1-D convolution/pooling/batch-norm modules ``(N, C, L)``, and for activations,
+      dropout and identity modules selected right after one (a ``ReLU`` after a ``Conv1d``, found
+      when the layers are resolved against the model); otherwise a sequence ``(N, T, D)``, dim 2.
     """
     if output.ndim <= 2:
         return output.ndim - 1
     if output.ndim >= 4:
         return 1
-    conv_like = (
-        nn.modules.conv._ConvNd,
-        nn.modules.batchnorm._BatchNorm,
-        nn.modules.pooling.MaxPool1d,
-        nn.modules.pooling.AvgPool1d,
-        nn.modules.pooling.AdaptiveAvgPool1d,
-        nn.modules.pooling.AdaptiveMaxPool1d,
-        nn.modules.instancenorm._InstanceNorm,
-    )
-    return 1 if isinstance(module, conv_like) else 2
+    if isinstance(module, _CONV_LIKE) or _CHANNELS_FIRST.get(module, False):
+        return 1
+    return 2
 
 
 @contextlib.contextmanager

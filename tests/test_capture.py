@@ -198,6 +198,34 @@ def test_conv1d_uses_channels_and_last_is_rejected_for_conv():
             m(x)
 
 
+def test_activations_after_a_conv1d_use_channels_and_after_a_linear_positions():
+    from netprobe.metrics import ablation_curve
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(1, 8, 5), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Conv1d(8, 12, 5),
+                        nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(12, 3)).eval()
+    x, y = torch.randn(30, 1, 40), torch.randint(0, 3, (30,))
+    with netprobe.probe(net, ["2", "3", "5"]) as p:
+        net(x)
+    h2 = net[2](net[1](net[0](x))).detach()
+    torch.testing.assert_close(p["2"], h2.mean(2))  # (N, C, L): the 8 channels are the units
+    assert p["3"].shape == (30, 8) and p["5"].shape == (30, 12)
+    assert ablation_curve(net, "2", (x, y)).order.shape == (3, 8)  # channels ablated, not positions
+
+    class Seq(nn.Module):  # (N, T, D) after a Linear: positions stay positions
+        def __init__(self):
+            super().__init__()
+            self.emb, self.act = nn.Linear(4, 16), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.emb(x))
+
+    m = Seq()
+    with netprobe.probe(m, ["act"]) as p:
+        out = m(torch.randn(5, 7, 4))
+    torch.testing.assert_close(p["act"], out.detach().mean(1))
+
+
 def test_per_layer_reduce_and_bad_callable():
     m = CNN()
     x = torch.randn(2, 2, 4, 4)
