@@ -3,6 +3,7 @@
 import csv
 import importlib
 import math
+import pickle
 
 import pytest
 import torch
@@ -444,6 +445,7 @@ def test_a_monitor_reused_for_a_new_model_starts_afresh_and_bf16_models_work():
     mon = ConvergenceMonitor(["relu1"], num_samples=100, methods=("cka",))
     trainer(pl, max_epochs=2, callbacks=[mon]).fit(make_module(pl), loader(x, y))
     first = mon.state_dict()["probe_indices"].clone()
+    assert pickle.loads(pickle.dumps(mon)).state_dict()["probe_indices"].equal(first)  # e.g. for ddp_spawn
     rec = Recorder(pl)
     trainer(pl, max_epochs=2, callbacks=[mon, rec.cb]).fit(make_module(pl), loader(x[100:], y[100:]))
     assert "netprobe/cka_prev" not in rec.epochs[0]  # no comparison with the old model's activations

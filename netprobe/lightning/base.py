@@ -137,6 +137,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._published: set = set()  # keys written at the last measurement
         self._seen: Optional[Tuple[Any, Any]] = None  # weak refs to the Trainer and module of this run
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # ddp_spawn and checkpoints pickle callbacks: the weak references to this run's Trainer and
+        # module cannot be, and belong to this process anyway
+        state = self.__dict__.copy()
+        state["_seen"] = None
+        return state
+
     # ------------------------------------------------------------------ identity / state
     @property
     def state_key(self) -> str:
