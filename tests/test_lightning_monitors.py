@@ -412,6 +412,12 @@ def test_startup_checks_catch_what_would_fail_every_epoch():
     with pytest.raises(FileNotFoundError):
         fit(ConvergenceMonitor(["relu1"], num_samples=80, reference="/nonexistent/ref.ckpt"))
     assert Steps.n == 0  # all of them before the first training step
+    # mutual information is defined for signed layers: there only selectivity is skipped
+    mon = SelectivityMonitor(["fc1"], num_samples=64, mutual_info=True)
+    tr = trainer(pl, max_epochs=1, callbacks=[mon])
+    with pytest.warns(RuntimeWarning, match="selectivity for layer 'fc1' skipped"):
+        tr.fit(make_module(pl, batchnorm=False), loader(x, y))
+    assert "netprobe/mutual_info_mean/fc1" in tr.callback_metrics and "netprobe/selectivity_mean" not in tr.callback_metrics
 
 
 def test_a_diverged_network_gets_no_reliance_and_no_stale_values():

@@ -66,7 +66,7 @@ class SelectivityMonitor(NetprobeMonitor):
 
     def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
         neg = {k: float(a.min()) for k, a in acts.items() if a.numel() and bool((a < 0).any())}
-        if neg:
+        if neg and not self.mutual_info:  # mutual information is defined for any sign: then only selectivity skips
             raise ValueError(
                 f"SelectivityMonitor: class selectivity is defined for non-negative (post-ReLU) activations, but layers "
                 f"{sorted(neg)} give negative values on the probe inputs (min {min(neg.values()):.3g}). Monitor the "
