@@ -57,7 +57,6 @@ Batch = Any
 ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 
-
 class _OtherRankFailed(ValueError):
     """A rank-local check failed on another rank; this rank skips the same step."""
 
