@@ -16,8 +16,11 @@ Which value of a series is used (``at``):
 The reference (``against``, e.g. a test accuracy logged once at the end) is read at its last value.
 
 Conditions (``where``, e.g. ``"netprobe/probe_accuracy>=0.99"``) keep only the runs that meet
-them; each is read at the same epoch as the signal when ``at`` is an epoch, else at its last
-value. A run that fails a condition, or lacks its key, is listed as skipped with the reason.
+them; each is read at the same epoch as the signal when ``at`` is an epoch, at the same step as
+each measurement with ``"best"`` (the best value among the measurements that meet them), else at
+its last value. A run that fails a condition, or lacks its key, is listed as skipped with the
+reason. NaN values (what the monitors log for a diverged network) count as no signal: such a run
+is skipped at its last value and its NaN measurements never count as best.
 Reliance should be compared between networks that fit their training data about equally well
 (its AUC is normalized by the unablated accuracy, so an underfit network scores high): filter on
 ``netprobe/probe_accuracy``, which ``RelianceMonitor`` logs beside it.
@@ -37,6 +40,7 @@ Everything returned is plain data (dicts, lists, floats).
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import re
@@ -152,7 +156,9 @@ def _value_at(run: Run, tag: str, at: Union[str, int], mode: str) -> Tuple[Optio
     if at == "last":
         return s[-1][1], None
     if at == "best":
-        vals = [v for _, v in s]
+        vals = [v for _, v in s if math.isfinite(v)]  # NaN = a measurement of a diverged network
+        if not vals:
+            return None, f"no finite {tag!r}"
         return (max(vals) if mode == "max" else min(vals)), None
     epoch = int(at)
     ep = run.scalars.get("epoch")
@@ -168,6 +174,32 @@ def _value_at(run: Run, tag: str, at: Union[str, int], mode: str) -> Tuple[Optio
     if epoch < len(s):
         return s[epoch][1], None
     return None, f"stopped before epoch {epoch} ({len(s)} values of {tag!r})"
+
+
+def _value_at_step(run: Run, tag: str, step: int) -> Optional[float]:
+    """The last value of ``tag`` logged at or before ``step`` (None if none)."""
+    hits = [v for st, v in run.scalars.get(tag, []) if st <= step]
+    return hits[-1] if hits else None
+
+
+def _best_where(run: Run, tag: str, mode: str, conds: Sequence[Tuple[str, str, float]]) -> Tuple[Optional[float], Optional[str]]:
+    """The best finite value of ``tag`` among its measurements at which every condition holds (each
+    condition read at the same step), so that ``--at best --where probe_accuracy>=x`` never picks a
+    value from before the network fit."""
+    s = run.scalars.get(tag)
+    if not s:
+        return None, f"no {tag!r}"
+    ok = []
+    for step, v in s:
+        if not math.isfinite(v):
+            continue
+        vals = [(_value_at_step(run, key, step), op, val) for key, op, val in conds]
+        if all(c is not None and _OPS[op](c, val) for c, op, val in vals):
+            ok.append(v)
+    if not ok:
+        cond = " and ".join(f"{k}{op}{v:g}" for k, op, v in conds)
+        return None, f"no measurement of {tag!r} with {cond}"
+    return (max(ok) if mode == "max" else min(ok)), None
 
 
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
@@ -300,7 +332,7 @@ def rank_runs(
     rows, skipped = [], []
     for r in runs:
         failed = None
-        for key, op, val in conds:
+        for key, op, val in ([] if at == "best" else conds):  # with "best": checked per measurement below
             v, why_c = _value_at(r, key, at if isinstance(at, int) else "last", "max")
             if v is None or not _OPS[op](v, val):
                 failed = why_c or f"{key}={v:.4g} fails {op} {val:g}"
@@ -308,7 +340,7 @@ def rank_runs(
         if failed:
             skipped.append({"run": r.name, "path": r.path, "reason": failed})
             continue
-        sig, why = _value_at(r, metric, at, mode)
+        sig, why = _best_where(r, metric, mode, conds) if at == "best" and conds else _value_at(r, metric, at, mode)
         ref, why_ref = (_value_at(r, against, "last", against_mode) if against else (None, None))
         if sig is None or not np.isfinite(sig):
             skipped.append({"run": r.name, "path": r.path, "reason": why or "non-finite signal"})

@@ -420,7 +420,7 @@ def test_startup_checks_catch_what_would_fail_every_epoch():
     assert "netprobe/mutual_info_mean/fc1" in tr.callback_metrics and "netprobe/selectivity_mean" not in tr.callback_metrics
 
 
-def test_a_diverged_network_gets_no_reliance_and_no_stale_values():
+def test_a_diverged_network_logs_nan_reliance_and_training_stops(tmp_path):
     import pytorch_lightning as pl
 
     x, y = digits(100)
@@ -436,12 +436,22 @@ def test_a_diverged_network_gets_no_reliance_and_no_stale_values():
                 with torch.no_grad():
                     pl_module.fc1.weight[0, 0] = float("nan")
 
-    rec = Recorder(pl)
-    tr = trainer(pl, max_epochs=2, callbacks=[Diverge(), RelianceMonitor(["relu1"], num_samples=64, repeats=1), rec.cb])
-    with pytest.warns(RuntimeWarning, match="reliance for layer 'relu1' skipped.*not finite"):
-        tr.fit(make_module(pl, batchnorm=False), loader(x, y))
-    assert "netprobe/reliance_auc" in rec.epochs[0] and "netprobe/probe_accuracy" in rec.epochs[0]
-    assert not any(k.startswith(("netprobe/reliance_auc", "netprobe/probe_accuracy")) for k in rec.epochs[1])
+    from netprobe.lightning import RelianceEarlyStopping
+
+    # NaN, not a missing (stale-looking) key: early stopping stops there, warm-up or not, plain
+    # EarlyStopping too (check_finite), and ModelCheckpoint never keeps that epoch
+    for stopper in (RelianceEarlyStopping(patience=3, min_probe_accuracy=0.99),
+                    pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", patience=3)):
+        rec = Recorder(pl)
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / type(stopper).__name__), monitor="netprobe/reliance_auc", mode="max")
+        tr = trainer(pl, max_epochs=4, enable_checkpointing=True,
+                     callbacks=[Diverge(), RelianceMonitor(["relu1"], num_samples=64, repeats=1), stopper, ckpt, rec.cb])
+        with pytest.warns(RuntimeWarning, match="reliance for layer 'relu1' skipped.*not finite"):
+            tr.fit(make_module(pl, batchnorm=False), loader(x, y))
+        assert math.isfinite(rec.epochs[0]["netprobe/reliance_auc"]) and math.isfinite(rec.epochs[0]["netprobe/probe_accuracy"])
+        assert math.isnan(rec.epochs[1]["netprobe/reliance_auc"]) and math.isnan(rec.epochs[1]["netprobe/probe_accuracy"])
+        assert len(rec.epochs) == 2 and stopper.stopped_epoch == 1
+        assert "epoch=0" in ckpt.best_model_path
 
 
 def test_a_monitor_reused_for_a_new_model_starts_afresh_and_bf16_models_work():

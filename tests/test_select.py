@@ -179,3 +179,25 @@ def test_constant_signal_gives_null_correlations_and_valid_json(tmp_path, capsys
     assert doc["spearman_rho"] is None and doc["pick_ties"] == ["a", "b", "c"]
     assert main(["rank", str(tmp_path), "--against", "test/acc"]) == 0
     assert "undefined" in capsys.readouterr().out
+
+
+def test_best_among_measurements_meeting_the_conditions_and_diverged_runs(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    nan = float("nan")
+    runs = {  # (reliance, probe accuracy) per epoch
+        "fits": [(1.0, 0.15), (0.8, 0.9), (0.85, 0.95)],  # 1.0 only while near chance
+        "never": [(1.2, 0.1), (1.1, 0.2)],
+        "diverged": [(0.9, 0.9), (nan, nan)],  # NaN: the monitor's value for a diverged network
+    }
+    for name, vals in runs.items():
+        with SummaryWriter(str(tmp_path / name)) as w:
+            for epoch, (rel, acc) in enumerate(vals):
+                w.add_scalar("netprobe/reliance_auc", rel, 10 * (epoch + 1))
+                w.add_scalar("netprobe/probe_accuracy", acc, 10 * (epoch + 1))
+    res = rank_runs(tmp_path, "netprobe/reliance_auc", at="best", where=["netprobe/probe_accuracy>=0.5"])
+    assert [(r["run"], round(r["signal"], 6)) for r in res["runs"]] == [("diverged", 0.9), ("fits", 0.85)]
+    assert "no measurement of 'netprobe/reliance_auc' with netprobe/probe_accuracy>=0.5" in res["skipped"][0]["reason"]
+    res = rank_runs(tmp_path, "netprobe/reliance_auc")  # at the last value the diverged run has no signal
+    assert [r["run"] for r in res["runs"]] == ["never", "fits"]
+    assert {s["run"]: s["reason"] for s in res["skipped"]}["diverged"] == "non-finite signal"

@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Dict, Optional
 
 import torch
@@ -109,6 +111,17 @@ class RelianceEarlyStopping(_EarlyStopping):
         if raw is self._last_seen and value == self._last_value:
             return  # a stale repetition: the monitor did not measure this epoch
         self._last_seen, self._last_value = raw, value
+        if self.check_finite and not math.isfinite(value):
+            # the monitors log NaN for a diverged network: stop at once, warm-up or not
+            self.history.append((int(trainer.current_epoch), value, value))
+            reason = (f"Monitored metric {self.monitor} = {value} is not finite (the network's outputs are NaN/Inf: "
+                      "diverged training?). Signaling Trainer to stop.")
+            should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+            trainer.should_stop = trainer.should_stop or should_stop
+            self.stopped_epoch, self.stopping_reason_message = trainer.current_epoch, reason
+            if self.verbose:
+                self._log_info(trainer, reason, self.log_rank_zero_only)
+            return
         current = torch.tensor(value, dtype=torch.float64)
         self._ema = current if self._ema is None or self.smoothing == 0.0 else (
             self.smoothing * self._ema + (1.0 - self.smoothing) * current

@@ -14,7 +14,7 @@ from netprobe import viz
 from netprobe._modules import evaluating
 from netprobe._validation import check_finite
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.metrics.ablation import DEFAULT_FRACTIONS, DEFAULT_SCALES, ablation_curve, noise_curve, selectivity_order
+from netprobe.metrics.ablation import DEFAULT_FRACTIONS, DEFAULT_SCALES, NonFiniteError, ablation_curve, noise_curve, selectivity_order
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
 from netprobe.metrics.similarity import SimilarityAccumulator, linear_cka
@@ -203,6 +203,7 @@ class RelianceMonitor(NetprobeMonitor):
                     self._warn_skip(n, "reliance (selectivity order)", err)
         fwd = _ForwardAdapter(self, pl_module)
         aucs, noise_aucs, curves, ncurves = {}, {}, {}, {}
+        diverged = False
         for i, layer in enumerate(self.layers):
             if orders[layer] is None:
                 continue
@@ -216,6 +217,9 @@ class RelianceMonitor(NetprobeMonitor):
                     nc = noise_curve(fwd, f"module.{layer}", data, scales=self.scales, repeats=self.repeats, index_offset=sl.start,
                                      generator=self._generator(epoch, 10_000 + i), max_batch=self.max_batch, distributed=True)
                     noise_aucs[layer], ncurves[layer] = float(nc.auc), nc
+            except NonFiniteError as err:
+                diverged = True
+                self._warn_skip(layer, "reliance", err)
             except ValueError as err:
                 self._warn_skip(layer, "reliance", err)
         out: Dict[str, float] = {}
@@ -224,6 +228,11 @@ class RelianceMonitor(NetprobeMonitor):
             self._layer_values("noise_auc", noise_aucs, out)
         if curves:  # the unablated point is the same for every layer: the model's own accuracy
             out["netprobe/probe_accuracy"] = float(next(iter(curves.values())).accuracy[0])
+        if diverged:
+            # NaN, not a missing key: EarlyStopping (check_finite) stops, ModelCheckpoint never keeps
+            # it as best, and `netprobe rank` sees that the run ended diverged
+            for key in ("reliance_auc",) + (("noise_auc",) if self.noise else ()) + ("probe_accuracy",):
+                out[f"netprobe/{key}"] = float("nan")
         figs: Dict[str, Any] = {}
         if self.figures and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer):
             figs["netprobe/reliance_curves"] = viz.curves_figure(curves, title=f"cumulative ablation, epoch {epoch}", xlabel="fraction of units ablated")

@@ -193,13 +193,17 @@ def _check_scores(out: Any, y: torch.Tensor) -> None:
         raise ValueError(f"Targets reach class {int(y.max())}, but the model returns scores for {out.shape[1]} classes.")
 
 
+class NonFiniteError(ValueError):
+    """The network's outputs (hence its loss) are not finite: a diverged network has no reliance."""
+
+
 def _check_finite_loss(res: "CurveResult") -> "CurveResult":
     """A network whose outputs are NaN/Inf has no accuracy to lose: refuse it rather than return a
     curve whose normalized area (flat at the share of one class) reads as perfect robustness."""
     bad = ~torch.isfinite(res.loss_sum)
     if bool(bad.any()):
         where = "before any ablation" if bool(bad[..., 0].any()) else "at some ablation points"
-        raise ValueError(
+        raise NonFiniteError(
             f"The loss is not finite (NaN/Inf) on `data` {where}: the network's outputs are not finite (diverged "
             "training?), so its reliance is undefined. Check the model, or pass a `loss_fn` that is finite here."
         )
