@@ -140,3 +140,24 @@ def test_mi_errors():
         a.update(acts[:, :2], labels)
     with pytest.raises(ValueError, match="NaN"):
         mutual_information(acts * float("nan"), labels, num_classes=3)
+
+
+def test_accumulators_refuse_mismatched_merges_and_snapshot_their_state():
+    from netprobe.metrics import SimilarityAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    a, labels = torch.rand(50, 7, generator=g), torch.arange(50) % 3
+    s7 = SelectivityAccumulator(3).update(a, labels)
+    with pytest.raises(ValueError, match="1 units into 7 units"):
+        s7.merge(SelectivityAccumulator(3).update(a[:, :1], labels))
+    snap = s7.state_dict()
+    s7.update(a, labels)
+    assert float(snap["counts"].sum()) == 50  # a snapshot, not the live tensors
+    x, y = torch.randn(40, 6, generator=g), torch.randn(40, 5, generator=g)
+    with pytest.raises(ValueError, match=r"widths \(1, 5\) into an accumulator of widths \(6, 5\)"):
+        SimilarityAccumulator().update(x, y).merge(SimilarityAccumulator().update(x[:, :1], y))
+    mi = MutualInfoAccumulator(3, bins=4).update(a, labels)
+    empty = MutualInfoAccumulator(3, bins=4).merge(mi)  # takes over the edges
+    torch.testing.assert_close(empty.compute(), mi.compute())
+    with pytest.raises(ValueError, match="num_classes=3, bins=4; this accumulator num_classes=5, bins=8"):
+        MutualInfoAccumulator(5, bins=8).load_state_dict(mi.state_dict())

@@ -99,8 +99,12 @@ class MutualInfoAccumulator:
         if not isinstance(other, MutualInfoAccumulator) or (other.num_classes, other.bins) != (self.num_classes, self.bins):
             raise ValueError("Can only merge a MutualInfoAccumulator with the same `num_classes` and `bins`.")
         if other.counts is not None:
+            if self.counts is None and (self.edges is None or torch.equal(self.edges, other.edges)):
+                # an empty accumulator takes the other's edges (as the other accumulators take its statistics)
+                self.edges, self.counts = other.edges.clone(), other.counts.clone()  # type: ignore[union-attr]
+                return self
             if self.edges is None or other.edges is None or not torch.equal(self.edges, other.edges):
-                raise ValueError("Can only merge accumulators that use the same bin edges.")
+                raise ValueError("Can only merge accumulators that use the same bin edges (pass `edges=` to both).")
             self.counts = other.counts.clone() if self.counts is None else self.counts + other.counts
         return self
 
@@ -112,10 +116,18 @@ class MutualInfoAccumulator:
         return self
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"num_classes": self.num_classes, "bins": self.bins, "edges": self.edges, "counts": self.counts}
+        """A snapshot (copies: later updates do not change it)."""
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return {"num_classes": self.num_classes, "bins": self.bins, "edges": clone(self.edges), "counts": clone(self.counts)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.edges, self.counts = state["edges"], state["counts"]
+        if (state["num_classes"], state["bins"]) != (self.num_classes, self.bins):
+            raise ValueError(
+                f"State has num_classes={state['num_classes']}, bins={state['bins']}; this accumulator "
+                f"num_classes={self.num_classes}, bins={self.bins}."
+            )
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        self.edges, self.counts = clone(state["edges"]), clone(state["counts"])
 
     def compute(self) -> torch.Tensor:
         """Per-unit mutual information with the label, ``(d,)`` float64, in bits."""

@@ -110,6 +110,8 @@ class SelectivityAccumulator:
             if self.sums is None:
                 self.sums, self.counts = other.sums.clone(), other.counts.clone()  # type: ignore[union-attr]
             else:
+                if other.sums.shape != self.sums.shape:
+                    raise ValueError(f"Cannot merge statistics of {other.sums.shape[1]} units into {self.sums.shape[1]} units.")
                 self.sums += other.sums
                 self.counts += other.counts  # type: ignore[operator]
         return self
@@ -127,12 +129,15 @@ class SelectivityAccumulator:
         self.sums = self.counts = None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"num_classes": self.num_classes, "sums": self.sums, "counts": self.counts}
+        """A snapshot (copies: later updates do not change it)."""
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return {"num_classes": self.num_classes, "sums": clone(self.sums), "counts": clone(self.counts)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["num_classes"] != self.num_classes:
             raise ValueError(f"State has num_classes={state['num_classes']}, this accumulator {self.num_classes}.")
-        self.sums, self.counts = state["sums"], state["counts"]
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        self.sums, self.counts = clone(state["sums"]), clone(state["counts"])
 
     def compute(self) -> SelectivityResult:
         if self.sums is None or self.counts is None:

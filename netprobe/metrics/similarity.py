@@ -577,6 +577,10 @@ class SimilarityAccumulator:
         if not isinstance(other, SimilarityAccumulator):
             raise TypeError(f"Expected a SimilarityAccumulator, but got {type(other).__name__}.")
         if other._m is not None:
+            if self._m is not None:
+                mine, theirs = (self._m.mx.shape[0], self._m.my.shape[0]), (other._m.mx.shape[0], other._m.my.shape[0])
+                if mine != theirs:
+                    raise ValueError(f"Cannot merge statistics of widths {theirs} into an accumulator of widths {mine}.")
             self._m = other._m if self._m is None else self._m.merge(other._m)
         return self
 
