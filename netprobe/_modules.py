@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import weakref
-from typing import Dict, Iterable, Iterator, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Sequence, Union
 
 import torch
 from torch import nn
@@ -112,9 +112,7 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Iterable[LayerSpec
                 "Expected each entry of `layers` to be a str (name or glob), an nn.Module subclass or a "
                 f"submodule, but got {type(spec).__name__}: {spec!r}."
             )
-    out = {n: named[n] for n in named if n in selected}
-    _note_layouts(model, out.values())
-    return out
+    return {n: named[n] for n in named if n in selected}
 
 
 def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> tuple[str, nn.Module]:
@@ -144,9 +142,22 @@ _CONV_LIKE = (
     nn.modules.instancenorm._InstanceNorm,
 )
 
-# Shape-preserving modules selected as layers whose 3-D outputs are channels-first, because they
-# follow a conv-like module (see _note_layouts). Weak keys: no module is kept alive by this.
-_CHANNELS_FIRST: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_CONV_LIKE_1D = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.BatchNorm1d,
+    nn.InstanceNorm1d,
+    nn.modules.pooling.MaxPool1d,
+    nn.modules.pooling.AvgPool1d,
+    nn.modules.pooling.AdaptiveAvgPool1d,
+    nn.modules.pooling.AdaptiveMaxPool1d,
+)
+
+try:
+    _compiler_disable = torch.compiler.disable
+except AttributeError:  # pragma: no cover - torch < 2.1
+    def _compiler_disable(fn):  # type: ignore[no-redef]
+        return fn
 
 
 def _transparent(m: nn.Module) -> bool:
@@ -156,21 +167,50 @@ def _transparent(m: nn.Module) -> bool:
     return type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
 
 
-def _note_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> None:
-    """For each selected shape-preserving module, record whether it follows a conv-like module
-    among its siblings (skipping other shape-preserving ones): a ReLU after a Conv1d gets
-    ``(N, C, L)`` and its units are channels, not positions. Siblings are taken in registration
-    order, which is the execution order in ``nn.Sequential`` and in the usual ``__init__``."""
-    wanted = {id(m): m for m in modules if _transparent(m)}
-    if not wanted:
-        return
-    for parent in model.modules():
-        prev_layout = None
-        for child in parent.children():
-            if id(child) in wanted:
-                _CHANNELS_FIRST[child] = prev_layout == "channels_first"
-            if not _transparent(child):
-                prev_layout = "channels_first" if isinstance(child, _CONV_LIKE) else "other"
+# Tensors known to be channels-first (N, C, L) in the forward pass running now: outputs of 1-D
+# conv-like modules, and outputs of shape-preserving modules applied to such a tensor. Keyed by
+# memory and layout (so a detached alias matches too), holding a weak reference to the tensor: a
+# key only counts while that tensor lives, so its memory cannot have been reused meanwhile.
+_CHANNELS_FIRST: Dict[Any, "weakref.ref[torch.Tensor]"] = {}
+
+
+def _layout_key(t: torch.Tensor) -> Any:
+    return (t.data_ptr(), t.device, tuple(t.shape), tuple(t.stride()))
+
+
+def _mark_channels_first(t: torch.Tensor) -> None:
+    if len(_CHANNELS_FIRST) > 512:
+        for k in [k for k, r in _CHANNELS_FIRST.items() if r() is None]:
+            del _CHANNELS_FIRST[k]
+    _CHANNELS_FIRST[_layout_key(t)] = weakref.ref(t)
+
+
+def _is_channels_first(t: torch.Tensor) -> bool:
+    if not _CHANNELS_FIRST or t.ndim != 3:
+        return False
+    r = _CHANNELS_FIRST.get(_layout_key(t))
+    return r is not None and r() is not None
+
+
+@_compiler_disable
+def _layout_hook(mod: nn.Module, args: Any, out: Any) -> None:
+    if isinstance(out, torch.Tensor) and out.ndim == 3:
+        if isinstance(mod, _CONV_LIKE_1D) or (
+            args and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape and _is_channels_first(args[0])
+        ):
+            _mark_channels_first(out)
+
+
+def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
+    """Hooks (remove them with ``.remove()``) that let :func:`unit_dim` tell a shape-preserving
+    module's 3-D output in ``(N, C, L)`` layout (a ReLU after a Conv1d, however the modules are
+    declared) from a sequence ``(N, T, D)``, by following the tensors of each forward pass. Only
+    needed, and only registered, when one of ``modules`` is shape-preserving and ``model`` has 1-D
+    conv-like modules. The hooks run before any other forward hook of the same module."""
+    if not any(_transparent(m) for m in modules) or not any(isinstance(m, _CONV_LIKE_1D) for m in model.modules()):
+        return []
+    return [m.register_forward_hook(_layout_hook, prepend=True)
+            for m in model.modules() if isinstance(m, _CONV_LIKE_1D) or _transparent(m)]
 
 
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
@@ -179,14 +219,14 @@ def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
     * 2-D ``(N, D)``: dim 1.
     * 4-D/5-D ``(N, C, ...)`` (2-D/3-D convolutions, pooling, batch norm): dim 1, the channel.
     * 3-D: dim 1 for 1-D convolution/pooling/batch-norm modules ``(N, C, L)``, and for activations,
-      dropout and identity modules selected right after one (a ``ReLU`` after a ``Conv1d``, found
-      when the layers are resolved against the model); otherwise a sequence ``(N, T, D)``, dim 2.
+      dropout and identity modules applied to such an output (a ``ReLU`` after a ``Conv1d``; needs
+      :func:`track_layouts` during the forward pass); otherwise a sequence ``(N, T, D)``, dim 2.
     """
     if output.ndim <= 2:
         return output.ndim - 1
     if output.ndim >= 4:
         return 1
-    if isinstance(module, _CONV_LIKE) or _CHANNELS_FIRST.get(module, False):
+    if isinstance(module, _CONV_LIKE) or _is_channels_first(output):
         return 1
     return 2
 

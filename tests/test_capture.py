@@ -212,18 +212,36 @@ def test_activations_after_a_conv1d_use_channels_and_after_a_linear_positions():
     assert p["3"].shape == (30, 8) and p["5"].shape == (30, 12)
     assert ablation_curve(net, "2", (x, y)).order.shape == (3, 8)  # channels ablated, not positions
 
-    class Seq(nn.Module):  # (N, T, D) after a Linear: positions stay positions
+    class ActsFirst(nn.Module):  # activations declared before the convs, in their own ModuleList
+        def __init__(self):
+            super().__init__()
+            self.acts = nn.ModuleList([nn.ReLU(), nn.ReLU()])
+            self.convs = nn.ModuleList([nn.Conv1d(1, 8, 5), nn.Conv1d(8, 12, 5)])
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(self.acts[1](self.convs[1](self.acts[0](self.convs[0](x)))).mean(2))
+
+    m = ActsFirst()
+    with netprobe.probe(m, ["acts.0", "acts.1"]) as p:
+        m(x)
+    assert p["acts.0"].shape == (30, 8) and p["acts.1"].shape == (30, 12)
+
+    class Seq(nn.Module):  # (N, T, D): after a Linear, or a conv's output transposed to a sequence
         def __init__(self):
             super().__init__()
             self.emb, self.act = nn.Linear(4, 16), nn.GELU()
+            self.conv, self.act2 = nn.Conv1d(4, 16, 1), nn.ReLU()
 
         def forward(self, x):
-            return self.act(self.emb(x))
+            return self.act(self.emb(x)) + self.act2(self.conv(x.transpose(1, 2)).transpose(1, 2))
 
     m = Seq()
-    with netprobe.probe(m, ["act"]) as p:
-        out = m(torch.randn(5, 7, 4))
-    torch.testing.assert_close(p["act"], out.detach().mean(1))
+    xs = torch.randn(5, 7, 4)
+    with netprobe.probe(m, ["act", "act2"]) as p:
+        m(xs)
+    torch.testing.assert_close(p["act"], m.act(m.emb(xs)).detach().mean(1))
+    assert p["act2"].shape == (5, 16)
 
 
 def test_per_layer_reduce_and_bad_callable():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from netprobe._modules import LayerSpec, resolve_layers
+from netprobe._modules import LayerSpec, resolve_layers, track_layouts
 from netprobe._validation import close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
@@ -139,6 +139,7 @@ class Probe:
         try:
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
+            self._handles += track_layouts(self.model, self._modules.values())  # a ReLU after a Conv1d: channels
         except BaseException:
             self.detach()
             raise

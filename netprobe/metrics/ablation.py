@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, evaluating, resolve_layer, unit_dim
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, evaluating, resolve_layer, track_layouts, unit_dim
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
 
@@ -295,6 +295,7 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
             st.unit_means.append(o.reshape(o.shape[0], -1, d).mean(1))
 
     h = module.register_forward_hook(hook)
+    layouts = track_layouts(model, [module])
     try:
         for x, y in _batches(data):
             x = x.to(device) if device is not None else x
@@ -312,6 +313,8 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
                 break
     finally:
         h.remove()
+        for handle in layouts:
+            handle.remove()
     if st.s1 is None:
         raise ValueError("The layer was never reached by a forward pass over `data` (empty data, or the layer is unused).")
     return st
