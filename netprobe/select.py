@@ -212,11 +212,14 @@ def parse_condition(text: str) -> Tuple[str, str, float]:
     try:
         if m is None:
             raise ValueError
-        return m["key"], m["op"], float(m["val"])
+        value = float(m["val"])
+        if not math.isfinite(value):
+            raise ValueError
+        return m["key"], m["op"], value
     except ValueError:
         raise SelectionError(
-            f"Cannot read the condition {text!r}; write KEY OP NUMBER with OP one of >=, <=, >, <, ==, != "
-            "(e.g. 'netprobe/probe_accuracy>=0.99')."
+            f"Cannot read the condition {text!r}; write KEY OP NUMBER (a finite number) with OP one of >=, <=, >, <, "
+            "==, != (e.g. 'netprobe/probe_accuracy>=0.99')."
         ) from None
 
 

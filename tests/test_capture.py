@@ -537,3 +537,33 @@ def test_empty_batch_with_targets_and_ringbuffer_dim_are_checked():
     assert p["0"].shape == (2, 3) and p.targets("0").tolist() == [1, 2]
     with pytest.raises(ValueError, match="width 3 .*`dim`.*got 5"):
         RingBuffer(4, dim=3).write(torch.zeros(2, 5))
+
+
+def test_small_misuses_are_named():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with pytest.raises(ValueError, match="only used with reduce='sample'"):
+        netprobe.Probe(m, ["1"], positions=3)
+
+    class TwoOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h, {"a": h}
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = TwoOut()
+
+        def forward(self, x):
+            return self.block(x)[0]
+
+    w = Wrap()
+    with pytest.raises(IndexError, match=r"'block' returns a tuple of 2 items; `select=5` is out of range"):
+        with netprobe.probe(w, ["block"], select=5):
+            w(torch.randn(3, 4))
+    with pytest.warns(RuntimeWarning, match="already compiled"):
+        netprobe.Probe(torch.compile(w), ["_orig_mod.block"])

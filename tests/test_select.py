@@ -201,3 +201,12 @@ def test_best_among_measurements_meeting_the_conditions_and_diverged_runs(tmp_pa
     res = rank_runs(tmp_path, "netprobe/reliance_auc")  # at the last value the diverged run has no signal
     assert [r["run"] for r in res["runs"]] == ["never", "fits"]
     assert {s["run"]: s["reason"] for s in res["skipped"]}["diverged"] == "non-finite signal"
+
+
+def test_conditions_need_a_finite_number():
+    from netprobe.select import parse_condition
+
+    assert parse_condition("netprobe/probe_accuracy>=0.9") == ("netprobe/probe_accuracy", ">=", 0.9)
+    for bad in ("netprobe/probe_accuracy>=nan", "x<inf"):
+        with pytest.raises(SelectionError, match="a finite number"):
+            parse_condition(bad)

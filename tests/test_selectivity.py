@@ -161,3 +161,7 @@ def test_accumulators_refuse_mismatched_merges_and_snapshot_their_state():
     torch.testing.assert_close(empty.compute(), mi.compute())
     with pytest.raises(ValueError, match="num_classes=3, bins=4; this accumulator num_classes=5, bins=8"):
         MutualInfoAccumulator(5, bins=8).load_state_dict(mi.state_dict())
+    acc = MutualInfoAccumulator(3, bins=4).update(a[:0], labels[:0])  # an empty first batch adds nothing
+    assert acc.counts is None and acc.edges is None
+    with pytest.warns(RuntimeWarning, match="first batch of only 5 rows"):
+        acc.update(a[:5], labels[:5])

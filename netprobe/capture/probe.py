@@ -102,7 +102,17 @@ class Probe:
                     f"Expected `positions` (positions sampled per input) to be a positive int with "
                     f"reduce='sample', but got {positions!r}."
                 )
+        elif positions is not None:
+            raise ValueError(f"`positions={positions!r}` is only used with reduce='sample', which no layer of this probe uses.")
         self.positions = positions
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            warnings.warn(
+                "netprobe.probe: `model` is already compiled (torch.compile); hooks registered on it after its first "
+                "call are not seen by the compiled code, so nothing may be captured. Attach the probe to the model "
+                "before compiling it (the hooks then compile in), or probe the uncompiled module.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._buffers: Dict[str, RingBuffer] = {
             name: RingBuffer(capacity, dtype=dtype, store_targets=self.store_targets) for name in self._modules
         }
@@ -321,6 +331,8 @@ def _select_tensor(output: Any, select: Optional[OutputSelector], name: str) -> 
                 raise TypeError(f"Layer {name!r} returned a {type(output).__name__} with no tensor in it; pass `select=`.")
             out = tensors[0]
         else:
+            if not -len(output) <= idx < len(output):
+                raise IndexError(f"Layer {name!r} returns a {type(output).__name__} of {len(output)} items; `select={idx}` is out of range.")
             out = output[idx]
     elif isinstance(output, Mapping) or (hasattr(output, "keys") and hasattr(output, "__getitem__")):
         if select is None:
@@ -328,6 +340,8 @@ def _select_tensor(output: Any, select: Optional[OutputSelector], name: str) -> 
                 f"Layer {name!r} returns a dict-like output with keys {list(output.keys())}; "
                 "pass `select=<key>` (or a dict {layer: key}) to choose one."
             )
+        if select not in output.keys():
+            raise KeyError(f"Layer {name!r} returns a dict-like output with keys {list(output.keys())}; `select={select!r}` is not one of them.")
         out = output[select]
     else:
         raise TypeError(

@@ -16,6 +16,8 @@ single bin and has MI exactly 0. The plug-in estimate is biased upwards by about
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Dict, Optional
 
 import torch
@@ -80,7 +82,17 @@ class MutualInfoAccumulator:
         acts = check_2d(acts, "acts")
         check_finite(acts, "acts")
         labels = check_labels(labels, acts.shape[0], self.num_classes)
+        if acts.shape[0] == 0:
+            return self  # like the other accumulators: an empty batch adds nothing
         if self.edges is None:
+            if acts.shape[0] < 10 * self.bins:
+                warnings.warn(
+                    f"MutualInfoAccumulator: bin edges taken from a first batch of only {acts.shape[0]} rows for "
+                    f"{self.bins} bins, so later batches are binned coarsely; pass `edges=quantile_edges(sample, "
+                    f"bins={self.bins})` computed on more data (at least {10 * self.bins} rows).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self.edges = quantile_edges(acts, bins=self.bins)
         d = self.edges.shape[0]
         if acts.shape[1] != d:
