@@ -191,6 +191,22 @@ def test_activations_that_require_grad_are_accepted():
     assert float(SimilarityAccumulator().update(xg, yg).cca()[0]) == pytest.approx(float(cca(T(x), T(y))[0]), abs=1e-12)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e8])
+def test_moments_are_exact_when_the_first_rows_are_unrepresentative(offset):
+    from netprobe.metrics.similarity import _Moments
+
+    # sorted or drifting data: the first block (the shift) far from the overall mean
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(3000, 5)) + np.where(np.arange(3000) < 600, 0.0, offset)[:, None] + offset
+    y = rng.normal(size=(3000, 3)) * 1e-3 + x[:, :3] * 1e-6
+    m = _Moments.of(T(x), T(y))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    np.testing.assert_allclose(m.mx.numpy(), x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(m.cxx.numpy(), xc.T @ xc, rtol=1e-11, atol=1e-9 * np.abs(xc.T @ xc).max())
+    np.testing.assert_allclose(m.cyy.numpy(), yc.T @ yc, rtol=1e-9, atol=1e-9 * np.abs(yc.T @ yc).max())
+    np.testing.assert_allclose(m.cxy.numpy(), xc.T @ yc, rtol=1e-9, atol=1e-9 * np.abs(xc.T @ yc).max())
+
+
 def test_collinear_and_constant_units_give_the_remaining_subspace():
     x, y = _pair(300, 4, 5, 7)
     base = cca(T(x), T(y)).numpy()

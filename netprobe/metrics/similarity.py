@@ -11,8 +11,9 @@ whitened through ``eigh(S_xx)`` keeping only eigenvalues above ``rank_tol * max 
 remaining subspace, never NaN), and the canonical correlations are the singular values of
 ``W_x^T S_xy W_y``. When a cheap bound proves a covariance has no eigenvalue near the cutoff (the
 usual case), it is whitened through its Cholesky factor instead, which gives the same
-correlations about 5x faster. The blocks are accumulated over row blocks that are converted and
-centered on the fly, so no ``(n, d)`` float64 copy of the data is made. Squaring the data into
+correlations about 5x faster. The blocks are accumulated in one pass over row blocks that are
+converted and shifted on the fly (then corrected to the exact mean), so no ``(n, d)`` float64
+copy of the data is made. Squaring the data into
 covariances costs precision only for directions whose variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange, the same
 code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
 merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
@@ -99,17 +100,6 @@ def _chunk_rows(x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
     return rows, rows
 
 
-def _col_mean(x: torch.Tensor) -> torch.Tensor:
-    """Column means in float64 without a float64 copy of ``x`` (``mean(dtype=...)`` makes one)."""
-    if x.dtype == _F64:
-        return x.mean(0)
-    total = torch.zeros(x.shape[1], dtype=_F64, device=x.device)
-    rows = max(1, 2**20 // max(x.shape[1], 1))
-    for i in range(0, x.shape[0], rows):
-        total += x[i : i + rows].sum(0, dtype=_F64)
-    return total / x.shape[0]
-
-
 @dataclass
 class _Moments:
     """n, means and centered co-moment matrices (sums of products, not yet divided by n-1)."""
@@ -123,30 +113,46 @@ class _Moments:
 
     @staticmethod
     def of(x: torch.Tensor, y: torch.Tensor) -> "_Moments":
-        """Moments of ``x`` ``(n, d_x)``, ``y`` ``(n, d_y)`` (any real dtype) in float64. Rows are
-        converted and centered a block at a time, so no ``(n, d)`` float64 copy is ever made
-        (extra memory ``O(d^2)`` plus one block), and the products accumulate block by block."""
-        mx, my = _col_mean(x), _col_mean(y)
-        dx, dy = x.shape[1], y.shape[1]
+        """Moments of ``x`` ``(n, d_x)``, ``y`` ``(n, d_y)`` (any real dtype) in float64, in one pass.
+
+        Rows are converted to float64 and shifted by the first block's mean a block at a time, so
+        no ``(n, d)`` float64 copy is ever made (extra memory ``O(d^2)`` plus one block); the
+        products and sums accumulate block by block and are corrected to the exact mean at the
+        end (``C = sum (x-s)(x-s)^T - n delta delta^T``, ``delta = mean - s``). The shift keeps this
+        as accurate as centering by the mean itself: the correction's relative size is
+        ``(delta/sigma)^2``, and a block's mean lies within ``sigma sqrt(n/b)`` of the overall one.
+        """
+        n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+        rows, piece = _chunk_rows(x, y)
+        rows = min(rows, max(n, 1))
+        # a block mean as the shift; summed blockwise, mean(dtype=float64) would copy all of x
+        sx, sy = (x[:rows].sum(0, dtype=_F64) / max(min(rows, n), 1), y[:rows].sum(0, dtype=_F64) / max(min(rows, n), 1))
         cxx = torch.zeros((dx, dx), dtype=_F64, device=x.device)
         cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device)
         cxy = torch.zeros((dx, dy), dtype=_F64, device=x.device)
-        rows, piece = _chunk_rows(x, y)
-        rows = min(rows, max(x.shape[0], 1))
+        tx = torch.zeros(dx, dtype=_F64, device=x.device)
+        ty = torch.zeros(dy, dtype=_F64, device=x.device)
         # blocks laid out (d, rows): the recursive halves of the Gram are then contiguous row
-        # blocks; converting, centering and transposing happen in one pass into reused buffers
+        # blocks; converting, shifting and transposing happen in one pass into reused buffers
         bx = torch.empty((dx, rows), dtype=_F64, device=x.device)
         by = torch.empty((dy, rows), dtype=_F64, device=x.device)
-        for i in range(0, x.shape[0], rows):
-            r = min(rows, x.shape[0] - i)
+        for i in range(0, n, rows):
+            r = min(rows, n - i)
             a, b = bx[:, :r], by[:, :r]
             for j in range(0, r, piece):  # transposed writes in pieces small enough for the cache
-                torch.sub(x[i + j : i + min(j + piece, r)].T, mx[:, None], out=a[:, j : j + piece])
-                torch.sub(y[i + j : i + min(j + piece, r)].T, my[:, None], out=b[:, j : j + piece])
+                torch.sub(x[i + j : i + min(j + piece, r)].T, sx[:, None], out=a[:, j : j + piece])
+                torch.sub(y[i + j : i + min(j + piece, r)].T, sy[:, None], out=b[:, j : j + piece])
+            tx += a.sum(1)
+            ty += b.sum(1)
             _gram_into(a, cxx)
             _gram_into(b, cyy)
             cxy.addmm_(a, b.T)
-        m = _Moments(x.shape[0], mx, my, _mirror_blocks(cxx), _mirror_blocks(cyy), cxy)
+        ex, ey = tx / n, ty / n  # mean - shift (NaN for n = 0, like a mean of nothing)
+        cxx, cyy = _mirror_blocks(cxx), _mirror_blocks(cyy)
+        cxx.sub_(torch.outer(ex, ex), alpha=n)
+        cyy.sub_(torch.outer(ey, ey), alpha=n)
+        cxy.sub_(torch.outer(ex, ey), alpha=n)
+        m = _Moments(n, sx + ex, sy + ey, cxx, cyy, cxy)
         _check_moments_finite(m, x, y)
         return m
 
