@@ -13,9 +13,9 @@ remaining subspace, never NaN), and the canonical correlations are the singular 
 usual case), it is whitened through its Cholesky factor instead, which gives the same
 correlations about 5x faster. The blocks are accumulated in one pass over row blocks that are
 converted and shifted on the fly (then corrected to the exact mean), so no ``(n, d)`` float64
-copy of the data is made. Squaring the data into
-covariances costs precision only for directions whose variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange, the same
-code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
+copy of the data is made. Squaring the data into covariances costs precision only for directions
+whose variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange,
+the same code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
 merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
 ``(n, d)`` data for ``n >> d``; see ``benchmarks/similarity.py``).
 """
@@ -126,7 +126,8 @@ class _Moments:
         rows, piece = _chunk_rows(x, y)
         rows = min(rows, max(n, 1))
         # a block mean as the shift; summed blockwise, mean(dtype=float64) would copy all of x
-        sx, sy = (x[:rows].sum(0, dtype=_F64) / max(min(rows, n), 1), y[:rows].sum(0, dtype=_F64) / max(min(rows, n), 1))
+        first = max(min(rows, n), 1)
+        sx, sy = x[:rows].sum(0, dtype=_F64) / first, y[:rows].sum(0, dtype=_F64) / first
         cxx = torch.zeros((dx, dx), dtype=_F64, device=x.device)
         cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device)
         cxy = torch.zeros((dx, dy), dtype=_F64, device=x.device)
