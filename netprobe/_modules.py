@@ -132,26 +132,23 @@ INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data", "features")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 
-_CONV_LIKE = (
+# Modules whose 3-D output is (N, C, L) (channels first) whatever their input.
+_CHANNELS_FIRST_3D = (
     nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.pooling.MaxPool1d,
-    nn.modules.pooling.AvgPool1d,
-    nn.modules.pooling.AdaptiveAvgPool1d,
-    nn.modules.pooling.AdaptiveMaxPool1d,
+    nn.modules.batchnorm._BatchNorm,  # incl. SyncBatchNorm (Trainer(sync_batchnorm=True))
     nn.modules.instancenorm._InstanceNorm,
-)
-
-_CONV_LIKE_1D = (
-    nn.Conv1d,
-    nn.ConvTranspose1d,
-    nn.BatchNorm1d,
-    nn.InstanceNorm1d,
+    nn.GroupNorm,
+    nn.Upsample,
     nn.modules.pooling.MaxPool1d,
     nn.modules.pooling.AvgPool1d,
     nn.modules.pooling.AdaptiveAvgPool1d,
     nn.modules.pooling.AdaptiveMaxPool1d,
+    nn.modules.padding.ReflectionPad1d,
+    nn.modules.padding.ReplicationPad1d,
+    nn.modules.padding.ConstantPad1d,
 )
+# Of those, the ones that make a model "1-D convolutional" (a reason to follow layouts at all).
+_CONV_LIKE_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d)
 
 try:
     _compiler_disable = torch.compiler.disable
@@ -160,18 +157,13 @@ except AttributeError:  # pragma: no cover - torch < 2.1
         return fn
 
 
-def _transparent(m: nn.Module) -> bool:
-    """Elementwise / shape-preserving modules that keep their input's layout (ReLU, GELU, Dropout, Identity...)."""
-    if isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)):
-        return True
-    return type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
-
-
-# Tensors known to be channels-first (N, C, L) in the forward pass running now: outputs of 1-D
-# conv-like modules, and outputs of shape-preserving modules applied to such a tensor. Keyed by
-# memory and layout (so a detached alias matches too), holding a weak reference to the tensor: a
-# key only counts while that tensor lives, so its memory cannot have been reused meanwhile.
+# Tensors known to be channels-first (N, C, L) in the forward pass running now: 3-D outputs of the
+# modules above, and outputs of any module whose first input was such a tensor and whose output
+# has the same shape (activations, dropout, a user's own elementwise module). Keyed by memory and
+# layout (so a detached alias matches too), holding a weak reference to the tensor: a key only
+# counts while that tensor lives, so its memory cannot have been reused meanwhile.
 _CHANNELS_FIRST: Dict[Any, "weakref.ref[torch.Tensor]"] = {}
+_PURGE_AT = [512]
 
 
 def _layout_key(t: torch.Tensor) -> Any:
@@ -179,9 +171,11 @@ def _layout_key(t: torch.Tensor) -> Any:
 
 
 def _mark_channels_first(t: torch.Tensor) -> None:
-    if len(_CHANNELS_FIRST) > 512:
-        for k in [k for k, r in _CHANNELS_FIRST.items() if r() is None]:
-            del _CHANNELS_FIRST[k]
+    if len(_CHANNELS_FIRST) > _PURGE_AT[0]:
+        for k, r in list(_CHANNELS_FIRST.items()):
+            if r() is None:
+                _CHANNELS_FIRST.pop(k, None)
+        _PURGE_AT[0] = max(512, 2 * len(_CHANNELS_FIRST))  # many live entries: purge less often
     _CHANNELS_FIRST[_layout_key(t)] = weakref.ref(t)
 
 
@@ -195,22 +189,23 @@ def _is_channels_first(t: torch.Tensor) -> bool:
 @_compiler_disable
 def _layout_hook(mod: nn.Module, args: Any, out: Any) -> None:
     if isinstance(out, torch.Tensor) and out.ndim == 3:
-        if isinstance(mod, _CONV_LIKE_1D) or (
+        if isinstance(mod, _CHANNELS_FIRST_3D) or (
             args and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape and _is_channels_first(args[0])
         ):
             _mark_channels_first(out)
 
 
 def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
-    """Hooks (remove them with ``.remove()``) that let :func:`unit_dim` tell a shape-preserving
-    module's 3-D output in ``(N, C, L)`` layout (a ReLU after a Conv1d, however the modules are
-    declared) from a sequence ``(N, T, D)``, by following the tensors of each forward pass. Only
-    needed, and only registered, when one of ``modules`` is shape-preserving and ``model`` has 1-D
-    conv-like modules. The hooks run before any other forward hook of the same module."""
-    if not any(_transparent(m) for m in modules) or not any(isinstance(m, _CONV_LIKE_1D) for m in model.modules()):
+    """Hooks (remove them with ``.remove()``) that let :func:`unit_dim` tell a 3-D output in
+    ``(N, C, L)`` layout (a ReLU after a Conv1d, however the modules are declared) from a sequence
+    ``(N, T, D)``, by following the tensors of each forward pass through every module of
+    ``model``. Registered only when ``model`` has 1-D conv-like modules and one of ``modules`` is
+    not itself channels-first by type; they run before any other forward hook of their module.
+    A sum or concatenation (a residual connection) starts a new tensor, which is not followed."""
+    mods = list(modules)
+    if all(isinstance(m, _CHANNELS_FIRST_3D) for m in mods) or not any(isinstance(m, _CONV_LIKE_1D) for m in model.modules()):
         return []
-    return [m.register_forward_hook(_layout_hook, prepend=True)
-            for m in model.modules() if isinstance(m, _CONV_LIKE_1D) or _transparent(m)]
+    return [m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()]
 
 
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
@@ -218,15 +213,15 @@ def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
 
     * 2-D ``(N, D)``: dim 1.
     * 4-D/5-D ``(N, C, ...)`` (2-D/3-D convolutions, pooling, batch norm): dim 1, the channel.
-    * 3-D: dim 1 for 1-D convolution/pooling/batch-norm modules ``(N, C, L)``, and for activations,
-      dropout and identity modules applied to such an output (a ``ReLU`` after a ``Conv1d``; needs
+    * 3-D: dim 1 for 1-D convolution/pooling/normalization/padding modules ``(N, C, L)``, and for
+      modules applied to such an output that keep its shape (a ``ReLU`` after a ``Conv1d``; needs
       :func:`track_layouts` during the forward pass); otherwise a sequence ``(N, T, D)``, dim 2.
     """
     if output.ndim <= 2:
         return output.ndim - 1
     if output.ndim >= 4:
         return 1
-    if isinstance(module, _CONV_LIKE) or _is_channels_first(output):
+    if isinstance(module, _CHANNELS_FIRST_3D) or _is_channels_first(output):
         return 1
     return 2
 

@@ -182,6 +182,11 @@ def _value_at_step(run: Run, tag: str, step: int) -> Optional[float]:
     return hits[-1] if hits else None
 
 
+def _last(run: Run, tag: str) -> Optional[float]:
+    s = run.scalars.get(tag)
+    return s[-1][1] if s else None
+
+
 def _best_where(run: Run, tag: str, mode: str, conds: Sequence[Tuple[str, str, float]]) -> Tuple[Optional[float], Optional[str]]:
     """The best finite value of ``tag`` among its measurements at which every condition holds (each
     condition read at the same step), so that ``--at best --where probe_accuracy>=x`` never picks a
@@ -193,7 +198,9 @@ def _best_where(run: Run, tag: str, mode: str, conds: Sequence[Tuple[str, str, f
     for step, v in s:
         if not math.isfinite(v):
             continue
-        vals = [(_value_at_step(run, key, step), op, val) for key, op, val in conds]
+        # a condition logged only later (e.g. a test accuracy at the end) is read at its last value
+        vals = [(_value_at_step(run, key, step) if _value_at_step(run, key, step) is not None else _last(run, key), op, val)
+                for key, op, val in conds]
         if all(c is not None and _OPS[op](c, val) for c, op, val in vals):
             ok.append(v)
     if not ok:

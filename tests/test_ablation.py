@@ -1,6 +1,7 @@
 """Ablation and noise curves against direct (unvectorized, hand-written) computations."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -334,3 +335,26 @@ def test_batch_formats_and_output_checks_name_the_fix():
         ablation_curve(one, "1", (x, torch.zeros(40, dtype=torch.long)))
     with pytest.raises(ValueError, match="Targets reach class 2, but the model returns scores for 2 classes"):
         ablation_curve(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "1", (x, y.clamp(max=2)))
+
+
+def test_non_finite_losses_away_from_the_unablated_point_only_warn():
+    torch.manual_seed(0)
+
+    class Normed(nn.Module):  # divides by the layer's norm: 0/0 once every unit is ablated
+        def __init__(self):
+            super().__init__()
+            self.fc, self.relu, self.out = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.relu(self.fc(x))
+            return self.out(h / h.norm(dim=1, keepdim=True))
+
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    with pytest.warns(RuntimeWarning, match="not finite at some points of the ablation curve"):
+        r = ablation_curve(Normed(), "relu", (x, y))
+    assert math.isfinite(float(r.auc)) and math.isfinite(float(r.loss[0]))
+    logp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(1))
+    with torch.no_grad():
+        logp[2].weight.mul_(1e4)  # -inf log-probabilities: an infinite loss, not a diverged network
+    r = ablation_curve(logp, "1", (x, y))
+    assert math.isfinite(float(r.auc))

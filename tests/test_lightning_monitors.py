@@ -409,7 +409,7 @@ def test_startup_checks_catch_what_would_fail_every_epoch():
     one_logit.forward = lambda inp, f=one_logit.forward: f(inp)[:, :1]
     with pytest.raises(ValueError, match=r"binary logit z: `torch.cat\(\[-z, z\], 1\)`"):
         fit(RelianceMonitor(["relu1"], num_samples=64, num_classes=10), one_logit)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="cannot load the reference checkpoint '/nonexistent/ref.ckpt'"):
         fit(ConvergenceMonitor(["relu1"], num_samples=80, reference="/nonexistent/ref.ckpt"))
     assert Steps.n == 0  # all of them before the first training step
     # mutual information is defined for signed layers: there only selectivity is skipped
@@ -427,7 +427,7 @@ def test_a_diverged_network_logs_nan_reliance_and_training_stops(tmp_path):
     model = make_module(pl, batchnorm=False)
     with torch.no_grad():
         model.fc1.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="not finite.*before any ablation"):
+    with pytest.raises(ValueError, match="NaN on `data` before any ablation.*not finite"):
         ablation_curve(model, "relu1", (x, y))
 
     class Diverge(pl.Callback):  # epoch 0 is fine; from epoch 1 on, the weights are NaN
@@ -446,7 +446,7 @@ def test_a_diverged_network_logs_nan_reliance_and_training_stops(tmp_path):
         ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / type(stopper).__name__), monitor="netprobe/reliance_auc", mode="max")
         tr = trainer(pl, max_epochs=4, enable_checkpointing=True,
                      callbacks=[Diverge(), RelianceMonitor(["relu1"], num_samples=64, repeats=1), stopper, ckpt, rec.cb])
-        with pytest.warns(RuntimeWarning, match="reliance for layer 'relu1' skipped.*not finite"):
+        with pytest.warns(RuntimeWarning, match="reliance for layer 'relu1' skipped.*NaN"):
             tr.fit(make_module(pl, batchnorm=False), loader(x, y))
         assert math.isfinite(rec.epochs[0]["netprobe/reliance_auc"]) and math.isfinite(rec.epochs[0]["netprobe/probe_accuracy"])
         assert math.isnan(rec.epochs[1]["netprobe/reliance_auc"]) and math.isnan(rec.epochs[1]["netprobe/probe_accuracy"])
@@ -467,6 +467,12 @@ def test_a_monitor_reused_for_a_new_model_starts_afresh_and_bf16_models_work():
     assert "netprobe/cka_prev" not in rec.epochs[0]  # no comparison with the old model's activations
     assert "netprobe/cka_prev" in rec.epochs[1]
     assert mon.state_dict()["probe_indices"].max() < 100 <= first.max()  # drawn from the new, smaller dataset
+    sel = SelectivityMonitor(["relu1"], num_samples=64)
+    trainer(pl, max_epochs=1, callbacks=[sel]).fit(make_module(pl), loader(x, y))
+    three = make_module(pl)
+    three.out = nn.Linear(32, 3)
+    trainer(pl, max_epochs=1, callbacks=[sel]).fit(three, loader(x, y % 3))
+    assert sel.num_classes == 3  # inferred again for the new model
     # precision="bf16-true": the probe inputs follow the model's dtype
     rec = Recorder(pl)
     mons = [SelectivityMonitor(["relu1"], num_samples=64), RelianceMonitor(["relu1"], num_samples=64, repeats=1), rec.cb]

@@ -198,6 +198,10 @@ def test_best_among_measurements_meeting_the_conditions_and_diverged_runs(tmp_pa
     res = rank_runs(tmp_path, "netprobe/reliance_auc", at="best", where=["netprobe/probe_accuracy>=0.5"])
     assert [(r["run"], round(r["signal"], 6)) for r in res["runs"]] == [("diverged", 0.9), ("fits", 0.85)]
     assert "no measurement of 'netprobe/reliance_auc' with netprobe/probe_accuracy>=0.5" in res["skipped"][0]["reason"]
+    with SummaryWriter(str(tmp_path / "fits")) as w:  # a condition logged only at the end: its last value
+        w.add_scalar("test/acc", 0.9, 100)
+    res = rank_runs(tmp_path, "netprobe/reliance_auc", at="best", where=["test/acc>=0.5"])
+    assert [(r["run"], round(r["signal"], 6)) for r in res["runs"]] == [("fits", 1.0)]
     res = rank_runs(tmp_path, "netprobe/reliance_auc")  # at the last value the diverged run has no signal
     assert [r["run"] for r in res["runs"]] == ["never", "fits"]
     assert {s["run"]: s["reason"] for s in res["skipped"]}["diverged"] == "non-finite signal"

@@ -161,6 +161,10 @@ def test_accumulators_refuse_mismatched_merges_and_snapshot_their_state():
     torch.testing.assert_close(empty.compute(), mi.compute())
     with pytest.raises(ValueError, match="num_classes=3, bins=4; this accumulator num_classes=5, bins=8"):
         MutualInfoAccumulator(5, bins=8).load_state_dict(mi.state_dict())
+    given = MutualInfoAccumulator(3, bins=4, edges=mi.edges).update(a[:0], labels[:0])  # zero counts, like the others
+    assert given.counts is not None and float(given.counts.sum()) == 0
+    with pytest.raises(ValueError, match="Expected 7 units"):
+        MutualInfoAccumulator(3, bins=4, edges=mi.edges[:7]).update(torch.rand(0, 2), labels[:0])
     acc = MutualInfoAccumulator(3, bins=4).update(a[:0], labels[:0])  # an empty first batch adds nothing
     assert acc.counts is None and acc.edges is None
     with pytest.warns(RuntimeWarning, match="first batch of only 5 rows"):

@@ -125,6 +125,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self.batch_size = batch_size
         self.seed = seed
         self.num_classes = num_classes
+        self._num_classes_arg = num_classes  # what the user passed (None = infer from each run's model)
         self.media_every = media_every
         self._media_due = True  # whether the running measurement draws media (see _maybe_run)
         self.layers: List[str] = []
@@ -219,10 +220,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # activations belong to the old run); a second fit of the same pair goes on where it was.
         # A checkpoint being resumed is loaded after this, so its state wins.
         seen = self._seen
-        if seen is None or seen[0]() is not trainer or seen[1]() is not pl_module:
+        if stage == "fit" and (seen is None or seen[0]() is not trainer or seen[1]() is not pl_module):
             self._seen = (weakref.ref(trainer), weakref.ref(pl_module))
             self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
-            self._published = set()
+            self._published, self.num_classes = set(), self._num_classes_arg
             self._reset_extra_state()
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:

@@ -357,12 +357,21 @@ class ConvergenceMonitor(NetprobeMonitor):
         if not self._ref and self.reference is not None:
             ref = self.reference
             if isinstance(ref, str):
-                model = copy.deepcopy(pl_module)
-                ckpt = torch.load(ref, map_location="cpu", weights_only=False)
-                model.load_state_dict(ckpt.get("state_dict", ckpt))
-                ref = model
+                path = ref
+
+                def load() -> nn.Module:
+                    try:
+                        model = copy.deepcopy(pl_module)
+                        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                        model.load_state_dict(ckpt.get("state_dict", ckpt))
+                    except (OSError, RuntimeError, KeyError, AttributeError) as err:
+                        raise ValueError(f"ConvergenceMonitor: cannot load the reference checkpoint {path!r}: {err}") from err
+                    return model
+
+                # agreed across ranks: one rank failing to read the file must not leave the others waiting
+                ref = self._agreed(load, next((p.device for p in pl_module.parameters()), None))
             x, _, _ = self._shard()
-            with evaluating(ref):
+            with evaluating(ref, restore_rng=True):
                 acts, _ = self._capture(ref, x)
             self._ref = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
         return self._ref

@@ -198,14 +198,22 @@ class NonFiniteError(ValueError):
 
 
 def _check_finite_loss(res: "CurveResult") -> "CurveResult":
-    """A network whose outputs are NaN/Inf has no accuracy to lose: refuse it rather than return a
-    curve whose normalized area (flat at the share of one class) reads as perfect robustness."""
-    bad = ~torch.isfinite(res.loss_sum)
-    if bool(bad.any()):
-        where = "before any ablation" if bool(bad[..., 0].any()) else "at some ablation points"
+    """A network whose own (unablated) outputs are NaN has no accuracy to lose: refuse it rather
+    than return a curve whose normalized area (flat at the share of one class) reads as perfect
+    robustness. Non-finite losses elsewhere (ablated points of a model that divides by a norm, or
+    ``-inf`` log-probabilities) leave the accuracy curve defined: a warning, not an error."""
+    if bool(torch.isnan(res.loss_sum[..., 0]).any()):
         raise NonFiniteError(
-            f"The loss is not finite (NaN/Inf) on `data` {where}: the network's outputs are not finite (diverged "
+            "The loss is NaN on `data` before any ablation: the network's outputs are not finite (diverged "
             "training?), so its reliance is undefined. Check the model, or pass a `loss_fn` that is finite here."
+        )
+    if not bool(torch.isfinite(res.loss_sum).all()):
+        warnings.warn(
+            f"The loss is not finite at some points of the {res.kind} curve (e.g. a normalization that divides by "
+            "the ablated units' norm, or -inf scores); the accuracy curve and its AUC are unaffected, the loss "
+            "curve has NaN/inf there.",
+            RuntimeWarning,
+            stacklevel=3,
         )
     return res
 
@@ -295,8 +303,9 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
             st.unit_means.append(o.reshape(o.shape[0], -1, d).mean(1))
 
     h = module.register_forward_hook(hook)
-    layouts = track_layouts(model, [module])
+    layouts: List[Any] = []
     try:
+        layouts = track_layouts(model, [module])
         for x, y in _batches(data):
             x = x.to(device) if device is not None else x
             model(x)

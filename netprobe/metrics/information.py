@@ -82,8 +82,8 @@ class MutualInfoAccumulator:
         acts = check_2d(acts, "acts")
         check_finite(acts, "acts")
         labels = check_labels(labels, acts.shape[0], self.num_classes)
-        if acts.shape[0] == 0:
-            return self  # like the other accumulators: an empty batch adds nothing
+        if acts.shape[0] == 0 and self.edges is None:
+            return self  # an empty first batch adds nothing (and has no data for the bin edges)
         if self.edges is None:
             if acts.shape[0] < 10 * self.bins:
                 warnings.warn(
