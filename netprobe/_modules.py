@@ -164,6 +164,25 @@ except AttributeError:  # pragma: no cover - torch < 2.1
 # counts while that tensor lives, so its memory cannot have been reused meanwhile.
 _CHANNELS_FIRST: Dict[Any, "weakref.ref[torch.Tensor]"] = {}
 _PURGE_AT = [512]
+_ACTIVE = [0]  # layout trackers attached now
+
+
+class _Tracking:
+    """The hooks of one :func:`track_layouts` call; ``remove()`` removes them, and the last
+    tracker to go clears the marks (so no tensor kept from one model is read for another)."""
+
+    def __init__(self, handles: List[Any]) -> None:
+        self.handles = handles
+        _ACTIVE[0] += 1
+
+    def remove(self) -> None:
+        handles, self.handles = self.handles, []
+        if handles:
+            for h in handles:
+                h.remove()
+            _ACTIVE[0] -= 1
+            if _ACTIVE[0] == 0:
+                _CHANNELS_FIRST.clear()
 
 
 def _layout_key(t: torch.Tensor) -> Any:
@@ -180,7 +199,7 @@ def _mark_channels_first(t: torch.Tensor) -> None:
 
 
 def _is_channels_first(t: torch.Tensor) -> bool:
-    if not _CHANNELS_FIRST or t.ndim != 3:
+    if not _ACTIVE[0] or not _CHANNELS_FIRST or t.ndim != 3:  # marks count only while some tracking is on
         return False
     r = _CHANNELS_FIRST.get(_layout_key(t))
     return r is not None and r() is not None
@@ -196,7 +215,7 @@ def _layout_hook(mod: nn.Module, args: Any, out: Any) -> None:
 
 
 def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
-    """Hooks (remove them with ``.remove()``) that let :func:`unit_dim` tell a 3-D output in
+    """Hooks (a list of handles; ``.remove()`` each) that let :func:`unit_dim` tell a 3-D output in
     ``(N, C, L)`` layout (a ReLU after a Conv1d, however the modules are declared) from a sequence
     ``(N, T, D)``, by following the tensors of each forward pass through every module of
     ``model``. Registered only when ``model`` has 1-D conv-like modules and one of ``modules`` is
@@ -205,7 +224,7 @@ def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
     mods = list(modules)
     if all(isinstance(m, _CHANNELS_FIRST_3D) for m in mods) or not any(isinstance(m, _CONV_LIKE_1D) for m in model.modules()):
         return []
-    return [m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()]
+    return [_Tracking([m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()])]
 
 
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:

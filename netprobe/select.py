@@ -131,7 +131,10 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
         for tag in acc.Tags().get("scalars", []):
             s = series.setdefault(tag, {})
             for ev in acc.Scalars(tag):
-                s[int(ev.step)] = float(ev.value)  # a later write at the same step wins
+                if tag == "epoch":  # the first write at a step wins: `trainer.test()` after `fit` logs the
+                    s.setdefault(int(ev.step), float(ev.value))  # next epoch's number at the last step
+                else:
+                    s[int(ev.step)] = float(ev.value)  # a later write at the same step wins
         run.hparams.update(_hparams_from_plugin(acc))
         run.hparams.update(_hparams_from_yaml(root))
     run.scalars = {t: sorted(v.items()) for t, v in series.items()}
@@ -176,32 +179,54 @@ def _value_at(run: Run, tag: str, at: Union[str, int], mode: str) -> Tuple[Optio
     return None, f"stopped before epoch {epoch} ({len(s)} values of {tag!r})"
 
 
-def _value_at_step(run: Run, tag: str, step: int) -> Optional[float]:
-    """The last value of ``tag`` logged at or before ``step`` (None if none)."""
-    hits = [v for st, v in run.scalars.get(tag, []) if st <= step]
-    return hits[-1] if hits else None
-
-
 def _last(run: Run, tag: str) -> Optional[float]:
     s = run.scalars.get(tag)
     return s[-1][1] if s else None
 
 
+def _epoch_of_step(run: Run, step: int) -> Optional[int]:
+    """The epoch a step belongs to, from the ``epoch`` scalar (its value at or before ``step``)."""
+    hits = [v for st, v in run.scalars.get("epoch", []) if st <= step]
+    return int(round(hits[-1])) if hits else None
+
+
+def _condition_value(run: Run, tag: str, epoch: Optional[int]) -> Optional[float]:
+    """A condition's value at ``epoch`` (its last value when ``epoch`` is None). A key first
+    logged after that epoch (e.g. a test accuracy logged once at the end) is read at its last value."""
+    if epoch is None or not run.scalars.get("epoch"):
+        return _last(run, tag)
+    v, _ = _value_at(run, tag, epoch, "max")
+    if v is not None:
+        return v
+    epochs = [_epoch_of_step(run, st) for st, _ in run.scalars.get(tag, [])]
+    if epochs and all(e is not None and e > epoch for e in epochs):
+        return _last(run, tag)
+    return None
+
+
+def _holds(c: Optional[float], op: str, val: float) -> bool:
+    return c is not None and math.isfinite(c) and _OPS[op](c, val)
+
+
 def _best_where(run: Run, tag: str, mode: str, conds: Sequence[Tuple[str, str, float]]) -> Tuple[Optional[float], Optional[str]]:
     """The best finite value of ``tag`` among its measurements at which every condition holds (each
-    condition read at the same step), so that ``--at best --where probe_accuracy>=x`` never picks a
-    value from before the network fit."""
+    condition read at the measurement's epoch, or at the same step when no ``epoch`` is logged), so
+    that ``--at best --where probe_accuracy>=x`` never picks a value from before the network fit."""
     s = run.scalars.get(tag)
     if not s:
         return None, f"no {tag!r}"
+    by_epoch = bool(run.scalars.get("epoch"))
     ok = []
     for step, v in s:
         if not math.isfinite(v):
             continue
-        # a condition logged only later (e.g. a test accuracy at the end) is read at its last value
-        vals = [(_value_at_step(run, key, step) if _value_at_step(run, key, step) is not None else _last(run, key), op, val)
-                for key, op, val in conds]
-        if all(c is not None and _OPS[op](c, val) for c, op, val in vals):
+        if by_epoch:
+            e = _epoch_of_step(run, step)
+            vals = [(_condition_value(run, key, e), op, val) for key, op, val in conds]
+        else:
+            vals = [(next((c for st, c in reversed(run.scalars.get(key, [])) if st <= step), _last(run, key)), op, val)
+                    for key, op, val in conds]
+        if all(_holds(c, op, val) for c, op, val in vals):
             ok.append(v)
     if not ok:
         cond = " and ".join(f"{k}{op}{v:g}" for k, op, v in conds)
@@ -343,9 +368,10 @@ def rank_runs(
     for r in runs:
         failed = None
         for key, op, val in ([] if at == "best" else conds):  # with "best": checked per measurement below
-            v, why_c = _value_at(r, key, at if isinstance(at, int) else "last", "max")
-            if v is None or not _OPS[op](v, val):
-                failed = why_c or f"{key}={v:.4g} fails {op} {val:g}"
+            v = _condition_value(r, key, at if isinstance(at, int) else None)
+            if not _holds(v, op, val):
+                why_c = _value_at(r, key, at if isinstance(at, int) else "last", "max")[1] if v is None else None
+                failed = why_c or (f"no {key!r}" if v is None else f"{key}={v:.4g} fails {op} {val:g}")
                 break
         if failed:
             skipped.append({"run": r.name, "path": r.path, "reason": failed})

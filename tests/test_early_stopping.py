@@ -128,3 +128,13 @@ def test_state_dict_roundtrip():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RelianceEarlyStopping(**kwargs)
+
+
+def test_reused_for_a_new_fit_it_starts_afresh():
+    values = [0.9, 0.8, 0.7, 0.6]
+    stop = RelianceEarlyStopping(patience=2, smoothing=0.5)
+    first = _fit(values, stop)
+    assert stop.stopped_epoch == 2 and first.current_epoch == 3
+    second = _fit([0.1, 0.2, 0.3, 0.4], stop)  # a new Trainer and model: no EMA, best score or patience carried over
+    assert [h[2] for h in stop.history] == pytest.approx([0.1, 0.15, 0.225, 0.3125])
+    assert stop.stopped_epoch == 0 and second.current_epoch == 4

@@ -478,3 +478,17 @@ def test_a_monitor_reused_for_a_new_model_starts_afresh_and_bf16_models_work():
     mons = [SelectivityMonitor(["relu1"], num_samples=64), RelianceMonitor(["relu1"], num_samples=64, repeats=1), rec.cb]
     trainer(pl, max_epochs=1, precision="bf16-true", callbacks=mons).fit(make_module(pl, batchnorm=False), loader(x, y))
     assert {"netprobe/selectivity_mean", "netprobe/reliance_auc"} <= set(rec.epochs[0])
+
+
+def test_a_layer_with_every_unit_dead_warns_and_keeps_its_dead_fraction():
+    import pytorch_lightning as pl
+
+    x, y = digits(100)
+    model = make_module(pl, batchnorm=False, lr=0.0)
+    with torch.no_grad():
+        model.fc1.bias.fill_(-1e3)  # relu1 is zero for every input
+    tr = trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1", "relu2"], num_samples=64)])
+    with pytest.warns(RuntimeWarning, match="selectivity for layer 'relu1' skipped.*every unit was zero"):
+        tr.fit(model, loader(x, y))
+    cm = tr.callback_metrics
+    assert float(cm["netprobe/dead_fraction/relu1"]) == 1.0 and "netprobe/selectivity_mean/relu1" not in cm

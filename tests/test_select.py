@@ -214,3 +214,25 @@ def test_conditions_need_a_finite_number():
     for bad in ("netprobe/probe_accuracy>=nan", "x<inf"):
         with pytest.raises(SelectionError, match="a finite number"):
             parse_condition(bad)
+
+
+def test_epochs_align_lightning_keys_monitor_keys_and_a_final_test(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # as Lightning writes them: epoch-end metrics one step before the monitors' values, and
+    # trainer.test() after fit logging test/acc with the next epoch number at the last step
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for e, (val, acc, rel) in enumerate([(0.3, 0.1, 1.2), (0.5, 0.6, 0.8), (0.4, 0.7, 0.9)]):
+            w.add_scalar("val_acc", val, 5 * e + 4)
+            w.add_scalar("epoch", e, 5 * e + 4)
+            w.add_scalar("netprobe/probe_accuracy", acc, 5 * e + 5)
+            w.add_scalar("netprobe/reliance_auc", rel, 5 * e + 5)
+            w.add_scalar("epoch", e, 5 * e + 5)
+        w.add_scalar("test/acc", 0.75, 15)
+        w.add_scalar("epoch", 3, 15)
+    res = rank_runs(tmp_path, "netprobe/reliance_auc", at=2, against="test/acc", where=["test/acc>=0.7"])
+    assert [r["signal"] for r in res["runs"]] == [pytest.approx(0.9)]
+    assert "stopped before epoch 3" in rank_runs(tmp_path, "netprobe/reliance_auc", at=3)["skipped"][0]["reason"]
+    # best val_acc among epochs whose probe accuracy (logged one step later) is >= 0.5: epoch 1
+    res = rank_runs(tmp_path, "val_acc", at="best", where=["netprobe/probe_accuracy>=0.5", "test/acc>0.7"])
+    assert [r["signal"] for r in res["runs"]] == [pytest.approx(0.5)]

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 
 from typing import Any, Dict, Optional
 
@@ -101,6 +102,27 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._last_seen: Any = None  # the tensor object last read from callback_metrics
         self._last_value: Optional[float] = None
         self.history: list[tuple[int, float, float]] = []  # (epoch, raw, smoothed) of fresh records
+        self._seen: Optional[tuple] = None  # weak refs to this run's Trainer and module
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_seen"] = None  # weak references cannot be pickled (ddp_spawn, checkpoints)
+        return state
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # reused for another Trainer or model, it starts afresh, like the monitors (its EMA, best
+        # score and patience belong to the old run); a resumed checkpoint's state is loaded after this
+        seen = self._seen
+        if stage == "fit" and (seen is None or seen[0]() is not trainer or seen[1]() is not pl_module):
+            first = seen is None
+            self._seen = (weakref.ref(trainer), weakref.ref(pl_module))
+            if not first:
+                self._ema, self._last_seen, self._last_value, self.history = None, None, None, []
+                self.wait_count, self.stopped_epoch, self.stopping_reason_message = 0, 0, None
+                self.best_score = torch.tensor(torch.inf if self.monitor_op == torch.lt else -torch.inf)
+                if hasattr(self, "stopping_reason"):  # Lightning >= 2.5
+                    self.stopping_reason = getattr(type(self.stopping_reason), "NOT_STOPPED", self.stopping_reason)
 
     def _run_early_stopping_check(self, trainer: Any) -> None:
         logs = trainer.callback_metrics

@@ -81,8 +81,10 @@ class SelectivityMonitor(NetprobeMonitor):
             ya = y.to(a.device)
             try:
                 res = _probe_selectivity(self, a, ya)
-                sel[layer] = float(res.mean)
                 dead[layer] = res.num_dead / res.num_units
+                if res.num_dead == res.num_units:
+                    raise ValueError("every unit was zero on the whole probe set (dead_fraction 1), so no unit has a selectivity")
+                sel[layer] = float(res.mean)
                 hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
             except ValueError as err:
                 self._warn_skip(layer, "selectivity", err)
