@@ -16,9 +16,10 @@ Which value of a series is used (``at``):
 The reference (``against``, e.g. a test accuracy logged once at the end) is read at its last value.
 
 Conditions (``where``, e.g. ``"netprobe/probe_accuracy>=0.99"``) keep only the runs that meet
-them; each is read at the same epoch as the signal when ``at`` is an epoch, at the same step as
-each measurement with ``"best"`` (the best value among the measurements that meet them), else at
-its last value. A run that fails a condition, or lacks its key, is listed as skipped with the
+them; each is read at the same epoch as the signal when ``at`` is an epoch, at each
+measurement's epoch with ``"best"`` (the best value among the measurements that meet them; at the
+same step when no ``epoch`` scalar was logged), else at its last value; a key logged only after
+that epoch (a test accuracy at the end) is read at its last value. A run that fails a condition, or lacks its key, is listed as skipped with the
 reason. NaN values (what the monitors log for a diverged network) count as no signal: such a run
 is skipped at its last value and its NaN measurements never count as best.
 Reliance should be compared between networks that fit their training data about equally well

@@ -231,8 +231,8 @@ class RelianceMonitor(NetprobeMonitor):
         if curves:  # the unablated point is the same for every layer: the model's own accuracy
             out["netprobe/probe_accuracy"] = float(next(iter(curves.values())).accuracy[0])
         if diverged:
-            # NaN, not a missing key: EarlyStopping (check_finite) stops, ModelCheckpoint never keeps
-            # it as best, and `netprobe rank` sees that the run ended diverged
+            # NaN, not a missing key: EarlyStopping (check_finite) stops, ModelCheckpoint scores it
+            # worst, and `netprobe rank` sees that the run ended diverged
             for key in ("reliance_auc",) + (("noise_auc",) if self.noise else ()) + ("probe_accuracy",):
                 out[f"netprobe/{key}"] = float("nan")
         figs: Dict[str, Any] = {}
