@@ -61,6 +61,26 @@ class _OtherRankFailed(ValueError):
     """A rank-local check failed on another rank; this rank skips the same step."""
 
 
+class _RunIdentity:
+    """The Trainer and module a callback last set up a fit with, held by weak reference (dropped
+    when the callback is pickled, e.g. for ``ddp_spawn``: they belong to this process)."""
+
+    def __init__(self) -> None:
+        self._refs: Optional[Tuple[Any, Any]] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"_refs": None}
+
+    def begins(self, trainer: Any, pl_module: Any, stage: str) -> Optional[str]:
+        """``"first"`` or ``"other"`` when a fit with a new Trainer or module begins (the callback's
+        first, or one after a fit with another pair), else ``None`` (not a fit, or the same pair)."""
+        refs = self._refs
+        if stage != "fit" or (refs is not None and refs[0]() is trainer and refs[1]() is pl_module):
+            return None
+        self._refs = (weakref.ref(trainer), weakref.ref(pl_module))
+        return "first" if refs is None else "other"
+
+
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     """Base of :class:`SelectivityMonitor`, :class:`RelianceMonitor`, :class:`ConvergenceMonitor`.
 
@@ -135,14 +155,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._widths: Dict[str, int] = {}
         self.last_values: Dict[str, float] = {}
         self._published: set = set()  # keys written at the last measurement
-        self._seen: Optional[Tuple[Any, Any]] = None  # weak refs to the Trainer and module of this run
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # ddp_spawn and checkpoints pickle callbacks: the weak references to this run's Trainer and
-        # module cannot be, and belong to this process anyway
-        state = self.__dict__.copy()
-        state["_seen"] = None
-        return state
+        self._run = _RunIdentity()
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -219,9 +232,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # a monitor reused for another Trainer or model starts afresh (its probe set and previous
         # activations belong to the old run); a second fit of the same pair goes on where it was.
         # A checkpoint being resumed is loaded after this, so its state wins.
-        seen = self._seen
-        if stage == "fit" and (seen is None or seen[0]() is not trainer or seen[1]() is not pl_module):
-            self._seen = (weakref.ref(trainer), weakref.ref(pl_module))
+        if self._run.begins(trainer, pl_module, stage):
             self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
             self._published, self.num_classes = set(), self._num_classes_arg
             self._reset_extra_state()

@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import math
-import weakref
 
 from typing import Any, Dict, Optional
 
@@ -45,6 +44,8 @@ try:  # the netprobe dependency
     from pytorch_lightning.callbacks import EarlyStopping as _EarlyStopping
 except ImportError:  # pragma: no cover - only the unified package installed
     from lightning.pytorch.callbacks import EarlyStopping as _EarlyStopping
+
+from netprobe.lightning.base import _RunIdentity  # noqa: E402
 
 __all__ = ["RelianceEarlyStopping"]
 
@@ -102,27 +103,18 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._last_seen: Any = None  # the tensor object last read from callback_metrics
         self._last_value: Optional[float] = None
         self.history: list[tuple[int, float, float]] = []  # (epoch, raw, smoothed) of fresh records
-        self._seen: Optional[tuple] = None  # weak refs to this run's Trainer and module
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_seen"] = None  # weak references cannot be pickled (ddp_spawn, checkpoints)
-        return state
+        self._run = _RunIdentity()
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         # reused for another Trainer or model, it starts afresh, like the monitors (its EMA, best
         # score and patience belong to the old run); a resumed checkpoint's state is loaded after this
-        seen = self._seen
-        if stage == "fit" and (seen is None or seen[0]() is not trainer or seen[1]() is not pl_module):
-            first = seen is None
-            self._seen = (weakref.ref(trainer), weakref.ref(pl_module))
-            if not first:
-                self._ema, self._last_seen, self._last_value, self.history = None, None, None, []
-                self.wait_count, self.stopped_epoch, self.stopping_reason_message = 0, 0, None
-                self.best_score = torch.tensor(torch.inf if self.monitor_op == torch.lt else -torch.inf)
-                if hasattr(self, "stopping_reason"):  # Lightning >= 2.5
-                    self.stopping_reason = getattr(type(self.stopping_reason), "NOT_STOPPED", self.stopping_reason)
+        if self._run.begins(trainer, pl_module, stage) == "other":
+            self._ema, self._last_seen, self._last_value, self.history = None, None, None, []
+            self.wait_count, self.stopped_epoch, self.stopping_reason_message = 0, 0, None
+            self.best_score = torch.tensor(torch.inf if self.monitor_op == torch.lt else -torch.inf)
+            if hasattr(self, "stopping_reason"):  # Lightning >= 2.5
+                self.stopping_reason = getattr(type(self.stopping_reason), "NOT_STOPPED", self.stopping_reason)
 
     def _run_early_stopping_check(self, trainer: Any) -> None:
         logs = trainer.callback_metrics
@@ -136,13 +128,8 @@ class RelianceEarlyStopping(_EarlyStopping):
         if self.check_finite and not math.isfinite(value):
             # the monitors log NaN for a diverged network: stop at once, warm-up or not
             self.history.append((int(trainer.current_epoch), value, value))
-            reason = (f"Monitored metric {self.monitor} = {value} is not finite (the network's outputs are NaN/Inf: "
-                      "diverged training?). Signaling Trainer to stop.")
-            should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
-            trainer.should_stop = trainer.should_stop or should_stop
-            self.stopped_epoch, self.stopping_reason_message = trainer.current_epoch, reason
-            if self.verbose:
-                self._log_info(trainer, reason, self.log_rank_zero_only)
+            self._decide(trainer, True, f"Monitored metric {self.monitor} = {value} is not finite (the network's "
+                                        "outputs are NaN/Inf: diverged training?). Signaling Trainer to stop.")
             return
         current = torch.tensor(value, dtype=torch.float64)
         self._ema = current if self._ema is None or self.smoothing == 0.0 else (
@@ -160,7 +147,10 @@ class RelianceEarlyStopping(_EarlyStopping):
                 )
             if float(fit) < self.min_probe_accuracy:
                 return
-        should_stop, reason = self._evaluate_stopping_criteria(self._ema.to(torch.float32))
+        self._decide(trainer, *self._evaluate_stopping_criteria(self._ema.to(torch.float32)))
+
+    def _decide(self, trainer: Any, should_stop: bool, reason: Optional[str]) -> None:
+        """Stop when any rank says so, as Lightning's EarlyStopping does."""
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         trainer.should_stop = trainer.should_stop or should_stop
         if should_stop:
