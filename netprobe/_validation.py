@@ -7,7 +7,7 @@ what to do about it. ``ValueError`` for bad values, ``TypeError`` for bad types;
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ __all__ = [
     "check_same_n",
     "check_labels",
     "close_names",
+    "clone_or_none",
 ]
 
 
@@ -100,3 +101,8 @@ def close_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         # fall back on a substring match, then on the first few names
         out = [c for c in cands if name.split(".")[-1] in c][:n] or list(cands)[:n]
     return out
+
+
+def clone_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A copy of ``t`` (``None`` stays ``None``): accumulator state snapshots share no memory."""
+    return None if t is None else t.clone()

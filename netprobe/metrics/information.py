@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from netprobe import distributed as _dist
-from netprobe._validation import check_2d, check_finite, check_labels
+from netprobe._validation import check_2d, check_finite, check_labels, clone_or_none
 
 __all__ = ["mutual_information", "MutualInfoAccumulator", "quantile_edges"]
 
@@ -129,8 +129,7 @@ class MutualInfoAccumulator:
 
     def state_dict(self) -> Dict[str, Any]:
         """A snapshot (copies: later updates do not change it)."""
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731
-        return {"num_classes": self.num_classes, "bins": self.bins, "edges": clone(self.edges), "counts": clone(self.counts)}
+        return {"num_classes": self.num_classes, "bins": self.bins, "edges": clone_or_none(self.edges), "counts": clone_or_none(self.counts)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if (state["num_classes"], state["bins"]) != (self.num_classes, self.bins):
@@ -138,8 +137,7 @@ class MutualInfoAccumulator:
                 f"State has num_classes={state['num_classes']}, bins={state['bins']}; this accumulator "
                 f"num_classes={self.num_classes}, bins={self.bins}."
             )
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731
-        self.edges, self.counts = clone(state["edges"]), clone(state["counts"])
+        self.edges, self.counts = clone_or_none(state["edges"]), clone_or_none(state["counts"])
 
     def compute(self) -> torch.Tensor:
         """Per-unit mutual information with the label, ``(d,)`` float64, in bits."""

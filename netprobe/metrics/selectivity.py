@@ -18,7 +18,7 @@ from typing import Any, Dict
 import torch
 
 from netprobe import distributed as _dist
-from netprobe._validation import check_2d, check_finite, check_labels
+from netprobe._validation import check_2d, check_finite, check_labels, clone_or_none
 
 __all__ = ["class_selectivity", "SelectivityResult", "SelectivityAccumulator"]
 
@@ -130,14 +130,12 @@ class SelectivityAccumulator:
 
     def state_dict(self) -> Dict[str, Any]:
         """A snapshot (copies: later updates do not change it)."""
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731
-        return {"num_classes": self.num_classes, "sums": clone(self.sums), "counts": clone(self.counts)}
+        return {"num_classes": self.num_classes, "sums": clone_or_none(self.sums), "counts": clone_or_none(self.counts)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state["num_classes"] != self.num_classes:
             raise ValueError(f"State has num_classes={state['num_classes']}, this accumulator {self.num_classes}.")
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731
-        self.sums, self.counts = clone(state["sums"]), clone(state["counts"])
+        self.sums, self.counts = clone_or_none(state["sums"]), clone_or_none(state["counts"])
 
     def compute(self) -> SelectivityResult:
         if self.sums is None or self.counts is None:
