@@ -381,8 +381,9 @@ def _run(
                 xb, yb = xb.to(device), yb.to(device)
             if xb.shape[0] == 0:
                 continue
-            for s0 in range(0, xb.shape[0], sub or xb.shape[0]):
-                x, y = xb[s0 : s0 + (sub or xb.shape[0])], yb[s0 : s0 + (sub or xb.shape[0])]
+            step = sub or xb.shape[0]
+            for s0 in range(0, xb.shape[0], step):
+                x, y = xb[s0 : s0 + step], yb[s0 : s0 + step]
                 b, first = x.shape[0], n + s0
                 for start in range(0, n_masks, m_chunk):
                     m = min(m_chunk, n_masks - start)
@@ -531,8 +532,9 @@ def ablation_curve(
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
     with evaluating(model):
-        needs_all = mode == "mean" or (isinstance(order, str) and order != "random")  # per-unit means / selectivity
-        st = _layer_pass(model, module, data, device, keep_rows=isinstance(order, str) and order != "random", first_only=not needs_all)
+        by_selectivity = isinstance(order, str) and order != "random"
+        # statistics over all the data only for per-unit means or a selectivity order
+        st = _layer_pass(model, module, data, device, keep_rows=by_selectivity, first_only=not (mode == "mean" or by_selectivity))
         if distributed:
             _reduce_stats(st)
             if st.unit_means:
