@@ -41,6 +41,7 @@ Everything returned is plain data (dicts, lists, floats).
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 import os
@@ -187,8 +188,9 @@ def _last(run: Run, tag: str) -> Optional[float]:
 
 def _epoch_of_step(run: Run, step: int) -> Optional[int]:
     """The epoch a step belongs to, from the ``epoch`` scalar (its value at or before ``step``)."""
-    hits = [v for st, v in run.scalars.get("epoch", []) if st <= step]
-    return int(round(hits[-1])) if hits else None
+    ep = run.scalars.get("epoch", [])  # sorted by step, one value per step
+    i = bisect.bisect_right(ep, (step, math.inf))
+    return int(round(ep[i - 1][1])) if i else None
 
 
 def _condition_value(run: Run, tag: str, epoch: Optional[int]) -> Optional[float]:
