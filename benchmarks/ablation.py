@@ -9,23 +9,12 @@ Target: >= 3x. Also checks the two give identical curves.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
+from _timing import best_of_alternating
 from netprobe.metrics import ablation_curve
-
-
-def best_of_pair(vec, loop, reps):
-    """Best of ``reps`` for each, alternating the two so that machine drift hits both."""
-    tv, tl, outs = [], [], {}
-    for _ in range(reps):
-        for name, fn, ts in (("vec", vec, tv), ("loop", loop, tl)):
-            t0 = time.perf_counter()
-            outs[name] = fn()
-            ts.append(time.perf_counter() - t0)
-    return min(tv), min(tl), outs["vec"], outs["loop"]
 
 
 def main():
@@ -52,7 +41,7 @@ def main():
 
     for layer in ("1", "3", "5"):
         kw = lambda: dict(repeats=3, generator=torch.Generator().manual_seed(0))  # noqa: E731
-        t_vec, t_loop, a, b = best_of_pair(lambda: ablation_curve(net, layer, data, **kw()),
+        t_vec, t_loop, a, b = best_of_alternating(lambda: ablation_curve(net, layer, data, **kw()),
                                            lambda: ablation_curve(net, layer, data, vectorize=False, expand="input", **kw()), 5)
         same = torch.equal(a.correct, b.correct)
         print(f"layer {layer}: vectorized {t_vec * 1e3:7.1f} ms   loop over masks {t_loop * 1e3:7.1f} ms   "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -23,6 +22,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _timing import best_of_alternating  # noqa: E402
 from netprobe.metrics import cca, pwcca  # noqa: E402
 
 
@@ -49,17 +49,6 @@ def google_recipe(a1, a2, *, pw):
     return float(np.sum(w * s))
 
 
-def timeit_pair(ours, ref, reps):
-    """Best of ``reps`` for each, the two alternating so that machine drift hits both."""
-    t_ours, t_ref = [], []
-    for _ in range(reps):
-        for fn, ts in ((ours, t_ours), (ref, t_ref)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return min(t_ours), min(t_ref)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -80,10 +69,10 @@ def main():
         ours_cca = cca(tx, ty).numpy()
         ref_cca = google_recipe(xt, yt, pw=False)
         err = np.max(np.abs(np.sort(ours_cca)[::-1][:50] - np.sort(ref_cca)[::-1][:50]))
-        t_ours, t_ref = timeit_pair(lambda: cca(tx, ty), lambda: google_recipe(xt, yt, pw=False), reps)
+        t_ours, t_ref, _, _ = best_of_alternating(lambda: cca(tx, ty), lambda: google_recipe(xt, yt, pw=False), reps)
         print(f"n={n:>6} d=({d1},{d2})  cca   netprobe {t_ours:7.3f}s  google-recipe numpy {t_ref:7.3f}s  "
               f"speed-up {t_ref / t_ours:5.2f}x  (max |diff| of top-50 correlations {err:.1e})")
-        t_ours, t_ref = timeit_pair(lambda: pwcca(tx, ty), lambda: google_recipe(xt, yt, pw=True), reps)
+        t_ours, t_ref, _, _ = best_of_alternating(lambda: pwcca(tx, ty), lambda: google_recipe(xt, yt, pw=True), reps)
         print(f"n={n:>6} d=({d1},{d2})  pwcca netprobe {t_ours:7.3f}s  google-recipe numpy {t_ref:7.3f}s  "
               f"speed-up {t_ref / t_ours:5.2f}x  (target >= 2x)")
 
