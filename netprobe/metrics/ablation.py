@@ -12,7 +12,8 @@ Randomness (unit orders, noise) comes from the caller's ``torch.Generator`` only
 
 Vectorization: instead of one forward pass per ablation mask, a batch of ``b`` inputs is repeated
 ``m`` times and ``m`` different masks are applied at the layer in one forward pass (``m`` chosen so
-that ``m * b <= max_batch``). This assumes the model treats samples independently in eval mode,
+that ``m * b <= max_batch`` and that no module output of the stacked pass holds more than
+``max_elements`` elements, measured per input row on the first batch). This assumes the model treats samples independently in eval mode,
 which holds for standard layers (eval-mode BatchNorm and Dropout included), not for layers that mix
 samples across the batch.
 """
@@ -35,6 +36,8 @@ __all__ = ["ablation_curve", "noise_curve", "CurveResult", "selectivity_order", 
 _F64 = torch.float64
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+#: Default bound on the elements of any module output in a stacked pass (2^20 floats = 4 MiB).
+DEFAULT_MAX_ELEMENTS = 2**20
 
 Data = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Any]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -241,6 +244,13 @@ def _check_points(x: Sequence[float], name: str, lo: float, hi: Optional[float])
     return t
 
 
+def _check_budget(max_batch: int, max_elements: Optional[int]) -> None:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"Expected `max_batch` to be a positive int, but got {max_batch!r}.")
+    if max_elements is not None and (not isinstance(max_elements, int) or isinstance(max_elements, bool) or max_elements < 1):
+        raise ValueError(f"Expected `max_elements` to be a positive int or None, but got {max_elements!r}.")
+
+
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy. For few classes on CPU, log-sum-exp written out is several times
     faster than torch's kernel (which vectorizes poorly over a short class dimension); same values
@@ -277,6 +287,7 @@ class _LayerStats:
         self.unit_means: List[torch.Tensor] = []  # per-sample per-unit means (for selectivity)
         self.labels: List[torch.Tensor] = []
         self.calls = 0  # hook calls (to catch a module that runs more than once per forward)
+        self.row_elements = 1  # elements per input row of the largest module output (first batch)
 
 
 def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False) -> _LayerStats:
@@ -302,13 +313,28 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
         if keep_rows:
             st.unit_means.append(o.reshape(o.shape[0], -1, d).mean(1))
 
+    rows = [0]
+
+    def size_hook(mod: nn.Module, args: Any, out: Any) -> None:
+        # the stacked passes hold every module output at m * b rows: their memory is bounded by
+        # the largest output per input row (a tuple's tensors together)
+        elems = sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor))
+        st.row_elements = max(st.row_elements, -(-elems // max(rows[0], 1)))
+
     h = module.register_forward_hook(hook)
     layouts: List[Any] = []
+    sizes: List[Any] = []
     try:
         layouts = track_layouts(model, [module])
+        sizes = [m.register_forward_hook(size_hook) for m in model.modules()]
         for x, y in _batches(data):
             x = x.to(device) if device is not None else x
+            rows[0] = x.shape[0]
             model(x)
+            if x.shape[0] and sizes:
+                for handle in sizes:
+                    handle.remove()
+                sizes = []
             if st.n == 0 and st.calls > 1:
                 raise ValueError(
                     f"The layer runs {st.calls} times in one forward pass (one module instance used at several "
@@ -322,7 +348,7 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
                 break
     finally:
         h.remove()
-        for handle in layouts:
+        for handle in layouts + sizes:
             handle.remove()
     if st.s1 is None:
         raise ValueError("The layer was never reached by a forward pass over `data` (empty data, or the layer is unused).")
@@ -352,6 +378,7 @@ def _run(
     model: nn.Module, module: nn.Module, data: Data, device, ud: int, n_masks: int,
     perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
     loss_fn: Optional[LossFn], max_batch: int, vectorize: bool, expand: str = "auto",
+    max_elements: Optional[int] = None, row_elements: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, first_sample_index)``.
 
@@ -368,13 +395,15 @@ def _run(
     h = module.register_forward_hook(hook)
     at_layer = expand in ("auto", "layer")
     # Every mask stacked in one pass over sub-batches of `sub` samples, so the layers before the
-    # perturbed one run once per sample; only with more masks than `max_batch` are they chunked.
+    # perturbed one run once per sample; only with more masks than the row budget are they
+    # chunked. The budget: `max_batch` rows, and no module output above `max_elements` elements.
+    budget = max_batch if max_elements is None else max(1, min(max_batch, max_elements // max(row_elements, 1)))
     if not vectorize:
         m_chunk, sub = 1, None
-    elif n_masks <= max_batch:
-        m_chunk, sub = n_masks, max(1, max_batch // n_masks)
+    elif n_masks <= budget:
+        m_chunk, sub = n_masks, max(1, budget // n_masks)
     else:
-        m_chunk, sub = max_batch, 1
+        m_chunk, sub = budget, 1
     try:
         for xb, yb in _batches(data):
             if device is not None:
@@ -460,6 +489,7 @@ def ablation_curve(
     generator: Optional[torch.Generator] = None,
     loss_fn: Optional[LossFn] = None,
     max_batch: int = 4096,
+    max_elements: Optional[int] = DEFAULT_MAX_ELEMENTS,
     vectorize: bool = True,
     distributed: bool = False,
     expand: str = "auto",
@@ -478,16 +508,23 @@ def ablation_curve(
         fractions: ascending, in ``[0, 1]``, starting at 0 (default 0, 0.1, ..., 1).
         order: ``"random"`` (a new random order per repeat), ``"selectivity_desc"`` (most
             class-selective units first; dead units last), ``"selectivity_asc"`` (least selective
-            first), or a permutation tensor of the ``d`` units (then ``repeats`` is 1).
+            first), or a permutation tensor of the ``d`` units, ``(d,)``, or a stack of
+            permutations, ``(r, d)``, one curve per row (then ``repeats`` is ignored). Reusing the
+            same orders at every epoch (common random numbers) makes the change of the curve
+            between epochs reflect the network, not the draw.
         mode: ``"zero"`` (set to 0) or ``"mean"`` (set to the unit's mean over ``data``, and over
             positions for conv/sequence outputs).
         repeats: random orders averaged (``order="random"`` only).
         generator: source of the random orders; a fresh ``torch.Generator`` seeded with 0 when
             ``None`` (the global RNG is never used).
         loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses; default cross-entropy.
-        max_batch: most samples per forward pass when masks are stacked (memory bound). On CPU,
-            4096 was faster than larger stacks (whose activations fall out of cache); on a GPU
-            raise it as far as memory allows.
+        max_batch: most samples (rows) per forward pass when masks are stacked.
+        max_elements: memory bound of a stacked pass: the rows per pass are also limited so that
+            no module output of the model (the largest one per input row, measured on the first
+            batch; a tuple output's tensors together) holds more than ``max_elements`` elements.
+            Default ``2**20`` (4 MiB of float32 per tensor: a stacked pass keeps a few such tensors
+            alive at once). On CPU larger stacks ran no faster (they fall out of cache); on a GPU
+            raise it as far as memory allows. ``None``: rows alone (``max_batch``) bound the pass.
         vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
             (same numbers, slower).
         distributed: ``data`` is this rank's shard of a dataset split across the ranks of
@@ -518,8 +555,7 @@ def ablation_curve(
         raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"Expected `max_batch` to be a positive int, but got {max_batch!r}.")
+    _check_budget(max_batch, max_elements)
     if expand not in ("auto", "layer", "input"):
         raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
     if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
@@ -543,9 +579,14 @@ def ablation_curve(
         d, ud = st.d, int(st.ud or 0)
         if isinstance(order, torch.Tensor):
             perm = order.detach().cpu().long()
-            if perm.shape != (d,) or not torch.equal(perm.sort().values, torch.arange(d)):
-                raise ValueError(f"Expected `order` to be a permutation of the layer's {d} units, but got shape {tuple(order.shape)}.")
-            orders = perm[None]
+            perm = perm[None] if perm.ndim == 1 else perm
+            if perm.ndim != 2 or perm.shape[0] < 1 or perm.shape[1] != d or not torch.equal(perm.sort(1).values, torch.arange(d).expand_as(perm)):
+                raise ValueError(
+                    f"Expected `order` to be a permutation of the layer's {d} units, (d,), or a stack of them, "
+                    f"(repeats, d), but got shape {tuple(order.shape)}" + ("." if perm.ndim == 2 and perm.shape[-1:] != (d,) else
+                                                                          " with entries that are not a permutation.")
+                )
+            orders = perm
         elif order == "random":
             orders = torch.stack([torch.randperm(d, generator=gen, device=gen.device).cpu() for _ in range(repeats)])
         else:
@@ -572,7 +613,8 @@ def ablation_curve(
         # identical masks (fraction 0 in every repeat, fraction 1, repeated counts) are evaluated once
         all_masks = masks
         masks, inverse = torch.unique(all_masks, dim=0, return_inverse=True)
-        correct_u, loss_u, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand)
+        correct_u, loss_u, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
+                                     max_elements, st.row_elements)
         correct, loss_sum = correct_u[inverse], loss_u[inverse]
     res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
     return _check_finite_loss(res.all_reduce() if distributed else res)  # after the reduce: every rank agrees
@@ -588,6 +630,7 @@ def noise_curve(
     generator: Optional[torch.Generator] = None,
     loss_fn: Optional[LossFn] = None,
     max_batch: int = 4096,
+    max_elements: Optional[int] = DEFAULT_MAX_ELEMENTS,
     vectorize: bool = True,
     index_offset: int = 0,
     distributed: bool = False,
@@ -605,7 +648,7 @@ def noise_curve(
     curve. Without ``distributed=True`` each call scales the noise by its own data's std.
 
     Args:
-        model, layer, data, repeats, generator, loss_fn, max_batch, vectorize: as in
+        model, layer, data, repeats, generator, loss_fn, max_batch, max_elements, vectorize: as in
             :func:`ablation_curve`.
         scales: ascending, ``>= 0``, starting at 0.
         index_offset: global index of the first sample of ``data`` (for sharded evaluation).
@@ -625,6 +668,7 @@ def noise_curve(
     """
     name, module = resolve_layer(model, layer)
     sc = _check_points(scales, "scales", 0.0, None)
+    _check_budget(max_batch, max_elements)
     if expand not in ("auto", "layer", "input"):
         raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
@@ -666,6 +710,7 @@ def noise_curve(
                 out[i] = view[i] + float(sc[j]) * s * z_for(rep, first, view.shape[1:], view.device).to(view.dtype)
             return out
 
-        correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize, expand)
+        correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize, expand,
+                                  max_elements, st.row_elements)
     res = CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
     return _check_finite_loss(res.all_reduce() if distributed else res)
