@@ -25,6 +25,24 @@ class _SyncedTeardown(pl.Callback):
             dist.destroy_process_group()
 
 
+class _SameOrdersOnEveryRank(pl.Callback):
+    """Fails the run unless every rank holds the same fixed ablation orders as rank 0."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def on_train_end(self, trainer, pl_module):
+        import torch.distributed as dist
+
+        orders = self.monitor.state_dict()["extra"]["orders"]
+        assert set(orders) == {"relu1", "relu2"}
+        if dist.is_available() and dist.is_initialized():
+            got = [None] * dist.get_world_size()
+            dist.all_gather_object(got, orders)
+            for other in got:
+                assert all(torch.equal(other[k], orders[k]) for k in orders), "ranks hold different orders"
+
+
 def _run(strategy, devices):
     pl.seed_everything(0, verbose=False)
     x, y = digits(240)
@@ -36,7 +54,8 @@ def _run(strategy, devices):
         RelianceMonitor(["relu1", "relu2"], num_samples=101, noise=True, repeats=2, order="random"),
         ConvergenceMonitor(["relu1", "relu2"], num_samples=101, reference=ref),
     ]
-    tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices, callbacks=[*mons, _SyncedTeardown()])
+    tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices,
+                 callbacks=[*mons, _SameOrdersOnEveryRank(mons[1]), _SyncedTeardown()])
     tr.fit(model, loader(x, y, batch_size=40, shuffle=False))
     return {k: float(v) for k, v in tr.callback_metrics.items()}
 

@@ -18,6 +18,11 @@ What every monitor does, in one place:
   removed; gradients are untouched.
 * **DDP.** Each rank evaluates a contiguous shard of the probe set; sufficient statistics are
   reduced across ranks, so the values equal the single-process ones, and every rank logs the same.
+* **One probe pass per measurement.** Monitors of one Trainer that measure the same probe set
+  (same ``seed``, ``num_samples``, ``probe_data``, ``batch_size`` and ``forward``) at the same
+  step share one forward pass over it, capturing the layers of all of them at once
+  (:class:`_SharedProbePass`); the activations of a layer do not depend on which other layers
+  are captured, so no value depends on which other monitors are attached.
 * **Failures.** Misconfiguration fails fast (unknown layers with close names in ``setup``; layers
   not reached, classes not inferable, a probe set too small for CCA at ``on_train_start``). A
   metric that cannot be computed for a layer at some epoch (e.g. every unit dead) is skipped with
@@ -79,6 +84,59 @@ class _RunIdentity:
             return None
         self._refs = (weakref.ref(trainer), weakref.ref(pl_module))
         return "first" if refs is None else "other"
+
+
+class _SharedProbePass:
+    """The forward pass over the probe set shared by the monitors of one Trainer at one step.
+
+    Each monitor joins at ``setup``. The first monitor to measure at a step captures the layers
+    of every joined monitor with the same probe set (:meth:`NetprobeMonitor._share_key`) that is
+    due at this epoch; the others take their layers from it. The activations are dropped once
+    every monitor of the pass has taken its own, so they are held only while the step's
+    measurements run.
+    """
+
+    def __init__(self) -> None:
+        self.monitors: "weakref.WeakSet[NetprobeMonitor]" = weakref.WeakSet()
+        self._key: Any = None
+        self._acts: Dict[str, torch.Tensor] = {}
+        self._out: Optional[torch.Tensor] = None
+        self._pending: set = set()
+
+    def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
+                x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        share = mon._share_key()
+        key = (share, id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
+        if key != self._key or id(mon) not in self._pending:
+            epoch = int(trainer.current_epoch)
+            peers = [m for m in list(self.monitors) if m is mon or (m._share_key() == share and m._due(epoch))]
+            wanted = set(l for m in peers for l in m.layers)
+            layers = [n for n, _ in pl_module.named_modules() if n in wanted]
+            try:
+                acts, out = mon._capture(pl_module, x, layers)
+            except ValueError:  # a peer's layer failed: this monitor's own layers alone say what is wrong
+                self.clear()
+                return mon._capture(pl_module, x)
+            self._key, self._acts, self._out = key, acts, out
+            self._pending = {id(m) for m in peers}
+        self._pending.discard(id(mon))
+        acts, out = {n: self._acts[n] for n in mon.layers}, self._out
+        if not self._pending:
+            self.clear()
+        return acts, out
+
+    def clear(self) -> None:
+        self._key, self._acts, self._out, self._pending = None, {}, None, set()
+
+
+_SHARED: "weakref.WeakKeyDictionary[Any, _SharedProbePass]" = weakref.WeakKeyDictionary()
+
+
+def _shared_pass(trainer: Any) -> _SharedProbePass:
+    try:
+        return _SHARED.setdefault(trainer, _SharedProbePass())
+    except TypeError:  # not weak-referenceable (a stand-in Trainer): a pass of its own
+        return _SharedProbePass()
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -173,6 +231,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             cached = self._state_key_cache = (settings, f"{type(self).__name__}{key}")
         return cached[1]
 
+    def _share_key(self) -> Tuple[Any, ...]:
+        """Monitors with equal keys measure the same probe set the same way (one shared pass)."""
+        return (self.seed, self.num_samples, id(self.probe_data), self.batch_size, type(self).forward, type(self)._draw_probe_set,
+                type(self).batch_to_inputs_targets)
+
     def _layer_key(self) -> str:
         specs = self.layer_specs if isinstance(self.layer_specs, (list, tuple)) else [self.layer_specs]
         return repr([s.__name__ if isinstance(s, type) else str(s) for s in specs])
@@ -229,6 +292,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         self.layers = list(resolve_layers(pl_module, self.layer_specs))
+        _shared_pass(trainer).monitors.add(self)
         # a monitor reused for another Trainer or model starts afresh (its probe set and previous
         # activations belong to the old run); a second fit of the same pair goes on where it was.
         # A checkpoint being resumed is loaded after this, so its state wins.
@@ -318,6 +382,12 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ evaluation helpers
     def _frozen(self, pl_module: nn.Module) -> ContextManager[None]:
         return evaluating(pl_module, restore_rng=True)
+
+    def _probe_pass(self, trainer: Any, pl_module: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """This monitor's layers and the model's outputs on ``x`` (this rank's shard of the probe
+        set) at this step, from the forward pass shared with the other monitors (see the module
+        docstring)."""
+        return _shared_pass(trainer).capture(self, trainer, pl_module, x)
 
     def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs

@@ -4,6 +4,7 @@ re-implements a metric. See :mod:`netprobe.lightning.base` for the behaviour the
 from __future__ import annotations
 
 import copy
+import zlib
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,7 +15,8 @@ from netprobe import viz
 from netprobe._modules import evaluating
 from netprobe._validation import check_finite
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.metrics.ablation import DEFAULT_FRACTIONS, DEFAULT_SCALES, NonFiniteError, ablation_curve, noise_curve, selectivity_order
+from netprobe.metrics.ablation import (DEFAULT_FRACTIONS, DEFAULT_MAX_ELEMENTS, DEFAULT_SCALES, NonFiniteError, _check_budget, ablation_curve,
+                                      noise_curve, score, selectivity_order)
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
 from netprobe.metrics.similarity import SimilarityAccumulator, linear_cka
@@ -75,7 +77,7 @@ class SelectivityMonitor(NetprobeMonitor):
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, y, _ = self._shard()
-        acts, _ = self._capture(pl_module, x)
+        acts, _ = self._probe_pass(trainer, pl_module, x)
         sel, dead, mi, hists = {}, {}, {}, {}
         for layer, a in acts.items():
             ya = y.to(a.device)
@@ -124,18 +126,33 @@ class RelianceMonitor(NetprobeMonitor):
     generalization *from the training data*. On held-out data a memorizing network is near chance
     before any ablation, its normalized curve is flat, and the signal inverts.
 
-    Defaults follow the paper: random unit order averaged over 3 orders, zero ablation, 11
-    fractions. The orders of epoch ``e`` come from a generator seeded with ``(seed, e)``, so a
-    resumed run and every DDP rank use the same ones. Cost per epoch and layer: about
-    ``repeats x len(fractions)`` forward passes over the probe set (stacked into large batches).
+    **Common random numbers** (``orders="fixed"``, the default): the random unit orders of each
+    layer (and, with ``noise=True``, its noise draws) are drawn once per run from ``seed`` and the
+    layer's name, kept in the callback's ``state_dict`` (a resumed run and every DDP rank use the
+    same ones) and reused at every measurement, like the probe set itself. The change of
+    ``reliance_auc`` from one epoch to the next then reflects the network, not a new draw; on a
+    frozen network it is exactly 0. ``orders="per_epoch"`` draws new orders at every measurement
+    (from ``seed`` and the epoch): the values of a run then scatter by the order noise, but
+    averaging a run's values over epochs averages over many orders, which ``"fixed"`` cannot do.
+    Use ``"fixed"`` to compare epochs (early stopping, the trend of one run) and, for comparing
+    runs of a sweep, either, knowing that with ``"fixed"`` each run keeps one draw's offset
+    (the "sd over orders" of the README's precision table).
+
+    Cost per measurement and layer: about ``repeats x (len(fractions) - 2) + 1`` forward passes of
+    the layers after the monitored one over the probe set (stacked into large batches, the
+    layers before it run once; the unablated point comes from the forward pass shared with the
+    other monitors).
 
     Args:
         layers: see the base.
         fractions, order, mode, repeats: as in :func:`netprobe.metrics.ablation_curve` (a
             selectivity order is computed over the whole probe set, across ranks).
+        orders: ``"fixed"`` (common random numbers, the default) or ``"per_epoch"``; see above.
         noise: also compute the noise-robustness curve (``scales``).
         figures: log the curves as a figure to TensorBoard.
-        max_batch: most examples per stacked forward pass (as in :func:`~netprobe.metrics.ablation_curve`).
+        max_batch, max_elements: bound the rows and the elements of any module output in a
+            stacked forward pass (as in :func:`~netprobe.metrics.ablation_curve`; the default
+            keeps each module output under 4 MiB of float32).
         **kwargs: see the base.
 
     Example:
@@ -151,27 +168,34 @@ class RelianceMonitor(NetprobeMonitor):
         order: str = "random",
         mode: str = "zero",
         repeats: int = 3,
+        orders: str = "fixed",
         noise: bool = False,
         scales: Sequence[float] = DEFAULT_SCALES,
         figures: bool = True,
         max_batch: int = 4096,
+        max_elements: Optional[int] = DEFAULT_MAX_ELEMENTS,
         **kwargs: Any,
     ) -> None:
         super().__init__(layers, **kwargs)
         if order not in ("random", "selectivity_desc", "selectivity_asc"):
             raise ValueError(f"Expected `order` to be 'random', 'selectivity_desc' or 'selectivity_asc', but got {order!r}.")
+        if orders not in ("fixed", "per_epoch"):
+            raise ValueError(f"Expected `orders` to be 'fixed' or 'per_epoch', but got {orders!r}.")
         if mode not in ("zero", "mean"):
             raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
-        if not isinstance(repeats, int) or repeats < 1:
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+        _check_budget(max_batch, max_elements)
         fr = list(fractions)
         if len(fr) < 2 or fr[0] != 0 or any(b <= a for a, b in zip(fr, fr[1:])) or fr[-1] > 1:
             raise ValueError(f"Expected `fractions` strictly increasing in [0, 1] and starting at 0, but got {fr}.")
         sc = list(scales)
         if len(sc) < 2 or sc[0] != 0 or any(b <= a for a, b in zip(sc, sc[1:])):
             raise ValueError(f"Expected `scales` strictly increasing from 0, but got {sc}.")
-        self.fractions, self.order, self.mode, self.repeats = fr, order, mode, repeats
-        self.noise, self.scales, self.figures, self.max_batch = bool(noise), sc, bool(figures), max_batch
+        self.fractions, self.order, self.mode, self.repeats, self.orders = fr, order, mode, repeats, orders
+        self.noise, self.scales, self.figures = bool(noise), sc, bool(figures)
+        self.max_batch, self.max_elements = max_batch, max_elements
+        self._orders: Dict[str, torch.Tensor] = {}  # fixed orders: layer -> (repeats, d)
         self.metrics = ("reliance_auc",) + (("noise_auc",) if noise else ()) + ("probe_accuracy",)
 
     def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
@@ -187,60 +211,88 @@ class RelianceMonitor(NetprobeMonitor):
         if top >= out.shape[1]:
             raise ValueError(f"RelianceMonitor: probe targets reach class {top}, but the model returns {out.shape[1]} scores.")
 
-    def _generator(self, epoch: int, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + salt) % (2**63 - 1))
+    def _reset_extra_state(self) -> None:
+        self._orders = {}
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"orders": {k: v.clone() for k, v in self._orders.items()}}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._orders = {k: v.long() for k, v in dict(state.get("orders", {})).items()}
+
+    def _generator(self, layer: str, salt: int, epoch: Optional[int]) -> torch.Generator:
+        """Seeded from ``seed`` and the layer's name (and the epoch with ``orders="per_epoch"``)."""
+        key = zlib.crc32(layer.encode()) + salt * 7_919 + (0 if epoch is None else (epoch + 1) * 1_000_003)
+        return torch.Generator().manual_seed((self.seed * 2_654_435_761 + key) % (2**63 - 1))
+
+    def _random_orders(self, layer: str, epoch: int) -> torch.Tensor:
+        """``(repeats, d)`` random unit orders of ``layer``: drawn once and kept (``"fixed"``), or per epoch."""
+        if self.orders == "fixed" and layer in self._orders:
+            return self._orders[layer]
+        d = self._widths[layer]
+        g = self._generator(layer, 0, None if self.orders == "fixed" else epoch)
+        perms = torch.stack([torch.randperm(d, generator=g) for _ in range(self.repeats)])
+        if self.orders == "fixed":
+            self._orders[layer] = perms
+        return perms
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, y, sl = self._shard()
         epoch = int(trainer.current_epoch)
         data = [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
-        orders: Dict[str, Any] = {n: "random" for n in self.layers}
-        if self.order != "random":
-            acts, _ = self._capture(pl_module, x)
-            for n, a in acts.items():
-                try:
-                    orders[n] = selectivity_order(_probe_selectivity(self, a, y).values, descending=self.order == "selectivity_desc")
-                except ValueError as err:  # e.g. negative activations: no selectivity, so no such order
-                    orders[n] = None
-                    self._warn_skip(n, "reliance (selectivity order)", err)
+        acts, out = self._probe_pass(trainer, pl_module, x)
+        assert out is not None  # checked before the first step (_check)
+        base = self._agreed(lambda: score(out, y.to(out.device)), out.device)  # this shard's unablated point
+        total = _dist.all_reduce_sum(torch.tensor([base[0], float(x.shape[0])], dtype=torch.float64, device=out.device)).cpu()
+        orders: Dict[str, Any] = {}
+        for n in self.layers:
+            if self.order == "random":
+                orders[n] = self._random_orders(n, epoch)
+                continue
+            try:
+                orders[n] = selectivity_order(_probe_selectivity(self, acts[n], y).values, descending=self.order == "selectivity_desc")
+            except ValueError as err:  # e.g. negative activations: no selectivity, so no such order
+                orders[n] = None
+                self._warn_skip(n, "reliance (selectivity order)", err)
         fwd = _ForwardAdapter(self, pl_module)
         aucs, noise_aucs, curves, ncurves = {}, {}, {}, {}
         diverged = False
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if orders[layer] is None:
                 continue
             try:
                 c = ablation_curve(
                     fwd, f"module.{layer}", data, fractions=self.fractions, order=orders[layer], mode=self.mode,
-                    repeats=self.repeats, generator=self._generator(epoch, i), max_batch=self.max_batch, distributed=True,
+                    max_batch=self.max_batch, max_elements=self.max_elements, distributed=True, unablated=base,
                 )
                 aucs[layer], curves[layer] = float(c.auc), c
                 if self.noise:
+                    g = self._generator(layer, 1, None if self.orders == "fixed" else epoch)
                     nc = noise_curve(fwd, f"module.{layer}", data, scales=self.scales, repeats=self.repeats, index_offset=sl.start,
-                                     generator=self._generator(epoch, 10_000 + i), max_batch=self.max_batch, distributed=True)
+                                     generator=g, max_batch=self.max_batch, max_elements=self.max_elements, distributed=True)
                     noise_aucs[layer], ncurves[layer] = float(nc.auc), nc
             except NonFiniteError as err:
                 diverged = True
                 self._warn_skip(layer, "reliance", err)
             except ValueError as err:
                 self._warn_skip(layer, "reliance", err)
-        out: Dict[str, float] = {}
-        self._layer_values("reliance_auc", aucs, out)
+        out_vals: Dict[str, float] = {}
+        self._layer_values("reliance_auc", aucs, out_vals)
         if self.noise:
-            self._layer_values("noise_auc", noise_aucs, out)
-        if curves:  # the unablated point is the same for every layer: the model's own accuracy
-            out["netprobe/probe_accuracy"] = float(next(iter(curves.values())).accuracy[0])
+            self._layer_values("noise_auc", noise_aucs, out_vals)
+        # the model's own accuracy on the probe set: the curves' unablated point
+        out_vals["netprobe/probe_accuracy"] = float(total[0] / total[1])
         if diverged:
             # NaN, not a missing key: EarlyStopping (check_finite) stops, ModelCheckpoint scores it
             # worst, and `netprobe rank` sees that the run ended diverged
             for key in ("reliance_auc",) + (("noise_auc",) if self.noise else ()) + ("probe_accuracy",):
-                out[f"netprobe/{key}"] = float("nan")
+                out_vals[f"netprobe/{key}"] = float("nan")
         figs: Dict[str, Any] = {}
         if self.figures and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer):
             figs["netprobe/reliance_curves"] = viz.curves_figure(curves, title=f"cumulative ablation, epoch {epoch}", xlabel="fraction of units ablated")
             if self.noise:
                 figs["netprobe/noise_curves"] = viz.curves_figure(ncurves, title=f"noise robustness, epoch {epoch}", xlabel="noise std / unit std")
-        return out, {"figures": figs}
+        return out_vals, {"figures": figs}
 
 
 class _ForwardAdapter(nn.Module):
@@ -380,7 +432,7 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, _, sl = self._shard()
-        acts, _ = self._capture(pl_module, x)
+        acts, _ = self._probe_pass(trainer, pl_module, x)
         prev_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
         ref_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
         ref = self._reference_acts(pl_module) if self.reference is not None else {}

@@ -31,7 +31,8 @@ from torch import nn
 from netprobe import distributed as _dist
 from netprobe._modules import INPUT_KEYS, TARGET_KEYS, evaluating, resolve_layer, track_layouts, unit_dim
 
-__all__ = ["ablation_curve", "noise_curve", "CurveResult", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES"]
+__all__ = ["ablation_curve", "noise_curve", "CurveResult", "score", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES",
+           "DEFAULT_MAX_ELEMENTS"]
 
 _F64 = torch.float64
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
@@ -259,6 +260,22 @@ def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         top = out.amax(1, keepdim=True)
         return (out - top).exp().sum(1).log() + top.squeeze(1) - out.gather(1, y.long()[:, None]).squeeze(1)
     return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def score(outputs: torch.Tensor, targets: torch.Tensor, *, loss_fn: Optional[LossFn] = None) -> Tuple[float, float]:
+    """``(correct, loss_sum)``: the number of correct argmax predictions and the summed per-sample
+    loss (``loss_fn``, default cross-entropy) of class scores ``outputs`` ``(batch, num_classes)``
+    for class-index ``targets`` ``(batch,)``, in float64: the statistics of one curve point, as
+    :func:`ablation_curve` computes them (e.g. for its ``unablated`` argument).
+
+    Example:
+        >>> score(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))[0]
+        1.0
+    """
+    _check_targets(outputs, targets)
+    _check_scores(outputs, targets)
+    hit = (outputs.argmax(1) == targets).to(_F64).sum()
+    return float(hit), float(_per_sample_loss(loss_fn, outputs, targets).to(_F64).sum())
 
 
 def _per_sample_loss(loss_fn: Optional[LossFn], out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -493,6 +510,7 @@ def ablation_curve(
     vectorize: bool = True,
     distributed: bool = False,
     expand: str = "auto",
+    unablated: Optional[Tuple[float, float]] = None,
 ) -> CurveResult:
     """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
 
@@ -535,6 +553,11 @@ def ablation_curve(
             per batch and repeats only the layer's output, falling back to ``"input"`` (repeat the
             inputs) when the model's structure does not allow it (e.g. a skip connection around
             the layer); ``"layer"`` or ``"input"`` force one way. All give the same numbers.
+        unablated: ``(correct, loss_sum)`` of the model itself on ``data`` (this rank's ``data``
+            with ``distributed``), when the caller has them from a forward pass it made anyway
+            (:func:`score` of the outputs): the points that ablate no unit are then taken from
+            them instead of being evaluated again. They must be the model's own numbers on
+            exactly this data; the curve is wrong otherwise.
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
@@ -611,10 +634,19 @@ def ablation_curve(
             return view * mk + fill * (1 - mk)
 
         # identical masks (fraction 0 in every repeat, fraction 1, repeated counts) are evaluated once
-        all_masks = masks
-        masks, inverse = torch.unique(all_masks, dim=0, return_inverse=True)
-        correct_u, loss_u, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
+        uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
+        nothing = uniq.all(1)  # masks that ablate no unit: the model itself
+        given = unablated is not None and bool(nothing.any()) and not bool(nothing.all())
+        masks = uniq[~nothing] if given else uniq
+        correct_e, loss_e, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
                                      max_elements, st.row_elements)
+        if given:
+            correct_u = torch.empty(uniq.shape[0], dtype=_F64)
+            loss_u = torch.empty(uniq.shape[0], dtype=_F64)
+            correct_u[~nothing], loss_u[~nothing] = correct_e, loss_e
+            correct_u[nothing], loss_u[nothing] = float(unablated[0]), float(unablated[1])  # type: ignore[index]
+        else:
+            correct_u, loss_u = correct_e, loss_e
         correct, loss_sum = correct_u[inverse], loss_u[inverse]
     res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
     return _check_finite_loss(res.all_reduce() if distributed else res)  # after the reduce: every rank agrees
