@@ -18,19 +18,26 @@ whose variance is below ~1e-8 of the largest, which the truncation removes anywa
 the same code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
 merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
 ``(n, d)`` data for ``n >> d``; see ``benchmarks/similarity.py``).
+
+Several metrics of one pair share each side's factorizations (one ``eigh`` per covariance when
+SVCCA is among them, else Cholesky; :meth:`SimilarityAccumulator.compute`), and a side's statistics
+with their factorizations can serve as the ``y`` side of a later pair (:meth:`SimilarityAccumulator.side`,
+``update(..., y_stats=)``): e.g. this epoch's activations, compared with the next epoch's, are
+reduced and factorized once. Sharing never changes a value: a factorization depends on its matrix
+alone, and which one a metric uses depends only on the metrics asked for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from netprobe import distributed as _dist
 from netprobe._validation import check_2d, check_finite, check_same_n
 
-__all__ = ["cca", "svcca", "pwcca", "linear_cka", "SimilarityAccumulator"]
+__all__ = ["cca", "svcca", "pwcca", "linear_cka", "SimilarityAccumulator", "SideStats"]
 
 #: Units whose variance is below this fraction of the largest variance (same side) are dropped.
 VAR_TOL = 1e-10
@@ -53,7 +60,9 @@ def _prep(x: Any, y: Any) -> Tuple[torch.Tensor, torch.Tensor]:
 def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> None:
     # A NaN/Inf anywhere in a column makes that column's mean or sum of squares non-finite, so
     # checking the O(d) diagonals is enough; the O(n d) scan only runs to word the error.
-    if not bool(torch.isfinite(m.cxx.diagonal()).all() & torch.isfinite(m.cyy.diagonal()).all()
+    # (without y's co-moment, y's squares are checked through the cross co-moment: O(d^2))
+    yy = m.cyy.diagonal() if m.cyy is not None else m.cxy
+    if not bool(torch.isfinite(m.cxx.diagonal()).all() & torch.isfinite(yy).all()
                 & torch.isfinite(m.mx).all() & torch.isfinite(m.my).all()):
         check_finite(x, "x")
         check_finite(y, "y")
@@ -102,17 +111,18 @@ def _chunk_rows(x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
 
 @dataclass
 class _Moments:
-    """n, means and centered co-moment matrices (sums of products, not yet divided by n-1)."""
+    """n, means and centered co-moment matrices (sums of products, not yet divided by n-1);
+    ``cyy`` is ``None`` when taken from given statistics instead (``y_stats``)."""
 
     n: int
     mx: torch.Tensor
     my: torch.Tensor
     cxx: torch.Tensor
-    cyy: torch.Tensor
+    cyy: Optional[torch.Tensor]
     cxy: torch.Tensor
 
     @staticmethod
-    def of(x: torch.Tensor, y: torch.Tensor) -> "_Moments":
+    def of(x: torch.Tensor, y: torch.Tensor, *, yy: bool = True) -> "_Moments":
         """Moments of ``x`` ``(n, d_x)``, ``y`` ``(n, d_y)`` (any real dtype) in float64, in one pass.
 
         Rows are converted to float64 and shifted by the first block's mean a block at a time, so
@@ -121,6 +131,11 @@ class _Moments:
         end (``C = sum (x-s)(x-s)^T - n delta delta^T``, ``delta = mean - s``). The shift keeps this
         as accurate as centering by the mean itself: the correction's relative size is
         ``(delta/sigma)^2``, and a block's mean lies within ``sigma sqrt(n/b)`` of the overall one.
+
+        ``yy=False`` skips ``y``'s co-moment (``cyy = None``). Nothing computed for ``x`` depends on
+        ``y`` beyond its width (through the block size), so ``x``'s moments are bit for bit those
+        that any ``y`` of the same width gives, and those that the same rows give as ``y``:
+        statistics of a side can be reused as the other side of a later pair.
         """
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
         rows, piece = _chunk_rows(x, y)
@@ -129,7 +144,7 @@ class _Moments:
         first = max(min(rows, n), 1)
         sx, sy = x[:rows].sum(0, dtype=_F64) / first, y[:rows].sum(0, dtype=_F64) / first
         cxx = torch.zeros((dx, dx), dtype=_F64, device=x.device)
-        cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device)
+        cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device) if yy else None
         cxy = torch.zeros((dx, dy), dtype=_F64, device=x.device)
         tx = torch.zeros(dx, dtype=_F64, device=x.device)
         ty = torch.zeros(dy, dtype=_F64, device=x.device)
@@ -146,19 +161,23 @@ class _Moments:
             tx += a.sum(1)
             ty += b.sum(1)
             _gram_into(a, cxx)
-            _gram_into(b, cyy)
+            if cyy is not None:
+                _gram_into(b, cyy)
             cxy.addmm_(a, b.T)
         ex, ey = tx / n, ty / n  # mean - shift (NaN for n = 0, like a mean of nothing)
-        cxx, cyy = _mirror_blocks(cxx), _mirror_blocks(cyy)
+        cxx = _mirror_blocks(cxx)
         cxx.sub_(torch.outer(ex, ex), alpha=n)
-        cyy.sub_(torch.outer(ey, ey), alpha=n)
+        if cyy is not None:
+            cyy = _mirror_blocks(cyy)
+            cyy.sub_(torch.outer(ey, ey), alpha=n)
         cxy.sub_(torch.outer(ex, ey), alpha=n)
         m = _Moments(n, sx + ex, sy + ey, cxx, cyy, cxy)
         _check_moments_finite(m, x, y)
         return m
 
     def merge(self, o: "_Moments") -> "_Moments":
-        """Chan et al.'s pairwise update: exact, order-independent up to rounding."""
+        """Chan et al.'s pairwise update: exact, order-independent up to rounding. Each co-moment
+        merges on its own (the cross one needs both sides' means, not their co-moments)."""
         if o.n == 0:
             return self
         if self.n == 0:
@@ -171,7 +190,7 @@ class _Moments:
             self.mx + dx * (o.n / n),
             self.my + dy * (o.n / n),
             self.cxx + o.cxx + f * torch.outer(dx, dx),
-            self.cyy + o.cyy + f * torch.outer(dy, dy),
+            None if self.cyy is None or o.cyy is None else self.cyy + o.cyy + f * torch.outer(dy, dy),
             self.cxy + o.cxy + f * torch.outer(dx, dy),
         )
 
@@ -203,23 +222,29 @@ def _keep_units(cov: torch.Tensor) -> torch.Tensor:
     return var > VAR_TOL * vmax
 
 
-def _whitener(cov: torch.Tensor, rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(W, V)``: ``W`` (d, k) with ``W^T cov W = I_k`` (k = numerical rank), ``V`` the kept eigenvectors."""
-    evals, evecs = torch.linalg.eigh(cov)
+# The factorizations, as functions of their results (so that one result serves several uses):
+def _eigen_whitener(evals: torch.Tensor, evecs: torch.Tensor, cov: torch.Tensor,
+                    rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(W, V)`` from ``eigh(cov)``: ``W`` (d, k) with ``W^T cov W = I_k`` (k = numerical rank), ``V``
+    the kept eigenvectors."""
     top = evals[-1].clamp_min(0)
     keep = evals > _tol(rank_tol, cov) * top
     v = evecs[:, keep]
     return v * evals[keep].rsqrt(), v
 
 
-def _cholesky_whitener(cov: torch.Tensor, rank_tol: float) -> Optional[torch.Tensor]:
-    """``W = L^{-T}`` (``W^T cov W = I``, all ``d`` directions) from the Cholesky factor ``cov = L L^T``,
-    but only when ``cov`` provably has no eigenvalue at or below the whitening cutoff, so that
-    :func:`_whitener` would keep every direction too and both give the same correlations (any two
-    full whitenings differ by a rotation). The proof is cheap: ``lambda_min >= 1 / trace(cov^-1)
-    = 1 / ||L^-1||_F^2`` and ``lambda_max <= ||cov||_F``. ``None`` when the bound does not show it
-    (nearly collinear units, or not positive definite): then eigendecomposition truncates.
-    About 5x cheaper than ``eigh`` for large ``d``."""
+def _whitener(cov: torch.Tensor, rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(W, V)``: ``W`` (d, k) with ``W^T cov W = I_k`` (k = numerical rank), ``V`` the kept eigenvectors."""
+    return _eigen_whitener(*torch.linalg.eigh(cov), cov, rank_tol)
+
+
+#: what :func:`_cholesky_factor` returns: ``L^-1`` of the scaled covariance, the scale, the lower
+#: bound on its smallest eigenvalue and its Frobenius norm (``None``: not positive definite)
+_Chol = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _cholesky_factor(cov: torch.Tensor) -> _Chol:
+    """The part of :func:`_cholesky_whitener` that does not depend on ``rank_tol``."""
     # on the covariance scaled to a unit largest variance: the test is then free of underflow
     # (squares of entries below ~1e-154 would vanish and make any matrix pass) and of overflow
     scale = cov.diagonal().max() if cov.numel() else cov.new_zeros(())
@@ -231,11 +256,92 @@ def _cholesky_whitener(cov: torch.Tensor, rank_tol: float) -> Optional[torch.Ten
         return None
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     linv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    lam_min_bound = 1.0 / (linv * linv).sum()
+    return linv, scale, 1.0 / (linv * linv).sum(), torch.linalg.matrix_norm(covn)
+
+
+def _cholesky_from(factor: _Chol, cov: torch.Tensor, rank_tol: float) -> Optional[torch.Tensor]:
+    if factor is None:
+        return None
+    linv, scale, lam_min_bound, norm = factor
     # 10x margin: near the cutoff, leave the decision to the eigenvalues themselves
-    if not bool(lam_min_bound > 10.0 * _tol(rank_tol, covn) * torch.linalg.matrix_norm(covn)):
+    if not bool(lam_min_bound > 10.0 * _tol(rank_tol, cov) * norm):
         return None
     return linv.T * scale.rsqrt()
+
+
+def _cholesky_whitener(cov: torch.Tensor, rank_tol: float) -> Optional[torch.Tensor]:
+    """``W = L^{-T}`` (``W^T cov W = I``, all ``d`` directions) from the Cholesky factor ``cov = L L^T``,
+    but only when ``cov`` provably has no eigenvalue at or below the whitening cutoff, so that
+    :func:`_whitener` would keep every direction too and both give the same correlations (any two
+    full whitenings differ by a rotation). The proof is cheap: ``lambda_min >= 1 / trace(cov^-1)
+    = 1 / ||L^-1||_F^2`` and ``lambda_max <= ||cov||_F``. ``None`` when the bound does not show it
+    (nearly collinear units, or not positive definite): then eigendecomposition truncates.
+    About 5x cheaper than ``eigh`` for large ``d``."""
+    return _cholesky_from(_cholesky_factor(cov), cov, rank_tol)
+
+
+def _principal(evals: torch.Tensor, evecs: torch.Tensor, cov: torch.Tensor, keep: Union[float, int],
+               rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top principal directions ``(d, k)`` of ``cov`` (from its ``eigh``) keeping ``keep`` of the
+    variance (or ``keep`` of them), and their variances ``(k,)``, all above ``rank_tol`` times the largest."""
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    pos = int((evals > _tol(rank_tol, cov) * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
+    if pos == 0:
+        raise ValueError("A representation has no variance at all (every unit constant); SVCCA is undefined.")
+    if isinstance(keep, int):
+        k = min(keep, pos)
+    else:
+        frac = evals.cumsum(0) / evals.sum()
+        k = int((frac < keep - 1e-12).sum()) + 1
+        k = min(k, pos)
+    return evecs[:, :k], evals[:k]
+
+
+class _Factors:
+    """One covariance ``(d, d)`` and what the metrics derive from it, each computed at most once, on
+    first use: the kept (non-constant) units, ``eigh`` of their block (CCA's eigen-whitening and
+    SVCCA's principal directions), the Cholesky data, the squared Frobenius norm. Results depend on
+    the matrix alone, so sharing them between metrics or across calls gives the values a fresh
+    computation gives, bit for bit."""
+
+    def __init__(self, cov: torch.Tensor) -> None:
+        self.cov = cov
+        self._cache: Dict[str, Any] = {}
+
+    def _memo(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def mask(self) -> torch.Tensor:
+        return self._memo("mask", lambda: _keep_units(self.cov))
+
+    def all_kept(self) -> bool:
+        return self._memo("all_kept", lambda: bool(self.mask().all()))
+
+    def kept(self) -> torch.Tensor:
+        """The covariance of the kept units."""
+        if self.all_kept():
+            return self.cov
+        return self._memo("kept", lambda: self.cov[self.mask()][:, self.mask()])
+
+    def eigh(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``eigh`` of the kept units' covariance."""
+        return self._memo("eigh", lambda: torch.linalg.eigh(self.kept()))
+
+    def whitener(self, rank_tol: float, *, eigen: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(W, V)`` of the kept block: Cholesky's (``V = None``) unless ``eigen`` or its bound fails."""
+        if not eigen:
+            w = _cholesky_from(self._memo("chol", lambda: _cholesky_factor(self.kept())), self.kept(), rank_tol)
+            if w is not None:
+                return w, None
+        return _eigen_whitener(*self.eigh(), self.kept(), rank_tol)
+
+    def principal(self, keep: Union[float, int], rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _principal(*self.eigh(), self.kept(), keep, rank_tol)
+
+    def sq_norm(self) -> torch.Tensor:
+        return self._memo("sq_norm", lambda: torch.linalg.matrix_norm(self.cov) ** 2)
 
 
 @dataclass
@@ -251,32 +357,31 @@ class _CCA:
     syy: torch.Tensor
 
 
-def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str,
-              vectors: bool = True, eigvecs: bool = False) -> _CCA:
-    kx_mask, ky_mask = _keep_units(sxx), _keep_units(syy)
+def _cca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str,
+                 vectors: bool = True, eigvecs: bool = False) -> _CCA:
+    """CCA of the covariances held by ``fx``, ``fy`` and cross-covariance ``sxy``. ``eigvecs``: whiten
+    both sides by eigendecomposition (google's PWCCA weights need the eigenvectors; and when SVCCA
+    decomposes the covariances anyway, this whitening costs nothing more)."""
+    kx_mask, ky_mask = fx.mask(), fy.mask()
     if not bool(kx_mask.any()) or not bool(ky_mask.any()):
         side = "x" if not bool(kx_mask.any()) else "y"
         raise ValueError(
             f"Every unit of `{side}` is constant over the samples; {what} is undefined. Check the layer "
             "(dead ReLUs?) or the probe inputs."
         )
-    if not bool(kx_mask.all()):
-        sxx, sxy = sxx[kx_mask][:, kx_mask], sxy[kx_mask]
-    if not bool(ky_mask.all()):
-        syy, sxy = syy[ky_mask][:, ky_mask], sxy[:, ky_mask]
+    if not fx.all_kept():
+        sxy = sxy[kx_mask]
+    if not fy.all_kept():
+        sxy = sxy[:, ky_mask]
     if n < 2:
         raise ValueError(f"{what} needs at least 2 samples, but got n={n}.")
     # Cholesky whitening when it provably equals the truncated eigen-whitening (no direction near
-    # the cutoff); eigenvectors are needed only for google's PWCCA weights.
-    # Either side's full whitening may pair with the other's truncated one: the correlations are
-    # the singular values of W_x^T S_xy W_y, unchanged by rotating either full-rank whitening.
-    vx = vy = None
-    wx = None if eigvecs else _cholesky_whitener(sxx, rank_tol)
-    if wx is None:
-        wx, vx = _whitener(sxx, rank_tol)
-    wy = None if eigvecs else _cholesky_whitener(syy, rank_tol)
-    if wy is None:
-        wy, vy = _whitener(syy, rank_tol)
+    # the cutoff). Either side's full whitening may pair with the other's truncated one: the
+    # correlations are the singular values of W_x^T S_xy W_y, unchanged by rotating either
+    # full-rank whitening.
+    wx, vx = fx.whitener(rank_tol, eigen=eigvecs)
+    wy, vy = fy.whitener(rank_tol, eigen=eigvecs)
+    sxx, syy = fx.kept(), fy.kept()
     if wx.shape[1] == 0 or wy.shape[1] == 0:
         raise ValueError(f"A representation has no variance above `rank_tol`; {what} is undefined.")
     _need_samples(n, wx.shape[1], wy.shape[1], what)
@@ -290,6 +395,11 @@ def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *
         return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, m.new_zeros(0), m.new_zeros(0), sxx, syy)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, u, vh.T, sxx, syy)
+
+
+def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str,
+              vectors: bool = True, eigvecs: bool = False) -> _CCA:
+    return _cca_factors(_Factors(sxx), _Factors(syy), sxy, n, rank_tol=rank_tol, what=what, vectors=vectors, eigvecs=eigvecs)
 
 
 def _cov(mom: _Moments) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,42 +424,30 @@ def _check_keep(keep: Union[float, int]) -> Union[float, int]:
     return keep
 
 
-def _svd_reduce(cov: torch.Tensor, keep: Union[float, int], rank_tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top principal directions ``(d, k)`` of ``cov`` keeping ``keep`` of the variance (or ``keep``
-    of them), and their variances ``(k,)``, all above ``rank_tol`` times the largest."""
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    pos = int((evals > _tol(rank_tol, cov) * evals[0]).sum()) if evals.numel() and evals[0] > 0 else 0
-    if pos == 0:
-        raise ValueError("A representation has no variance at all (every unit constant); SVCCA is undefined.")
-    if isinstance(keep, int):
-        k = min(keep, pos)
-    else:
-        frac = evals.cumsum(0) / evals.sum()
-        k = int((frac < keep - 1e-12).sum()) + 1
-        k = min(k, pos)
-    return evecs[:, :k], evals[:k]
+def _check_method(method: str) -> str:
+    if method not in ("paper", "google"):
+        raise ValueError(f"Expected `method` to be 'paper' or 'google', but got {method!r}.")
+    return method
 
 
-# ----------------------------------------------------------------------------- from moments
-def _cca_from(mom: _Moments, rank_tol: float) -> torch.Tensor:
-    sxx, syy, sxy = _cov(mom)
-    return _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="CCA", vectors=False).rho
-
-
-def _svcca_from(mom: _Moments, keep: Union[float, int], rank_tol: float) -> torch.Tensor:
-    sxx, syy, sxy = _cov(mom)
-    (px, lx), (py, ly) = _svd_reduce(sxx, keep, rank_tol), _svd_reduce(syy, keep, rank_tol)
-    _need_samples(mom.n, px.shape[1], py.shape[1], "SVCCA")
+# ----------------------------------------------------------------------------- from factors
+def _svcca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, keep: Union[float, int],
+                   rank_tol: float) -> torch.Tensor:
+    # on the kept units, like CCA (constant ones have no principal direction; nearly constant
+    # ones, below VAR_TOL of the largest variance, hold no fraction of the variance worth keeping)
+    (px, lx), (py, ly) = fx.principal(keep, rank_tol), fy.principal(keep, rank_tol)
+    if not fx.all_kept():
+        sxy = sxy[fx.mask()]
+    if not fy.all_kept():
+        sxy = sxy[:, fy.mask()]
+    _need_samples(n, px.shape[1], py.shape[1], "SVCCA")
     # The kept directions are principal axes: the reduced covariances are diag(l), so whitening
     # is a scaling (no second eigendecomposition), and the kept variances are above rank_tol.
     wx, wy = px * lx.rsqrt(), py * ly.rsqrt()
     return torch.linalg.svdvals(wx.T @ sxy @ wy).clamp(0.0, 1.0).mean()
 
 
-def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
-    sxx, syy, sxy = _cov(mom)
-    r = _cca_core(sxx, syy, sxy, mom.n, rank_tol=rank_tol, what="PWCCA", eigvecs=method == "google")
+def _pwcca_weighted(r: _CCA, method: str) -> torch.Tensor:
     use_x = r.wx.shape[1] <= r.wy.shape[1]  # fewer kept (whitened) dimensions; x on a tie
     w, rot, s = (r.wx, r.u, r.sxx) if use_x else (r.wy, r.v, r.syy)
     if method == "paper":
@@ -363,7 +461,8 @@ def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
         # R^T S R = L L^T (Cholesky), P = Xc R L^{-T} / sqrt(n-1) up to column signs, hence
         # P^T x_j = sqrt(n-1) (L^{-1} R^T S)_ij; the common factor cancels.
         vv = r.vx if use_x else r.vy
-        assert vv is not None  # eigvecs=True above
+        if vv is None:  # pragma: no cover - the google route always whitens by eigendecomposition
+            raise RuntimeError("google PWCCA needs the eigen-whitening")
         rr = vv @ rot
         g = rr.T @ s @ rr
         chol = torch.linalg.cholesky((g + g.T) / 2)
@@ -372,6 +471,71 @@ def _pwcca_from(mom: _Moments, method: str, rank_tol: float) -> torch.Tensor:
     if not bool(total > 0):
         raise ValueError("PWCCA weights are all zero (degenerate representations); use `cca` to inspect.")
     return ((alpha / total) * r.rho).sum().clamp(0.0, 1.0)
+
+
+def _cka_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int) -> torch.Tensor:
+    if n < 2:
+        raise ValueError(f"Linear CKA needs at least 2 samples, but got n={n}.")
+    return _cka_ratio(torch.linalg.matrix_norm(sxy) ** 2, fx.sq_norm(), fy.sq_norm())
+
+
+#: the metrics :meth:`SimilarityAccumulator.compute` knows
+_COMPUTE_METHODS = ("cca", "svcca", "pwcca", "cka")
+
+
+def _compute(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, methods: Sequence[str], *,
+             keep: Union[float, int], rank_tol: float, method: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, ValueError]]:
+    """Every metric in ``methods`` from one set of factorizations per side; a ``ValueError`` of one
+    metric (data it is undefined for) is returned for that metric and does not stop the others.
+
+    Which whitening CCA and PWCCA use depends only on ``methods`` (never on what ``fx``, ``fy``
+    happen to hold already), so a value is the same whether a factorization is fresh or reused:
+    by eigendecomposition when SVCCA (or google's PWCCA) needs it anyway, else by Cholesky where it
+    provably gives the same correlations. CCA with PWCCA reads the correlations off PWCCA's SVD."""
+    eigen = "svcca" in methods or ("pwcca" in methods and method == "google")
+    vectors = "pwcca" in methods
+    core: Dict[str, _CCA] = {}
+
+    def cca_result(what: str) -> _CCA:
+        if "r" not in core:  # on an error the next metric retries, for its own message
+            core["r"] = _cca_factors(fx, fy, sxy, n, rank_tol=rank_tol, what=what, vectors=vectors, eigvecs=eigen)
+        return core["r"]
+
+    run: Dict[str, Callable[[], torch.Tensor]] = {
+        "cca": lambda: cca_result("CCA").rho,
+        "pwcca": lambda: _pwcca_weighted(cca_result("PWCCA"), method),
+        "svcca": lambda: _svcca_factors(fx, fy, sxy, n, keep, rank_tol),
+        "cka": lambda: _cka_factors(fx, fy, sxy, n),
+    }
+    values: Dict[str, torch.Tensor] = {}
+    errors: Dict[str, ValueError] = {}
+    for m in methods:
+        try:
+            values[m] = run[m]()
+        except ValueError as err:
+            errors[m] = err
+    return values, errors
+
+
+def _check_methods(methods: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    if isinstance(methods, str):
+        methods = (methods,)
+    methods = tuple(dict.fromkeys(methods))  # unique, in the order given
+    bad = [m for m in methods if m not in _COMPUTE_METHODS]
+    if not methods or bad:
+        raise ValueError(f"Expected `methods` among {list(_COMPUTE_METHODS)}, but got {list(methods)}.")
+    return methods
+
+
+# ----------------------------------------------------------------------------- from moments
+def _from_moments(mom: _Moments, methods: Sequence[str], *, keep: Union[float, int] = 0.99,
+                  rank_tol: float = RANK_TOL, method: str = "paper") -> Dict[str, torch.Tensor]:
+    """The functional forms: one metric (or several), raising its error."""
+    sxx, syy, sxy = _cov(mom)
+    values, errors = _compute(_Factors(sxx), _Factors(syy), sxy, mom.n, methods, keep=keep, rank_tol=rank_tol, method=method)
+    for err in errors.values():
+        raise err
+    return values
 
 
 # ----------------------------------------------------------------------------- public API
@@ -406,7 +570,7 @@ def cca(x: torch.Tensor, y: torch.Tensor, *, rank_tol: float = RANK_TOL) -> torc
         tensor([1., 1., 1., 1.], dtype=torch.float64)
     """
     x, y = _prep(x, y)
-    return _cca_from(_Moments.of(x, y), _check_rank_tol(rank_tol))
+    return _from_moments(_Moments.of(x, y), ("cca",), rank_tol=_check_rank_tol(rank_tol))["cca"]
 
 
 def svcca(x: torch.Tensor, y: torch.Tensor, *, keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL) -> torch.Tensor:
@@ -414,7 +578,8 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, keep: Union[float, int] = 0.99, r
 
     Each representation is centered and projected on its top singular directions explaining
     ``keep`` of its variance (squared singular values), or on its ``keep`` top directions when
-    ``keep`` is an int; the result is the mean CCA correlation of the reduced pair.
+    ``keep`` is an int; the result is the mean CCA correlation of the reduced pair. Units whose
+    variance is below ``1e-10`` times the largest (same side) are dropped first, as in :func:`cca`.
 
     Args:
         x: ``(n, d_x)``. y: ``(n, d_y)``, same inputs.
@@ -430,7 +595,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, keep: Union[float, int] = 0.99, r
         1.0
     """
     x, y = _prep(x, y)
-    return _svcca_from(_Moments.of(x, y), _check_keep(keep), _check_rank_tol(rank_tol))
+    return _from_moments(_Moments.of(x, y), ("svcca",), keep=_check_keep(keep), rank_tol=_check_rank_tol(rank_tol))["svcca"]
 
 
 def pwcca(x: torch.Tensor, y: torch.Tensor, *, method: str = "paper", rank_tol: float = RANK_TOL) -> torch.Tensor:
@@ -459,10 +624,9 @@ def pwcca(x: torch.Tensor, y: torch.Tensor, *, method: str = "paper", rank_tol: 
         >>> round(float(pwcca(x, x + 3.0)), 9)
         1.0
     """
-    if method not in ("paper", "google"):
-        raise ValueError(f"Expected `method` to be 'paper' or 'google', but got {method!r}.")
+    _check_method(method)
     x, y = _prep(x, y)
-    return _pwcca_from(_Moments.of(x, y), method, _check_rank_tol(rank_tol))
+    return _from_moments(_Moments.of(x, y), ("pwcca",), method=method, rank_tol=_check_rank_tol(rank_tol))["pwcca"]
 
 
 def _cka_ratio(xy2: torch.Tensor, xx2: torch.Tensor, yy2: torch.Tensor) -> torch.Tensor:
@@ -471,11 +635,6 @@ def _cka_ratio(xy2: torch.Tensor, xx2: torch.Tensor, yy2: torch.Tensor) -> torch
     if not bool(den > 0):
         raise ValueError("Linear CKA is undefined: a representation is constant over the samples.")
     return (xy2 / den).clamp(0.0, 1.0)
-
-
-def _cka_from_cov(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> torch.Tensor:
-    norm2 = lambda m: torch.linalg.matrix_norm(m) ** 2  # noqa: E731
-    return _cka_ratio(norm2(sxy), norm2(sxx), norm2(syy))
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
@@ -536,14 +695,84 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp(0.0, 1.0)
 
 
+#: how closely the means of the y rows must match the given ``y_stats`` (relative to each unit's
+#: ``|mean| + std``): loose enough for activations stored in float32 (rounding ~6e-8), far tighter
+#: than any other set of rows would match (a different sample's means differ by ~``std / sqrt(n)``)
+_Y_MEAN_RTOL = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class SideStats:
+    """Statistics of one side of a :class:`SimilarityAccumulator`, with the factorizations computed
+    from them so far: what a later accumulator needs to use these rows as its ``y`` side without
+    recomputing their co-moments or factorizations (:meth:`SimilarityAccumulator.side`,
+    ``update(..., y_stats=)``).
+
+    Treat it as immutable: the cached factorizations (``eigh``, Cholesky data, at most about
+    ``3 d^2`` float64 numbers, filled in by whichever metrics are computed with it) belong to these
+    ``n``, ``mean`` and ``comoment``.
+
+    Attributes:
+        n: number of rows.
+        mean: ``(d,)`` float64 means of the units.
+        comoment: ``(d, d)`` float64 centered co-moment matrix ``sum_i (a_i - mean)(a_i - mean)^T``
+            (the covariance times ``n - 1``).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a = torch.randn(100, 3, generator=g, dtype=torch.float64)
+        >>> s = SimilarityAccumulator().update(a, a).side("x")
+        >>> s.n, tuple(s.comoment.shape), torch.allclose(s.covariance, torch.cov(a.T))
+        (100, (3, 3), True)
+    """
+
+    n: int
+    mean: torch.Tensor
+    comoment: torch.Tensor
+    _factors: _Factors = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"Expected `n` to be an int >= 1, but got {self.n!r}.")
+        if not isinstance(self.mean, torch.Tensor) or not isinstance(self.comoment, torch.Tensor):
+            raise TypeError("Expected `mean` and `comoment` to be torch.Tensor.")
+        d = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        if d < 0 or tuple(self.comoment.shape) != (d, d) or self.comoment.device != self.mean.device:
+            raise ValueError(
+                f"Expected `mean` (d,) and `comoment` (d, d) on one device, but got {tuple(self.mean.shape)} on "
+                f"{self.mean.device} and {tuple(self.comoment.shape)} on {self.comoment.device}."
+            )
+        object.__setattr__(self, "mean", self.mean.to(_F64))
+        object.__setattr__(self, "comoment", self.comoment.to(_F64))
+        # the covariance exactly as the metrics form it from an accumulator's co-moments (see _cov)
+        object.__setattr__(self, "_factors", _Factors(self.comoment / max(self.n - 1, 1)))
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """``(d, d)`` covariance, ``comoment / (n - 1)``."""
+        return self._factors.cov
+
+
+def _same_stats(a: Optional[SideStats], b: Optional[SideStats]) -> bool:
+    if a is b:
+        return True
+    return (a is not None and b is not None and a.n == b.n and torch.equal(a.mean, b.mean)
+            and torch.equal(a.comoment, b.comoment))
+
+
 class SimilarityAccumulator:
     """Streaming CCA / SVCCA / PWCCA / linear CKA over paired batches, without storing activations.
 
     Keeps, in float64 on the inputs' device, the sample count, the means and the centered
     co-moment matrices of ``x`` and ``y``: memory ``8 * (d_x^2 + d_y^2 + d_x d_y + d_x + d_y)``
-    bytes whatever the number of samples. Batches are merged with Chan et al.'s pairwise update,
+    bytes whatever the number of samples (with ``update(..., y_stats=)``, the ``y`` co-moment is
+    that object's, not a copy). Batches are merged with Chan et al.'s pairwise update,
     which is exact (no running-sum cancellation), and ranks merge the same way
     (:meth:`all_reduce`), so the values equal the functional forms on the concatenated data.
+    Computing a metric also keeps each side's covariance and the factorizations computed from it
+    (at most about ``3 d^2`` float64 numbers per side, ``4 d^2`` with constant units dropped) until the
+    next ``update``/``merge``/``all_reduce``, so that several metrics, or a later accumulator
+    (:meth:`side`), factorize each covariance once.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -557,17 +786,50 @@ class SimilarityAccumulator:
 
     def __init__(self) -> None:
         self._m: Optional[_Moments] = None
+        self._y_stats: Optional[SideStats] = None
+        self._sides: Dict[str, Any] = {}  # the SideStats built from _m (and sxy), until _m changes
 
     @property
     def n(self) -> int:
         return 0 if self._m is None else self._m.n
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> "SimilarityAccumulator":
-        """Add a batch of paired rows ``x`` ``(b, d_x)``, ``y`` ``(b, d_y)``."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, *, y_stats: Optional[SideStats] = None) -> "SimilarityAccumulator":
+        """Add a batch of paired rows ``x`` ``(b, d_x)``, ``y`` ``(b, d_y)``.
+
+        Args:
+            x: ``(b, d_x)`` activations.
+            y: ``(b, d_y)`` activations of the same ``b`` inputs.
+            y_stats: the statistics of *all* the ``y`` rows this accumulator will see (over every
+                batch and, after :meth:`all_reduce`, every rank), e.g. ``prev_acc.side("x")`` of an
+                earlier accumulator that had these rows as its ``x``. Then the ``y`` co-moment is not
+                computed here (only ``x``'s, the cross one and the ``y`` means, which merging the
+                cross one needs), and the metrics take ``y``'s co-moment and any factorization of it
+                from ``y_stats``: the values are the same as without it. Pass the same object with
+                every batch. Checked when a metric is computed: the row count must equal
+                ``y_stats.n`` and the ``y`` means ``y_stats.mean`` (to ``1e-6`` of each unit's
+                ``|mean| + std``, i.e. up to float32 rounding of the rows), else ``ValueError``.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: bad shapes, non-finite values, widths unlike the earlier batches', or a
+                ``y_stats`` unlike the earlier batches' (or of another width or device than ``y``).
+        """
         x, y = _prep(x, y)
+        if y_stats is not None:
+            if not isinstance(y_stats, SideStats):
+                raise TypeError(f"Expected `y_stats` to be a SideStats (from `side`), but got {type(y_stats).__name__}.")
+            if y_stats.mean.shape[0] != y.shape[1] or y_stats.mean.device != y.device:
+                raise ValueError(
+                    f"Expected `y` of the width and device of `y_stats` ({y_stats.mean.shape[0]} on {y_stats.mean.device}), "
+                    f"but got {y.shape[1]} on {y.device}."
+                )
+        if self._m is not None and not _same_stats(self._y_stats, y_stats):
+            raise ValueError("Expected the same `y_stats` (or none) with every batch of an accumulator, but got a different one.")
         if x.shape[0] == 0:
             return self
-        batch = _Moments.of(x, y)
+        batch = _Moments.of(x, y, yy=y_stats is None)
         if self._m is not None:
             if (self._m.mx.shape[0], self._m.my.shape[0]) != (x.shape[1], y.shape[1]):
                 raise ValueError(
@@ -576,7 +838,8 @@ class SimilarityAccumulator:
                 )
             self._m = self._m.merge(batch)
         else:
-            self._m = batch
+            self._m, self._y_stats = batch, y_stats
+        self._sides = {}
         return self
 
     def merge(self, other: "SimilarityAccumulator") -> "SimilarityAccumulator":
@@ -584,31 +847,39 @@ class SimilarityAccumulator:
         if not isinstance(other, SimilarityAccumulator):
             raise TypeError(f"Expected a SimilarityAccumulator, but got {type(other).__name__}.")
         if other._m is not None:
-            if self._m is not None:
+            if self._m is None:
+                self._m, self._y_stats = other._m, other._y_stats
+            else:
                 mine, theirs = (self._m.mx.shape[0], self._m.my.shape[0]), (other._m.mx.shape[0], other._m.my.shape[0])
                 if mine != theirs:
                     raise ValueError(f"Cannot merge statistics of widths {theirs} into an accumulator of widths {mine}.")
-            self._m = other._m if self._m is None else self._m.merge(other._m)
+                if not _same_stats(self._y_stats, other._y_stats):
+                    raise ValueError("Cannot merge statistics computed with a different `y_stats` (or with and without).")
+                self._m = self._m.merge(other._m)
+            self._sides = {}
         return self
 
     def reset(self) -> None:
-        self._m = None
+        self._m, self._y_stats, self._sides = None, None, {}
 
     def _flat(self) -> torch.Tensor:
         m = self._need()
+        has_yy = m.cyy is not None
         return torch.cat([
-            torch.tensor([float(m.n)], dtype=_F64, device=m.mx.device), m.mx, m.my,
-            m.cxx.flatten(), m.cyy.flatten(), m.cxy.flatten(),
+            torch.tensor([float(m.n), float(has_yy)], dtype=_F64, device=m.mx.device), m.mx, m.my,
+            m.cxx.flatten(), *([m.cyy.flatten()] if has_yy else []), m.cxy.flatten(),
         ])
 
     @staticmethod
     def _unflat(t: torch.Tensor, dx: int, dy: int) -> _Moments:
-        n = int(t[0])
-        o = 1
+        n, has_yy = int(t[0]), bool(t[1])
+        o = 2
         mx = t[o : o + dx]; o += dx  # noqa: E702
         my = t[o : o + dy]; o += dy  # noqa: E702
         cxx = t[o : o + dx * dx].reshape(dx, dx); o += dx * dx  # noqa: E702
-        cyy = t[o : o + dy * dy].reshape(dy, dy); o += dy * dy  # noqa: E702
+        cyy = None
+        if has_yy:
+            cyy = t[o : o + dy * dy].reshape(dy, dy); o += dy * dy  # noqa: E702
         cxy = t[o : o + dx * dy].reshape(dx, dy)
         return _Moments(n, mx, my, cxx, cyy, cxy)
 
@@ -616,51 +887,170 @@ class SimilarityAccumulator:
         """Merge the statistics of every rank, in rank order (every rank ends with the same values).
 
         A collective under ``torch.distributed`` (every rank must call it, each having seen at least
-        one batch); a no-op otherwise.
+        one batch, all with ``y_stats`` or all without); a no-op otherwise. With ``y_stats``, only
+        the ``x`` and cross co-moments and the means travel.
         """
         if not _dist.is_distributed():
             return self
         _dist.require_all(self._m is not None, "Every rank must `update` the accumulator at least once before `all_reduce`.")
         m = self._need()
         dx, dy = m.mx.shape[0], m.my.shape[0]
+        parts = _dist.all_gather(self._flat())
+        if len({bool(p[1]) for p in parts}) > 1:  # every rank sees the same parts: all raise alike
+            raise ValueError("Every rank must pass `y_stats` to `update`, or none; they differ.")
         merged: Optional[_Moments] = None
-        for part in _dist.all_gather(self._flat()):
+        for part in parts:
             pm = self._unflat(part, dx, dy)
             merged = pm if merged is None else merged.merge(pm)
         self._m = merged
+        self._sides = {}
         return self
 
     def state_dict(self) -> Dict[str, Any]:
         if self._m is None:
             return {"n": 0}
         m = self._m
-        return {"n": m.n, "mx": m.mx, "my": m.my, "cxx": m.cxx, "cyy": m.cyy, "cxy": m.cxy}
+        state: Dict[str, Any] = {"n": m.n, "mx": m.mx, "my": m.my, "cxx": m.cxx, "cxy": m.cxy}
+        if m.cyy is not None:
+            state["cyy"] = m.cyy
+        if self._y_stats is not None:  # its factorizations are not saved (recomputed on use)
+            ys = self._y_stats
+            state["y_stats"] = {"n": ys.n, "mean": ys.mean, "comoment": ys.comoment}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.reset()
         if int(state.get("n", 0)) == 0:
-            self._m = None
-        else:
-            self._m = _Moments(int(state["n"]), *(state[k].to(_F64) for k in ("mx", "my", "cxx", "cyy", "cxy")))
+            return
+        ys = state.get("y_stats")
+        if ys is not None:
+            self._y_stats = SideStats(int(ys["n"]), ys["mean"], ys["comoment"])
+        cyy = None if ys is not None else state["cyy"].to(_F64)
+        self._m = _Moments(int(state["n"]), *(state[k].to(_F64) for k in ("mx", "my", "cxx")), cyy, state["cxy"].to(_F64))
 
     def _need(self) -> _Moments:
         if self._m is None:
             raise ValueError("The accumulator is empty: call `update(x, y)` with at least one batch first.")
         return self._m
 
+    def _pair(self) -> Tuple[SideStats, SideStats, torch.Tensor, int]:
+        """Both sides' statistics (with their factorization caches) and the cross-covariance."""
+        m = self._need()
+        if not self._sides:
+            ys = self._y_stats
+            if ys is not None:
+                _check_y_matches(m, ys)
+            sides = {
+                "x": SideStats(m.n, m.mx, m.cxx),
+                "y": ys if ys is not None else SideStats(m.n, m.my, m.cyy),
+                "sxy": m.cxy / max(m.n - 1, 1),
+            }
+            self._sides = sides
+        s = self._sides
+        return s["x"], s["y"], s["sxy"], m.n
+
+    def side(self, which: str = "x") -> SideStats:
+        """The statistics of one side of all rows seen, with every factorization computed so far.
+
+        Meant to be handed to a later accumulator whose ``y`` rows are these rows
+        (``update(..., y_stats=)``), which then reuses the co-moment and factorizations instead of
+        recomputing them: e.g. a layer's activations this epoch, compared with the next epoch's.
+        Take it after all updates (and :meth:`all_reduce`) and after computing the metrics, so
+        that it holds their factorizations; computing more metrics later adds to it.
+
+        Args:
+            which: ``"x"`` or ``"y"`` (with ``y_stats``, the ``y`` side is that object).
+
+        Returns:
+            A :class:`SideStats` (``n``, ``mean`` ``(d,)``, ``comoment`` ``(d, d)``, cached
+            factorizations), the same object until the accumulator changes.
+
+        Raises:
+            ValueError: empty accumulator, ``which`` not ``"x"``/``"y"``, or ``y`` rows that do not
+                match the given ``y_stats``.
+
+        Example:
+            >>> g = torch.Generator().manual_seed(0)
+            >>> epochs = [torch.randn(400, 6, generator=g, dtype=torch.float64)]
+            >>> for _ in range(2):
+            ...     epochs.append(epochs[-1] + 0.1 * torch.randn(400, 6, generator=g, dtype=torch.float64))
+            >>> acc = SimilarityAccumulator().update(epochs[1], epochs[0])    # epoch 1 vs 0
+            >>> _ = acc.compute(("pwcca", "svcca", "cka"))                   # (logged)
+            >>> prev = acc.side("x")                                          # epoch 1's statistics
+            >>> nxt = SimilarityAccumulator().update(epochs[2], epochs[1], y_stats=prev)
+            >>> values, errors = nxt.compute(("pwcca", "svcca", "cka"))       # epoch 2 vs 1
+            >>> plain, _ = SimilarityAccumulator().update(epochs[2], epochs[1]).compute(("pwcca", "svcca", "cka"))
+            >>> all(torch.equal(values[m], plain[m]) for m in plain), errors
+            (True, {})
+        """
+        if which not in ("x", "y"):
+            raise ValueError(f"Expected `which` to be 'x' or 'y', but got {which!r}.")
+        sx, sy, _, _ = self._pair()
+        return sx if which == "x" else sy
+
     # -- the metrics -------------------------------------------------------------------
+    def compute(self, methods: Sequence[str], *, keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL,
+                method: str = "paper") -> Tuple[Dict[str, torch.Tensor], Dict[str, ValueError]]:
+        """Several metrics of all rows seen, factorizing each covariance at most once.
+
+        The values are those of the single-metric methods (:meth:`cca`, :meth:`svcca`,
+        :meth:`pwcca`, :meth:`linear_cka`) up to rounding (~1e-13; CCA's correlations near 0 up to
+        its documented ~1e-8, as it takes them from PWCCA's SVD when both are asked for). Each
+        side's covariance is decomposed once for all of them, by ``eigh`` when SVCCA needs it
+        (CCA and PWCCA then whiten with the same decomposition), else by Cholesky where it provably
+        gives the same correlations; factorizations kept from an earlier call, or from
+        ``y_stats``, are reused. Which whitening is used depends only on ``methods``, never on
+        what was computed before, so reuse does not change a value by a bit.
+
+        Args:
+            methods: any of ``"cca"`` (canonical correlations ``(r,)``), ``"svcca"``, ``"pwcca"``,
+                ``"cka"`` (linear CKA), in any order; repeats are ignored.
+            keep: SVCCA's fraction of variance or number of directions (see :func:`svcca`).
+            rank_tol: whitening cutoff (see :func:`cca`).
+            method: PWCCA's weighting, ``"paper"`` or ``"google"`` (see :func:`pwcca`).
+
+        Returns:
+            ``(values, errors)``: ``values[m]`` the float64 tensor of each metric that is defined for
+            this data, ``errors[m]`` the ``ValueError`` of each that is not (e.g. too few samples for
+            PWCCA while CKA is fine), which :meth:`pwcca` etc. would raise.
+
+        Raises:
+            ValueError: empty accumulator, unknown method or bad option, or ``y`` rows that do
+                not match the given ``y_stats``.
+
+        Example:
+            >>> g = torch.Generator().manual_seed(0)
+            >>> x = torch.randn(500, 4, generator=g, dtype=torch.float64)
+            >>> acc = SimilarityAccumulator().update(x, x @ torch.randn(4, 4, generator=g, dtype=torch.float64))
+            >>> values, errors = acc.compute(("pwcca", "svcca", "cka"), keep=4)
+            >>> round(float(values["pwcca"]), 9), round(float(values["svcca"]), 9), errors
+            (1.0, 1.0, {})
+            >>> values, errors = SimilarityAccumulator().update(x[:8], x[:8]).compute(("pwcca", "cka"))
+            >>> sorted(values), sorted(errors)        # 8 samples cannot support 4 + 4 directions
+            (['cka'], ['pwcca'])
+        """
+        methods = _check_methods(methods)
+        keep, rank_tol, method = _check_keep(keep), _check_rank_tol(rank_tol), _check_method(method)
+        sx, sy, sxy, n = self._pair()
+        return _compute(sx._factors, sy._factors, sxy, n, methods, keep=keep, rank_tol=rank_tol, method=method)
+
+    def _one(self, name: str, **options: Any) -> torch.Tensor:
+        values, errors = self.compute((name,), **options)
+        if name in errors:
+            raise errors[name]
+        return values[name]
+
     def cca(self, *, rank_tol: float = RANK_TOL) -> torch.Tensor:
         """Canonical correlations of all rows seen; see :func:`cca`."""
-        return _cca_from(self._need(), _check_rank_tol(rank_tol))
+        return self._one("cca", rank_tol=rank_tol)
 
     def svcca(self, *, keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL) -> torch.Tensor:
         """See :func:`svcca`."""
-        return _svcca_from(self._need(), _check_keep(keep), _check_rank_tol(rank_tol))
+        return self._one("svcca", keep=keep, rank_tol=rank_tol)
 
     def pwcca(self, *, method: str = "paper", rank_tol: float = RANK_TOL) -> torch.Tensor:
         """See :func:`pwcca`."""
-        if method not in ("paper", "google"):
-            raise ValueError(f"Expected `method` to be 'paper' or 'google', but got {method!r}.")
-        return _pwcca_from(self._need(), method, _check_rank_tol(rank_tol))
+        return self._one("pwcca", method=method, rank_tol=rank_tol)
 
     def linear_cka(self, *, debiased: bool = False) -> torch.Tensor:
         """See :func:`linear_cka`. The debiased form needs per-row norms and is not available here."""
@@ -669,7 +1059,23 @@ class SimilarityAccumulator:
                 "Debiased linear CKA needs per-sample statistics that the streaming form does not keep; "
                 "call `linear_cka(x, y, debiased=True)` on the activations instead."
             )
-        m = self._need()
-        if m.n < 2:
-            raise ValueError(f"Linear CKA needs at least 2 samples, but got n={m.n}.")
-        return _cka_from_cov(*_cov(m))
+        return self._one("cka")
+
+
+def _check_y_matches(m: _Moments, ys: SideStats) -> None:
+    """The rows given as ``y`` must be those ``ys`` describes: same count, same means (to rounding)."""
+    if m.n != ys.n:
+        raise ValueError(
+            f"The y side does not match the given statistics `y_stats`: the accumulator has seen n={m.n} rows, "
+            f"`y_stats` describes n={ys.n} (pass the same rows, over all batches and ranks, then `all_reduce`)."
+        )
+    scale = ys.mean.abs() + (ys.comoment.diagonal().clamp_min(0) / max(ys.n - 1, 1)).sqrt()
+    tol = _Y_MEAN_RTOL * scale + 1e-12 * scale.max()
+    dev = (m.my - ys.mean).abs()
+    if not bool((dev <= tol).all()):
+        j = int((dev / tol.clamp_min(torch.finfo(_F64).tiny)).argmax())
+        raise ValueError(
+            "The y side does not match the given statistics `y_stats`: the means of the y rows differ from "
+            f"`y_stats.mean` (unit {j}: {float(m.my[j]):.9g} vs {float(ys.mean[j]):.9g}); pass the rows `y_stats` "
+            "was computed from, in the same order of units."
+        )
