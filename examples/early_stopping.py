@@ -9,10 +9,17 @@ the recorded series (the same rule as Lightning's EarlyStopping: stop after `pat
 without improvement; reliance additionally smoothed with an EMA as `RelianceEarlyStopping` does),
 so all three choices are compared on exactly the same runs.
 
-    .venv/bin/python examples/early_stopping.py [--smoke] [--logdir runs/early_stopping]
+Each seed is trained twice, once with the RelianceMonitor's default fixed unit orders (common
+random numbers: the same orders every epoch) and once with fresh orders every epoch
+(``orders="per_epoch"``). The monitors do not change training (the runs are bit-identical), so
+the two reliance series differ only in how they were measured, and the stopping rule is applied to
+each, with and without EMA smoothing.
+
+    .venv/bin/python examples/early_stopping.py [--smoke] [--seeds 6] [--logdir runs/early_stopping]
 """
 
 import argparse
+import math
 
 import numpy as np
 import pytorch_lightning as pl
@@ -54,11 +61,21 @@ def stop_epoch(values, *, mode, patience, smoothing=0.0):
     return best_epoch
 
 
+def _mean_ci(values):
+    """Mean and a 90 % t-interval half-width over seeds."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.95, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--logdir", default="runs/early_stopping")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--patience", type=int, default=5)
     args = ap.parse_args()
@@ -70,27 +87,53 @@ def main():
     x_tr, y_tr = data["x_train"][n_val:], data["y_train"][n_val:]
     seeds = range(1 if args.smoke else args.seeds)
     epochs = 2 if args.smoke else args.epochs
-    rows = []
+    rules = [("fixed", 0.0), ("fixed", 0.5), ("per_epoch", 0.0), ("per_epoch", 0.5)]
+    rows, jitter = [], {"fixed": [], "per_epoch": []}
     for seed in seeds:
-        pl.seed_everything(seed, verbose=False)
-        y_noisy = corrupt_labels(y_tr, 0.5, 10, torch.Generator().manual_seed(seed))
-        rec = Recorder(x_val, y_val, data["x_test"], data["y_test"])
-        mon = RelianceMonitor(["net.relu1", "net.relu2"], num_samples=512)
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon, rec],
-                             logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"seed{seed}"), **trainer_kwargs())
-        trainer.fit(lightning_mlp(64, [256, 256], 10, lr=1e-3), loader(x_tr, y_noisy, batch_size=64, seed=seed))
-        e_rel = stop_epoch(rec.reliance, mode="max", patience=args.patience, smoothing=0.5)
+        recs = {}
+        for orders in ("fixed", "per_epoch"):
+            pl.seed_everything(seed, verbose=False)
+            y_noisy = corrupt_labels(y_tr, 0.5, 10, torch.Generator().manual_seed(seed))
+            rec = Recorder(x_val, y_val, data["x_test"], data["y_test"])
+            mon = RelianceMonitor(["net.relu1", "net.relu2"], orders=orders)
+            trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon, rec],
+                                 logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"seed{seed}_{orders}"), **trainer_kwargs())
+            trainer.fit(lightning_mlp(64, [256, 256], 10, lr=1e-3), loader(x_tr, y_noisy, batch_size=64, seed=seed))
+            recs[orders] = rec
+            # how much the series moves from epoch to epoch (sd of the first differences)
+            if len(rec.reliance) > 2:
+                jitter[orders].append(float(np.std(np.diff(rec.reliance))))
+        rec = recs["fixed"]
+        assert recs["per_epoch"].test_acc == rec.test_acc, "the monitors changed training"
         e_val = stop_epoch(rec.val_loss, mode="min", patience=args.patience)
         e_last = len(rec.test_acc) - 1
         e_oracle = int(np.argmax(rec.test_acc))
-        rows.append((seed, e_rel, rec.test_acc[e_rel], e_val, rec.test_acc[e_val], e_last, rec.test_acc[e_last], e_oracle, rec.test_acc[e_oracle]))
-    print(f"\n{'seed':>4} | {'reliance stop':>13} {'test acc':>8} | {'val-loss stop':>13} {'test acc':>8} | "
-          f"{'last':>4} {'test acc':>8} | {'best (oracle)':>13} {'test acc':>8}")
+        stops = [stop_epoch(recs[o].reliance, mode="max", patience=args.patience, smoothing=sm) for o, sm in rules]
+        rows.append((seed, stops, [rec.test_acc[e] for e in stops], e_val, rec.test_acc[e_val], e_last, rec.test_acc[e_last],
+                     e_oracle, rec.test_acc[e_oracle]))
+    names = [f"{o}{'+EMA' if sm else ''}" for o, sm in rules]
+    print(f"\ntest accuracy of the model kept by each stopping rule (stop epoch in brackets); reliance orders "
+          f"fixed (default) or per_epoch, EMA smoothing 0.5 or none; patience {args.patience}")
+    print(f"{'seed':>4} | " + " | ".join(f"{n:>16}" for n in names) + f" | {'val-loss':>12} | {'last':>12} | {'oracle':>12}")
     for r in rows:
-        print(f"{r[0]:>4} | {r[1]:>13} {r[2]:>8.3f} | {r[3]:>13} {r[4]:>8.3f} | {r[5]:>4} {r[6]:>8.3f} | {r[7]:>13} {r[8]:>8.3f}")
-    mean = lambda i: float(np.mean([r[i] for r in rows]))  # noqa: E731
-    print(f"mean | {'':>13} {mean(2):>8.3f} | {'':>13} {mean(4):>8.3f} | {'':>4} {mean(6):>8.3f} | {'':>13} {mean(8):>8.3f}")
+        cells = [f"{a:.3f} [{e:>2}]" for e, a in zip(r[1], r[2])]
+        print(f"{r[0]:>4} | " + " | ".join(f"{c:>16}" for c in cells)
+              + f" | {r[4]:.3f} [{r[3]:>2}] | {r[6]:.3f} [{r[5]:>2}] | {r[8]:.3f} [{r[7]:>2}]")
+    cols = [[r[2][i] for r in rows] for i in range(len(rules))] + [[r[4] for r in rows], [r[6] for r in rows], [r[8] for r in rows]]
+    cis = [_mean_ci(c) for c in cols]
+    print(f"{'mean':>4} | " + " | ".join(f"{m:.3f} +- {h:.3f}".rjust(16) for m, h in cis[:4])
+          + " | " + " | ".join(f"{m:.3f}+-{h:.3f}".rjust(12) for m, h in cis[4:]))
+    print("(+- : 90 % t-interval over seeds)")
+    if all(jitter.values()) and len(jitter["fixed"]) == len(jitter["per_epoch"]):
+        jf, jp = _mean_ci(jitter["fixed"]), _mean_ci(jitter["per_epoch"])
+        print(f"epoch-to-epoch sd of reliance_auc (first differences over the run): fixed orders {jf[0]:.4f} +- {jf[1]:.4f}, "
+              f"per_epoch {jp[0]:.4f} +- {jp[1]:.4f}")
+    gap = [r[2][0] - r[4] for r in rows]
+    m, h = _mean_ci(gap)
+    print(f"reliance stop (fixed, no EMA) minus val-loss stop, test accuracy: {m:+.3f} +- {h:.3f}; "
+          f"minus last epoch: {_mean_ci([r[2][0] - r[6] for r in rows])[0]:+.3f}")
     print(f"(reliance uses no held-out data; val-loss uses {n_val} held-out examples; TensorBoard: {args.logdir})")
+    print("reliance stop done")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from netprobe.metrics.ablation import (DEFAULT_FRACTIONS, DEFAULT_MAX_ELEMENTS, 
                                       noise_curve, score, selectivity_order)
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
-from netprobe.metrics.similarity import SimilarityAccumulator, linear_cka
+from netprobe.metrics.similarity import SideStats, SimilarityAccumulator, linear_cka
 
 __all__ = ["SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor"]
 
@@ -87,7 +87,8 @@ class SelectivityMonitor(NetprobeMonitor):
                 if res.num_dead == res.num_units:
                     raise ValueError("every unit was zero on the whole probe set (dead_fraction 1), so no unit has a selectivity")
                 sel[layer] = float(res.mean)
-                hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
+                if self.histograms and self._media_due:
+                    hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
             except ValueError as err:
                 self._warn_skip(layer, "selectivity", err)
             if self.mutual_info:  # any sign is fine here; only finiteness is checked first
@@ -104,7 +105,7 @@ class SelectivityMonitor(NetprobeMonitor):
         self._layer_values("dead_fraction", dead, out)
         if self.mutual_info:
             self._layer_values("mutual_info_mean", mi, out)
-        return out, {"histograms": hists if self.histograms else {}}
+        return out, {"histograms": hists}
 
 
 class RelianceMonitor(NetprobeMonitor):
@@ -364,6 +365,10 @@ class ConvergenceMonitor(NetprobeMonitor):
         self.methods, self.reference, self.keep, self.heatmap = methods, reference, keep, bool(heatmap)
         self._prev: Dict[str, torch.Tensor] = {}
         self._ref: Dict[str, torch.Tensor] = {}
+        # the statistics and factorizations of those activations, computed when they were compared
+        # last: reused, not recomputed (derived from _prev/_ref, so not part of the saved state)
+        self._prev_side: Dict[str, SideStats] = {}
+        self._ref_side: Dict[str, SideStats] = {}
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
 
     def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
@@ -383,29 +388,26 @@ class ConvergenceMonitor(NetprobeMonitor):
             self._reference_acts(pl_module)
 
     def _reset_extra_state(self) -> None:
-        self._prev, self._ref = {}, {}
+        self._prev, self._ref, self._prev_side, self._ref_side = {}, {}, {}, {}
 
     def _extra_state(self) -> Dict[str, Any]:
         return {"prev": {k: v.clone() for k, v in self._prev.items()}}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._prev = dict(state.get("prev", {}))
+        self._prev, self._prev_side = dict(state.get("prev", {})), {}
 
-    def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice, layer: str, what: str) -> Dict[str, float]:
-        other = other_full[sl].to(cur.device).double()
-        acc = self._agreed(lambda: SimilarityAccumulator().update(cur.double(), other), cur.device).all_reduce()
-        out = {}
-        for m in self.methods:  # after the reduce every rank holds the same moments: same outcome everywhere
-            try:
-                if m == "pwcca":
-                    out[m] = float(acc.pwcca())
-                elif m == "svcca":
-                    out[m] = float(acc.svcca(keep=self.keep))
-                else:
-                    out[m] = float(acc.linear_cka())
-            except ValueError as err:  # e.g. SVCCA keeping more directions than the samples allow
-                self._warn_skip(layer, f"{m} ({what})", err)
-        return out
+    def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice, layer: str, what: str,
+                      other_side: Optional[SideStats]) -> Tuple[Dict[str, float], SimilarityAccumulator]:
+        """The methods' values for this rank's shard ``cur`` against the same rows of ``other_full``
+        (reduced across ranks), each covariance factorized once; ``other_side``: the other side's
+        statistics from an earlier comparison, reused instead of recomputed."""
+        other = other_full[sl].to(cur.device)
+        acc = self._agreed(lambda: SimilarityAccumulator().update(cur, other, y_stats=other_side), cur.device).all_reduce()
+        # after the reduce every rank holds the same moments: same outcome everywhere
+        values, errors = acc.compute(self.methods, keep=self.keep)
+        for m, err in errors.items():  # e.g. SVCCA keeping more directions than the samples allow
+            self._warn_skip(layer, f"{m} ({what})", err)
+        return {m: float(v) for m, v in values.items()}, acc
 
     def _reference_acts(self, pl_module: nn.Module) -> Dict[str, torch.Tensor]:
         if not self._ref and self.reference is not None:
@@ -436,18 +438,24 @@ class ConvergenceMonitor(NetprobeMonitor):
         prev_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
         ref_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
         ref = self._reference_acts(pl_module) if self.reference is not None else {}
+        sides: Dict[str, SideStats] = {}
         for layer, a in acts.items():
             try:
                 if layer in self._prev:
-                    for m, v in self._similarities(a, self._prev[layer], sl, layer, "to the previous measurement").items():
+                    vals, acc = self._similarities(a, self._prev[layer], sl, layer, "to the previous measurement",
+                                                   self._prev_side.get(layer))
+                    for m, v in vals.items():
                         prev_vals[m][layer] = v
+                    sides[layer] = acc.side("x")  # this epoch's side: the previous one at the next measurement
                 if layer in ref:
-                    for m, v in self._similarities(a, ref[layer], sl, layer, "to the reference").items():
+                    vals, acc = self._similarities(a, ref[layer], sl, layer, "to the reference", self._ref_side.get(layer))
+                    for m, v in vals.items():
                         ref_vals[m][layer] = v
+                    self._ref_side[layer] = acc.side("y")
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)
         full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
-        self._prev = full
+        self._prev, self._prev_side = full, sides
         out: Dict[str, float] = {}
         for m in self.methods:
             self._layer_values(f"{m}_prev", prev_vals[m], out)
