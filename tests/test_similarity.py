@@ -347,3 +347,134 @@ def test_rank_tol_zero_never_whitens_by_rounding_noise():
     xr = torch.randn(300, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 20, generator=g, dtype=torch.float64)
     assert float(svcca(xr, xr, keep=20, rank_tol=0.0)) == pytest.approx(1.0, abs=1e-9)
     assert float(pwcca(xr, xr, rank_tol=0.0)) == pytest.approx(1.0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- Gram route vs SVD
+# PWCCA's correlations and directions come from eigh of the smaller Gram matrix of the whitened
+# cross-covariance M (SVCCA's correlations from its eigenvalues), not from an SVD of M. Compared here
+# with numpy's SVD of the very matrices the functions use (same whitening).
+def _same_whitening(x, y, *, eigvecs):
+    """The kept-unit blocks and the whitening that `pwcca(x, y)` (``eigvecs=False``) or its google mode
+    (``eigvecs=True``) uses, as numpy arrays."""
+    from netprobe.metrics import similarity as sim
+
+    sxx, syy, sxy = sim._cov(sim._Moments.of(T(x), T(y)))
+    fx, fy = sim._Factors(sxx), sim._Factors(syy)
+    r = sim._cca_factors(fx, fy, sxy, x.shape[0], rank_tol=sim.RANK_TOL, what="PWCCA", eigvecs=eigvecs)
+    as_np = lambda t: None if t is None else t.numpy()  # noqa: E731
+    return dict(wx=r.wx.numpy(), wy=r.wy.numpy(), vx=as_np(r.vx), vy=as_np(r.vy), sxx=r.sxx.numpy(), syy=r.syy.numpy(),
+                sxy=sxy[fx.mask()][:, fy.mask()].numpy())
+
+
+def _pwcca_by_numpy_svd(wx, wy, vx, vy, sxx, syy, sxy, google=False):
+    u, rho, vt = np.linalg.svd(wx.T @ sxy @ wy, full_matrices=False)
+    use_x = wx.shape[1] <= wy.shape[1]
+    w, rot, s, v = (wx, u, sxx, vx) if use_x else (wy, vt.T, syy, vy)
+    if google:  # weights on the QR basis of the unwhitened directions R = V rot (see pwcca's google mode)
+        rr = v @ rot
+        chol = np.linalg.cholesky(rr.T @ s @ rr)
+        alpha = np.abs(np.linalg.solve(chol, rr.T @ s)).sum(1)
+    else:
+        alpha = np.abs(rot.T @ w.T @ s).sum(1)
+    return float(np.sum(alpha * np.clip(rho, 0, 1)) / np.sum(alpha))
+
+
+def _svcca_by_numpy_svd(x, y, keep):
+    from netprobe.metrics import similarity as sim
+
+    sxx, syy, sxy = sim._cov(sim._Moments.of(T(x), T(y)))
+    fx, fy = sim._Factors(sxx), sim._Factors(syy)
+    (px, lx), (py, ly) = fx.principal(keep, sim.RANK_TOL), fy.principal(keep, sim.RANK_TOL)
+    wx, wy = (px * lx.rsqrt()).numpy(), (py * ly.rsqrt()).numpy()
+    return float(np.clip(np.linalg.svd(wx.T @ sxy[fx.mask()][:, fy.mask()].numpy() @ wy, compute_uv=False), 0, 1).mean())
+
+
+def _weak_block(n, d, eps, seed):
+    """y: half its units strongly correlated with x, half exactly uncorrelated in the sample up to
+    ``eps`` x (canonical correlations ~eps beside strong ones: where squaring loses accuracy)."""
+    rng = np.random.default_rng(seed)
+    z, w = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    zc, wc = z - z.mean(0), w - w.mean(0)
+    perp = wc - zc @ np.linalg.lstsq(zc, wc, rcond=None)[0]
+    h = d // 2
+    return z, np.concatenate([z[:, :h] + 0.3 * perp[:, :h], perp[:, h:] + eps * z[:, h:]], axis=1)
+
+
+def _gram_cases():
+    rng = np.random.default_rng(21)
+    x, y = _pair(600, 40, 40, 21, shared=10)
+    yield "generic", x, y, 1e-11
+    x, y = _pair(300, 48, 20, 22, shared=6)
+    yield "y narrower", x, y, 1e-11
+    yield "x narrower", y, x, 1e-11
+    xd = np.concatenate([x[:, :30], np.full((300, 3), 2.0), x[:, :1] + 1e-7 * rng.normal(size=(300, 1)),
+                         x[:, 1:2] + 1e-4 * rng.normal(size=(300, 1))], axis=1)  # dead, truncated, ill-conditioned
+    yield "dead and nearly collinear", xd, y, 1e-11
+    z = rng.normal(size=(500, 32))
+    q, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+    yield "rotated + 1e-6 noise (correlations tied near 1)", z, z @ q + 1e-6 * rng.normal(size=(500, 32)), 1e-11
+    yield "block of correlations ~1e-5", *_weak_block(500, 32, 1e-5, 23), 1e-10
+
+
+@pytest.mark.parametrize("case", list(_gram_cases()), ids=lambda c: c[0])
+def test_pwcca_and_svcca_equal_an_svd_of_the_same_matrices(case):
+    _, x, y, tol = case
+    for google in (False, True):
+        ref = _pwcca_by_numpy_svd(**_same_whitening(x, y, eigvecs=google), google=google)
+        assert float(pwcca(T(x), T(y), method="google" if google else "paper")) == pytest.approx(ref, abs=tol)
+    for keep in (0.99, 8):
+        assert float(svcca(T(x), T(y), keep=keep)) == pytest.approx(_svcca_by_numpy_svd(x, y, keep), abs=1e-12)
+
+
+def test_small_correlations_are_refined_by_a_small_svd(monkeypatch):
+    x, y = _weak_block(500, 32, 1e-5, 24)
+    shapes = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, *k, **kw: (shapes.append(tuple(a.shape)), svd(a, *k, **kw))[1])
+    values, _ = SimilarityAccumulator().update(T(x), T(y)).compute(("cca", "pwcca"))
+    assert shapes == [(16, 32)]  # only the 16 weak correlations' part of M, never the whole M
+    exact = cca_ref(x, y)
+    weak = exact < 1e-3
+    assert weak.sum() == 16
+    # the refined small correlations keep an SVD's absolute accuracy (squared, they would be off by ~1e-8)
+    np.testing.assert_allclose(values["cca"].numpy(), exact, rtol=0, atol=1e-13)
+    shapes.clear()
+    pwcca(*map(T, _pair(400, 10, 12, 25)))  # ordinary data: no correlation is small, no SVD at all
+    assert shapes == []
+
+
+def test_svcca_takes_the_svd_for_correlations_near_zero(monkeypatch):
+    # three correlations exactly 0 in the sample: their square roots of eigenvalues would be off by ~1e-8
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(3000, 8)), rng.normal(size=(3000, 6))
+    xc = x - x.mean(0)
+    y[:, :3] -= xc @ np.linalg.lstsq(xc, y[:, :3] - y[:, :3].mean(0), rcond=None)[0]
+    y[:, 3:] += 0.3 * x[:, :3]
+    calls = []
+    svdvals = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda a: (calls.append(a.shape), svdvals(a))[1])
+    assert float(svcca(T(x), T(y), keep=1.0)) == pytest.approx(_svcca_by_numpy_svd(x, y, 1.0), abs=1e-14)
+    assert len(calls) == 1
+    calls.clear()
+    x, y = _pair(400, 10, 12, 26)
+    assert float(svcca(T(x), T(y), keep=1.0)) == pytest.approx(_svcca_by_numpy_svd(x, y, 1.0), abs=1e-12)
+    assert calls == []  # ordinary data: eigenvalues only
+
+
+def test_tied_correlations_make_pwcca_depend_on_rounding_with_any_factorization():
+    # Half of y is a rotation of half of x (16 correlations exactly 1, tied), the rest unrelated: the
+    # canonical directions of the tie are not unique, and the weights change with the basis the
+    # factorization picks. Permuting the units (an invariance in exact arithmetic) moves numpy's
+    # SVD-based value as much as the Gram route differs from it: neither is more right.
+    rng = np.random.default_rng(27)
+    z, w = rng.normal(size=(400, 32)), rng.normal(size=(400, 32))
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    x, y = z, np.concatenate([z[:, :16] @ q, w[:, 16:]], axis=1)
+    refs = []
+    for seed in range(4):
+        p = np.random.default_rng(seed).permutation(32) if seed else np.arange(32)
+        refs.append(_pwcca_by_numpy_svd(**_same_whitening(x[:, p], y, eigvecs=False)))
+    ours = float(pwcca(T(x), T(y)))
+    spread = max(refs) - min(refs)
+    assert spread > 1e-5  # the SVD's value is basis dependent here
+    assert min(refs) - spread <= ours <= max(refs) + spread

@@ -3,6 +3,7 @@ one side's statistics as the next accumulator's y side (`side`, `update(..., y_s
 
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -120,14 +121,18 @@ def test_compute_argument_errors_raise_at_once():
 
 
 class _Count:
-    """Counts calls of torch.linalg.eigh and torch.linalg.cholesky_ex (which the module looks up at call time)."""
+    """Counts calls of torch.linalg.eigh and torch.linalg.cholesky_ex (which the module looks up at call
+    time): ``eigh`` of covariances, and apart (``gram``) PWCCA's eigh of its small Gram matrix."""
 
     def __init__(self, monkeypatch):
-        self.eigh = self.chol = 0
+        self.eigh = self.chol = self.gram = 0
         eigh, chol = torch.linalg.eigh, torch.linalg.cholesky_ex
 
         def counted_eigh(*a, **k):
-            self.eigh += 1
+            if sys._getframe(1).f_code.co_name == "_gram_vectors":
+                self.gram += 1
+            else:
+                self.eigh += 1
             return eigh(*a, **k)
 
         def counted_chol(*a, **k):
@@ -140,6 +145,10 @@ class _Count:
     def take(self):
         out = (self.eigh, self.chol)
         self.eigh = self.chol = 0
+        return out
+
+    def take_gram(self):
+        out, self.gram = self.gram, 0
         return out
 
 
@@ -165,6 +174,8 @@ def test_each_covariance_is_factorized_once_and_reused(monkeypatch):
     fresh.pwcca()
     SimilarityAccumulator().update(e[1], e[0]).svcca()
     assert count.take() == (2, 2)
+    # and PWCCA's singular vectors: one eigh of its k x k Gram matrix per computation
+    assert count.take_gram() == 5
 
 
 def test_reuse_does_not_compute_the_y_comoment(monkeypatch):

@@ -9,15 +9,18 @@ computed from the centered (cross-)covariance blocks ``S_xx, S_yy, S_xy`` in flo
 whitened through ``eigh(S_xx)`` keeping only eigenvalues above ``rank_tol * max eigenvalue``
 (a rank *truncation*, not a ridge: exactly or nearly collinear units give the correlations of the
 remaining subspace, never NaN), and the canonical correlations are the singular values of
-``W_x^T S_xy W_y``. When a cheap bound proves a covariance has no eigenvalue near the cutoff (the
-usual case), it is whitened through its Cholesky factor instead, which gives the same
-correlations about 5x faster. The blocks are accumulated in one pass over row blocks that are
-converted and shifted on the fly (then corrected to the exact mean), so no ``(n, d)`` float64
-copy of the data is made. Squaring the data into covariances costs precision only for directions
-whose variance is below ~1e-8 of the largest, which the truncation removes anyway; in exchange,
-the same code serves data that never fits in memory (:class:`SimilarityAccumulator`), batches and ranks
-merge exactly, and the cost is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of
-``(n, d)`` data for ``n >> d``; see ``benchmarks/similarity.py``).
+``M = W_x^T S_xy W_y``, taken (with the singular vectors PWCCA needs) from the symmetric
+eigenproblem of the smaller of ``M M^T``, ``M^T M``, about 2x cheaper than the SVD; the accuracy
+this costs near 0 is restored where it matters (see :func:`pwcca`, :func:`svcca`). When a cheap
+bound proves a covariance has no eigenvalue near the cutoff (the usual case), it is whitened
+through its Cholesky factor instead, which gives the same correlations about 5x faster. The
+blocks are accumulated in one pass over row blocks that are converted and shifted on the fly
+(then corrected to the exact mean), so no ``(n, d)`` float64 copy of the data is made. Squaring
+the data into covariances costs precision only for directions whose variance is below ~1e-8 of the
+largest, which the truncation removes anyway; in exchange, the same code serves data that never
+fits in memory (:class:`SimilarityAccumulator`), batches and ranks merge exactly, and the cost
+is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of ``(n, d)`` data for
+``n >> d``; see ``benchmarks/similarity.py``).
 
 Several metrics of one pair share each side's factorizations (one ``eigh`` per covariance when
 SVCCA is among them, else Cholesky; :meth:`SimilarityAccumulator.compute`), and a side's statistics
@@ -351,8 +354,7 @@ class _CCA:
     wy: torch.Tensor  # (dy', ky)
     vx: Optional[torch.Tensor]  # (dx', kx) kept eigenvectors of S_xx (eigen-whitening only)
     vy: Optional[torch.Tensor]  # (dy', ky)
-    u: torch.Tensor  # (kx, r)
-    v: torch.Tensor  # (ky, r)
+    rot: torch.Tensor  # (min(kx, ky), r) singular vectors of W_x^T S_xy W_y, smaller side (x on a tie); or empty
     sxx: torch.Tensor
     syy: torch.Tensor
 
@@ -361,7 +363,9 @@ def _cca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, *, rank_
                  vectors: bool = True, eigvecs: bool = False) -> _CCA:
     """CCA of the covariances held by ``fx``, ``fy`` and cross-covariance ``sxy``. ``eigvecs``: whiten
     both sides by eigendecomposition (google's PWCCA weights need the eigenvectors; and when SVCCA
-    decomposes the covariances anyway, this whitening costs nothing more)."""
+    decomposes the covariances anyway, this whitening costs nothing more). ``vectors``: also the
+    singular vectors of the smaller side (:func:`_gram_vectors`), else the correlations only
+    (:func:`_gram_values`)."""
     kx_mask, ky_mask = fx.mask(), fy.mask()
     if not bool(kx_mask.any()) or not bool(ky_mask.any()):
         side = "x" if not bool(kx_mask.any()) else "y"
@@ -386,15 +390,67 @@ def _cca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, *, rank_
         raise ValueError(f"A representation has no variance above `rank_tol`; {what} is undefined.")
     _need_samples(n, wx.shape[1], wy.shape[1], what)
     m = wx.T @ sxy @ wy
-    if not vectors:
-        # correlations only: their squares are the eigenvalues of the smaller of M M^T, M^T M, a
-        # symmetric eigenproblem about 2x (d=512) to 4x (d=2048) cheaper than the SVD. Squaring
-        # costs absolute accuracy only for tiny correlations: ~1e-13 above 1e-3, ~1e-8 near 0.
-        g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-        s = torch.linalg.eigvalsh((g + g.T) / 2).flip(0).clamp_min(0.0).sqrt()
-        return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, m.new_zeros(0), m.new_zeros(0), sxx, syy)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return _CCA(s.clamp(0.0, 1.0), wx, wy, vx, vy, u, vh.T, sxx, syy)
+    rho, rot = _gram_vectors(m) if vectors else (_gram_values(m)[0], m.new_zeros(0))
+    return _CCA(rho, wx, wy, vx, vy, rot, sxx, syy)
+
+
+# The singular values of the whitened cross-covariance m (kx, ky) are the canonical correlations
+# rho; PWCCA also needs the singular vectors of its smaller side. The squares rho^2 are the
+# eigenvalues of the smaller Gram matrix (m m^T when kx <= ky, else m^T m) and those singular
+# vectors its eigenvectors: a symmetric eigenproblem of size min(kx, ky), about 2x cheaper than the
+# SVD (d = 128 to 256; 4x at d = 2048). Squaring costs accuracy only for small correlations: a
+# value's rounding error is ~ eps / rho_i instead of ~ eps, and a vector's ~ eps / (rho_i^2 - rho_j^2)
+# instead of ~ eps / (rho_i - rho_j) for its nearest value rho_j (both up to the scale rho_1).
+
+#: singular vectors of correlations below this fraction of the largest are recomputed from an SVD
+#: of their (small) part of ``m`` (:func:`_gram_vectors`)
+_REFINE = 1 / 64
+
+#: SVCCA uses the SVD's values when the Gram route's rounding could move its mean correlation by more
+#: than this (:func:`_gram_values`)
+_GRAM_TOL = 1e-10
+
+
+def _gram_values(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(rho, drho)``: the singular values of ``m`` ``(a, b)`` from the eigenvalues of its smaller
+    Gram matrix (descending, clipped to ``[0, 1]``), and a bound on each one's rounding error.
+
+    The eigenvalues ``lam = rho^2`` are off by at most ``e = 4 (a + b) eps lam_max``: forming the
+    Gram matrix and the symmetric eigensolver perturb it by ``O(k eps lam_max)``, which moves no
+    eigenvalue further (Weyl); measured, below ``1.4 k eps lam_max`` at k=8 and ``0.1 k eps
+    lam_max`` at k=256, so the bound has a margin of 6x or more. Hence ``|drho_i| <= min(sqrt(e),
+    e / rho_i)``: ~1e-13 above 1e-3, up to ~1e-8 near 0 (d ~ 100)."""
+    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    lam = torch.linalg.eigvalsh((g + g.T) / 2).flip(0)
+    rho = lam.clamp_min(0.0).sqrt()
+    e = 4.0 * (m.shape[0] + m.shape[1]) * torch.finfo(m.dtype).eps * max(float(lam[0]), 0.0)
+    drho = torch.minimum(torch.full_like(rho, e**0.5), e / rho.clamp_min(torch.finfo(m.dtype).tiny))
+    return rho.clamp_max(1.0), drho
+
+
+def _gram_vectors(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(rho, rot)``: the singular values of ``m`` ``(a, b)`` (descending, clipped to ``[0, 1]``) and
+    the singular vectors of its smaller side ``(min(a, b), r)`` (left ones when ``a <= b``), as an
+    SVD gives them to rounding, from ``eigh`` of the smaller Gram matrix.
+
+    The vectors whose correlation is below ``_REFINE`` times the largest (where squaring loses
+    accuracy; usually none or a few) are recomputed by an SVD of ``m`` projected on their span,
+    ``t^T m`` (``(s, b)`` for ``s`` of them): the span itself is accurate (the tail of the spectrum is
+    separated from the rest), and within it that SVD resolves the small correlations and their
+    vectors with rounding relative to their own size instead of ``rho_1``. Every vector's rounding
+    is then at most about ``1 / _REFINE`` times the SVD's (``eps / (rho_i - rho_j)``)."""
+    left = m.shape[0] <= m.shape[1]
+    g = m @ m.T if left else m.T @ m
+    lam, vec = torch.linalg.eigh((g + g.T) / 2)
+    lam, vec = lam.flip(0), vec.flip(1)
+    rho = lam.clamp_min(0.0).sqrt()
+    cut = int((rho >= _REFINE * rho[0]).sum())
+    if cut < rho.shape[0]:
+        tail = vec[:, cut:]
+        q, sv, _ = torch.linalg.svd(tail.T @ m if left else tail.T @ m.T, full_matrices=False)
+        vec = torch.cat([vec[:, :cut], tail @ q], 1)
+        rho = torch.cat([rho[:cut], sv])
+    return rho.clamp_max(1.0), vec
 
 
 def _cca_core(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor, n: int, *, rank_tol: float, what: str,
@@ -444,12 +500,16 @@ def _svcca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, keep: 
     # The kept directions are principal axes: the reduced covariances are diag(l), so whitening
     # is a scaling (no second eigendecomposition), and the kept variances are above rank_tol.
     wx, wy = px * lx.rsqrt(), py * ly.rsqrt()
-    return torch.linalg.svdvals(wx.T @ sxy @ wy).clamp(0.0, 1.0).mean()
+    m = wx.T @ sxy @ wy
+    rho, drho = _gram_values(m)
+    if float(drho.mean()) > _GRAM_TOL:  # correlations near 0: the SVD's values
+        rho = torch.linalg.svdvals(m).clamp(0.0, 1.0)
+    return rho.mean()
 
 
 def _pwcca_weighted(r: _CCA, method: str) -> torch.Tensor:
     use_x = r.wx.shape[1] <= r.wy.shape[1]  # fewer kept (whitened) dimensions; x on a tie
-    w, rot, s = (r.wx, r.u, r.sxx) if use_x else (r.wy, r.v, r.syy)
+    w, rot, s = (r.wx, r.rot, r.sxx) if use_x else (r.wy, r.rot, r.syy)
     if method == "paper":
         # <h_i, x_j> with h_i = Xc W rot_i / sqrt(n-1) (unit norm) equals sqrt(n-1) (rot^T W^T S)_ij;
         # the common factor cancels in the normalized weights.
@@ -491,7 +551,8 @@ def _compute(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, methods: Seq
     Which whitening CCA and PWCCA use depends only on ``methods`` (never on what ``fx``, ``fy``
     happen to hold already), so a value is the same whether a factorization is fresh or reused:
     by eigendecomposition when SVCCA (or google's PWCCA) needs it anyway, else by Cholesky where it
-    provably gives the same correlations. CCA with PWCCA reads the correlations off PWCCA's SVD."""
+    provably gives the same correlations. CCA with PWCCA reads the correlations off the
+    eigenproblem that gives PWCCA's vectors (:func:`_gram_vectors`)."""
     eigen = "svcca" in methods or ("pwcca" in methods and method == "google")
     vectors = "pwcca" in methods
     core: Dict[str, _CCA] = {}
@@ -586,7 +647,10 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, keep: Union[float, int] = 0.99, r
         keep: float in ``(0, 1]`` (fraction of variance) or int ``>= 1`` (number of directions).
 
     Returns:
-        0-d float64 tensor in ``[0, 1]``.
+        0-d float64 tensor in ``[0, 1]``. The correlations are square roots of eigenvalues (faster
+        than an SVD, as in :func:`cca`) when a bound on their rounding shows the mean within
+        ``1e-10`` of the SVD's (correlations above ~1e-3 are off by ~1e-13), else (correlations
+        near 0) the SVD's singular values: the value is the SVD's to ~1e-10 (measured ~1e-14).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -605,7 +669,21 @@ def pwcca(x: torch.Tensor, y: torch.Tensor, *, method: str = "paper", rank_tol: 
     ``alpha_i = sum_j |<h_i, x_j>|``, where ``h_i`` are the canonical variates (whitened, centered,
     unit norm) of the representation with fewer kept dimensions (``x`` on a tie) and ``x_j`` that
     representation's centered activation vector of unit ``j``. Invariant to adding constants, to
-    the sign conventions of the factorizations and to the order of units.
+    the sign conventions of the factorizations and to the order of units (up to the caveat on tied
+    correlations below).
+
+    Numerics: the correlations and that side's canonical directions come from the symmetric
+    eigenproblem of the smaller Gram matrix of the whitened cross-covariance (about 2x cheaper
+    than its SVD), the directions of correlations below 1/64 of the largest recomputed by an SVD
+    of their small part (squaring would blur them). Against the full SVD the value moves by
+    1e-16 to 3e-13 (measured for d = 16 to 256, n = 2d+10 to 20d, with dead, nearly collinear or
+    rotated units; 2e-11 with a block of correlations ~1e-5 beside strong ones). Where
+    correlations are (nearly) tied, their directions, hence the weights, are not unique whatever
+    the factorization: the value then depends on rounding, e.g. on the order of the units, with
+    the SVD as much as here (measured: ~1e-3 when half the correlations are exactly 1 and the
+    rest spread; up to 1e-7 for pairs within 1e-6 of each other, where a 60-digit reference
+    shows the SVD off by as much). A tie at a value ``c`` matters in proportion to
+    ``|c - pwcca|``: a converging layer, all correlations near 1, is unaffected.
 
     Args:
         x: ``(n, d_x)``. y: ``(n, d_y)``, same inputs.
@@ -995,7 +1073,8 @@ class SimilarityAccumulator:
 
         The values are those of the single-metric methods (:meth:`cca`, :meth:`svcca`,
         :meth:`pwcca`, :meth:`linear_cka`) up to rounding (~1e-13; CCA's correlations near 0 up to
-        its documented ~1e-8, as it takes them from PWCCA's SVD when both are asked for). Each
+        its documented ~1e-8, as with PWCCA it takes them from the eigenproblem that gives PWCCA's
+        directions, whose small correlations are refined). Each
         side's covariance is decomposed once for all of them, by ``eigh`` when SVCCA needs it
         (CCA and PWCCA then whiten with the same decomposition), else by Cholesky where it provably
         gives the same correlations; factorizations kept from an earlier call, or from
