@@ -64,7 +64,7 @@ def test_values_equal_the_functional_metrics_on_the_probe_set(package):
         assert float(cm[f"netprobe/selectivity_mean/{name}"]) == pytest.approx(float(class_selectivity(h, py, num_classes=10).mean), abs=1e-6)
     orders = rel.state_dict()["extra"]["orders"]["relu2"]  # drawn once, kept for the run
     assert orders.shape == (2, h2.shape[1])
-    exp = ablation_curve(model, "relu2", (px, py), order=orders)
+    exp = ablation_curve(model, "relu2", (px, py), order=orders, fractions=rel.fractions)
     assert float(cm["netprobe/reliance_auc/relu2"]) == pytest.approx(float(exp.auc), abs=1e-6)
     assert float(cm["netprobe/reliance_auc"]) == pytest.approx(float(exp.auc), abs=1e-6)
     with torch.no_grad():

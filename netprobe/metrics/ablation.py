@@ -380,6 +380,9 @@ def _reduce_stats(st: _LayerStats) -> None:
         st.s1, st.s2, st.cnt = flat[:d], flat[d : 2 * d], int(flat[-1])
 
 
+_MIN_SUB = 16
+
+
 class _MaskingHook:
     """Applies ``m`` masks/perturbations to an output of ``m * b`` rows (m repeated batches)."""
 
@@ -417,10 +420,14 @@ def _run(
     budget = max_batch if max_elements is None else max(1, min(max_batch, max_elements // max(row_elements, 1)))
     if not vectorize:
         m_chunk, sub = 1, None
-    elif n_masks <= budget:
-        m_chunk, sub = n_masks, max(1, budget // n_masks)
     else:
-        m_chunk, sub = budget, 1
+        sub = max(1, budget // n_masks)
+        if sub < _MIN_SUB and budget >= 4 * _MIN_SUB:
+            # at least `_MIN_SUB` samples per pass when the budget allows: with about as many masks
+            # as the budget, passes of single samples through the whole model ran ~10x slower than
+            # chunking the masks (the layers before the perturbed one then run once per chunk)
+            sub = _MIN_SUB
+        m_chunk = max(1, min(n_masks, budget // sub))
     try:
         for xb, yb in _batches(data):
             if device is not None:
