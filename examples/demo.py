@@ -97,7 +97,7 @@ def main() -> None:
     callbacks = [
         SelectivityMonitor(layers, mutual_info=True),              # class selectivity, MI, histograms
         RelianceMonitor(layers),                                    # ablation curves -> reliance_auc
-        ConvergenceMonitor(layers, heatmap=True),                   # pwcca/svcca/cka to the previous epoch
+        ConvergenceMonitor(layers, methods=("pwcca", "cka"), heatmap=True),  # similarity to the previous epoch
         RelianceEarlyStopping(patience=4, smoothing=0.5, warmup_epochs=3),  # stop on reliance, no val set
         Table(x_test, y_test),
     ]

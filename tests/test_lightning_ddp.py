@@ -52,7 +52,7 @@ def _run(strategy, devices):
     mons = [
         SelectivityMonitor(["relu1", "relu2"], num_samples=101, mutual_info=True),  # odd n: unequal shards
         RelianceMonitor(["relu1", "relu2"], num_samples=101, noise=True, repeats=2, order="random"),
-        ConvergenceMonitor(["relu1", "relu2"], num_samples=101, reference=ref),
+        ConvergenceMonitor(["relu1", "relu2"], num_samples=101, reference=ref, methods=("pwcca", "svcca", "cka")),
     ]
     tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices,
                  callbacks=[*mons, _SameOrdersOnEveryRank(mons[1]), _SyncedTeardown()])

@@ -169,7 +169,7 @@ def test_every_n_epochs_and_resume(package, tmp_path):
     def run(max_epochs, ckpt=None, callbacks=()):
         pl.seed_everything(0, verbose=False)
         rec = Recorder(pl)
-        mons = [RelianceMonitor(["relu1"], num_samples=64, repeats=1), ConvergenceMonitor(["relu1", "relu2"], num_samples=96),
+        mons = [RelianceMonitor(["relu1"], num_samples=64, repeats=1), ConvergenceMonitor(["relu1", "relu2"], num_samples=96, methods=("pwcca", "svcca", "cka")),
                 SelectivityMonitor(["relu2"], num_samples=64, every_n_epochs=2)]
         tr = trainer(pl, max_epochs=max_epochs, callbacks=[*mons, rec.cb, *callbacks], enable_checkpointing=bool(callbacks))
         tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False), ckpt_path=ckpt)
@@ -193,7 +193,7 @@ def test_misconfiguration_fails_fast_with_clear_messages(package):
     with pytest.raises(ValueError, match=r"Unknown layer 'relu3'.*relu"):
         trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu3"])]).fit(make_module(pl), loader(x, y))
     with pytest.raises(ValueError, match=r"PWCCA compares a layer with itself.*num_samples > 64"):
-        trainer(pl, max_epochs=1, callbacks=[ConvergenceMonitor(["relu1"], num_samples=20)]).fit(make_module(pl), loader(x, y))
+        trainer(pl, max_epochs=1, callbacks=[ConvergenceMonitor(["relu1"], num_samples=20, methods=("pwcca", "cka"))]).fit(make_module(pl), loader(x, y))
     with pytest.raises(ValueError, match="no classes can be inferred"):
         trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], probe_data=(x, y.float()))]).fit(make_module(pl), loader(x, y))
     with pytest.raises(ValueError, match="every_n_epochs"):
@@ -306,7 +306,7 @@ def test_convergence_values_equal_the_functional_metrics_between_consecutive_epo
 
     x, y = digits(300)
     torch.manual_seed(0)
-    conv = ConvergenceMonitor(["relu1"], probe_data=(x[:150], y[:150]))
+    conv = ConvergenceMonitor(["relu1"], probe_data=(x[:150], y[:150]), methods=("pwcca", "svcca", "cka"))
     acts, rec = _Acts(pl, x[:150]), Recorder(pl)
     trainer(pl, max_epochs=3, callbacks=[conv, acts.cb, rec.cb]).fit(make_module(pl, dropout=0.0), loader(x, y))
     for e in (1, 2):

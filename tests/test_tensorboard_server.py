@@ -61,7 +61,7 @@ def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
             time.sleep(1.0)
         tags = {t for run in scalars.values() for t in run}
         for key in ("netprobe/selectivity_mean", "netprobe/selectivity_mean/relu1", "netprobe/reliance_auc",
-                    "netprobe/pwcca_prev", "netprobe/time/RelianceMonitor"):
+                    "netprobe/cka_prev", "netprobe/time/RelianceMonitor"):
             assert key in tags, (key, sorted(tags))
         run = next(r for r, t in scalars.items() if "netprobe/reliance_auc" in t)
         series = _get(f"{base}/data/plugin/scalars/scalars?run={urllib.request.quote(run)}&tag=netprobe/reliance_auc")

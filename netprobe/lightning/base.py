@@ -156,7 +156,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         seed: seed of the callback's own generator (probe-set choice, ablation orders).
         num_classes: number of classes; inferred from the model's output width when ``None``.
         media_every: draw and log the TensorBoard media (histograms, figures, heatmaps) at every
-            ``media_every``-th measurement, starting with the first (default 5). Scalars are logged
+            ``media_every``-th measurement, starting with the first (default 10). Scalars are logged
             at every measurement; media cost far more (matplotlib drawing and PNG encoding, tens
             of ms per figure). ``1`` = every measurement.
     """
@@ -175,7 +175,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         batch_size: int = 256,
         seed: int = 0,
         num_classes: Optional[int] = None,
-        media_every: int = 5,
+        media_every: int = 10,
     ) -> None:
         super().__init__()
         if layers is None or (isinstance(layers, (list, tuple)) and not layers):

@@ -334,6 +334,13 @@ class ConvergenceMonitor(NetprobeMonitor):
     with ``every_n_epochs=1``, else ``every_n_epochs`` epochs earlier) and, optionally, to a reference
     model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``.
 
+    The default is linear CKA alone: it is defined for any width and probe size, and costs one
+    pass over the probe activations plus ``O(d^2)`` (PWCCA and SVCCA add eigendecompositions:
+    on the demo's two 128-unit layers ~2x the cost of CKA each, see the README's cost table) and
+    PWCCA needs ``num_samples > 2 d``. Ask for ``methods=("pwcca", "svcca", "cka")`` to follow
+    Morcos et al. / Raghu et al.; the methods then share each covariance's factorization, and the
+    previous measurement's statistics are reused.
+
     Logs ``netprobe/<method>_prev/<layer>`` and the mean ``netprobe/<method>_prev`` (1 = the layer
     did not change up to the method's invariances), likewise ``*_ref``; with ``heatmap=True`` and a
     TensorBoardLogger, a layer-by-layer linear-CKA heatmap of the current epoch
@@ -347,7 +354,7 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     Args:
         layers: see the base.
-        methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"``.
+        methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"`` (default ``("cka",)``).
         reference: an ``nn.Module`` with the same layer names, or a checkpoint path whose
             ``state_dict`` loads into a copy of the LightningModule. Treated as fixed: its
             activations on the probe set are computed once, when training starts (a reference
@@ -357,6 +364,8 @@ class ConvergenceMonitor(NetprobeMonitor):
         **kwargs: see the base.
 
     Example:
+        >>> ConvergenceMonitor(layers=["relu1"]).metrics
+        ('cka_prev',)
         >>> ConvergenceMonitor(layers=["relu1"], methods=("pwcca", "cka")).metrics
         ('pwcca_prev', 'cka_prev')
     """
@@ -365,7 +374,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         self,
         layers: Any,
         *,
-        methods: Sequence[str] = _METHODS,
+        methods: Sequence[str] = ("cka",),
         reference: Optional[Union[nn.Module, str]] = None,
         keep: Union[float, int] = 0.99,
         heatmap: bool = False,
