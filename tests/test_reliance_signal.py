@@ -125,6 +125,22 @@ def test_values_with_one_monitor_equal_those_with_three_and_the_probe_pass_is_sh
     assert together == alone == reordered  # exactly: one forward pass or three, any callback order
 
 
+def test_a_monitor_with_another_probe_set_measured_in_between_does_not_break_the_sharing(monkeypatch):
+    calls = []
+    real = NetprobeMonitor._capture
+
+    def counting(self, pl_module, x, layers=None):
+        calls.append(x.shape[0])
+        return real(self, pl_module, x, layers)
+
+    monkeypatch.setattr(NetprobeMonitor, "_capture", counting)
+    # callback order: 96, 64, 96 examples; the two monitors of 96 share their pass across the other
+    _fit([SelectivityMonitor(["relu1"], num_samples=96), RelianceMonitor(["relu2"], num_samples=64, repeats=1),
+          ConvergenceMonitor(["relu1", "relu2"], num_samples=96)], epochs=2)
+    per_epoch = [c for c in calls if c in (64, 96)]
+    assert sorted(per_epoch) == [64, 64, 96, 96], calls
+
+
 def test_monitors_with_other_probe_sets_do_not_share_a_pass():
     a = SelectivityMonitor(["relu1"], num_samples=64)
     b = SelectivityMonitor(["relu1"], num_samples=96)

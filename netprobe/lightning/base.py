@@ -87,27 +87,27 @@ class _RunIdentity:
 
 
 class _SharedProbePass:
-    """The forward pass over the probe set shared by the monitors of one Trainer at one step.
+    """The forward passes over the probe sets shared by the monitors of one Trainer at one step.
 
     Each monitor joins at ``setup``. The first monitor to measure at a step captures the layers
     of every joined monitor with the same probe set (:meth:`NetprobeMonitor._share_key`) that is
-    due at this epoch; the others take their layers from it. The activations are dropped once
-    every monitor of the pass has taken its own, so they are held only while the step's
-    measurements run.
+    due at this epoch; the others take their layers from it. A pass is dropped once every monitor
+    it was made for has taken its own layers, so activations are held only while the step's
+    measurements run (one entry per probe set: monitors with other probe sets, measured in
+    between, do not evict it).
     """
 
     def __init__(self) -> None:
         self.monitors: "weakref.WeakSet[NetprobeMonitor]" = weakref.WeakSet()
-        self._key: Any = None
-        self._acts: Dict[str, torch.Tensor] = {}
-        self._out: Optional[torch.Tensor] = None
-        self._pending: set = set()
+        # share key -> (step key, activations, outputs, ids of the monitors yet to take theirs)
+        self._passes: Dict[Any, Tuple[Any, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
 
     def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
                 x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         share = mon._share_key()
-        key = (share, id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
-        if key != self._key or id(mon) not in self._pending:
+        key = (id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
+        entry = self._passes.get(share)
+        if entry is None or entry[0] != key or id(mon) not in entry[3]:
             epoch = int(trainer.current_epoch)
             peers = [m for m in list(self.monitors) if m is mon or (m._share_key() == share and m._due(epoch))]
             wanted = set(l for m in peers for l in m.layers)
@@ -115,18 +115,17 @@ class _SharedProbePass:
             try:
                 acts, out = mon._capture(pl_module, x, layers)
             except ValueError:  # a peer's layer failed: this monitor's own layers alone say what is wrong
-                self.clear()
+                self._passes.pop(share, None)
                 return mon._capture(pl_module, x)
-            self._key, self._acts, self._out = key, acts, out
-            self._pending = {id(m) for m in peers}
-        self._pending.discard(id(mon))
-        acts, out = {n: self._acts[n] for n in mon.layers}, self._out
-        if not self._pending:
-            self.clear()
-        return acts, out
+            entry = (key, acts, out, {id(m) for m in peers})
+            self._passes[share] = entry
+        entry[3].discard(id(mon))
+        if not entry[3]:
+            del self._passes[share]
+        return {n: entry[1][n] for n in mon.layers}, entry[2]
 
     def clear(self) -> None:
-        self._key, self._acts, self._out, self._pending = None, {}, None, set()
+        self._passes = {}
 
 
 _SHARED: "weakref.WeakKeyDictionary[Any, _SharedProbePass]" = weakref.WeakKeyDictionary()
