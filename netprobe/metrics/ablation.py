@@ -291,6 +291,10 @@ def _per_sample_loss(loss_fn: Optional[LossFn], out: torch.Tensor, y: torch.Tens
     return loss
 
 
+#: rows of the first batch that the shape pass runs when no statistic over the data is needed
+_SHAPE_ROWS = 8
+
+
 class _LayerStats:
     """One pass over the data: unit count, per-unit mean/std (over samples and positions), selectivity inputs."""
 
@@ -308,8 +312,9 @@ class _LayerStats:
 
 
 def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False) -> _LayerStats:
-    """Unit count and layout, per-unit statistics; with ``first_only``, from the first non-empty batch
-    (enough for the shape and the one-call check, when no statistic over all the data is needed)."""
+    """Unit count and layout, per-unit statistics; with ``first_only``, from the first
+    ``_SHAPE_ROWS`` rows of the first non-empty batch (enough for the shape, the largest output per
+    row and the one-call check, when no statistic over all the data is needed)."""
     st = _LayerStats()
 
     def hook(mod: nn.Module, args: Any, out: Any) -> None:
@@ -345,6 +350,8 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
         layouts = track_layouts(model, [module])
         sizes = [m.register_forward_hook(size_hook) for m in model.modules()]
         for x, y in _batches(data):
+            if first_only and x.shape[0]:
+                x, y = x[:_SHAPE_ROWS], y[:_SHAPE_ROWS]
             x = x.to(device) if device is not None else x
             rows[0] = x.shape[0]
             model(x)
