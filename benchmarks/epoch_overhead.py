@@ -32,7 +32,8 @@ For each task it prints:
   during the monitor's measuring hook (torch.profiler memory events, cumulative sum in time order,
   maximum), validated on known allocations; **target <= 32 MiB**.
 
-One torch thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)); no GPU.
+One torch thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)). ``--device cuda`` trains on a GPU
+(timings synchronize the device; the peak memory is then the CUDA allocator's).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from _common import quiet_lightning  # noqa: E402
 from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor  # noqa: E402
 
 MiB = 2**20
+DEVICE = torch.device("cpu")  # --device
 TARGET_RATIO = 1.5
 TARGET_MIB = 32.0
 DEFAULT_EPOCHS = {"demo": 11, "convnet": 6}  # 1 untimed + whole every-5 cycles
@@ -83,6 +85,7 @@ class EpochTimer(pl.Callback):
         self._writer = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        sync()
         self.starts.append(time.perf_counter())
         self.cpu.append(time.process_time())
         self._writer = 0.0
@@ -115,6 +118,7 @@ class EpochTimer(pl.Callback):
             setattr(exp, meth, timed)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        sync()
         self.starts.append(time.perf_counter())
         self.cpu.append(time.process_time())
 
@@ -128,10 +132,15 @@ class EpochTimer(pl.Callback):
         return [b - a for a, b in zip(self.cpu, self.cpu[1:])]
 
 
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def trainer(callbacks: Sequence[pl.Callback], epochs: int, logdir: str, **kw) -> pl.Trainer:
     return pl.Trainer(max_epochs=epochs, callbacks=list(callbacks), logger=pl.loggers.TensorBoardLogger(logdir, name="bench"),
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", devices=1, **kw)
+                      accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, **kw)
 
 
 def run(cls: type, loader, monitors: Sequence[pl.Callback], epochs: int, logdir: str) -> EpochTimer:
@@ -184,8 +193,10 @@ def distinct_masks(mon: RelianceMonitor, d: int) -> int:
 def best_time(fn: Callable[[], None], reps: int) -> float:
     ts = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t0)
     return min(ts)
 
@@ -203,14 +214,14 @@ def floor(name: str, cls: type, layers: Sequence[str], data: Dict[str, torch.Ten
           chunks: Sequence[int]) -> Tuple[float, float, List[str]]:
     """(seconds of the reliance passes, seconds of one forward over the probe set, description lines)."""
     torch.manual_seed(0)
-    m = cls().eval()
+    m = cls().eval().to(DEVICE)
     st, head = stages(name, m)
     if [layer for layer, _ in st] != list(layers):
         raise RuntimeError(f"the floor's stages {[layer for layer, _ in st]} are not the task's layers {layers}")
     n = rel.num_samples if hasattr(rel, "num_samples") else 512
     x_all = data["x_train"]
     g = torch.Generator().manual_seed(0)
-    x = x_all[torch.randperm(len(x_all), generator=g)[: max(n, n_fwd)]]
+    x = x_all[torch.randperm(len(x_all), generator=g)[: max(n, n_fwd)]].to(DEVICE)
     lines = []
     with torch.no_grad():
         acts, h = [], x[:n]
@@ -311,6 +322,10 @@ class _Start(pl.Callback):
                 self.w._rss0 = rss_kib("VmRSS")
             except OSError:
                 self.w._rss0 = None
+            if DEVICE.type == "cuda":  # the device's allocator: its peak above what was held before
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.w._cuda0 = torch.cuda.memory_allocated()
             self.w._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self.w._prof.__enter__()
 
@@ -327,7 +342,11 @@ class _Stop(pl.Callback):
             hwm = rss_kib("VmHWM")
             self.w._prof.__exit__(None, None, None)
             self.w._q.__exit__(None, None, None)
-            self.w.peaks[trainer.current_epoch] = peak_bytes(self.w._prof)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+                self.w.peaks[trainer.current_epoch] = torch.cuda.max_memory_allocated() - self.w._cuda0
+            else:
+                self.w.peaks[trainer.current_epoch] = peak_bytes(self.w._prof)
             if self.w._rss0 is not None:
                 self.w.rss[trainer.current_epoch] = (hwm - self.w._rss0) * 1024
             self.w._prof = self.w._q = None
@@ -341,7 +360,7 @@ class _Allocate(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if _last_batch(trainer, batch_idx):
-            a = torch.ones(self.nbytes // 4)
+            a = torch.ones(self.nbytes // 4, device=DEVICE)
             del a
 
 
@@ -386,7 +405,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the alternating runs")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each floor timing (the best is kept)")
     ap.add_argument("--quick", action="store_true", help="one round, one floor repetition (about a minute)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains (cuda: a GPU Trainer)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.quick:
         args.rounds, args.reps = 1, 1
     if (args.epochs is not None and args.epochs < 2) or args.rounds < 1 or args.reps < 1 or args.every < 1:
@@ -398,7 +420,7 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print(f"netprobe epoch overhead: torch {torch.__version__}, pytorch_lightning {pl.__version__}, "
           f"torch threads = {torch.get_num_threads()} (set to 1 on purpose; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
-          f"device cpu, TensorBoardLogger on every run, rounds = {args.rounds}{' (--quick)' if args.quick else ''}")
+          f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if DEVICE.type == 'cuda' else ''}, TensorBoardLogger on every run, rounds = {args.rounds}{' (--quick)' if args.quick else ''}")
     s, r, c = three(["layer"])  # settings only: nothing is resolved before a fit
     print(f"monitor defaults (read from the objects): every_n_epochs={r.every_n_epochs}, num_samples={r.num_samples}, "
           f"batch_size={r.batch_size}, media_every={r.media_every}; Reliance repeats={r.repeats}, order={r.order}, "
@@ -496,8 +518,10 @@ def main() -> None:
                 w = fit_window(cls, loader, [RelianceMonitor(layers)], 2, logdir)
                 v = fit_window(cls, loader, [_Allocate(100 * MiB)], 1, logdir, limit_train_batches=2)
                 mem = max(w.peaks.values()) / MiB
-                print("peak extra memory of one RelianceMonitor measurement (torch CPU allocations made inside the monitor's "
-                      "measuring hook, torch.profiler memory events summed in time order, maximum):")
+                print("peak extra memory of one RelianceMonitor measurement (" + (
+                      "CUDA allocator: max_memory_allocated above memory_allocated before the measuring hook):" if DEVICE.type == "cuda" else
+                      "torch CPU allocations made inside the monitor's measuring hook, torch.profiler memory events summed in "
+                      "time order, maximum):"))
                 print("  " + ", ".join(f"epoch {ep} {'(first, media)' if ep == 0 else '(non-media)'} {p / MiB:.2f} MiB"
                                        for ep, p in sorted(w.peaks.items()))
                       + f"   target <= {TARGET_MIB:.0f} MiB: {'met' if mem <= TARGET_MIB else 'NOT met'}")

@@ -9,8 +9,9 @@ improving, and keep no data aside for validation.
 :class:`RelianceEarlyStopping` is Lightning's own ``EarlyStopping`` with:
 
 * netprobe defaults: ``monitor="netprobe/reliance_auc"``, ``mode="max"``, ``patience=3``;
-* ``smoothing``: an exponential moving average of the signal (``0`` = off), because a reliance
-  AUC measured on a few hundred probe examples is noisy from epoch to epoch;
+* ``smoothing``: an exponential moving average of the signal (default 0.5; ``0`` = off): a
+  training network's reliance moves from epoch to epoch by more than the measurement noise of
+  ``RelianceMonitor`` with its fixed orders, and single-epoch dips should not stop training;
 * ``warmup_epochs``: records of the first epochs are ignored. Early in training the normalized
   AUC reflects how little the network has fit (an underfit network has little to lose, so it
   scores high), not memorization: it can rise or fall steeply there;
@@ -61,7 +62,12 @@ class RelianceEarlyStopping(_EarlyStopping):
         patience: number of *fresh* measurements without improvement before stopping.
         min_delta: minimum change that counts as an improvement.
         smoothing: EMA factor ``beta`` in ``[0, 1)``: the signal compared is
-            ``s_t = beta * s_{t-1} + (1 - beta) * x_t`` (``0`` = raw values).
+            ``s_t = beta * s_{t-1} + (1 - beta) * x_t`` (``0`` = raw values). Default 0.5: with
+            ``RelianceMonitor``'s fixed orders the measurement adds little noise (sd ~0.007 of
+            the change between epochs), but a training network's own reliance moves by ~0.03
+            from epoch to epoch, and stopping on single-epoch dips stopped too early
+            (``examples/early_stopping.py``: test accuracy 0.910 with 0.5 vs 0.893 without, 6
+            seeds; the README's early-stopping section).
         warmup_epochs: measurements made before this epoch (0-based ``trainer.current_epoch``)
             update the EMA but never count towards patience or the best score.
         min_probe_accuracy: measurements made while ``netprobe/probe_accuracy`` is below this
@@ -77,7 +83,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         mode: str = "max",
         patience: int = 3,
         min_delta: float = 0.0,
-        smoothing: float = 0.0,
+        smoothing: float = 0.5,
         warmup_epochs: int = 0,
         min_probe_accuracy: Optional[float] = None,
         **kwargs: Any,
