@@ -24,6 +24,11 @@ try:  # hooks run eagerly under torch.compile (a graph break), so the captured r
 except AttributeError:  # pragma: no cover - torch < 2.1
     def _compiler_disable(fn):  # type: ignore[no-redef]
         return fn
+try:
+    _is_compiling = torch.compiler.is_compiling
+except AttributeError:  # pragma: no cover - torch < 2.3
+    def _is_compiling() -> bool:  # type: ignore[misc]
+        return False
 
 
 class Probe:
@@ -207,8 +212,7 @@ class Probe:
         reduce = self._reduce[name]
         select = self._select[name]
 
-        @_compiler_disable
-        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+        def capture(mod: nn.Module, args: Any, output: Any) -> None:
             if not self.enabled:
                 return None
             out = _select_tensor(output, select, name)
@@ -221,6 +225,16 @@ class Probe:
                     targets = self._row_targets(name, out, rows)
                 buf.write(rows, targets)
             return None
+
+        eager = _compiler_disable(capture)
+
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            # Under torch.compile the capture runs eagerly (a graph break: the buffer writes are
+            # never traced). The disabling wrapper costs ~20 us a call (measured on an H200 host,
+            # torch 2.11), as much as the capture itself, so eager models call it directly.
+            if _is_compiling():
+                return eager(mod, args, output)
+            return capture(mod, args, output)
 
         return hook
 
