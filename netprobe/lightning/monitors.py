@@ -15,7 +15,7 @@ from netprobe import viz
 from netprobe._modules import evaluating
 from netprobe._validation import check_finite
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.metrics.ablation import (DEFAULT_MAX_ELEMENTS, DEFAULT_SCALES, NonFiniteError, _check_budget, ablation_curve,
+from netprobe.metrics.ablation import (DEFAULT_SCALES, MaxElements, NonFiniteError, _check_budget, ablation_curve,
                                       noise_curve, score, selectivity_order)
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
@@ -167,7 +167,7 @@ class RelianceMonitor(NetprobeMonitor):
         figures: log the curves as a figure to TensorBoard.
         max_batch, max_elements: bound the rows and the elements of any module output in a
             stacked forward pass (as in :func:`~netprobe.metrics.ablation_curve`; the default
-            keeps each module output under 4 MiB of float32).
+            keeps each module output under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
         num_samples: size of the default probe set (here 256; see above).
         **kwargs: see the base.
 
@@ -190,7 +190,7 @@ class RelianceMonitor(NetprobeMonitor):
         scales: Sequence[float] = DEFAULT_SCALES,
         figures: bool = True,
         max_batch: int = 4096,
-        max_elements: Optional[int] = DEFAULT_MAX_ELEMENTS,
+        max_elements: MaxElements = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(layers, num_samples=num_samples, **kwargs)
