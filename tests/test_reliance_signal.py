@@ -219,3 +219,4 @@ def test_a_stack_of_orders_averages_one_curve_per_order_and_bad_stacks_are_refus
         ablation_curve(net, "r1", (x, y), order=bad)
     with pytest.raises(ValueError, match="permutation of the layer's 8 units"):
         ablation_curve(net, "r1", (x, y), order=torch.stack([torch.randperm(9)] * 2))
+

@@ -187,14 +187,17 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             raise TypeError(f"Expected `seed` to be an int, but got {type(seed).__name__}.")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"Expected `num_classes` to be an int >= 2 or None, but got {num_classes!r}.")
-        if probe_data is not None and not (
-            (isinstance(probe_data, (tuple, list)) and len(probe_data) == 2 and all(isinstance(t, torch.Tensor) for t in probe_data))
-            or hasattr(probe_data, "__iter__")
-        ):
-            raise TypeError(
-                "Expected `probe_data` to be an (inputs, targets) pair of tensors or a DataLoader, "
-                f"but got {type(probe_data).__name__}."
-            )
+        if probe_data is not None:
+            if isinstance(probe_data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in probe_data) and len(probe_data) != 2:
+                raise ValueError(
+                    "Expected `probe_data` to be an (inputs, targets) pair of tensors or a DataLoader, but got a "
+                    f"{type(probe_data).__name__} of {len(probe_data)} tensors. Pass `probe_data=(inputs, targets)`."
+                )
+            if not hasattr(probe_data, "__iter__"):
+                raise TypeError(
+                    "Expected `probe_data` to be an (inputs, targets) pair of tensors or a DataLoader, "
+                    f"but got {type(probe_data).__name__}."
+                )
         self.layer_specs = layers
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
@@ -429,6 +432,16 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if self.num_classes is None:
             if out is not None and out.ndim == 2 and out.shape[1] >= 2:
                 self.num_classes = int(out.shape[1])
+                span = int(y.max()) + 1 if y.numel() else 0
+                if y.numel() and int(y.min()) >= 0 and self.num_classes > 4 * max(span, 2):
+                    # e.g. 128 features taken for 128 classes with labels 0-9: every class-based
+                    # value (accuracy, selectivity, reliance) would be computed, and wrong
+                    raise ValueError(
+                        f"{type(self).__name__}: the model returns {self.num_classes} scores per input, but the probe "
+                        f"targets span only classes 0-{span - 1}: if these outputs are not class scores (features, an "
+                        "embedding), override `forward(pl_module, x)` to return the class scores; if the model really "
+                        f"has {self.num_classes} classes, pass `num_classes={self.num_classes}`."
+                    )
             else:
                 self.num_classes = int(y.max()) + 1 if y.numel() else 0
         if self.num_classes < 2:

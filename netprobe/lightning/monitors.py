@@ -19,7 +19,7 @@ from netprobe.metrics.ablation import (DEFAULT_SCALES, MaxElements, NonFiniteErr
                                       noise_curve, score, selectivity_order)
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
-from netprobe.metrics.similarity import SideStats, SimilarityAccumulator, linear_cka
+from netprobe.metrics.similarity import SideStats, SimilarityAccumulator, _check_keep, linear_cka
 
 __all__ = ["SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor"]
 
@@ -387,6 +387,7 @@ class ConvergenceMonitor(NetprobeMonitor):
             raise ValueError(f"Expected `methods` among {list(_METHODS)}, but got {list(methods)}.")
         if reference is not None and not isinstance(reference, (nn.Module, str)):
             raise TypeError(f"Expected `reference` to be an nn.Module or a checkpoint path, but got {type(reference).__name__}.")
+        _check_keep(keep)  # here, not at every epoch's SVCCA
         self.methods, self.reference, self.keep, self.heatmap = methods, reference, keep, bool(heatmap)
         self._prev: Dict[str, torch.Tensor] = {}
         self._ref: Dict[str, torch.Tensor] = {}
@@ -441,11 +442,24 @@ class ConvergenceMonitor(NetprobeMonitor):
                 path = ref
 
                 def load() -> nn.Module:
+                    model = copy.deepcopy(pl_module)
                     try:
-                        model = copy.deepcopy(pl_module)
                         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                    except Exception as err:  # a missing, truncated or foreign file: pickle, EOF, zip errors
+                        raise ValueError(
+                            f"ConvergenceMonitor: cannot read the reference checkpoint {path!r} ({type(err).__name__}: {err}). "
+                            "Pass the path of a Lightning checkpoint or of a saved state_dict, or an nn.Module."
+                        ) from err
+                    if isinstance(ckpt, nn.Module):  # a whole saved model
+                        ckpt = ckpt.state_dict()
+                    if not isinstance(ckpt, Mapping):
+                        raise ValueError(
+                            f"ConvergenceMonitor: the reference checkpoint {path!r} holds a {type(ckpt).__name__}, not a "
+                            "state_dict or a Lightning checkpoint (a dict with 'state_dict')."
+                        )
+                    try:
                         model.load_state_dict(ckpt.get("state_dict", ckpt))
-                    except (OSError, RuntimeError, KeyError, AttributeError) as err:
+                    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
                         raise ValueError(f"ConvergenceMonitor: cannot load the reference checkpoint {path!r}: {err}") from err
                     return model
 
