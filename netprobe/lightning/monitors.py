@@ -447,7 +447,7 @@ class ConvergenceMonitor(NetprobeMonitor):
                         ckpt = torch.load(path, map_location="cpu", weights_only=False)
                     except Exception as err:  # a missing, truncated or foreign file: pickle, EOF, zip errors
                         raise ValueError(
-                            f"ConvergenceMonitor: cannot read the reference checkpoint {path!r} ({type(err).__name__}: {err}). "
+                            f"ConvergenceMonitor: cannot load the reference checkpoint {path!r} ({type(err).__name__}: {err}). "
                             "Pass the path of a Lightning checkpoint or of a saved state_dict, or an nn.Module."
                         ) from err
                     if isinstance(ckpt, nn.Module):  # a whole saved model
