@@ -67,6 +67,9 @@ def test_values_equal_the_functional_metrics_on_the_probe_set(package):
     exp = ablation_curve(model, "relu2", (px, py), order=orders, fractions=rel.fractions)
     assert float(cm["netprobe/reliance_auc/relu2"]) == pytest.approx(float(exp.auc), abs=1e-6)
     assert float(cm["netprobe/reliance_auc"]) == pytest.approx(float(exp.auc), abs=1e-6)
+    # the unnormalized area: the trapezoid under the accuracy curve over the fractions' span
+    area = float(torch.trapezoid(exp.accuracy, exp.fractions) / (exp.fractions[-1] - exp.fractions[0]))
+    assert float(cm["netprobe/reliance_area/relu2"]) == pytest.approx(area, abs=1e-6)
     with torch.no_grad():
         own_acc = (model(px).argmax(1) == py).double().mean()
     assert float(cm["netprobe/probe_accuracy"]) == pytest.approx(float(own_acc), abs=1e-6)

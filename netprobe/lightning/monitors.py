@@ -117,7 +117,9 @@ class RelianceMonitor(NetprobeMonitor):
     """Single-direction reliance (Morcos et al. 2018): the cumulative ablation curve of each
     monitored layer on the probe set, every epoch, and its normalized area (higher = less reliance).
 
-    Logs ``netprobe/reliance_auc/<layer>`` and ``netprobe/reliance_auc``; with ``noise=True`` also
+    Logs ``netprobe/reliance_auc/<layer>`` and ``netprobe/reliance_auc``, the unnormalized area
+    ``netprobe/reliance_area[/<layer>]`` (the same area times the unablated accuracy: it does not
+    reward an underfit network for having little to lose); with ``noise=True`` also
     ``netprobe/noise_auc[/<layer>]``; ``netprobe/probe_accuracy``, the unablated accuracy on the
     probe set (the curves' starting point); with a TensorBoardLogger and matplotlib, the curves as
     a figure (``netprobe/reliance_curves``, ``netprobe/noise_curves``).
@@ -173,7 +175,7 @@ class RelianceMonitor(NetprobeMonitor):
 
     Example:
         >>> RelianceMonitor(layers=["fc1", "fc2"]).metrics
-        ('reliance_auc', 'probe_accuracy')
+        ('reliance_auc', 'reliance_area', 'probe_accuracy')
     """
 
     def __init__(
@@ -213,7 +215,7 @@ class RelianceMonitor(NetprobeMonitor):
         self.noise, self.scales, self.figures = bool(noise), sc, bool(figures)
         self.max_batch, self.max_elements = max_batch, max_elements
         self._orders: Dict[str, torch.Tensor] = {}  # fixed orders: layer -> (repeats, d)
-        self.metrics = ("reliance_auc",) + (("noise_auc",) if noise else ()) + ("probe_accuracy",)
+        self.metrics = ("reliance_auc", "reliance_area") + (("noise_auc",) if noise else ()) + ("probe_accuracy",)
 
     def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
         if out is None or out.ndim != 2 or out.shape[1] < 2:
@@ -295,6 +297,9 @@ class RelianceMonitor(NetprobeMonitor):
                 self._warn_skip(layer, "reliance", err)
         out_vals: Dict[str, float] = {}
         self._layer_values("reliance_auc", aucs, out_vals)
+        # the unnormalized area (= auc x unablated accuracy): does not reward a network for having
+        # little to lose, as the normalized one does for an underfit network
+        self._layer_values("reliance_area", {k: aucs[k] * float(curves[k].accuracy[0]) for k in aucs}, out_vals)
         if self.noise:
             self._layer_values("noise_auc", noise_aucs, out_vals)
         # the model's own accuracy on the probe set: the curves' unablated point
@@ -302,7 +307,7 @@ class RelianceMonitor(NetprobeMonitor):
         if diverged:
             # NaN, not a missing key: EarlyStopping (check_finite) stops, ModelCheckpoint scores it
             # worst, and `netprobe rank` sees that the run ended diverged
-            for key in ("reliance_auc",) + (("noise_auc",) if self.noise else ()) + ("probe_accuracy",):
+            for key in self.metrics:
                 out_vals[f"netprobe/{key}"] = float("nan")
         figs: Dict[str, Any] = {}
         if self.figures and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer):
