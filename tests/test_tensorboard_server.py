@@ -73,3 +73,22 @@ def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_netprobe_scalars_share_the_step_of_lightnings_epoch_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Logged(type(make_module(pl))):
+        def training_step(self, batch, i):
+            loss = super().training_step(batch, i)
+            self.log("train/epoch_loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+    x, y = digits(200)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    trainer(pl, max_epochs=3, logger=logger, callbacks=[SelectivityMonitor(["relu1"], num_samples=64)]).fit(Logged(), loader(x, y))
+    ea = EventAccumulator(logger.log_dir)
+    ea.Reload()
+    ours = [e.step for e in ea.Scalars("netprobe/selectivity_mean")]
+    theirs = [e.step for e in ea.Scalars("train/epoch_loss")]
+    assert len(ours) == 3 and ours == theirs

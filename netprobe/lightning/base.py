@@ -12,7 +12,7 @@ What every monitor does, in one place:
   ``every_n_epochs`` epochs; if the number of batches is unknown, in ``on_train_epoch_end``. The
   values are written to ``trainer.callback_metrics`` at once, so ``EarlyStopping`` and
   ``ModelCheckpoint`` see them in the same epoch whatever the order of the callbacks, and to every
-  logger (rank zero) at ``trainer.global_step``.
+  logger (rank zero) at the step of Lightning's own epoch-level scalars (``global_step - 1``).
 * **Training does not notice.** Evaluation runs under ``torch.no_grad()`` in eval mode; every
   module's training flag and the CPU/CUDA RNG states are restored afterwards; probe hooks are
   removed; gradients are untouched.
@@ -515,7 +515,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         loggers = list(getattr(trainer, "loggers", []) or [])
         if _dist.rank() != 0 or not loggers:
             return
-        step = int(trainer.global_step)
+        # the step of Lightning's own epoch-level scalars of this epoch (one before the optimizer
+        # step count at the epoch's end), so that TensorBoard shows both at the same x
+        step = max(int(trainer.global_step) - 1, 0)
         for logger in loggers:
             logger.log_metrics({**scalars, "epoch": float(trainer.current_epoch)}, step=step)
         writer = _tensorboard_writer(loggers)
