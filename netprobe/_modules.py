@@ -7,9 +7,10 @@ Shared by the capture engine (``netprobe.capture``) and the ablation metrics
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,7 +19,8 @@ from netprobe._validation import close_names
 
 LayerSpec = Union[str, type, nn.Module]
 
-__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating"]
+__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating", "Layouts", "LAYOUTS", "check_layout",
+           "batch_first_of", "select_output"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -157,12 +159,17 @@ except AttributeError:  # pragma: no cover - torch < 2.1
         return fn
 
 
-# Tensors known to be channels-first (N, C, L) in the forward pass running now: 3-D outputs of the
-# modules above, and outputs of any module whose first input was such a tensor and whose output
-# has the same shape (activations, dropout, a user's own elementwise module). Keyed by memory and
-# layout (so a detached alias matches too), holding a weak reference to the tensor: a key only
-# counts while that tensor lives, so its memory cannot have been reused meanwhile.
-_CHANNELS_FIRST: Dict[Any, "weakref.ref[torch.Tensor]"] = {}
+# Modules whose output has its units on the last axis (a Linear's out_features), whatever its rank.
+_UNITS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+# 3-D tensors whose layout is known in the forward pass running now: "C" channels-first (N, C, L)
+# (outputs of the modules above), "L" units last (outputs of Linear-like modules), and outputs of
+# any module whose first input was such a tensor and whose output has the same shape (activations,
+# dropout, a user's own elementwise module or block). Keyed by memory and layout (so a detached
+# alias matches too), holding a weak reference to the tensor: a key only counts while that tensor
+# lives, so its memory cannot have been reused meanwhile.
+_MARKS: Dict[Any, Tuple["weakref.ref[torch.Tensor]", str]] = {}
+_CHANNELS_FIRST = _MARKS  # (old name)
 _PURGE_AT = [512]
 _ACTIVE = [0]  # layout trackers attached now
 
@@ -182,44 +189,77 @@ class _Tracking:
                 h.remove()
             _ACTIVE[0] -= 1
             if _ACTIVE[0] == 0:
-                _CHANNELS_FIRST.clear()
+                _MARKS.clear()
 
 
 def _layout_key(t: torch.Tensor) -> Any:
     return (t.data_ptr(), t.device, tuple(t.shape), tuple(t.stride()))
 
 
-def _mark_channels_first(t: torch.Tensor) -> None:
-    if len(_CHANNELS_FIRST) > _PURGE_AT[0]:
-        for k, r in list(_CHANNELS_FIRST.items()):
+def _mark(t: torch.Tensor, kind: str) -> None:
+    if len(_MARKS) > _PURGE_AT[0]:
+        for k, (r, _) in list(_MARKS.items()):
             if r() is None:
-                _CHANNELS_FIRST.pop(k, None)
-        _PURGE_AT[0] = max(512, 2 * len(_CHANNELS_FIRST))  # many live entries: purge less often
-    _CHANNELS_FIRST[_layout_key(t)] = weakref.ref(t)
+                _MARKS.pop(k, None)
+        _PURGE_AT[0] = max(512, 2 * len(_MARKS))  # many live entries: purge less often
+    _MARKS[_layout_key(t)] = (weakref.ref(t), kind)
+
+
+def _mark_channels_first(t: torch.Tensor) -> None:
+    _mark(t, "C")
+
+
+def _mark_of(t: torch.Tensor) -> Optional[str]:
+    """"C" (channels first), "L" (units last) or None, for a 3-D tensor of the running forward.
+
+    A permuted view of a marked tensor (``conv(x).transpose(1, 2)``: same memory, its axes' sizes and
+    strides a permutation of the marked tensor's) is followed: its unit axis is the one with the
+    marked unit axis's size and stride. Only if the batch axis stays first and the pairs are distinct."""
+    if not _ACTIVE[0] or not _MARKS or t.ndim != 3 or t.is_nested:  # marks count only while some tracking is on
+        return None
+    e = _MARKS.get(_layout_key(t))
+    if e is not None:
+        return e[1] if e[0]() is not None else None
+    pairs = list(zip(t.shape, t.stride()))
+    if len(set(pairs)) != 3:
+        return None
+    ptr, dev = t.data_ptr(), t.device
+    for (kptr, kdev, kshape, kstride), (r, kind) in list(_MARKS.items()):
+        if kptr != ptr or kdev != dev or r() is None:
+            continue
+        base = list(zip(kshape, kstride))
+        if sorted(base) != sorted(pairs):
+            continue
+        unit = pairs.index(base[1 if kind == "C" else 2])
+        if pairs.index(base[0]) != 0:
+            return None
+        return "C" if unit == 1 else "L"
+    return None
 
 
 def _is_channels_first(t: torch.Tensor) -> bool:
-    if not _ACTIVE[0] or not _CHANNELS_FIRST or t.ndim != 3:  # marks count only while some tracking is on
-        return False
-    r = _CHANNELS_FIRST.get(_layout_key(t))
-    return r is not None and r() is not None
+    return _mark_of(t) == "C"
 
 
 @_compiler_disable
 def _layout_hook(mod: nn.Module, args: Any, out: Any) -> None:
-    if isinstance(out, torch.Tensor) and out.ndim == 3:
-        if isinstance(mod, _CHANNELS_FIRST_3D) or (
-            args and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape and _is_channels_first(args[0])
-        ):
-            _mark_channels_first(out)
+    if isinstance(out, torch.Tensor) and out.ndim == 3 and not out.is_nested:
+        if isinstance(mod, _CHANNELS_FIRST_3D):
+            _mark(out, "C")
+        elif isinstance(mod, _UNITS_LAST):
+            _mark(out, "L")
+        elif args and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape:
+            kind = _mark_of(args[0])
+            if kind is not None:
+                _mark(out, kind)
 
 
 def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
     """Hooks (a list of handles; ``.remove()`` each) that let :func:`unit_dim` tell a 3-D output in
     ``(N, C, L)`` layout (a ReLU after a Conv1d, however the modules are declared) from a sequence
-    ``(N, T, D)``, by following the tensors of each forward pass through every module of
-    ``model``. Registered only when ``model`` has 1-D conv-like modules and one of ``modules`` is
-    not itself channels-first by type; they run before any other forward hook of their module.
+    ``(N, T, D)`` (a GELU after a Linear), by following the tensors of each forward pass through every
+    module of ``model``. Registered only when ``model`` has 1-D conv-like modules and one of ``modules``
+    is not itself channels-first by type; they run before any other forward hook of their module.
     A sum or concatenation (a residual connection) starts a new tensor, which is not followed."""
     mods = list(modules)
     if all(isinstance(m, _CHANNELS_FIRST_3D) for m in mods) or not any(isinstance(m, _CONV_LIKE_1D) for m in model.modules()):
@@ -228,7 +268,8 @@ def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
 
 
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
-    """The dimension of ``output`` that indexes units.
+    """The dimension of ``output`` that indexes units, for a batch-first output (see :class:`Layouts`
+    for the full decision, which also finds the batch axis and refuses what it cannot establish).
 
     * 2-D ``(N, D)``: dim 1.
     * 4-D/5-D ``(N, C, ...)`` (2-D/3-D convolutions, pooling, batch norm): dim 1, the channel.
@@ -264,3 +305,292 @@ def evaluating(model: nn.Module, *, restore_rng: bool = False) -> Iterator[None]
             torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+# ----------------------------------------------------------------------------- layouts
+#: Axis letters of a ``layout=`` string: ``N`` the batch, ``C`` the units (channels, features),
+#: any of ``L T H W D`` a position axis (sequence, height, width, depth).
+LAYOUT_POSITION_AXES = "LTHWD"
+#: The layouts documented (any string of distinct axis letters with one ``N`` and one ``C`` is accepted).
+LAYOUTS = ("NC", "NCL", "NLC", "LNC", "NCHW", "NHWC", "NCDHW", "NDHWC")
+
+LayoutSpec = Union[str, Mapping[str, str], None]
+
+
+def check_layout(layout: object, where: str = "layout") -> str:
+    """Validate one layout string (``"NCL"``, ``"LNC"``, ...) and return it upper-cased."""
+    if not isinstance(layout, str):
+        raise TypeError(f"Expected `{where}` to be a layout string such as {list(LAYOUTS)}, but got {type(layout).__name__}.")
+    s = layout.upper()
+    ok = (1 <= len(s) <= 6 and s.count("N") == 1 and s.count("C") == 1 and len(set(s)) == len(s)
+          and all(c in "NC" + LAYOUT_POSITION_AXES for c in s))
+    if not ok:
+        raise ValueError(
+            f"Expected `{where}` to name each axis of the layer's output once: one 'N' (batch), one 'C' (units) and "
+            f"position axes from {LAYOUT_POSITION_AXES!r}, e.g. {list(LAYOUTS)}; but got {layout!r}."
+        )
+    return s
+
+
+def per_layer_layout(layout: LayoutSpec, names: Iterable[str], where: str = "layout") -> Dict[str, Optional[str]]:
+    """``layout=`` (one string for every layer, a dict ``{layer: layout}``, or ``None``) -> ``{layer: layout or None}``."""
+    names = list(names)
+    if layout is None:
+        return {n: None for n in names}
+    if isinstance(layout, Mapping):
+        unknown = [k for k in layout if k not in names]
+        if unknown:
+            raise ValueError(f"`{where}` names layers that are not selected: {unknown}. Selected layers: {names}.")
+        return {n: (check_layout(layout[n], f"{where}[{n!r}]") if layout.get(n) is not None else None) for n in names}
+    s = check_layout(layout, where)
+    return {n: s for n in names}
+
+
+def batch_first_of(module: nn.Module) -> Optional[bool]:
+    """``module``'s own ``batch_first`` (RNNs, attention, transformer layers and stacks), or ``None``."""
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return batch_first_of(module.layers[0]) if len(module.layers) else None
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return bool(module.self_attn.batch_first)
+    bf = getattr(module, "batch_first", None)
+    return bf if isinstance(bf, bool) else None
+
+
+def _sequence_context(model: nn.Module, name: str) -> Optional[bool]:
+    """``batch_first`` of ``name`` itself or of its nearest ancestor that has one (its submodules see
+    the same layout), ``None`` when none has (or when that ancestor is an attention module, whose
+    internals run sequence-first whatever its ``batch_first``)."""
+    parts = name.split(".")
+    mods = dict(model.named_modules())
+    for i in range(len(parts), -1, -1):
+        anc = ".".join(parts[:i])
+        mod = mods.get(anc)
+        if mod is None:
+            continue
+        bf = batch_first_of(mod)
+        if bf is not None:
+            if i < len(parts) and isinstance(mod, nn.MultiheadAttention):
+                return None
+            return bf
+    return None
+
+
+NESTED_MESSAGE = (
+    "Layer {name!r} returned a nested tensor (the fast path of nn.TransformerEncoder with a src_key_padding_mask in "
+    "eval mode): its sequences have different lengths, which netprobe does not reduce. Build the encoder with "
+    "`nn.TransformerEncoder(..., enable_nested_tensor=False)` (its layers then return padded tensors), or probe a "
+    "module outside the encoder."
+)
+
+
+class Layouts:
+    """The one place that decides, for every selected layer, which axis of its output holds the
+    batch and which the units (used by the probe's reductions, ablation masks and noise).
+
+    From, in this order:
+
+    1. an explicit ``layout=`` of the layer (``"NC"``, ``"NCL"``, ``"NLC"``, ``"LNC"``, ``"NCHW"``,
+       ``"NHWC"``, ``"NCDHW"``, ...; ``N`` batch, ``C`` units, ``L/T/H/W/D`` positions);
+    2. the ``batch_first`` of the module (``nn.RNN/LSTM/GRU``, ``nn.MultiheadAttention``,
+       transformer layers and stacks) or of its nearest ancestor that has one (``layers.0.linear1``
+       inside a ``TransformerEncoderLayer``), for the first tensor of its output:
+       ``(N, T, D)`` or ``(T, N, D)``;
+    3. the module's type and the tensors it was applied to: 1-D conv/pool/norm outputs are
+       ``(N, C, L)``, ``nn.Linear``/``LayerNorm``/``Embedding`` outputs have their units last, and an
+       elementwise module (activation, dropout, any module whose output has its input's shape) keeps
+       its input's layout; a sum or a concatenation (a residual connection) starts an unknown one;
+    4. the batch size at the model's entry (the first dimension of the first tensor argument of the
+       outermost probed-or-ancestor module called; the second for a sequence-first module): the
+       batch axis must be dim 0 (dim 0 or 1 for units-last 3-D outputs) and be the only one of
+       those of that size.
+
+    3-D outputs in a model with 1-D convolutions whose layout 3. cannot follow (``relu(conv(x) + x)``)
+    and outputs whose batch axis 4. cannot establish raise ``ValueError`` naming the ``layout=`` to
+    pass: a layout is never guessed.
+    """
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], layout: LayoutSpec = None) -> None:
+        self.model = model
+        self.modules = dict(modules)
+        self.layout = per_layer_layout(layout, self.modules)
+        self.context = {n: _sequence_context(model, n) for n in self.modules}
+        self.batch: Optional[int] = None
+        self._depth = 0
+        self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in model.modules())
+
+    # -- hooks -------------------------------------------------------------------------
+    def attach(self) -> List[Any]:
+        """Register the hooks (entry batch size, layout tracking); returns handles to ``.remove()``."""
+        named = dict(self.model.named_modules())
+        entries: Dict[int, nn.Module] = {id(self.model): self.model}
+        for n in self.modules:
+            parts = n.split(".")
+            for i in range(len(parts) + 1):
+                m = named.get(".".join(parts[:i]))
+                if m is not None:
+                    entries[id(m)] = m
+        handles: List[Any] = []
+        try:
+            for m in entries.values():
+                handles.append(m.register_forward_pre_hook(_compiler_disable(self._enter), with_kwargs=True))
+                handles.append(m.register_forward_hook(_compiler_disable(self._leave), always_call=True))
+            needs = [m for n, m in self.modules.items() if self.layout[n] is None]
+            handles += track_layouts(self.model, needs) if needs else []
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+        return handles
+
+    def _enter(self, mod: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._depth == 0:
+            self.batch = None
+            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is not None and first.ndim >= 1:
+                dim = 1 if (first.ndim == 3 and not first.is_nested and batch_first_of(mod) is False) else 0
+                self.batch = int(first.size(dim))
+        self._depth += 1
+
+    def _leave(self, mod: nn.Module, args: Any, out: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+
+    # -- the decision ------------------------------------------------------------------
+    def dims(self, name: str, module: nn.Module, out: torch.Tensor, *, primary: bool = True) -> Tuple[int, int]:
+        """``(batch_dim, unit_dim)`` of ``out``, the output of layer ``name`` (``primary``: the first
+        tensor of the module's output, the one ``batch_first`` describes)."""
+        shape = tuple(out.shape) if not out.is_nested else None
+        if out.is_nested:
+            raise ValueError(NESTED_MESSAGE.format(name=name))
+        lay = self.layout.get(name)
+        nd = out.ndim
+        if lay is not None:
+            if len(lay) != nd:
+                raise ValueError(
+                    f"`layout={lay!r}` for layer {name!r} names {len(lay)} axes, but the layer's output {shape} has {nd}."
+                )
+            return lay.index("N"), lay.index("C")
+        if nd == 0:
+            raise ValueError(f"Layer {name!r} returned a scalar; there are no units to capture.")
+        n = self.batch
+        bf = self.context.get(name) if primary else None
+        if nd == 3 and bf is not None:
+            return (0, 2) if bf else (1, 2)
+        suggest = {1: "'NC' after a reshape", 2: "'NC'", 3: "'NCL', 'NLC' or 'LNC'", 4: "'NCHW' or 'NHWC'",
+                   5: "'NCDHW' or 'NDHWC'"}.get(nd, "a string naming each axis")
+        seen = f"the batch size at the model's entry is {n}" if n is not None else "no batch size was seen at the model's entry"
+        if nd == 3:
+            mark = _mark_of(out)
+            if isinstance(module, _CHANNELS_FIRST_3D) or mark == "C":
+                if n is None or shape[0] == n:  # type: ignore[index]
+                    return 0, 1
+            elif isinstance(module, _UNITS_LAST) or mark == "L" or not self._conv1d:
+                if n is not None and shape[0] == n and shape[1] != n:  # type: ignore[index]
+                    return 0, 2
+                if n is not None and shape[0] == n and shape[1] == n:  # type: ignore[index]
+                    raise ValueError(
+                        f"Layer {name!r} ({type(module).__name__}) returned {shape}: both of its first two axes have the "
+                        f"batch size {n}, so it may be (N, T, D) or (T, N, D). Pass `layout='NLC'` (batch first) or "
+                        f"`layout='LNC'` (sequence first) for this layer."
+                    )
+                if n is not None and shape[1] == n:  # type: ignore[index]
+                    raise ValueError(
+                        f"Layer {name!r} ({type(module).__name__}) returned {shape}, whose second axis has the batch size "
+                        f"{n}: a sequence-first (T, N, D) output? Pass `layout='LNC'` for this layer (or 'NLC' if the "
+                        "batch is first after all)."
+                    )
+            else:
+                raise ValueError(
+                    f"Layer {name!r} ({type(module).__name__}) returned {shape} in a model with 1-D convolutions, and its "
+                    "layout cannot be followed (it is computed from a sum, a concatenation or another function, e.g. "
+                    "`relu(conv(x) + x)`): (N, C, L) and (N, L, C) are both possible. Pass `layout='NCL'` (channels are "
+                    "the units) or `layout='NLC'` (a sequence) for this layer."
+                )
+        elif n is None or shape[0] == n:  # type: ignore[index]
+            return (0, nd - 1) if nd <= 2 else (0, 1)
+        raise ValueError(
+            f"Layer {name!r} ({type(module).__name__}) returned {shape}, and netprobe cannot tell its batch axis ({seen}). "
+            f"Pass the layer's layout, e.g. `layout={suggest}` (N = batch, C = units), for this layer."
+        )
+
+
+def select_output(output: Any, select: Any, name: str, *, require: bool = False) -> Tuple[torch.Tensor, bool, Callable[[torch.Tensor], Any]]:
+    """The tensor of a layer's output to capture or perturb: ``(tensor, primary, rebuild)``.
+
+    ``select``: ``None`` (a tensor output; for a tuple/list the first tensor, unless ``require``), an
+    int index into a tuple/list (a named tuple too), a key of a dict-like output or a field name of a
+    dataclass-like one, or a callable ``output -> tensor`` (capture only: it cannot be rebuilt).
+    ``primary`` is whether the tensor is the output's first element (the one a module's
+    ``batch_first`` describes). ``rebuild(new)`` returns the output with that tensor replaced and
+    everything else unchanged (the same objects).
+    """
+    if select is not None and callable(select) and not isinstance(select, (str, int)):
+        out = select(output)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"The selected output of layer {name!r} is a {type(out).__name__}, not a tensor.")
+
+        def no_rebuild(new: torch.Tensor) -> Any:
+            raise TypeError(f"A callable `select` cannot be used to perturb layer {name!r}: pass an int index or a key.")
+
+        return out, out is output, no_rebuild
+    if isinstance(output, torch.Tensor):  # (a `select` for tuple outputs of other layers is ignored here)
+        return output, True, lambda new: new
+    if isinstance(output, (tuple, list)):
+        if select is None:
+            idx = next((i for i, o in enumerate(output) if isinstance(o, torch.Tensor)), None)
+            if idx is None:
+                raise TypeError(f"Layer {name!r} returned a {type(output).__name__} with no tensor in it; pass `select=`.")
+            if require:
+                raise ValueError(
+                    f"Layer {name!r} ({len(output)}-item {type(output).__name__} output) returns several values: pass "
+                    f"`select=<index>` to choose the tensor to perturb (e.g. `select=0` for the sequence output of an RNN "
+                    "or the attention output of nn.MultiheadAttention); the other items pass through unchanged."
+                )
+        else:
+            if not isinstance(select, int) or isinstance(select, bool):
+                raise TypeError(f"Layer {name!r} returns a {type(output).__name__}: `select` must be an int index, got {select!r}.")
+            if not -len(output) <= select < len(output):
+                raise IndexError(f"Layer {name!r} returns a {type(output).__name__} of {len(output)} items; `select={select}` is out of range.")
+            idx = select % len(output)
+        out = output[idx]
+
+        def rebuild(new: torch.Tensor) -> Any:
+            items = list(output)
+            items[idx] = new
+            if isinstance(output, list):
+                return items
+            return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+
+        primary = idx == 0
+    elif isinstance(output, Mapping) or (hasattr(output, "keys") and hasattr(output, "__getitem__")):
+        keys = list(output.keys())
+        if select is None:
+            raise TypeError(f"Layer {name!r} returns a dict-like output with keys {keys}; pass `select=<key>` (or a dict {{layer: key}}) to choose one.")
+        if select not in keys:
+            raise KeyError(f"Layer {name!r} returns a dict-like output with keys {keys}; `select={select!r}` is not one of them.")
+        out = output[select]
+
+        def rebuild(new: torch.Tensor) -> Any:
+            if isinstance(output, dict) and type(output) is dict:
+                d = dict(output)
+                d[select] = new
+                return d
+            import copy
+            c = copy.copy(output)
+            c[select] = new
+            return c
+
+        primary = keys[0] == select
+    elif dataclasses.is_dataclass(output) and isinstance(select, str) and hasattr(output, select):
+        out = getattr(output, select)
+        primary = dataclasses.fields(output)[0].name == select
+
+        def rebuild(new: torch.Tensor) -> Any:
+            return dataclasses.replace(output, **{select: new})
+    else:
+        raise TypeError(
+            f"Layer {name!r} returned {type(output).__name__}, which netprobe cannot capture: expected a tensor, a "
+            "tuple/list of tensors, a dict-like output or a dataclass (with `select=<field>`), or pass `select=callable`."
+        )
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"The selected output of layer {name!r} is a {type(out).__name__}, not a tensor.")
+    return out, primary, rebuild

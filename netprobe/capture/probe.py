@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from netprobe._modules import LayerSpec, resolve_layers, track_layouts
+from netprobe._modules import LayerSpec, Layouts, LayoutSpec, resolve_layers, select_output
 from netprobe._validation import close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
@@ -65,6 +65,14 @@ class Probe:
             ``output -> tensor``; a dict ``{layer_name: selector}`` for per-layer choices.
         store_targets: keep one ``int64`` target per row; give them with :meth:`set_targets`
             before each forward.
+        layout: which axis of a layer's output is the batch (``N``) and which the units (``C``),
+            the others being positions (``L``/``T``/``H``/``W``/``D``): ``"NC"``, ``"NCL"``,
+            ``"NLC"``, ``"LNC"``, ``"NCHW"``, ``"NHWC"``, ``"NCDHW"``, ...; one string for every
+            layer or a dict ``{layer_name: layout}``. Without it the layout is established from the
+            module (``batch_first`` of RNNs, attention and transformer layers and of their
+            submodules, 1-D conv outputs, ...) and checked against the batch size at the model's
+            entry; where it cannot be, the forward raises ``ValueError`` naming the ``layout=`` to
+            pass (see :class:`netprobe._modules.Layouts`). Rows are always one per batch item.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -86,8 +94,10 @@ class Probe:
         generator: Optional[torch.Generator] = None,
         select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
         store_targets: bool = False,
+        layout: LayoutSpec = None,
     ) -> None:
         self._modules: Dict[str, nn.Module] = resolve_layers(model, layers)
+        self._layouts = Layouts(model, self._modules, layout)
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"Expected `capacity` to be a positive int (rows kept per layer), but got {capacity!r}.")
         if dtype not in STORAGE_DTYPES:
@@ -124,6 +134,8 @@ class Probe:
         self._handles: List[RemovableHandle] = []
         self._targets: Optional[torch.Tensor] = None
         self._target_problems: Dict[str, str] = {}
+        self._overflow: Dict[str, torch.Tensor] = {}  # float16 storage: a finite value above its range was written
+        self._forwards = 0  # forward passes seen at the model's entry while attached
         self.enabled = True
 
     def _per_layer(self, value: Any, what: str, check: Callable[[Any, str], Any], default: Any) -> Dict[str, Any]:
@@ -154,11 +166,15 @@ class Probe:
         try:
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
-            self._handles += track_layouts(self.model, self._modules.values())  # a ReLU after a Conv1d: channels
+            self._handles += self._layouts.attach()  # entry batch size, a ReLU after a Conv1d: channels
+            self._handles.append(self.model.register_forward_pre_hook(_compiler_disable(self._count_forward)))
         except BaseException:
             self.detach()
             raise
         return self
+
+    def _count_forward(self, mod: nn.Module, args: Any) -> None:
+        self._forwards += 1
 
     def detach(self) -> None:
         """Remove every hook this probe registered (idempotent). Buffers are kept for reading."""
@@ -202,6 +218,12 @@ class Probe:
                     "Expected `targets` to be a 1-D tensor (batch,), but got "
                     f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}."
                 )
+            if targets.is_floating_point() or targets.is_complex():
+                raise TypeError(
+                    f"Expected class-index targets (an integer tensor), but got dtype {targets.dtype}: they are stored as "
+                    "int64 and a value such as 0.7 would be truncated. Pass `targets.long()` if they are whole class "
+                    "indices, or `targets.argmax(1)` for one-hot/soft targets."
+                )
             targets = targets.detach()
         self._targets = targets
 
@@ -212,17 +234,28 @@ class Probe:
         reduce = self._reduce[name]
         select = self._select[name]
 
+        layouts = self._layouts
+        f16 = self.dtype == torch.float16
+
         def capture(mod: nn.Module, args: Any, output: Any) -> None:
             if not self.enabled:
                 return None
-            out = _select_tensor(output, select, name)
+            out, primary, _ = select_output(output, select, name)
+            dims = None
+            if not callable(reduce) or isinstance(reduce, str):
+                dims = layouts.dims(name, module, out, primary=primary)
             with torch.no_grad():
                 rows = reduce_output(
-                    module, out, reduce, positions=self.positions, generator=self.generator, layer=name
+                    module, out, reduce, positions=self.positions, generator=self.generator, layer=name, dims=dims
                 )
                 targets = None
                 if self.store_targets:
-                    targets = self._row_targets(name, out, rows)
+                    n_in = out.shape[dims[0]] if dims is not None and out.ndim > dims[0] else (out.shape[0] if out.ndim else 1)
+                    targets = self._row_targets(name, n_in, rows)
+                if f16 and rows.is_floating_point():
+                    over = ((rows.abs() > 65504.0) & torch.isfinite(rows)).any()  # no host sync: read when the rows are
+                    prev = self._overflow.get(name)
+                    self._overflow[name] = over if prev is None else (prev | over.to(prev.device))
                 buf.write(rows, targets)
             return None
 
@@ -238,9 +271,9 @@ class Probe:
 
         return hook
 
-    def _row_targets(self, name: str, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _row_targets(self, name: str, n_in: int, rows: torch.Tensor) -> torch.Tensor:
         t = self._targets
-        n_in, n_rows = out.shape[0] if out.ndim else 1, rows.shape[0]
+        n_rows = rows.shape[0]
         if n_rows == 0:
             return torch.empty((0,), dtype=torch.long, device=rows.device)
         why = None
@@ -273,9 +306,22 @@ class Probe:
         """Captured rows of layer ``name``, ``(n, d)``, oldest first (a copy, storage dtype/device)."""
         buf = self._check_name(name)
         if not buf.allocated:
+            if not self._forwards and _compiled_elsewhere(self.model):
+                raise ValueError(
+                    f"Layer {name!r} has captured nothing, and the model has code compiled by torch.compile: if the forward "
+                    "ran through a model compiled before this probe was attached, the compiled code does not run hooks "
+                    "added later. Attach the probe before compiling (`with netprobe.probe(model, ...)` then "
+                    "`torch.compile(model)`), or call `torch._dynamo.reset()` and compile again."
+                )
             raise ValueError(
                 f"Layer {name!r} has captured nothing: run a forward pass through the model while the "
                 "probe is attached and enabled (was the layer reached by the forward?)."
+            )
+        over = self._overflow.get(name)
+        if over is not None and bool(over):
+            raise ValueError(
+                f"Layer {name!r} produced activations above 65504, the largest float16 value: they were stored as inf. "
+                "Create the probe with `dtype=torch.bfloat16` (same memory, float32's range) or `dtype=torch.float32`."
             )
         return buf.read()
 
@@ -324,47 +370,19 @@ class Probe:
             b.reset()
         self._targets = None
         self._target_problems.clear()
+        self._overflow.clear()
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"Probe(layers={self.layers}, capacity={self.capacity}, dtype={self.dtype}, {state}, nbytes={self.nbytes})"
 
 
-def _select_tensor(output: Any, select: Optional[OutputSelector], name: str) -> torch.Tensor:
-    if select is not None and callable(select) and not isinstance(select, (str, int)):
-        out = select(output)
-    elif isinstance(output, torch.Tensor):
-        return output
-    elif isinstance(output, (tuple, list)):
-        idx = 0 if select is None else select
-        if not isinstance(idx, int):
-            raise TypeError(f"Layer {name!r} returns a {type(output).__name__}: `select` must be an int index, got {idx!r}.")
-        if select is None:
-            tensors = [o for o in output if isinstance(o, torch.Tensor)]
-            if not tensors:
-                raise TypeError(f"Layer {name!r} returned a {type(output).__name__} with no tensor in it; pass `select=`.")
-            out = tensors[0]
-        else:
-            if not -len(output) <= idx < len(output):
-                raise IndexError(f"Layer {name!r} returns a {type(output).__name__} of {len(output)} items; `select={idx}` is out of range.")
-            out = output[idx]
-    elif isinstance(output, Mapping) or (hasattr(output, "keys") and hasattr(output, "__getitem__")):
-        if select is None:
-            raise TypeError(
-                f"Layer {name!r} returns a dict-like output with keys {list(output.keys())}; "
-                "pass `select=<key>` (or a dict {layer: key}) to choose one."
-            )
-        if select not in output.keys():
-            raise KeyError(f"Layer {name!r} returns a dict-like output with keys {list(output.keys())}; `select={select!r}` is not one of them.")
-        out = output[select]
-    else:
-        raise TypeError(
-            f"Layer {name!r} returned {type(output).__name__}, which netprobe cannot capture: expected a "
-            "tensor, a tuple/list of tensors or a dict-like output (or pass `select=callable`)."
-        )
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"The selected output of layer {name!r} is a {type(out).__name__}, not a tensor.")
-    return out
+def _compiled_elsewhere(model: nn.Module) -> bool:
+    """Whether a torch.compile wrapper (``OptimizedModule``) of ``model`` exists: the reason a probe
+    attached afterwards sees no call (only asked when a layer captured nothing)."""
+    import gc
+
+    return any(type(o).__name__ == "OptimizedModule" and getattr(o, "_orig_mod", None) is model for o in gc.get_objects())
 
 
 def probe(
@@ -378,6 +396,7 @@ def probe(
     generator: Optional[torch.Generator] = None,
     select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
     store_targets: bool = False,
+    layout: LayoutSpec = None,
 ) -> Probe:
     """Capture layers' activations inside a ``with`` block: ``with netprobe.probe(model, layers) as p``.
 
@@ -402,4 +421,5 @@ def probe(
         generator=generator,
         select=select,
         store_targets=store_targets,
+        layout=layout,
     )

@@ -9,13 +9,15 @@
   positions are distinct within an input and drawn from the probe's ``torch.Generator``.
 * a callable ``f(output) -> (n, d)``.
 
-Which dimension holds units is decided by :func:`netprobe._modules.unit_dim` (conv-like modules:
-dim 1; 3-D outputs of other modules are sequences).
+Which dimension holds the batch and which the units is decided by :class:`netprobe._modules.Layouts`
+(passed in as ``dims=(batch_dim, unit_dim)``); rows are always the batch items, in batch order.
+A sequence-first ``(T, N, D)`` output (``layout="LNC"``, or an RNN/transformer with
+``batch_first=False``) gives the same rows as its ``(N, T, D)`` transpose.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -64,9 +66,18 @@ def reduce_output(
     positions: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     layer: str = "?",
+    dims: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Reduce one layer output to ``(n, d)`` rows (detached; no autograd graph)."""
+    """Reduce one layer output to ``(n, d)`` rows (detached; no autograd graph).
+
+    ``dims``: ``(batch_dim, unit_dim)`` of ``out`` (from :class:`netprobe._modules.Layouts`);
+    ``None``: batch first, units by :func:`netprobe._modules.unit_dim`.
+    """
     out = out.detach()
+    if out.is_nested:
+        from netprobe._modules import NESTED_MESSAGE
+
+        raise ValueError(NESTED_MESSAGE.format(name=layer))
     if callable(reduce) and not isinstance(reduce, str):
         rows = reduce(out)
         if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
@@ -79,6 +90,9 @@ def reduce_output(
         raise ValueError(f"Layer {layer!r} returned a scalar; there are no units to capture.")
     if out.ndim == 1:
         return out[:, None]
+    bd, ud = dims if dims is not None else (0, unit_dim(module, out))
+    if out.ndim == 2 and (bd, ud) == (1, 0):
+        out, bd, ud = out.t(), 0, 1
     if out.ndim == 2:
         if reduce in ("last", "sample"):
             raise ValueError(
@@ -87,20 +101,19 @@ def reduce_output(
             )
         return out
     if reduce == "flatten":
-        return out.flatten(1)
+        return out.movedim(bd, 0).flatten(1)
+    seq = out.movedim((bd, ud), (0, -1))  # (N, *positions, U)
     if reduce == "mean":
-        if unit_dim(module, out) == 1:
-            return out.mean(dim=tuple(range(2, out.ndim)))
-        return out.mean(dim=1)
+        return seq.mean(dim=tuple(range(1, seq.ndim - 1)))
     if reduce == "last":
-        if out.ndim != 3 or unit_dim(module, out) == 1:
+        if out.ndim != 3 or ud < 3 - bd - ud:  # channels before the position: (N, C, L)
             raise ValueError(
-                f"Reduction 'last' is for sequence outputs (N, T, D), but layer {layer!r} "
+                f"Reduction 'last' is for sequence outputs (N, T, D) or (T, N, D), but layer {layer!r} "
                 f"({type(module).__name__}) returned {tuple(out.shape)}; use 'mean' or 'sample'."
             )
-        return out[:, -1]
+        return seq[:, -1]
     # sample
-    seq = _to_units_last(module, out)  # (N, P, U)
+    seq = seq.reshape(seq.shape[0], -1, seq.shape[-1])  # (N, P, U)
     n, p, u = seq.shape
     k = positions
     if k is None or k < 1:

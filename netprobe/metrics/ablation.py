@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, evaluating, resolve_layer, track_layouts, unit_dim
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, Layouts, check_layout, evaluating, resolve_layer, select_output
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "score", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES",
            "DEFAULT_MAX_ELEMENTS"]
@@ -226,6 +226,16 @@ def _check_finite_loss(res: "CurveResult") -> "CurveResult":
     return res
 
 
+def _check_count(res: "CurveResult") -> "CurveResult":
+    """A curve over no samples has no accuracy (0/0): refuse it rather than report an area of 0."""
+    if res.count == 0:
+        raise ValueError(
+            f"`data` holds no samples (its batches are empty), so the {res.kind} curve of layer {res.layer!r} is "
+            "undefined. Pass data with at least one sample."
+        )
+    return res
+
+
 def _model_device(model: nn.Module) -> Optional[torch.device]:
     for p in model.parameters():
         return p.device
@@ -241,6 +251,8 @@ def _check_points(x: Sequence[float], name: str, lo: float, hi: Optional[float])
         raise TypeError(f"Expected `{name}` to be a sequence of numbers, but got {x!r}.") from None
     if t.ndim != 1 or t.numel() < 2:
         raise ValueError(f"Expected at least 2 `{name}`, but got {t.tolist()}.")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"Expected finite `{name}`, but got {t.tolist()} (NaN or inf has no place on the curve's axis).")
     if float(t[0]) != 0.0:
         raise ValueError(f"Expected `{name}` to start at 0 (the unablated reference), but got {t.tolist()}.")
     if bool((t[1:] <= t[:-1]).any()) or float(t.min()) < lo or (hi is not None and float(t.max()) > hi):
@@ -311,7 +323,8 @@ class _LayerStats:
     """One pass over the data: unit count, per-unit mean/std (over samples and positions), selectivity inputs."""
 
     def __init__(self) -> None:
-        self.ud: Optional[int] = None
+        self.ud: Optional[int] = None  # unit dim once the batch dim is moved first
+        self.bd = 0  # batch dim of the layer's output
         self.d = 0
         self.n = 0
         self.s1: Optional[torch.Tensor] = None
@@ -323,22 +336,27 @@ class _LayerStats:
         self.row_elements = 1  # elements per input row of the largest module output (first batch)
 
 
-def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False) -> _LayerStats:
+def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False, *,
+                name: str = "?", layout: Optional[str] = None, select: Any = None) -> _LayerStats:
     """Unit count and layout, per-unit statistics; with ``first_only``, from the first
     ``_SHAPE_ROWS`` rows of the first non-empty batch (enough for the shape, the largest output per
     row and the one-call check, when no statistic over all the data is needed)."""
     st = _LayerStats()
 
-    def hook(mod: nn.Module, args: Any, out: Any) -> None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"Ablation needs a layer that returns a tensor, but it returned {type(out).__name__}.")
+    layouts = Layouts(model, {name: module}, layout)
+
+    def hook(mod: nn.Module, args: Any, output: Any) -> None:
+        out, primary, _ = select_output(output, select, name, require=True)
         st.calls += 1
-        ud = unit_dim(mod, out)
-        o = out.detach().to(_F64).movedim(ud, -1)
+        bd, ud0 = layouts.dims(name, mod, out, primary=primary)
+        if out.ndim < 2:
+            raise ValueError(f"Layer {name!r} returned {tuple(out.shape)}: no unit axis to ablate.")
+        ud = ud0 + 1 if ud0 < bd else ud0  # once the batch dim is moved first
+        o = out.detach().to(_F64).movedim((bd, ud0), (0, -1))
         d = o.shape[-1]
         flat = o.reshape(-1, d)
         if st.s1 is None:
-            st.ud, st.d = ud, d
+            st.ud, st.d, st.bd = ud, d, bd
             st.s1 = torch.zeros(d, dtype=_F64, device=o.device)
             st.s2 = torch.zeros(d, dtype=_F64, device=o.device)
         st.s1 += flat.sum(0)
@@ -356,10 +374,10 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
         st.row_elements = max(st.row_elements, -(-elems // max(rows[0], 1)))
 
     h = module.register_forward_hook(hook)
-    layouts: List[Any] = []
+    layouts_h: List[Any] = []
     sizes: List[Any] = []
     try:
-        layouts = track_layouts(model, [module])
+        layouts_h = layouts.attach()
         sizes = [m.register_forward_hook(size_hook) for m in model.modules()]
         for x, y in _batches(data):
             if first_only and x.shape[0]:
@@ -384,7 +402,7 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
                 break
     finally:
         h.remove()
-        for handle in layouts + sizes:
+        for handle in layouts_h + sizes:
             handle.remove()
     if st.s1 is None:
         raise ValueError("The layer was never reached by a forward pass over `data` (empty data, or the layer is unused).")
@@ -403,21 +421,28 @@ _MIN_SUB = 16
 
 
 class _MaskingHook:
-    """Applies ``m`` masks/perturbations to an output of ``m * b`` rows (m repeated batches)."""
+    """Applies ``m`` masks/perturbations to an output of ``m * b`` rows (m repeated batches): to the
+    ``select``-ed tensor of the output (the rest passes through), with its batch dim ``bd`` moved
+    first for ``fn`` and back after."""
 
-    def __init__(self, ud: int) -> None:
-        self.ud = ud
+    def __init__(self, bd: int = 0, select: Any = None, name: str = "?") -> None:
+        self.bd, self.select, self.name = bd, select, name
         self.fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
-    def __call__(self, mod: nn.Module, args: Any, out: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.fn is None else self.fn(out)
+    def __call__(self, mod: nn.Module, args: Any, output: Any) -> Any:
+        if self.fn is None:
+            return None
+        out, _, rebuild = select_output(output, self.select, self.name, require=True)
+        if self.bd:
+            return rebuild(self.fn(out.movedim(self.bd, 0)).movedim(0, self.bd))
+        return rebuild(self.fn(out))
 
 
 def _run(
     model: nn.Module, module: nn.Module, data: Data, device, ud: int, n_masks: int,
     perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
     loss_fn: Optional[LossFn], max_batch: int, vectorize: bool, expand: str = "auto",
-    max_elements: Optional[int] = None, row_elements: int = 1,
+    max_elements: Optional[int] = None, row_elements: int = 1, bd: int = 0, select: Any = None, name: str = "?",
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, first_sample_index)``.
 
@@ -430,7 +455,7 @@ def _run(
     correct = torch.zeros(n_masks, dtype=_F64)
     loss_sum = torch.zeros(n_masks, dtype=_F64)
     n = 0
-    hook = _MaskingHook(ud)
+    hook = _MaskingHook(bd, select, name)
     h = module.register_forward_hook(hook)
     at_layer = expand in ("auto", "layer")
     # Every mask stacked in one pass over sub-batches of `sub` samples, so the layers before the
@@ -537,6 +562,8 @@ def ablation_curve(
     distributed: bool = False,
     expand: str = "auto",
     unablated: Optional[Tuple[float, float]] = None,
+    layout: Optional[str] = None,
+    select: Union[int, str, None] = None,
 ) -> CurveResult:
     """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
 
@@ -585,6 +612,14 @@ def ablation_curve(
             (:func:`score` of the outputs): the points that ablate no unit are then taken from
             them instead of being evaluated again. They must be the model's own numbers on
             exactly this data; the curve is wrong otherwise.
+        layout: the layout of the layer's output (``"NC"``, ``"NCL"``, ``"NLC"``, ``"LNC"``,
+            ``"NCHW"``, ``"NHWC"``, ...; ``N`` batch, ``C`` units): needed where netprobe cannot
+            establish it (a ``ValueError`` then says so); the same decision as the probe's (see
+            :class:`netprobe._modules.Layouts`), e.g. ``batch_first=False`` RNN and transformer
+            outputs are ``"LNC"``. The inputs in ``data`` are batch first whatever the layer's layout.
+        select: for a layer whose output is not one tensor (``nn.LSTM``, ``nn.MultiheadAttention``:
+            a tuple; a dict or dataclass): the int index or key of the tensor to ablate; the rest
+            of the output passes through unchanged. Required for such layers.
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
@@ -615,12 +650,14 @@ def ablation_curve(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     _check_reiterable(data)
+    layout = check_layout(layout) if layout is not None else None
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
-    with evaluating(model):
+    with evaluating(model, restore_rng=True):
         by_selectivity = isinstance(order, str) and order != "random"
         # statistics over all the data only for per-unit means or a selectivity order
-        st = _layer_pass(model, module, data, device, keep_rows=by_selectivity, first_only=not (mode == "mean" or by_selectivity))
+        st = _layer_pass(model, module, data, device, keep_rows=by_selectivity, first_only=not (mode == "mean" or by_selectivity),
+                         name=name, layout=layout, select=select)
         if distributed:
             _reduce_stats(st)
             if st.unit_means:
@@ -666,7 +703,7 @@ def ablation_curve(
         given = unablated is not None and bool(nothing.any()) and not bool(nothing.all())
         masks = uniq[~nothing] if given else uniq
         correct_e, loss_e, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
-                                     _max_elements(max_elements, device), st.row_elements)
+                                     _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
         if given:
             correct_u = torch.empty(uniq.shape[0], dtype=_F64)
             loss_u = torch.empty(uniq.shape[0], dtype=_F64)
@@ -676,7 +713,7 @@ def ablation_curve(
             correct_u, loss_u = correct_e, loss_e
         correct, loss_sum = correct_u[inverse], loss_u[inverse]
     res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
-    return _check_finite_loss(res.all_reduce() if distributed else res)  # after the reduce: every rank agrees
+    return _check_finite_loss(_check_count(res.all_reduce() if distributed else res))  # after the reduce: every rank agrees
 
 
 def noise_curve(
@@ -694,6 +731,8 @@ def noise_curve(
     index_offset: int = 0,
     distributed: bool = False,
     expand: str = "auto",
+    layout: Optional[str] = None,
+    select: Union[int, str, None] = None,
 ) -> CurveResult:
     """Noise-robustness curve of one layer: Gaussian noise of std ``scale * per-unit std`` added to
     its output, accuracy and loss recorded per scale (Morcos et al. 2018).
@@ -712,7 +751,7 @@ def noise_curve(
         scales: ascending, ``>= 0``, starting at 0.
         index_offset: global index of the first sample of ``data`` (for sharded evaluation).
         distributed: as in :func:`ablation_curve` (the per-unit std is taken over all ranks).
-        expand: as in :func:`ablation_curve`.
+        expand, layout, select: as in :func:`ablation_curve`.
 
     Returns:
         :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).
@@ -735,10 +774,11 @@ def noise_curve(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     _check_reiterable(data)
+    layout = check_layout(layout) if layout is not None else None
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
-    with evaluating(model):
-        st = _layer_pass(model, module, data, device, keep_rows=False)
+    with evaluating(model, restore_rng=True):
+        st = _layer_pass(model, module, data, device, keep_rows=False, name=name, layout=layout, select=select)
         if distributed:
             _reduce_stats(st)
         d, ud = st.d, int(st.ud or 0)
@@ -770,6 +810,6 @@ def noise_curve(
             return out
 
         correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize, expand,
-                                  _max_elements(max_elements, device), st.row_elements)
+                                  _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
     res = CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
-    return _check_finite_loss(res.all_reduce() if distributed else res)
+    return _check_finite_loss(_check_count(res.all_reduce() if distributed else res))
