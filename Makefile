@@ -12,10 +12,13 @@ export MKL_NUM_THREADS := 1
 
 setup: $(STAMP)
 
+# editable_mode=compat puts the source root on sys.path (a .pth) instead of an import hook, so that
+# `python -m netprobe` run from the directory above a clone named netprobe imports the package, not
+# the clone as a namespace package (which a strict editable install's hook loses to).
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: setup

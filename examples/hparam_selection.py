@@ -82,11 +82,11 @@ def main():
     print(f"sweep of {n_configs} configurations: {time.perf_counter() - t0:.0f}s")
 
     fit = f"netprobe/probe_accuracy>={args.fit:g}"
-    res = rank_runs(args.logdir, "netprobe/reliance_auc", against="test/acc", top_k=(1, 5, 10), where=[fit])
+    res = rank_runs(args.logdir, "netprobe/reliance_auc", against="test/acc", top_k=None, where=[fit])  # k = 1, 5, 10 below the run count
     m = max(2, len(res["runs"]) // 2)
     if len(res["runs"]) > m:  # top-k hit rates over random subsets of half the fitted runs (as --subset-size does)
         sigs, refs = [r["signal"] for r in res["runs"]], [r["reference"] for r in res["runs"]]
-        hits = top_k_hits(sigs, refs, (1, 5, 10), subset_size=m, n_draws=10_000)
+        hits = top_k_hits(sigs, refs, tuple(k for k in (1, 5, 10) if k < m), subset_size=m, n_draws=10_000)
         res.update(top_k={str(k): p for k, p in hits.items()}, subset_size=m, n_draws=10_000)
     print(f"\n{'rank':>4} {'run':<6} {'reliance_auc':>12} {'test acc':>8} {'test rank':>9}")
     for r in res["runs"]:

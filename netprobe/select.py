@@ -26,8 +26,13 @@ Reliance should be compared between networks that fit their training data about 
 (its AUC is normalized by the unablated accuracy, so an underfit network scores high): filter on
 ``netprobe/probe_accuracy``, which ``RelianceMonitor`` logs beside it.
 
+A run with a corrupt or truncated event file (a record whose checksum fails, or that ends early)
+is skipped, with the reason: TensorBoard's reader stops at such a record without a word, and the
+values before it would misrepresent the run.
+
 Statistics over the runs that have both values: Spearman's rho and Kendall's tau-b between signal
-and reference (ties handled; written here in numpy and tested against scipy), the reference rank of
+and reference, oriented by ``mode`` and ``against_mode`` so that a positive value means agreement
+(ties handled; written here in numpy and tested against scipy), the reference rank of
 the run the signal picks, and **top-k hit probabilities**: draw ``n_draws`` random subsets of
 ``subset_size`` runs (without replacement, a seeded numpy Generator), pick the run with the best
 signal in each subset, and count how often it is among the ``k`` best runs *of that subset* by the
@@ -46,6 +51,7 @@ import math
 import operator
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -66,6 +72,8 @@ class Run:
     path: str
     scalars: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)] by step
     hparams: Dict[str, Any] = field(default_factory=dict)
+    #: why the run cannot be ranked (a corrupt or truncated event file), else None
+    error: Optional[str] = None
 
 
 def _is_event_file(name: str) -> bool:
@@ -119,8 +127,47 @@ def _hparams_from_yaml(path: str) -> Dict[str, Any]:
         return {}
 
 
+def _check_event_file(path: str) -> Optional[str]:
+    """Why the TFRecord file at ``path`` cannot be read to its end (None when it can).
+
+    TensorBoard's reader stops silently at the first corrupt or truncated record (it takes it for
+    a record still being written), which would rank a run by the values logged before it. Each
+    record is ``uint64 length, uint32 masked CRC-32C of the length, data, uint32 masked CRC-32C of
+    the data``; every checksum is verified here.
+    """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as fh:
+            offset = 0
+            while True:
+                head = fh.read(12)
+                if not head:
+                    return None
+                if len(head) < 12:
+                    return f"truncated record at byte {offset} of {name}"
+                if struct.unpack("<I", head[8:])[0] != masked_crc32c(head[:8]):
+                    return f"corrupt record at byte {offset} of {name} (length checksum mismatch)"
+                (length,) = struct.unpack("<Q", head[:8])
+                data = fh.read(length)
+                crc = fh.read(4)
+                if len(data) < length or len(crc) < 4:
+                    return f"truncated record at byte {offset} of {name}"
+                if struct.unpack("<I", crc)[0] != masked_crc32c(data):
+                    return f"corrupt record at byte {offset} of {name} (data checksum mismatch)"
+                offset += 16 + length
+    except OSError as err:
+        return f"cannot read {name}: {err}"
+
+
 def load_run(path: str, name: Optional[str] = None) -> Run:
-    """Read every scalar and the hyperparameters of the run at ``path`` (sub-directories included)."""
+    """Read every scalar and the hyperparameters of the run at ``path`` (sub-directories included).
+
+    An event file with a corrupt or truncated record sets ``run.error`` (the run is then skipped by
+    :func:`rank_runs`, with that reason): its values after the bad record are lost, so whatever was
+    read before it would misrepresent the run.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = Run(name or os.path.basename(os.path.normpath(path)), path)
@@ -128,6 +175,12 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
     for root, _, files in sorted(os.walk(path)):
         if not any(_is_event_file(f) for f in files):
             continue
+        for f in sorted(files):
+            why = _check_event_file(os.path.join(root, f)) if _is_event_file(f) and run.error is None else None
+            if why:
+                rel = os.path.relpath(root, path)
+                run.error = (why if rel == "." else f"{why} in {rel}") + \
+                    " (the values after it are lost; rerun or delete the run, or move the file away)"
         acc = EventAccumulator(root, size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
@@ -327,6 +380,10 @@ def top_k_hits(
 
 
 # ----------------------------------------------------------------------------- ranking
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def rank_runs(
     logdir: Union[str, os.PathLike],
     metric: str,
@@ -335,7 +392,7 @@ def rank_runs(
     at: Union[str, int] = "last",
     against: Optional[str] = None,
     against_mode: str = "max",
-    top_k: Sequence[int] = (1, 5, 10),
+    top_k: Optional[Sequence[int]] = None,
     subset_size: Optional[int] = None,
     n_draws: int = 10_000,
     seed: int = 0,
@@ -344,6 +401,14 @@ def rank_runs(
     """Rank the runs under ``logdir`` by ``metric``; see the module docstring.
 
     ``where``: conditions such as ``"netprobe/probe_accuracy>=0.99"``; runs failing one are skipped.
+
+    ``top_k``: the ``k`` of the hit rates; each must be below the subset size (the number of runs
+    ranked, by default), since any pick is in the top ``k >= subset size``: ``SelectionError``
+    otherwise. The default, ``None``, takes those of 1, 5, 10 below it.
+
+    ``spearman_rho`` and ``kendall_tau`` are oriented by ``mode`` and ``against_mode``: positive
+    when the runs the signal prefers are those the reference prefers (1 = the same order), whatever
+    the modes. A run whose event file has a corrupt or truncated record is skipped, with the reason.
 
     Returns:
         ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "spearman_rho",
@@ -359,15 +424,24 @@ def rank_runs(
     if isinstance(where, str):
         where = [where]
     conds = [parse_condition(c) for c in where]
-    runs = load_runs(logdir)
+    loaded = load_runs(logdir)
+    bad = [{"run": r.name, "path": r.path, "reason": r.error} for r in loaded if r.error]
+    runs = [r for r in loaded if not r.error]
     all_tags = sorted({t for r in runs for t in r.scalars})
+    if not all_tags:
+        found = "; ".join(f"{b['run']}: {b['reason']}" for b in bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise SelectionError(
+            f"No readable event data was found under {os.fspath(logdir)!r}: its event files "
+            f"(events.out.tfevents.*) hold no scalars" + (f" that can be read ({found})" if bad else "")
+            + ". Point LOGDIR at the TensorBoard logs of the sweep, written by SummaryWriter or Lightning's TensorBoardLogger."
+        )
     for key in [metric] + ([against] if against else []) + [k for k, _, _ in conds]:
         if not any(key in r.scalars for r in runs):
             raise SelectionError(
                 f"No run logged {key!r}. Closest keys: {close_names(key, all_tags)}. "
                 f"({len(all_tags)} keys exist; netprobe keys start with 'netprobe/'.)"
             )
-    rows, skipped = [], []
+    rows, skipped = [], list(bad)
     for r in runs:
         failed = None
         for key, op, val in ([] if at == "best" else conds):  # with "best": checked per measurement below
@@ -408,11 +482,29 @@ def rank_runs(
         out["pick_reference_rank"] = float(np.mean(ref_order[:tied]))
         if len(rows) >= 2:
             sigs = [d["signal"] for d in rows]
-            rho, tau = spearman_rho(sigs, refs), kendall_tau(sigs, refs)  # NaN when a side is constant
+            m = subset_size if subset_size is not None else len(rows)
+            if not 1 <= m <= len(rows):
+                raise SelectionError(
+                    f"Expected `subset_size` in [1, {len(rows)}] (the number of runs ranked), but got {subset_size}."
+                )
+            if top_k is None:
+                ks = [k for k in (1, 5, 10) if k < m]
+            else:
+                ks = sorted({int(k) for k in top_k})
+                too_big = [k for k in ks if k >= m]
+                if too_big:
+                    raise SelectionError(
+                        f"Expected every top-k below the subset size {m} ({_plural(len(rows), 'run')} ranked"
+                        f"{'' if subset_size is None else f', --subset-size {m}'}), but got k={too_big[0]}: every pick "
+                        f"is among the top {m} of {m}, so its hit rate is 1 whatever the signal. Use k < {m}."
+                    )
+            # oriented so that agreement is positive whatever the modes (a "min" side is negated)
+            osig = [v if mode == "max" else -v for v in sigs]
+            oref = refs if against_mode == "max" else -refs
+            rho, tau = spearman_rho(osig, oref), kendall_tau(osig, oref)  # NaN when a side is constant
             out["spearman_rho"] = None if np.isnan(rho) else rho
             out["kendall_tau"] = None if np.isnan(tau) else tau
-            m = subset_size if subset_size is not None else len(rows)
             out["subset_size"], out["n_draws"] = m, (1 if m == len(rows) else n_draws)
-            out["top_k"] = {str(k): p for k, p in top_k_hits(sigs, refs, top_k, mode=mode, reference_mode=against_mode,
-                                                              subset_size=m, n_draws=n_draws, seed=seed).items()}
+            out["top_k"] = {str(k): p for k, p in top_k_hits(sigs, refs, ks, mode=mode, reference_mode=against_mode,
+                                                              subset_size=m, n_draws=n_draws, seed=seed).items()} if ks else {}
     return out

@@ -36,8 +36,9 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 
@@ -72,6 +73,13 @@ class RelianceEarlyStopping(_EarlyStopping):
             update the EMA but never count towards patience or the best score.
         min_probe_accuracy: measurements made while ``netprobe/probe_accuracy`` is below this
             are treated like warm-up ones (needs a ``RelianceMonitor`` in the same ``Trainer``).
+
+    Checked at ``setup``, before the first step: when netprobe monitors are attached to the
+    ``Trainer``, a ``monitor`` key starting with ``netprobe/`` that none of them logs (a misspelled
+    key, or a metric of a monitor that is not attached) raises ``ValueError`` listing the keys they
+    log and the closest one; so does ``min_probe_accuracy`` when none of them is a
+    ``RelianceMonitor``. With no netprobe monitor attached at all, a ``UserWarning`` says so (the key
+    may still come from other code that logs it). Keys outside ``netprobe/`` are not checked.
         **kwargs: any other ``EarlyStopping`` argument (``strict`` defaults to ``False``,
             ``verbose``, ``stopping_threshold``, ``check_on_train_epoch_end``...).
     """
@@ -113,6 +121,8 @@ class RelianceEarlyStopping(_EarlyStopping):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if str(getattr(stage, "value", stage)) == "fit":  # stopping acts in fit only
+            self._check_keys(trainer, pl_module)
         # reused for another Trainer or model, it starts afresh, like the monitors (its EMA, best
         # score and patience belong to the old run); a resumed checkpoint's state is loaded after this
         if self._run.begins(trainer, pl_module, stage) == "other":
@@ -121,6 +131,39 @@ class RelianceEarlyStopping(_EarlyStopping):
             self.best_score = torch.tensor(torch.inf if self.monitor_op == torch.lt else -torch.inf)
             if hasattr(self, "stopping_reason"):  # Lightning >= 2.5
                 self.stopping_reason = getattr(type(self.stopping_reason), "NOT_STOPPED", self.stopping_reason)
+
+    def _check_keys(self, trainer: Any, pl_module: Any) -> None:
+        """Refuse, before the first step, a ``netprobe/`` key that no attached monitor logs."""
+        from netprobe._validation import close_names
+        from netprobe.lightning.base import NetprobeMonitor
+
+        needed = [self.monitor] + ([_PROBE_ACC] if self.min_probe_accuracy is not None else [])
+        needed = [k for k in needed if k.startswith("netprobe/")]
+        if not needed:
+            return
+        monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, NetprobeMonitor)]
+        if not monitors:
+            if getattr(trainer, "is_global_zero", True):  # once, not once per rank
+                warnings.warn(
+                    f"RelianceEarlyStopping monitors {', '.join(map(repr, needed))}, but no netprobe monitor is attached to "
+                    "the Trainer: unless other code logs it, training will never stop on it. Add "
+                    "`RelianceMonitor(layers=...)` to the Trainer's callbacks.",
+                    UserWarning, stacklevel=2,
+                )
+            return
+        keys = _monitor_keys(monitors, pl_module)
+        for key in needed:
+            if key in keys:
+                continue
+            what = "`min_probe_accuracy` reads" if key == _PROBE_ACC and key != self.monitor else "`monitor` is"
+            fix = ("add a RelianceMonitor to the Trainer's callbacks, or drop min_probe_accuracy" if key == _PROBE_ACC
+                   else "pass one of them as `monitor=`, or attach the monitor that logs it")
+            names = ", ".join(type(m).__name__ for m in monitors)
+            raise ValueError(
+                f"RelianceEarlyStopping: {what} {key!r}, but no attached netprobe monitor ({names}) logs it. "
+                f"Closest: {close_names(key, sorted(keys), n=3)}. The attached monitors log: {sorted(keys)}. "
+                f"To fix it, {fix}."
+            )
 
     def _run_early_stopping_check(self, trainer: Any) -> None:
         logs = trainer.callback_metrics
@@ -183,3 +226,25 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
         self._last_value = state_dict.get("last_value")
         self.history = [tuple(h) for h in state_dict.get("history", [])]
+
+
+def _monitor_keys(monitors: List[Any], pl_module: Any) -> Set[str]:
+    """Every key the given netprobe monitors will log: ``netprobe/<metric>``,
+    ``netprobe/<metric>/<layer>`` (layer-level for every metric but ``probe_accuracy``) and
+    ``netprobe/time/<Monitor>``."""
+    from netprobe._modules import resolve_layers
+
+    keys: Set[str] = set()
+    for mon in monitors:
+        layers = list(getattr(mon, "layers", []) or [])
+        if not layers:  # not set up yet (callbacks set up in list order): resolve as the monitor will
+            try:
+                layers = list(resolve_layers(pl_module, mon.layer_specs))
+            except Exception:  # noqa: BLE001 - the monitor raises its own error for bad layer specs
+                layers = []
+        for metric in mon.metrics:
+            keys.add(f"netprobe/{metric}")
+            if metric != "probe_accuracy":
+                keys.update(f"netprobe/{metric}/{layer}" for layer in layers)
+        keys.add(f"netprobe/time/{type(mon).__name__}")
+    return keys

@@ -141,6 +141,7 @@ class _Moments:
         statistics of a side can be reused as the other side of a later pair.
         """
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+        _need_rows(n)
         rows, piece = _chunk_rows(x, y)
         rows = min(rows, max(n, 1))
         # a block mean as the shift; summed blockwise, mean(dtype=float64) would copy all of x
@@ -195,6 +196,16 @@ class _Moments:
             self.cxx + o.cxx + f * torch.outer(dx, dx),
             None if self.cyy is None or o.cyy is None else self.cyy + o.cyy + f * torch.outer(dy, dy),
             self.cxy + o.cxy + f * torch.outer(dx, dy),
+        )
+
+
+def _need_rows(n: int) -> None:
+    """Refuse inputs with no rows before any statistic is formed (their means would be 0/0)."""
+    if n == 0:
+        raise ValueError(
+            "Expected `x` and `y` to hold samples (rows), but got n=0 samples: there is nothing to compare. "
+            "Pass activations of shape (n, d) with n > d_x + d_y for the CCA family (or n >= 2 for "
+            "`linear_cka`, n >= 4 with `debiased=True`), e.g. check that the probe buffer was filled."
         )
 
 
@@ -726,11 +737,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
         x: ``(n, d_x)``. y: ``(n, d_y)``, same inputs.
         debiased: use the unbiased HSIC estimator (Song et al. 2012) in numerator and denominator,
             which removes CKA's upward bias when ``d`` is large relative to ``n``; needs ``n >= 4``.
-            The debiased value can fall slightly below 0 for unrelated representations; it is
-            clipped to ``[0, 1]``.
+            The debiased value is the estimate itself, not clipped at 0: for unrelated
+            representations it scatters around 0 and can fall slightly below it (clipping would
+            bias the unbiased estimator upwards). It is at most 1 (Cauchy-Schwarz for the inner
+            product of U-centered Gram matrices that the unbiased HSIC is).
 
     Returns:
-        0-d float64 tensor in ``[0, 1]``.
+        0-d float64 tensor in ``[0, 1]`` (``debiased=True``: in ``[-1, 1]``, near 0 or slightly
+        below it for unrelated representations).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -741,6 +755,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     """
     x, y = _prep(x, y)
     n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    _need_rows(n)
     if n < (4 if debiased else 2):
         raise ValueError(f"{'Debiased linear' if debiased else 'Linear'} CKA needs at least {4 if debiased else 2} samples, but got n={n}.")
     # Feature space costs n (dx^2 + dy^2 + dx dy) and d x d memory; the n x n Gram matrices cost
@@ -770,7 +785,10 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     hxy, hxx, hyy = hsic(sq["xy"], rx, ry), hsic(sq["xx"], rx, rx), hsic(sq["yy"], ry, ry)
     if not bool(hxx > 0) or not bool(hyy > 0):
         raise ValueError("Debiased linear CKA is undefined here: a representation has no estimable variance.")
-    return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp(0.0, 1.0)
+    # No clip at 0: an unbiased estimate clipped is biased (it can fall slightly below 0). The
+    # unbiased HSIC is the inner product <K~, L~> / (n (n-3)) of the U-centered Gram matrices
+    # (Szekely & Rizzo 2014), so |hxy| <= sqrt(hxx hyy) exactly: clamping at 1 only removes rounding.
+    return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp_max(1.0)
 
 
 #: how closely the means of the y rows must match the given ``y_stats`` (relative to each unit's
@@ -1008,7 +1026,10 @@ class SimilarityAccumulator:
 
     def _need(self) -> _Moments:
         if self._m is None:
-            raise ValueError("The accumulator is empty: call `update(x, y)` with at least one batch first.")
+            raise ValueError(
+                "The accumulator is empty (no samples, n=0): call `update(x, y)` with at least one batch "
+                "of one or more rows first (batches with 0 rows add nothing)."
+            )
         return self._m
 
     def _pair(self) -> Tuple[SideStats, SideStats, torch.Tensor, int]:
