@@ -66,3 +66,57 @@ def test_an_unreadable_reference_checkpoint_fails_before_the_first_step_with_its
         return
     with pytest.raises(ValueError, match="reference checkpoint .*ref.ckpt"):
         tr.fit(make_module(pl), loader(x, y))
+
+
+class _Recurrent(pl.LightningModule):
+    """An LSTM (sequence-first by default) over 8 steps of 8 features, then a linear head."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = nn.LSTM(8, 16, batch_first=batch_first)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        seq = x.reshape(x.shape[0], 8, 8)
+        if not self.batch_first:
+            seq = seq.transpose(0, 1)
+        out, _ = self.rnn(seq)
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(self.relu(last))
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_tuple_output_layer_needs_select_before_the_first_step_and_works_with_it():
+    x, y = digits(96)
+    with pytest.raises(ValueError, match=r"RelianceMonitor: layer 'rnn' cannot be ablated: .*select="):
+        trainer(pl, max_epochs=1, callbacks=[RelianceMonitor(["rnn"], num_samples=64)]).fit(_Recurrent(), loader(x, y))
+    mons = [RelianceMonitor(["rnn"], num_samples=64, select=0), SelectivityMonitor(["relu"], num_samples=64),
+            ConvergenceMonitor(["rnn"], num_samples=64, select={"rnn": 0})]
+    tr = trainer(pl, max_epochs=1, callbacks=mons)
+    tr.fit(_Recurrent(), loader(x, y))
+    assert "netprobe/reliance_auc/rnn" in tr.callback_metrics and "netprobe/cka_prev" not in tr.callback_metrics
+    # the sequence-first LSTM's captured rows are batch items: the mean over time of its output
+    model = _Recurrent()
+    conv = ConvergenceMonitor(["rnn"], num_samples=64, select=0)
+    trainer(pl, max_epochs=2, callbacks=[conv]).fit(model, loader(x, y))
+    px, _ = conv._probe
+    with torch.no_grad():
+        out, _ = model.rnn(px.reshape(-1, 8, 8).transpose(0, 1))
+    torch.testing.assert_close(conv._prev["rnn"], out.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_layout_and_select_are_checked_at_construction_and_setup():
+    with pytest.raises(ValueError, match="one 'N'"):
+        SelectivityMonitor(["relu1"], layout="NXC")
+    with pytest.raises(TypeError, match="`select`"):
+        SelectivityMonitor(["relu1"], select=1.5)
+    x, y = digits(96)
+    with pytest.raises(ValueError, match=r"`layout` names layers that are not monitored: \['relu9'\]"):
+        trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], layout={"relu9": "NC"})]).fit(make_module(pl), loader(x, y))

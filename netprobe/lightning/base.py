@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, evaluating, resolve_layers
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
 
 try:
     import pytorch_lightning as _pl
@@ -158,6 +158,12 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             ``media_every``-th measurement, starting with the first (default 10). Scalars are logged
             at every measurement; media cost far more (matplotlib drawing and PNG encoding, tens
             of ms per figure). ``1`` = every measurement.
+        layout: the layout of the monitored layers' outputs (``"NCL"``, ``"NLC"``, ``"LNC"``,
+            ``"NCHW"``, ...; ``N`` batch, ``C`` units), one string or a dict ``{layer: layout}``,
+            for layers whose layout netprobe cannot establish itself (it then refuses before the
+            first step, naming this argument); see :func:`netprobe.probe`.
+        select: for layers whose output is a tuple or dict (``nn.LSTM``, ``nn.MultiheadAttention``):
+            the index or key of the tensor to measure, one for all layers or a dict per layer.
     """
 
     #: metric names this monitor logs (``netprobe/<metric>/<layer>`` and their mean ``netprobe/<metric>``;
@@ -175,6 +181,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         seed: int = 0,
         num_classes: Optional[int] = None,
         media_every: int = 10,
+        layout: Union[str, Mapping[str, str], None] = None,
+        select: Union[int, str, Mapping[str, Union[int, str]], None] = None,
     ) -> None:
         super().__init__()
         if layers is None or (isinstance(layers, (list, tuple)) and not layers):
@@ -207,6 +215,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self.num_classes = num_classes
         self._num_classes_arg = num_classes  # what the user passed (None = infer from each run's model)
         self.media_every = media_every
+        if layout is not None:  # checked now; the layer names only once resolved (setup)
+            for v in (layout.values() if isinstance(layout, Mapping) else [layout]):
+                if v is not None:
+                    check_layout(v)
+        if (select is not None and not isinstance(select, (int, str, Mapping))) or isinstance(select, bool):
+            raise TypeError(f"Expected `select` to be an int index, a key, or a dict {{layer: index or key}}, but got {type(select).__name__}.")
+        self.layout, self.select = layout, select
         self._media_due = True  # whether the running measurement draws media (see _maybe_run)
         self.layers: List[str] = []
         self._probe_indices: Optional[torch.Tensor] = None
@@ -236,7 +251,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _share_key(self) -> Tuple[Any, ...]:
         """Monitors with equal keys measure the same probe set the same way (one shared pass)."""
         return (self.seed, self.num_samples, id(self.probe_data), self.batch_size, type(self).forward, type(self)._draw_probe_set,
-                type(self).batch_to_inputs_targets)
+                type(self).batch_to_inputs_targets, _frozen_spec(self.layout), _frozen_spec(self.select))
+
+    def _per_layer(self, spec: Any, layer: str) -> Any:
+        """``layout``/``select`` of one resolved layer (a single value applies to every layer)."""
+        return spec.get(layer) if isinstance(spec, Mapping) else spec
 
     def _layer_key(self) -> str:
         specs = self.layer_specs if isinstance(self.layer_specs, (list, tuple)) else [self.layer_specs]
@@ -294,6 +313,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         self.layers = list(resolve_layers(pl_module, self.layer_specs))
+        for what, spec in (("layout", self.layout), ("select", self.select)):
+            unknown = [k for k in spec if k not in self.layers] if isinstance(spec, Mapping) else []
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: `{what}` names layers that are not monitored: {unknown}. Monitored: {self.layers}.")
         _shared_pass(trainer).monitors.add(self)
         # a monitor reused for another Trainer or model starts afresh (its probe set and previous
         # activations belong to the old run); a second fit of the same pair goes on where it was.
@@ -399,7 +422,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         layers = list(layers or self.layers)
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         outs = []
-        with probe(pl_module, layers, capacity=max(1, x.shape[0])) as p:
+        sel = {n: self._per_layer(self.select, n) for n in layers}
+        lay = {n: self._per_layer(self.layout, n) for n in layers}
+        with probe(pl_module, layers, capacity=max(1, x.shape[0]), select={n: v for n, v in sel.items() if v is not None} or None,
+                   layout={n: v for n, v in lay.items() if v is not None} or None) as p:
             for i in range(0, x.shape[0], self.batch_size):
                 outs.append(self.forward(pl_module, x[i : i + self.batch_size].to(device)))
         missing = [n for n in layers if not p.buffers[n].allocated]
@@ -529,6 +555,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         for tag, fig in media.get("figures", {}).items():
             if fig is not None:
                 writer.add_figure(tag, fig, step, close=True)
+
+
+def _frozen_spec(spec: Any) -> Any:
+    return tuple(sorted(spec.items())) if isinstance(spec, Mapping) else spec
 
 
 def _tensorboard_writer(loggers: Sequence[Any]) -> Optional[Any]:

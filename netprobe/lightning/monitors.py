@@ -230,6 +230,20 @@ class RelianceMonitor(NetprobeMonitor):
         if top >= out.shape[1]:
             raise ValueError(f"RelianceMonitor: probe targets reach class {top}, but the model returns {out.shape[1]} scores.")
 
+    def _validate(self, pl_module: nn.Module) -> None:
+        super()._validate(pl_module)
+        # a layer ablation cannot handle (a tuple output without `select`, a layout it cannot
+        # establish) fails now, not after the first epoch: one tiny curve per layer on 2 examples
+        assert self._probe is not None
+        x, y = self._probe
+        fwd = _ForwardAdapter(self, pl_module)
+        for layer in self.layers:
+            try:
+                ablation_curve(fwd, f"module.{layer}", (x[:2], y[:2]), fractions=(0.0, 1.0), repeats=1,
+                               layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"RelianceMonitor: layer {layer!r} cannot be ablated: {err}") from err
+
     def _reset_extra_state(self) -> None:
         self._orders = {}
 
@@ -280,15 +294,17 @@ class RelianceMonitor(NetprobeMonitor):
             if orders[layer] is None:
                 continue
             try:
+                where = dict(layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
                 c = ablation_curve(
                     fwd, f"module.{layer}", data, fractions=self.fractions, order=orders[layer], mode=self.mode,
-                    max_batch=self.max_batch, max_elements=self.max_elements, distributed=True, unablated=base,
+                    max_batch=self.max_batch, max_elements=self.max_elements, distributed=True, unablated=base, **where,
                 )
                 aucs[layer], curves[layer] = float(c.auc), c
                 if self.noise:
                     g = self._generator(layer, 1, None if self.orders == "fixed" else epoch)
                     nc = noise_curve(fwd, f"module.{layer}", data, scales=self.scales, repeats=self.repeats, index_offset=sl.start,
-                                     generator=g, max_batch=self.max_batch, max_elements=self.max_elements, distributed=True)
+                                     generator=g, max_batch=self.max_batch, max_elements=self.max_elements, distributed=True,
+                                     **where)
                     noise_aucs[layer], ncurves[layer] = float(nc.auc), nc
             except NonFiniteError as err:
                 diverged = True
