@@ -157,6 +157,26 @@ try:
 except AttributeError:  # pragma: no cover - torch < 2.1
     def _compiler_disable(fn):  # type: ignore[no-redef]
         return fn
+try:
+    _is_compiling = torch.compiler.is_compiling
+except AttributeError:  # pragma: no cover - torch < 2.3
+    def _is_compiling() -> bool:  # type: ignore[misc]
+        return False
+
+
+def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a hook that is never traced: under ``torch.compile`` it runs through
+    ``torch.compiler.disable`` (a graph break; the hook's side effects happen eagerly), and in
+    eager mode it is called directly, because the disabling wrapper costs ~20 us a call (measured
+    on an H200 host, torch 2.11), as much as a capture hook's own work."""
+    disabled = _compiler_disable(fn)
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        if _is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
 
 
 # Modules whose output has its units on the last axis (a Linear's out_features), whatever its rank.
@@ -241,8 +261,7 @@ def _is_channels_first(t: torch.Tensor) -> bool:
     return _mark_of(t) == "C"
 
 
-@_compiler_disable
-def _layout_hook(mod: nn.Module, args: Any, out: Any) -> None:
+def _layout_hook_impl(mod: nn.Module, args: Any, out: Any) -> None:
     if isinstance(out, torch.Tensor) and out.ndim == 3 and not out.is_nested:
         if isinstance(mod, _CHANNELS_FIRST_3D):
             _mark(out, "C")
@@ -252,6 +271,9 @@ def _layout_hook(mod: nn.Module, args: Any, out: Any) -> None:
             kind = _mark_of(args[0])
             if kind is not None:
                 _mark(out, kind)
+
+
+_layout_hook = eager_hook(_layout_hook_impl)
 
 
 def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
@@ -432,8 +454,8 @@ class Layouts:
         handles: List[Any] = []
         try:
             for m in entries.values():
-                handles.append(m.register_forward_pre_hook(_compiler_disable(self._enter), with_kwargs=True))
-                handles.append(m.register_forward_hook(_compiler_disable(self._leave), always_call=True))
+                handles.append(m.register_forward_pre_hook(eager_hook(self._enter), with_kwargs=True))
+                handles.append(m.register_forward_hook(eager_hook(self._leave), always_call=True))
             needs = [m for n, m in self.modules.items() if self.layout[n] is None]
             handles += track_layouts(self.model, needs) if needs else []
         except BaseException:

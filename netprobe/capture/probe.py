@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from netprobe._modules import LayerSpec, Layouts, LayoutSpec, resolve_layers, select_output
+from netprobe._modules import LayerSpec, Layouts, LayoutSpec, eager_hook, resolve_layers, select_output
 from netprobe._validation import close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
@@ -19,16 +19,6 @@ __all__ = ["Probe", "probe", "OutputSelector"]
 
 OutputSelector = Union[int, str, Callable[[Any], torch.Tensor]]
 
-try:  # hooks run eagerly under torch.compile (a graph break), so the captured rows match eager mode
-    _compiler_disable = torch.compiler.disable
-except AttributeError:  # pragma: no cover - torch < 2.1
-    def _compiler_disable(fn):  # type: ignore[no-redef]
-        return fn
-try:
-    _is_compiling = torch.compiler.is_compiling
-except AttributeError:  # pragma: no cover - torch < 2.3
-    def _is_compiling() -> bool:  # type: ignore[misc]
-        return False
 
 
 class Probe:
@@ -167,7 +157,7 @@ class Probe:
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
             self._handles += self._layouts.attach()  # entry batch size, a ReLU after a Conv1d: channels
-            self._handles.append(self.model.register_forward_pre_hook(_compiler_disable(self._count_forward)))
+            self._handles.append(self.model.register_forward_pre_hook(eager_hook(self._count_forward)))
         except BaseException:
             self.detach()
             raise
@@ -259,17 +249,8 @@ class Probe:
                 buf.write(rows, targets)
             return None
 
-        eager = _compiler_disable(capture)
-
-        def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            # Under torch.compile the capture runs eagerly (a graph break: the buffer writes are
-            # never traced). The disabling wrapper costs ~20 us a call (measured on an H200 host,
-            # torch 2.11), as much as the capture itself, so eager models call it directly.
-            if _is_compiling():
-                return eager(mod, args, output)
-            return capture(mod, args, output)
-
-        return hook
+        # hooks run eagerly under torch.compile (a graph break), so the captured rows match eager mode
+        return eager_hook(capture)
 
     def _row_targets(self, name: str, n_in: int, rows: torch.Tensor) -> torch.Tensor:
         t = self._targets
