@@ -220,3 +220,24 @@ def test_a_stack_of_orders_averages_one_curve_per_order_and_bad_stacks_are_refus
     with pytest.raises(ValueError, match="permutation of the layer's 8 units"):
         ablation_curve(net, "r1", (x, y), order=torch.stack([torch.randperm(9)] * 2))
 
+
+
+def test_monitors_with_equal_settings_but_different_probe_inputs_do_not_share_a_pass():
+    # the same shuffling DataLoader (with its own generator) gives each monitor other examples
+    from netprobe.metrics import class_selectivity
+    import netprobe
+
+    x, y = digits(240)
+    pdl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=60, shuffle=True,
+                                      generator=torch.Generator().manual_seed(5))
+    conv = ConvergenceMonitor(["relu1"], probe_data=pdl, num_samples=120)
+    sel = SelectivityMonitor(["relu1"], probe_data=pdl, num_samples=120)
+    model = make_module(pl, dropout=0.0)
+    _fit([conv, sel], epochs=1, model=model)
+    assert not torch.equal(conv._probe[0], sel._probe[0])
+    sx, sy = sel._probe
+    model.eval()
+    with torch.no_grad(), netprobe.probe(model, ["relu1"], capacity=1000) as p:
+        model(sx)
+    own = float(class_selectivity(p["relu1"], sy, num_classes=10).mean)
+    assert sel.last_values["netprobe/selectivity_mean/relu1"] == pytest.approx(own, abs=1e-6)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, AmbiguousLayoutError, LayerSpec, check_layout, evaluating, resolve_layers
 
 try:
     import pytorch_lightning as _pl
@@ -99,15 +99,20 @@ class _SharedProbePass:
 
     def __init__(self) -> None:
         self.monitors: "weakref.WeakSet[NetprobeMonitor]" = weakref.WeakSet()
-        # share key -> (step key, activations, outputs, ids of the monitors yet to take theirs)
-        self._passes: Dict[Any, Tuple[Any, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
+        # share key -> (step key, inputs, activations, outputs, ids of the monitors yet to take theirs)
+        self._passes: Dict[Any, Tuple[Any, torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
 
     def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
                 x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         share = mon._share_key()
         key = (id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
         entry = self._passes.get(share)
-        if entry is None or entry[0] != key or id(mon) not in entry[3]:
+        # the inputs themselves must be the same (the same settings can still draw other examples,
+        # e.g. from a shuffling DataLoader with its own generator): equal, else a pass of its own
+        same_x = entry is not None and (entry[1] is x or (entry[1].shape == x.shape and torch.equal(entry[1], x)))
+        if entry is not None and entry[0] == key and id(mon) in entry[4] and not same_x:
+            return mon._capture(pl_module, x)
+        if entry is None or entry[0] != key or id(mon) not in entry[4]:
             epoch = int(trainer.current_epoch)
             peers = [m for m in list(self.monitors) if m is mon or (m._share_key() == share and m._due(epoch))]
             wanted = set(l for m in peers for l in m.layers)
@@ -117,14 +122,16 @@ class _SharedProbePass:
             except ValueError:  # a peer's layer failed: this monitor's own layers alone say what is wrong
                 self._passes.pop(share, None)
                 return mon._capture(pl_module, x)
-            entry = (key, acts, out, {id(m) for m in peers})
+            entry = (key, x, acts, out, {id(m) for m in peers})
             self._passes[share] = entry
-        entry[3].discard(id(mon))
-        if not entry[3]:
+        entry[4].discard(id(mon))
+        if not entry[4]:
             del self._passes[share]
-        return {n: entry[1][n] for n in mon.layers}, entry[2]
+        return {n: entry[2][n] for n in mon.layers}, entry[3]
 
     def clear(self) -> None:
+        """Drop every pass (at the end of a step's measurements: a peer that did not take its
+        share, e.g. one whose measurement failed, must not keep activations alive)."""
         self._passes = {}
 
 
@@ -340,6 +347,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._maybe_run(trainer, pl_module)
+        _shared_pass(trainer).clear()  # whatever a peer left (every monitor has measured by now)
 
     # ------------------------------------------------------------------ probe set
     def _draw_probe_set(self, trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -453,7 +461,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 "evaluates a share of it, so use num_samples >= the number of ranks."
             )
         with self._frozen(pl_module):
-            acts, out = self._capture(pl_module, x[: min(len(x), 16)])
+            try:
+                acts, out = self._capture(pl_module, x[: min(len(x), 16)])
+            except AmbiguousLayoutError:  # 16 rows happened to equal a sequence length: all of them may tell
+                acts, out = self._capture(pl_module, x)
         self._widths = {n: a.shape[1] for n, a in acts.items()}
         if self.num_classes is None:
             if out is not None and out.ndim == 2 and out.shape[1] >= 2:
