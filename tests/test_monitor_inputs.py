@@ -120,3 +120,23 @@ def test_layout_and_select_are_checked_at_construction_and_setup():
     x, y = digits(96)
     with pytest.raises(ValueError, match=r"`layout` names layers that are not monitored: \['relu9'\]"):
         trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], layout={"relu9": "NC"})]).fit(make_module(pl), loader(x, y))
+
+
+def test_non_finite_fractions_or_scales_fail_at_construction():
+    with pytest.raises(ValueError, match="finite `fractions`"):
+        RelianceMonitor(["relu1"], fractions=(0.0, float("nan"), 1.0))
+    with pytest.raises(ValueError, match="finite `scales`"):
+        RelianceMonitor(["relu1"], noise=True, scales=(0.0, 1.0, float("inf")))
+
+
+def test_orders_kept_for_other_repeats_are_redrawn_with_a_warning():
+    x, y = digits(96)
+    first = RelianceMonitor(["relu1"], num_samples=64, repeats=3)
+    trainer(pl, max_epochs=1, callbacks=[first]).fit(make_module(pl), loader(x, y))
+    state = first.state_dict()
+    second = RelianceMonitor(["relu1"], num_samples=64, repeats=5)
+    second._widths = {"relu1": 32}
+    second.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match=r"kept orders of layer 'relu1' have shape \(3, 32\), but repeats=5"):
+        orders = second._random_orders("relu1", 0)
+    assert orders.shape == (5, 32)

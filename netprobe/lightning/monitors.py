@@ -4,6 +4,7 @@ re-implements a metric. See :mod:`netprobe.lightning.base` for the behaviour the
 from __future__ import annotations
 
 import copy
+import warnings
 import zlib
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -15,7 +16,7 @@ from netprobe import viz
 from netprobe._modules import evaluating
 from netprobe._validation import check_finite
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.metrics.ablation import (DEFAULT_SCALES, MaxElements, NonFiniteError, _check_budget, ablation_curve,
+from netprobe.metrics.ablation import (DEFAULT_SCALES, MaxElements, NonFiniteError, _check_budget, _check_points, ablation_curve,
                                       noise_curve, score, selectivity_order)
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
@@ -205,12 +206,8 @@ class RelianceMonitor(NetprobeMonitor):
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
         _check_budget(max_batch, max_elements)
-        fr = list(fractions)
-        if len(fr) < 2 or fr[0] != 0 or any(b <= a for a, b in zip(fr, fr[1:])) or fr[-1] > 1:
-            raise ValueError(f"Expected `fractions` strictly increasing in [0, 1] and starting at 0, but got {fr}.")
-        sc = list(scales)
-        if len(sc) < 2 or sc[0] != 0 or any(b <= a for a, b in zip(sc, sc[1:])):
-            raise ValueError(f"Expected `scales` strictly increasing from 0, but got {sc}.")
+        fr = _check_points(fractions, "fractions", 0.0, 1.0).tolist()  # the curves' own checks, now
+        sc = _check_points(scales, "scales", 0.0, None).tolist()
         self.fractions, self.order, self.mode, self.repeats, self.orders = fr, order, mode, repeats, orders
         self.noise, self.scales, self.figures = bool(noise), sc, bool(figures)
         self.max_batch, self.max_elements = max_batch, max_elements
@@ -239,8 +236,9 @@ class RelianceMonitor(NetprobeMonitor):
         fwd = _ForwardAdapter(self, pl_module)
         for layer in self.layers:
             try:
-                ablation_curve(fwd, f"module.{layer}", (x[:2], y[:2]), fractions=(0.0, 1.0), repeats=1,
-                               layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
+                # on the probe set in one batch: its size is the batch size the layers see in the curves
+                ablation_curve(fwd, f"module.{layer}", [(x[: self.batch_size], y[: self.batch_size])], fractions=self.fractions,
+                               repeats=1, layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"RelianceMonitor: layer {layer!r} cannot be ablated: {err}") from err
 
@@ -260,9 +258,16 @@ class RelianceMonitor(NetprobeMonitor):
 
     def _random_orders(self, layer: str, epoch: int) -> torch.Tensor:
         """``(repeats, d)`` random unit orders of ``layer``: drawn once and kept (``"fixed"``), or per epoch."""
-        if self.orders == "fixed" and layer in self._orders:
-            return self._orders[layer]
         d = self._widths[layer]
+        kept = self._orders.get(layer) if self.orders == "fixed" else None
+        if kept is not None and tuple(kept.shape) == (self.repeats, d):
+            return kept
+        if kept is not None:  # a resumed run with other settings (repeats) or another model's state
+            warnings.warn(
+                f"RelianceMonitor: the kept orders of layer {layer!r} have shape {tuple(kept.shape)}, but repeats={self.repeats} "
+                f"and the layer has {d} units: drawing new ones (the values are not comparable with the earlier ones).",
+                RuntimeWarning, stacklevel=2,
+            )
         g = self._generator(layer, 0, None if self.orders == "fixed" else epoch)
         perms = torch.stack([torch.randperm(d, generator=g) for _ in range(self.repeats)])
         if self.orders == "fixed":
