@@ -19,7 +19,7 @@ from netprobe._validation import close_names
 
 LayerSpec = Union[str, type, nn.Module]
 
-__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating", "Layouts", "LAYOUTS", "check_layout",
+__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating", "Layouts", "AmbiguousLayoutError", "LAYOUTS", "check_layout",
            "batch_first_of", "select_output"]
 
 _GLOB_CHARS = set("*?[")
@@ -189,7 +189,6 @@ _UNITS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding) + ((nn.RMSNor
 # alias matches too), holding a weak reference to the tensor: a key only counts while that tensor
 # lives, so its memory cannot have been reused meanwhile.
 _MARKS: Dict[Any, Tuple["weakref.ref[torch.Tensor]", str]] = {}
-_CHANNELS_FIRST = _MARKS  # (old name)
 _PURGE_AT = [512]
 _ACTIVE = [0]  # layout trackers attached now
 
@@ -223,10 +222,6 @@ def _mark(t: torch.Tensor, kind: str) -> None:
                 _MARKS.pop(k, None)
         _PURGE_AT[0] = max(512, 2 * len(_MARKS))  # many live entries: purge less often
     _MARKS[_layout_key(t)] = (weakref.ref(t), kind)
-
-
-def _mark_channels_first(t: torch.Tensor) -> None:
-    _mark(t, "C")
 
 
 def _mark_of(t: torch.Tensor) -> Optional[str]:
@@ -374,8 +369,10 @@ def batch_first_of(module: nn.Module) -> Optional[bool]:
         return batch_first_of(module.layers[0]) if len(module.layers) else None
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         return bool(module.self_attn.batch_first)
-    bf = getattr(module, "batch_first", None)
-    return bf if isinstance(bf, bool) else None
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        bf = getattr(module, "batch_first", None)
+        return bf if isinstance(bf, bool) else None
+    return None  # a `batch_first` attribute of a user's module says nothing about its own output
 
 
 def _sequence_context(model: nn.Module, name: str) -> Optional[bool]:
@@ -403,6 +400,11 @@ NESTED_MESSAGE = (
     "`nn.TransformerEncoder(..., enable_nested_tensor=False)` (its layers then return padded tensors), or probe a "
     "module outside the encoder."
 )
+
+
+class AmbiguousLayoutError(ValueError):
+    """A layer's batch axis cannot be told from this forward call (a 3-D output whose first two
+    axes both have the batch size): another call with another batch size may tell it."""
 
 
 class Layouts:
@@ -439,6 +441,8 @@ class Layouts:
         self.batch: Optional[int] = None
         self._depth = 0
         self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in model.modules())
+        self._seqfirst = any(batch_first_of(m) is False for m in model.modules())
+        self._decided: Dict[Tuple[str, bool, int], Tuple[int, int]] = {}  # established by an unambiguous call
 
     # -- hooks -------------------------------------------------------------------------
     def attach(self) -> List[Any]:
@@ -505,11 +509,23 @@ class Layouts:
             if isinstance(module, _CHANNELS_FIRST_3D) or mark == "C":
                 if n is None or shape[0] == n:  # type: ignore[index]
                     return 0, 1
+            elif self._seqfirst:
+                # a model with sequence-first modules, outside their context: its entry may be (T, N)
+                # as well as (N, T) (an embedding before a batch_first=False encoder), so the batch size
+                # seen there proves nothing
+                raise ValueError(
+                    f"Layer {name!r} ({type(module).__name__}) returned {shape} in a model with sequence-first modules "
+                    "(batch_first=False), outside them: (N, T, D) and (T, N, D) are both possible. Pass `layout='LNC'` "
+                    "(sequence first) or `layout='NLC'` (batch first) for this layer."
+                )
             elif isinstance(module, _UNITS_LAST) or mark == "L" or not self._conv1d:
                 if n is not None and shape[0] == n and shape[1] != n:  # type: ignore[index]
+                    self._decided[(name, primary, nd)] = (0, 2)
                     return 0, 2
                 if n is not None and shape[0] == n and shape[1] == n:  # type: ignore[index]
-                    raise ValueError(
+                    if (name, primary, nd) in self._decided:  # an earlier call of this layer told it
+                        return self._decided[(name, primary, nd)]
+                    raise AmbiguousLayoutError(
                         f"Layer {name!r} ({type(module).__name__}) returned {shape}: both of its first two axes have the "
                         f"batch size {n}, so it may be (N, T, D) or (T, N, D). Pass `layout='NLC'` (batch first) or "
                         f"`layout='LNC'` (sequence first) for this layer."
@@ -528,7 +544,8 @@ class Layouts:
                     "the units) or `layout='NLC'` (a sequence) for this layer."
                 )
         elif n is None or shape[0] == n:  # type: ignore[index]
-            return (0, nd - 1) if nd <= 2 else (0, 1)
+            # (a Linear/LayerNorm applied to (N, H, W, C) has its units last)
+            return (0, nd - 1) if nd <= 2 or isinstance(module, _UNITS_LAST) else (0, 1)
         raise ValueError(
             f"Layer {name!r} ({type(module).__name__}) returned {shape}, and netprobe cannot tell its batch axis ({seen}). "
             f"Pass the layer's layout, e.g. `layout={suggest}` (N = batch, C = units), for this layer."

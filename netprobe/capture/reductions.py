@@ -24,7 +24,7 @@ from torch import nn
 
 from netprobe._modules import unit_dim
 
-__all__ = ["Reduction", "REDUCTIONS", "check_reduction", "reduce_output", "rows_per_input"]
+__all__ = ["Reduction", "REDUCTIONS", "check_reduction", "reduce_output"]
 
 Reduction = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 REDUCTIONS = ("mean", "flatten", "last", "sample")
@@ -39,23 +39,6 @@ def check_reduction(reduce: object, where: str = "reduce") -> Reduction:
             f"but got {reduce!r}."
         )
     return reduce  # type: ignore[return-value]
-
-
-def _to_units_last(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """(N, units, positions...) or (N, T, D) -> (N, P, units)."""
-    ud = unit_dim(module, out)
-    if ud == 1:  # conv-like: (N, C, *spatial) -> (N, P, C)
-        return out.flatten(2).transpose(1, 2)
-    return out  # sequence (N, T, D)
-
-
-def rows_per_input(reduce: Reduction, positions: Optional[int]) -> Optional[int]:
-    """Rows each input contributes (``None`` when a callable decides)."""
-    if reduce == "sample":
-        return positions
-    if callable(reduce):
-        return None
-    return 1
 
 
 def reduce_output(

@@ -21,6 +21,7 @@ samples across the batch.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, Layouts, check_layout, evaluating, resolve_layer, select_output
+from netprobe._modules import (INPUT_KEYS, TARGET_KEYS, AmbiguousLayoutError, Layouts, check_layout, evaluating, resolve_layer,
+                               select_output)
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "score", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES",
            "DEFAULT_MAX_ELEMENTS"]
@@ -315,6 +317,21 @@ def _per_sample_loss(loss_fn: Optional[LossFn], out: torch.Tensor, y: torch.Tens
     return loss
 
 
+def _tensors_in(out: Any) -> List[torch.Tensor]:
+    """The tensors of a module output: itself, or those in a tuple/list, a dict-like or a dataclass."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        items: Iterable[Any] = out
+    elif isinstance(out, collections.abc.Mapping) or (hasattr(out, "keys") and hasattr(out, "__getitem__")):
+        items = [out[k] for k in out.keys()]
+    elif dataclasses.is_dataclass(out):
+        items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    else:
+        return []
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
 #: rows of the first batch that the shape pass runs when no statistic over the data is needed
 _SHAPE_ROWS = 8
 
@@ -370,7 +387,7 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
     def size_hook(mod: nn.Module, args: Any, out: Any) -> None:
         # the stacked passes hold every module output at m * b rows: their memory is bounded by
         # the largest output per input row (a tuple's tensors together)
-        elems = sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor))
+        elems = sum(t.numel() for t in _tensors_in(out))
         st.row_elements = max(st.row_elements, -(-elems // max(rows[0], 1)))
 
     h = module.register_forward_hook(hook)
@@ -380,11 +397,21 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
         layouts_h = layouts.attach()
         sizes = [m.register_forward_hook(size_hook) for m in model.modules()]
         for x, y in _batches(data):
+            full, full_y = x, y
             if first_only and x.shape[0]:
                 x, y = x[:_SHAPE_ROWS], y[:_SHAPE_ROWS]
             x = x.to(device) if device is not None else x
             rows[0] = x.shape[0]
-            model(x)
+            try:
+                model(x)
+            except AmbiguousLayoutError:
+                if x.shape[0] == full.shape[0]:
+                    raise
+                # the few rows happened to equal a sequence length: the whole batch may tell
+                st.calls, st.s1, st.s2, st.cnt, st.ud, st.d = 0, None, None, 0, None, 0
+                x, y = (full.to(device) if device is not None else full), full_y
+                rows[0] = x.shape[0]
+                model(x)
             if x.shape[0] and sizes:
                 for handle in sizes:
                     handle.remove()
@@ -495,7 +522,7 @@ def _run(
                             out = model(x)
                             if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != m * b:
                                 raise RuntimeError("output rows do not follow the layer's rows")
-                        except RuntimeError:
+                        except (RuntimeError, AssertionError):  # (torch's attention checks its mask's batch with assert)
                             if expand == "layer":
                                 raise
                             at_layer, out = False, None  # fall back to repeating the inputs, for good
