@@ -164,16 +164,22 @@ except AttributeError:  # pragma: no cover - torch < 2.3
         return False
 
 
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+_call_eagerly = _compiler_disable(_call)  # made once: building a disabled wrapper costs ~20 us
+
+
 def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` as a hook that is never traced: under ``torch.compile`` it runs through
     ``torch.compiler.disable`` (a graph break; the hook's side effects happen eagerly), and in
     eager mode it is called directly, because the disabling wrapper costs ~20 us a call (measured
     on an H200 host, torch 2.11), as much as a capture hook's own work."""
-    disabled = _compiler_disable(fn)
 
     def hook(*args: Any, **kwargs: Any) -> Any:
         if _is_compiling():
-            return disabled(*args, **kwargs)
+            return _call_eagerly(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
     return hook
@@ -375,12 +381,11 @@ def batch_first_of(module: nn.Module) -> Optional[bool]:
     return None  # a `batch_first` attribute of a user's module says nothing about its own output
 
 
-def _sequence_context(model: nn.Module, name: str) -> Optional[bool]:
+def _sequence_context(mods: Mapping[str, nn.Module], name: str) -> Optional[bool]:
     """``batch_first`` of ``name`` itself or of its nearest ancestor that has one (its submodules see
     the same layout), ``None`` when none has (or when that ancestor is an attention module, whose
-    internals run sequence-first whatever its ``batch_first``)."""
+    internals run sequence-first whatever its ``batch_first``); ``mods``: the model's named modules."""
     parts = name.split(".")
-    mods = dict(model.named_modules())
     for i in range(len(parts), -1, -1):
         anc = ".".join(parts[:i])
         mod = mods.get(anc)
@@ -437,17 +442,18 @@ class Layouts:
         self.model = model
         self.modules = dict(modules)
         self.layout = per_layer_layout(layout, self.modules)
-        self.context = {n: _sequence_context(model, n) for n in self.modules}
+        self._named = dict(model.named_modules())
+        self.context = {n: _sequence_context(self._named, n) for n in self.modules}
         self.batch: Optional[int] = None
         self._depth = 0
-        self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in model.modules())
-        self._seqfirst = any(batch_first_of(m) is False for m in model.modules())
+        self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in self._named.values())
+        self._seqfirst = any(batch_first_of(m) is False for m in self._named.values())
         self._decided: Dict[Tuple[str, bool, int], Tuple[int, int]] = {}  # established by an unambiguous call
 
     # -- hooks -------------------------------------------------------------------------
     def attach(self) -> List[Any]:
         """Register the hooks (entry batch size, layout tracking); returns handles to ``.remove()``."""
-        named = dict(self.model.named_modules())
+        named = self._named
         entries: Dict[int, nn.Module] = {id(self.model): self.model}
         for n in self.modules:
             parts = n.split(".")
