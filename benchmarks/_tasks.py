@@ -25,7 +25,7 @@ from demo import MLP  # noqa: E402
 class ConvNet1d(pl.LightningModule):
     def __init__(self, lr: float = 1e-3) -> None:
         super().__init__()
-        self.lr = lr
+        self.save_hyperparameters()
         self.conv1, self.relu1 = nn.Conv1d(1, 32, 5, padding=2), nn.ReLU()
         self.conv2, self.relu2 = nn.Conv1d(32, 64, 5, padding=2), nn.ReLU()
         self.conv3, self.relu3 = nn.Conv1d(64, 64, 5, padding=2), nn.ReLU()
@@ -37,14 +37,9 @@ class ConvNet1d(pl.LightningModule):
         h = self.relu3(self.conv3(self.relu2(self.conv2(self.relu1(self.conv1(x))))))
         return self.out(h.flatten(1))
 
-    def training_step(self, batch, _):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    # the demo MLP's: cross-entropy, logged as train/loss; Adam at hparams.lr
+    training_step = MLP.training_step
+    configure_optimizers = MLP.configure_optimizers
 
 
 def task(name: str, seed: int = 0) -> Tuple[type, torch.utils.data.DataLoader, List[str], Dict[str, torch.Tensor]]:

@@ -98,13 +98,8 @@ def test_orders_differ_by_layer_and_seed_and_per_epoch_has_none_to_keep():
         RelianceMonitor(["relu1"], max_elements=0)
 
 
-def _three(**kw):
-    return [SelectivityMonitor(["relu1", "relu2"], num_samples=96, mutual_info=True, **kw),
-            RelianceMonitor(["relu1", "relu2"], num_samples=96, repeats=2, noise=True, **kw),
-            ConvergenceMonitor(["relu1", "relu2"], num_samples=96, **kw)]
-
-
-def test_values_with_one_monitor_equal_those_with_three_and_the_probe_pass_is_shared(monkeypatch):
+def _count_captures(monkeypatch):
+    """The monitors' forward passes over probe inputs: (monitor class, rows, layers) per pass."""
     calls = []
     real = NetprobeMonitor._capture
 
@@ -113,6 +108,17 @@ def test_values_with_one_monitor_equal_those_with_three_and_the_probe_pass_is_sh
         return real(self, pl_module, x, layers)
 
     monkeypatch.setattr(NetprobeMonitor, "_capture", counting)
+    return calls
+
+
+def _three(**kw):
+    return [SelectivityMonitor(["relu1", "relu2"], num_samples=96, mutual_info=True, **kw),
+            RelianceMonitor(["relu1", "relu2"], num_samples=96, repeats=2, noise=True, **kw),
+            ConvergenceMonitor(["relu1", "relu2"], num_samples=96, **kw)]
+
+
+def test_values_with_one_monitor_equal_those_with_three_and_the_probe_pass_is_shared(monkeypatch):
+    calls = _count_captures(monkeypatch)
     together = _fit(_three())
     full_passes = [c for c in calls if c[1] == 96]
     assert len(full_passes) == 3, full_passes  # one per epoch for the three monitors, all layers at once
@@ -126,18 +132,11 @@ def test_values_with_one_monitor_equal_those_with_three_and_the_probe_pass_is_sh
 
 
 def test_a_monitor_with_another_probe_set_measured_in_between_does_not_break_the_sharing(monkeypatch):
-    calls = []
-    real = NetprobeMonitor._capture
-
-    def counting(self, pl_module, x, layers=None):
-        calls.append(x.shape[0])
-        return real(self, pl_module, x, layers)
-
-    monkeypatch.setattr(NetprobeMonitor, "_capture", counting)
+    calls = _count_captures(monkeypatch)
     # callback order: 96, 64, 96 examples; the two monitors of 96 share their pass across the other
     _fit([SelectivityMonitor(["relu1"], num_samples=96), RelianceMonitor(["relu2"], num_samples=64, repeats=1),
           ConvergenceMonitor(["relu1", "relu2"], num_samples=96)], epochs=2)
-    per_epoch = [c for c in calls if c in (64, 96)]
+    per_epoch = [c[1] for c in calls if c[1] in (64, 96)]
     assert sorted(per_epoch) == [64, 64, 96, 96], calls
 
 
@@ -161,6 +160,14 @@ class _Conv(nn.Module):
 
     def forward(self, x):
         return self.out(self.r2(self.c2(self.r1(self.c1(x)))).flatten(1))
+
+
+def _conv_case():
+    """A conv net, its data and a stack of 3 orders of the 8 units of its first ReLU."""
+    torch.manual_seed(0)
+    x, y = _conv_data()
+    order = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    return _Conv().eval(), x, y, order
 
 
 def _conv_data(n=48):
@@ -190,10 +197,7 @@ def test_max_elements_bounds_every_module_output_of_a_stacked_pass_and_changes_n
 
 
 def test_unablated_point_from_the_callers_forward_pass_gives_the_same_curve():
-    torch.manual_seed(0)
-    net = _Conv().eval()
-    x, y = _conv_data()
-    order = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    net, x, y, order = _conv_case()
     ref = ablation_curve(net, "r1", (x, y), order=order)
     with torch.no_grad():
         base = score(net(x), y)
@@ -204,10 +208,7 @@ def test_unablated_point_from_the_callers_forward_pass_gives_the_same_curve():
 
 
 def test_a_stack_of_orders_averages_one_curve_per_order_and_bad_stacks_are_refused():
-    torch.manual_seed(0)
-    net = _Conv().eval()
-    x, y = _conv_data()
-    order = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    net, x, y, order = _conv_case()
     stacked = ablation_curve(net, "r1", (x, y), order=order)
     singles = [ablation_curve(net, "r1", (x, y), order=o) for o in order]
     assert stacked.correct.shape == (3, 11)
