@@ -355,11 +355,6 @@ def test_compile_probe_attached_before_compiling_matches_eager(layers):
         torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "netprobe bug: a probe attached after compiling to a model with its own forward (not nn.Sequential) "
-    "captures nothing and the error is the generic 'was the layer reached by the forward?': the root "
-    "model's pre-hook still runs (outside the compiled code), so Probe._forwards > 0 and the "
-    "torch.compile hint (_compiled_elsewhere) is never given"))
 def test_compile_probe_attached_after_compiling_names_the_cause():
     torch._dynamo.reset()
     m = _seeded(ResNet2d)

@@ -125,7 +125,6 @@ class Probe:
         self._targets: Optional[torch.Tensor] = None
         self._target_problems: Dict[str, str] = {}
         self._overflow: Dict[str, torch.Tensor] = {}  # float16 storage: a finite value above its range was written
-        self._forwards = 0  # forward passes seen at the model's entry while attached
         self.enabled = True
 
     def _per_layer(self, value: Any, what: str, check: Callable[[Any, str], Any], default: Any) -> Dict[str, Any]:
@@ -157,14 +156,10 @@ class Probe:
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
             self._handles += self._layouts.attach()  # entry batch size, a ReLU after a Conv1d: channels
-            self._handles.append(self.model.register_forward_pre_hook(eager_hook(self._count_forward)))
         except BaseException:
             self.detach()
             raise
         return self
-
-    def _count_forward(self, mod: nn.Module, args: Any) -> None:
-        self._forwards += 1
 
     def detach(self) -> None:
         """Remove every hook this probe registered (idempotent). Buffers are kept for reading."""
@@ -287,7 +282,8 @@ class Probe:
         """Captured rows of layer ``name``, ``(n, d)``, oldest first (a copy, storage dtype/device)."""
         buf = self._check_name(name)
         if not buf.allocated:
-            if not self._forwards and _compiled_elsewhere(self.model):
+            # (the model's own entry hook may have run even so: a compiled wrapper calls it eagerly)
+            if _compiled_elsewhere(self.model):
                 raise ValueError(
                     f"Layer {name!r} has captured nothing, and the model has code compiled by torch.compile: if the forward "
                     "ran through a model compiled before this probe was attached, the compiled code does not run hooks "
