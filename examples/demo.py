@@ -97,7 +97,8 @@ def main() -> None:
     callbacks = [
         SelectivityMonitor(layers, mutual_info=True),              # class selectivity, MI, histograms
         RelianceMonitor(layers),                                    # ablation curves -> reliance_auc
-        ConvergenceMonitor(layers, methods=("pwcca", "cka"), heatmap=True),  # similarity to the previous epoch
+        # similarity to the previous epoch; PWCCA needs more probe examples than twice the width (128)
+        ConvergenceMonitor(layers, methods=("pwcca", "cka"), heatmap=True, num_samples=512),
         RelianceEarlyStopping(patience=4, smoothing=0.5, warmup_epochs=3),  # stop on reliance, no val set
         Table(x_test, y_test),
     ]

@@ -152,9 +152,8 @@ class RelianceMonitor(NetprobeMonitor):
     "Reliance defaults" table): about a quarter of the arithmetic of the paper's 11 fractions on
     512 examples, an sd over orders and probe sets together no larger, and an epoch-to-epoch
     change about 3.5x less noisy. Fewer fractions lower the AUC by a near-constant amount (the
-    trapezoid is coarser): compare values measured with the same settings. The probe set differs
-    from the other monitors' default (512 examples, which PWCCA needs), so it gets its own forward
-    pass; pass the same ``num_samples`` to share one.
+    trapezoid is coarser): compare values measured with the same settings. The probe set is the one
+    the other monitors share (same default size and seed), so one forward pass serves them all.
 
     Cost per measurement and layer: ``repeats x (len(fractions) - 2)`` forward passes of the layers
     after the monitored one over the probe set (stacked into large batches, the layers before it
@@ -171,7 +170,6 @@ class RelianceMonitor(NetprobeMonitor):
         max_batch, max_elements: bound the rows and the elements of any module output in a
             stacked forward pass (as in :func:`~netprobe.metrics.ablation_curve`; the default
             keeps each module output under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
-        num_samples: size of the default probe set (here 256; see above).
         **kwargs: see the base.
 
     Example:
@@ -188,7 +186,6 @@ class RelianceMonitor(NetprobeMonitor):
         mode: str = "zero",
         repeats: int = 3,
         orders: str = "fixed",
-        num_samples: int = 256,
         noise: bool = False,
         scales: Sequence[float] = DEFAULT_SCALES,
         figures: bool = True,
@@ -196,7 +193,7 @@ class RelianceMonitor(NetprobeMonitor):
         max_elements: MaxElements = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(layers, num_samples=num_samples, **kwargs)
+        super().__init__(layers, **kwargs)
         if order not in ("random", "selectivity_desc", "selectivity_asc"):
             raise ValueError(f"Expected `order` to be 'random', 'selectivity_desc' or 'selectivity_asc', but got {order!r}.")
         if orders not in ("fixed", "per_epoch"):
