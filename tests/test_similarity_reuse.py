@@ -2,7 +2,6 @@
 one side's statistics as the next accumulator's y side (`side`, `update(..., y_stats=)`)."""
 
 import os
-import socket
 import sys
 
 import numpy as np
@@ -309,10 +308,7 @@ def test_merge_and_state_dict_with_y_stats():
 
 
 # ----------------------------------------------------------------------------- two ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_distributed import _free_port  # noqa: E402  (one helper for the two-rank tests)
 
 
 def _worker(rank, world, port, outdir):
