@@ -19,6 +19,7 @@ _EXPORTS = {
     "pwcca": "similarity",
     "linear_cka": "similarity",
     "SimilarityAccumulator": "similarity",
+    "MinibatchCKA": "similarity",
     # class selectivity and information
     "class_selectivity": "selectivity",
     "SelectivityResult": "selectivity",

@@ -40,7 +40,7 @@ import torch
 from netprobe import distributed as _dist
 from netprobe._validation import check_2d, check_finite, check_same_n
 
-__all__ = ["cca", "svcca", "pwcca", "linear_cka", "SimilarityAccumulator", "SideStats"]
+__all__ = ["cca", "svcca", "pwcca", "linear_cka", "SimilarityAccumulator", "SideStats", "MinibatchCKA"]
 
 #: Units whose variance is below this fraction of the largest variance (same side) are dropped.
 VAR_TOL = 1e-10
@@ -1179,3 +1179,99 @@ def _check_y_matches(m: _Moments, ys: SideStats) -> None:
             f"`y_stats.mean` (unit {j}: {float(m.my[j]):.9g} vs {float(ys.mean[j]):.9g}); pass the rows `y_stats` "
             "was computed from, in the same order of units."
         )
+
+
+class MinibatchCKA:
+    """Streaming linear CKA for wide layers: the minibatch estimator of Nguyen, Raghu & Kornblith
+    (2021), ``mean_b HSIC_1(X_b, Y_b) / sqrt(mean_b HSIC_1(X_b, X_b) mean_b HSIC_1(Y_b, Y_b))``,
+    with ``HSIC_1`` the unbiased HSIC estimator (Song et al. 2012) on the linear Gram matrices of
+    each minibatch of ``b >= 4`` rows.
+
+    Memory and cost do not grow with the width's square: per batch ``O(b^2)`` memory and
+    ``b^2 (d_x + d_y)`` multiply-adds (against ``O(d^2)`` memory and ``b d^2`` for
+    :class:`SimilarityAccumulator`), so it serves layers of thousands of units. Only three sums and a
+    count are kept: batches and ranks merge exactly (:meth:`merge`, :meth:`all_reduce`).
+
+    It estimates a different quantity from :func:`linear_cka` (the debiased CKA, averaged over the
+    batch partition): its value depends on the batch size (use the same one to compare), it is
+    unbiased per batch, and, like ``linear_cka(debiased=True)``, it can fall slightly below 0 for
+    unrelated representations.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(400, 3000, generator=g)
+        >>> acc = MinibatchCKA()
+        >>> for i in range(0, 400, 100):
+        ...     _ = acc.update(x[i:i + 100], 2 * x[i:i + 100] + 1)
+        >>> round(float(acc.compute()), 6)
+        1.0
+    """
+
+    def __init__(self) -> None:
+        self._sums: Optional[torch.Tensor] = None  # (hsic_xy, hsic_xx, hsic_yy) summed over batches
+        self.batches = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> "MinibatchCKA":
+        """Add one minibatch of paired rows ``x`` ``(b, d_x)``, ``y`` ``(b, d_y)``, ``b >= 4``."""
+        x, y = _prep(x, y)
+        b = x.shape[0]
+        if b < 4:
+            raise ValueError(f"Expected minibatches of at least 4 rows (the unbiased HSIC needs them), but got {b}.")
+        check_finite(x, "x")
+        check_finite(y, "y")
+        # the unbiased HSIC is invariant to constant shifts of the features; centering first keeps
+        # the Gram matrices' rounding small
+        xc = x.to(_F64) - x.to(_F64).mean(0)
+        yc = y.to(_F64) - y.to(_F64).mean(0)
+        k, l = xc @ xc.T, yc @ yc.T
+        k.fill_diagonal_(0.0)
+        l.fill_diagonal_(0.0)
+        h = torch.stack([_hsic1(k, l), _hsic1(k, k), _hsic1(l, l)])
+        self._sums = h if self._sums is None else self._sums + h.to(self._sums.device)
+        self.batches += 1
+        return self
+
+    def merge(self, other: "MinibatchCKA") -> "MinibatchCKA":
+        """Add another accumulator's batches (in place); returns ``self``."""
+        if not isinstance(other, MinibatchCKA):
+            raise TypeError(f"Expected a MinibatchCKA, but got {type(other).__name__}.")
+        if other._sums is not None:
+            self._sums = other._sums.clone() if self._sums is None else self._sums + other._sums.to(self._sums.device)
+            self.batches += other.batches
+        return self
+
+    def all_reduce(self) -> "MinibatchCKA":
+        """Sum the batches of every rank (a collective under ``torch.distributed``; a no-op otherwise).
+        Every rank must have seen at least one batch."""
+        if not _dist.is_distributed():
+            return self
+        _dist.require_all(self._sums is not None, "Every rank must `update` the accumulator at least once before `all_reduce`.")
+        assert self._sums is not None
+        flat = _dist.all_reduce_sum(torch.cat([self._sums, self._sums.new_tensor([float(self.batches)])]))
+        self._sums, self.batches = flat[:3], int(flat[3])
+        return self
+
+    def compute(self) -> torch.Tensor:
+        """The minibatch CKA of every batch seen (0-d float64)."""
+        if self._sums is None:
+            raise ValueError("The accumulator is empty (no batches): call `update(x, y)` with minibatches of >= 4 rows first.")
+        xy, xx, yy = self._sums
+        if not bool(xx > 0) or not bool(yy > 0):
+            raise ValueError("Minibatch CKA is undefined here: a representation has no estimable variance in its minibatches.")
+        return xy / (xx.sqrt() * yy.sqrt())
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sums": None if self._sums is None else self._sums.clone(), "batches": self.batches}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        sums = state.get("sums")
+        self._sums = None if sums is None else sums.to(_F64).clone()
+        self.batches = int(state.get("batches", 0))
+
+
+def _hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012) of Gram matrices with zero diagonals, ``(b, b)``."""
+    b = k.shape[0]
+    ones_k, ones_l = k.sum(0), l.sum(0)  # K 1, L 1 (symmetric)
+    trace = (k * l).sum()
+    return (trace + k.sum() * l.sum() / ((b - 1) * (b - 2)) - 2.0 / (b - 2) * (ones_k @ ones_l)) / (b * (b - 3))
