@@ -140,3 +140,25 @@ def test_orders_kept_for_other_repeats_are_redrawn_with_a_warning():
     with pytest.warns(RuntimeWarning, match=r"kept orders of layer 'relu1' have shape \(3, 32\), but repeats=5"):
         orders = second._random_orders("relu1", 0)
     assert orders.shape == (5, 32)
+
+
+def test_a_layer_wider_than_the_probe_set_gets_exact_cka_from_gram_matrices():
+    from netprobe.metrics import SimilarityAccumulator, linear_cka
+
+    class Snap(pl.Callback):
+        def __init__(self, mon):
+            self.mon, self.prev, self.values = mon, [], []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.prev.append(self.mon._prev["relu1"].clone())
+            self.values.append(trainer.callback_metrics.get("netprobe/cka_prev"))
+
+    x, y = digits(240)
+    conv = ConvergenceMonitor(["relu1"], num_samples=60)  # 64 units > 2/3 of 60 rows: the Gram form
+    snap = Snap(conv)
+    trainer(pl, max_epochs=2, callbacks=[conv, snap]).fit(make_module(pl, width=64, batchnorm=False), loader(x, y))
+    h0, h1 = snap.prev
+    assert h1.shape == (60, 64) and not torch.equal(h0, h1)
+    exact = float(linear_cka(h1, h0))
+    moments = float(SimilarityAccumulator().update(h1, h0).linear_cka())
+    assert float(snap.values[1]) == pytest.approx(exact, abs=1e-6) and exact == pytest.approx(moments, abs=1e-9)

@@ -446,10 +446,17 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._prev, self._prev_side = dict(state.get("prev", {})), {}
 
     def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice, layer: str, what: str,
-                      other_side: Optional[SideStats]) -> Tuple[Dict[str, float], SimilarityAccumulator]:
+                      other_side: Optional[SideStats], cur_full: torch.Tensor) -> Tuple[Dict[str, float], Optional[SimilarityAccumulator]]:
         """The methods' values for this rank's shard ``cur`` against the same rows of ``other_full``
         (reduced across ranks), each covariance factorized once; ``other_side``: the other side's
-        statistics from an earlier comparison, reused instead of recomputed."""
+        statistics from an earlier comparison, reused instead of recomputed. A layer wider than
+        2/3 of the probe set with CKA alone takes the exact linear CKA from the ``n x n`` Gram
+        matrices of the whole probe set (``cur_full``, every rank alike) instead of ``d x d``
+        moments: the same value, ``O(n^2)`` memory and ``n^2 d`` work instead of ``O(d^2)`` and
+        ``n d^2`` (returns no accumulator then)."""
+        n, d = cur_full.shape[0], cur_full.shape[1]
+        if tuple(self.methods) == ("cka",) and 3 * d > 2 * n:
+            return {"cka": float(linear_cka(cur_full, other_full))}, None
         other = other_full[sl].to(cur.device)
         acc = self._agreed(lambda: SimilarityAccumulator().update(cur, other, y_stats=other_side), cur.device).all_reduce()
         # after the reduce every rank holds the same moments: same outcome everywhere
@@ -501,22 +508,25 @@ class ConvergenceMonitor(NetprobeMonitor):
         ref_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
         ref = self._reference_acts(pl_module) if self.reference is not None else {}
         sides: Dict[str, SideStats] = {}
+        full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}  # the whole probe set, every rank
         for layer, a in acts.items():
             try:
                 if layer in self._prev:
                     vals, acc = self._similarities(a, self._prev[layer], sl, layer, "to the previous measurement",
-                                                   self._prev_side.get(layer))
+                                                   self._prev_side.get(layer), full[layer])
                     for m, v in vals.items():
                         prev_vals[m][layer] = v
-                    sides[layer] = acc.side("x")  # this epoch's side: the previous one at the next measurement
+                    if acc is not None:
+                        sides[layer] = acc.side("x")  # this epoch's side: the previous one at the next measurement
                 if layer in ref:
-                    vals, acc = self._similarities(a, ref[layer], sl, layer, "to the reference", self._ref_side.get(layer))
+                    vals, acc = self._similarities(a, ref[layer], sl, layer, "to the reference", self._ref_side.get(layer),
+                                                   full[layer])
                     for m, v in vals.items():
                         ref_vals[m][layer] = v
-                    self._ref_side[layer] = acc.side("y")
+                    if acc is not None:
+                        self._ref_side[layer] = acc.side("y")
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)
-        full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
         self._prev, self._prev_side = full, sides
         out: Dict[str, float] = {}
         for m in self.methods:
