@@ -62,6 +62,10 @@ Batch = Any
 ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 
+#: metrics of the whole model, logged as ``netprobe/<metric>`` only (no per-layer key)
+_MODEL_LEVEL = ("probe_accuracy",)
+
+
 class _OtherRankFailed(ValueError):
     """A rank-local check failed on another rank; this rank skips the same step."""
 
@@ -513,12 +517,34 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         t0 = time.perf_counter()
         with self._frozen(pl_module):
             scalars, media = self.compute(trainer, pl_module)
-        scalars[f"netprobe/time/{type(self).__name__}"] = time.perf_counter() - t0
+        scalars[self._time_key] = time.perf_counter() - t0
         self._publish(trainer, scalars, media)
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Subclass hook: ``({key: value}, {media})`` for this epoch. Runs frozen (eval, no_grad)."""
         raise NotImplementedError
+
+    @property
+    def _time_key(self) -> str:
+        return f"netprobe/time/{type(self).__name__}"
+
+    def logged_keys(self, pl_module: nn.Module) -> List[str]:
+        """Every key this monitor logs for ``pl_module``: ``netprobe/<metric>``, ``netprobe/<metric>/<layer>``
+        (not for a model-level metric such as ``probe_accuracy``) and its ``netprobe/time/<Monitor>``.
+        Before ``setup`` the layers are resolved as ``setup`` will (none if they cannot be: then
+        ``setup`` raises its own error)."""
+        layers = list(self.layers)
+        if not layers:
+            try:
+                layers = list(resolve_layers(pl_module, self.layer_specs))
+            except (ValueError, TypeError):
+                layers = []
+        keys = [self._time_key]
+        for metric in self.metrics:
+            keys.append(f"netprobe/{metric}")
+            if metric not in _MODEL_LEVEL:
+                keys.extend(f"netprobe/{metric}/{layer}" for layer in layers)
+        return keys
 
     def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float]) -> None:
         """Add ``netprobe/<metric>/<layer>`` and their mean ``netprobe/<metric>`` to ``out``."""

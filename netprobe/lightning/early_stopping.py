@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -151,7 +151,7 @@ class RelianceEarlyStopping(_EarlyStopping):
                     UserWarning, stacklevel=2,
                 )
             return
-        keys = _monitor_keys(monitors, pl_module)
+        keys = {k for mon in monitors for k in mon.logged_keys(pl_module)}
         for key in needed:
             if key in keys:
                 continue
@@ -227,24 +227,3 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._last_value = state_dict.get("last_value")
         self.history = [tuple(h) for h in state_dict.get("history", [])]
 
-
-def _monitor_keys(monitors: List[Any], pl_module: Any) -> Set[str]:
-    """Every key the given netprobe monitors will log: ``netprobe/<metric>``,
-    ``netprobe/<metric>/<layer>`` (layer-level for every metric but ``probe_accuracy``) and
-    ``netprobe/time/<Monitor>``."""
-    from netprobe._modules import resolve_layers
-
-    keys: Set[str] = set()
-    for mon in monitors:
-        layers = list(getattr(mon, "layers", []) or [])
-        if not layers:  # not set up yet (callbacks set up in list order): resolve as the monitor will
-            try:
-                layers = list(resolve_layers(pl_module, mon.layer_specs))
-            except Exception:  # noqa: BLE001 - the monitor raises its own error for bad layer specs
-                layers = []
-        for metric in mon.metrics:
-            keys.add(f"netprobe/{metric}")
-            if metric != "probe_accuracy":
-                keys.update(f"netprobe/{metric}/{layer}" for layer in layers)
-        keys.add(f"netprobe/time/{type(mon).__name__}")
-    return keys

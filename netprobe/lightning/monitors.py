@@ -227,7 +227,7 @@ class RelianceMonitor(NetprobeMonitor):
     def _validate(self, pl_module: nn.Module) -> None:
         super()._validate(pl_module)
         # a layer ablation cannot handle (a tuple output without `select`, a layout it cannot
-        # establish) fails now, not after the first epoch: one tiny curve per layer on 2 examples
+        # establish) fails now, not after the first epoch: one curve per layer, one order, one batch
         assert self._probe is not None
         x, y = self._probe
         fwd = _ForwardAdapter(self, pl_module)
