@@ -554,6 +554,25 @@ def _unit_shape(view: torch.Tensor, ud: int, m: int, d: int) -> List[int]:
     return shape
 
 
+def _mask_perturb(masks: torch.Tensor, mean: Optional[torch.Tensor], ud: int, d: int
+                  ) -> Callable[[torch.Tensor, int, int, int], torch.Tensor]:
+    """The ``perturb`` of :func:`_run` that applies ``masks`` ``(n_masks, d)`` (1 keeps a unit, 0
+    ablates it) to the stacked view ``(m, b, ...)``: ablated units set to 0 (``mean=None``) or to
+    their ``mean`` ``(d,)``; ``ud``: the unit dim of the output once its batch dim is first."""
+    cache: List[Optional[torch.Tensor]] = [None]
+
+    def perturb(view: torch.Tensor, start: int, m: int, bi: int) -> torch.Tensor:
+        if cache[0] is None or cache[0].device != view.device:
+            cache[0] = masks.to(view.device)
+        mk = cache[0][start : start + m].to(view.dtype).reshape(_unit_shape(view, ud, m, d))
+        if mean is None:
+            return view * mk
+        fill = mean.to(view.device, view.dtype).reshape([1, 1] + [d if i == ud - 1 else 1 for i in range(view.ndim - 2)])
+        return view * mk + fill * (1 - mk)
+
+    return perturb
+
+
 def selectivity_order(selectivity: torch.Tensor, *, descending: bool = True) -> torch.Tensor:
     """Unit order by class selectivity (``(d,)``, NaN = dead): most selective first when
     ``descending``; dead units last either way. Ties keep unit order."""
@@ -712,23 +731,13 @@ def ablation_curve(
         rank.scatter_(1, orders, torch.arange(d).expand(n_rep, d))
         masks = (rank[:, None, :] >= n_ablate[None, :, None]).reshape(n_rep * k, d)
         mean = (st.s1 / st.cnt) if mode == "mean" else None
-        masks_dev = None
-
-        def perturb(view: torch.Tensor, start: int, m: int, bi: int) -> torch.Tensor:
-            nonlocal masks_dev
-            if masks_dev is None or masks_dev.device != view.device:
-                masks_dev = masks.to(view.device)
-            mk = masks_dev[start : start + m].to(view.dtype).reshape(_unit_shape(view, ud, m, d))
-            if mean is None:
-                return view * mk
-            fill = mean.to(view.device, view.dtype).reshape([1, 1] + [d if i == ud - 1 else 1 for i in range(view.ndim - 2)])
-            return view * mk + fill * (1 - mk)
 
         # identical masks (fraction 0 in every repeat, fraction 1, repeated counts) are evaluated once
         uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
         nothing = uniq.all(1)  # masks that ablate no unit: the model itself
         given = unablated is not None and bool(nothing.any()) and not bool(nothing.all())
         masks = uniq[~nothing] if given else uniq
+        perturb = _mask_perturb(masks, mean, ud, d)
         correct_e, loss_e, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
                                      _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
         if given:
