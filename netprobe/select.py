@@ -47,19 +47,23 @@ Everything returned is plain data (dicts, lists, floats).
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import math
 import operator
 import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from netprobe._validation import close_names
 
-__all__ = ["SelectionError", "Run", "find_runs", "load_run", "load_runs", "rank_runs", "parse_condition", "spearman_rho", "kendall_tau", "top_k_hits"]
+__all__ = ["SelectionError", "Run", "find_runs", "load_run", "load_runs", "rank_runs", "rank_signals", "parse_condition", "parse_signal",
+           "key_direction", "layer_order", "spearman_rho", "kendall_tau", "top_k_hits", "bootstrap_intervals", "cross_validate_choice"]
+
+_GLOB_CHARS = set("*?[")
 
 
 class SelectionError(ValueError):
@@ -74,6 +78,8 @@ class Run:
     hparams: Dict[str, Any] = field(default_factory=dict)
     #: why the run cannot be ranked (a corrupt or truncated event file), else None
     error: Optional[str] = None
+    #: metric -> its layers in the order the monitors logged them (``netprobe/<metric>/<layer>`` keys)
+    logged_order: Dict[str, List[str]] = field(default_factory=dict)
 
 
 def _is_event_file(name: str) -> bool:
@@ -128,37 +134,52 @@ def _hparams_from_yaml(path: str) -> Dict[str, Any]:
 
 
 def _check_event_file(path: str) -> Optional[str]:
-    """Why the TFRecord file at ``path`` cannot be read to its end (None when it can).
+    """Why the TFRecord file at ``path`` cannot be read to its end (None when it can)."""
+    return _scan_event_file(path)[0]
+
+
+def _scan_event_file(path: str) -> Tuple[Optional[str], List[Tuple[int, str]]]:
+    """``(why the TFRecord file at path cannot be read to its end or None, [(step, tag)] of its
+    ``netprobe/`` summary values in record order)``.
 
     TensorBoard's reader stops silently at the first corrupt or truncated record (it takes it for
     a record still being written), which would rank a run by the values logged before it. Each
     record is ``uint64 length, uint32 masked CRC-32C of the length, data, uint32 masked CRC-32C of
-    the data``; every checksum is verified here.
+    the data``; every checksum is verified here. The record order of the ``netprobe/`` tags is the
+    order in which the monitors logged their layers (see :func:`layer_order`).
     """
+    from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     name = os.path.basename(path)
+    seq: List[Tuple[int, str]] = []
     try:
         with open(path, "rb") as fh:
             offset = 0
             while True:
                 head = fh.read(12)
                 if not head:
-                    return None
+                    return None, seq
                 if len(head) < 12:
-                    return f"truncated record at byte {offset} of {name}"
+                    return f"truncated record at byte {offset} of {name}", seq
                 if struct.unpack("<I", head[8:])[0] != masked_crc32c(head[:8]):
-                    return f"corrupt record at byte {offset} of {name} (length checksum mismatch)"
+                    return f"corrupt record at byte {offset} of {name} (length checksum mismatch)", seq
                 (length,) = struct.unpack("<Q", head[:8])
                 data = fh.read(length)
                 crc = fh.read(4)
                 if len(data) < length or len(crc) < 4:
-                    return f"truncated record at byte {offset} of {name}"
+                    return f"truncated record at byte {offset} of {name}", seq
                 if struct.unpack("<I", crc)[0] != masked_crc32c(data):
-                    return f"corrupt record at byte {offset} of {name} (data checksum mismatch)"
+                    return f"corrupt record at byte {offset} of {name} (data checksum mismatch)", seq
+                if b"netprobe/" in data:
+                    try:
+                        ev = event_pb2.Event.FromString(data)
+                        seq.extend((int(ev.step), v.tag) for v in ev.summary.value if v.tag.startswith("netprobe/"))
+                    except Exception:  # noqa: BLE001 - an unparsable event only loses its order information
+                        pass
                 offset += 16 + length
     except OSError as err:
-        return f"cannot read {name}: {err}"
+        return f"cannot read {name}: {err}", seq
 
 
 def load_run(path: str, name: Optional[str] = None) -> Run:
@@ -172,12 +193,16 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
 
     run = Run(name or os.path.basename(os.path.normpath(path)), path)
     series: Dict[str, Dict[int, float]] = {}
+    seq: List[Tuple[int, str]] = []
     for root, _, files in sorted(os.walk(path)):
         if not any(_is_event_file(f) for f in files):
             continue
         for f in sorted(files):
-            why = _check_event_file(os.path.join(root, f)) if _is_event_file(f) and run.error is None else None
-            if why:
+            if not _is_event_file(f):
+                continue
+            why, tags = _scan_event_file(os.path.join(root, f))
+            seq.extend(tags)
+            if why and run.error is None:
                 rel = os.path.relpath(root, path)
                 run.error = (why if rel == "." else f"{why} in {rel}") + \
                     " (the values after it are lost; rerun or delete the run, or move the file away)"
@@ -193,6 +218,7 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
         run.hparams.update(_hparams_from_plugin(acc))
         run.hparams.update(_hparams_from_yaml(root))
     run.scalars = {t: sorted(v.items()) for t, v in series.items()}
+    run.logged_order = _logged_layer_order(seq, run.scalars)
     return run
 
 
@@ -311,6 +337,144 @@ def parse_condition(text: str) -> Tuple[str, str, float]:
         ) from None
 
 
+# ----------------------------------------------------------------------------- signal keys
+#: netprobe metrics whose higher value is better, and name endings that say so (README's logged keys)
+_HIGHER_BETTER = ("reliance_area", "probe_accuracy", "mutual_info_mean")
+_HIGHER_SUFFIXES = ("_auc", "_prev", "_ref")
+#: netprobe metrics whose lower value is better (README's logged keys: fewer dead units; less class
+#: selectivity tends to go with better generalization, Morcos et al. 2018)
+_LOWER_BETTER = ("selectivity_mean", "dead_fraction")
+#: ``netprobe/<name>/...`` scalars that are not signals of the network: the monitors' timing, the layer order
+_NOT_SIGNALS = ("time", "layer_index")
+#: ``netprobe/layer_index/<layer>``: a layer's position in the forward pass, when the monitors log it
+LAYER_INDEX_PREFIX = "netprobe/layer_index/"
+
+
+def _netprobe_parts(key: str) -> Optional[Tuple[str, Optional[str]]]:
+    """``netprobe/<metric>[/<layer>]`` -> ``(metric, layer or None)``; None for another key."""
+    if not key.startswith("netprobe/"):
+        return None
+    metric, _, layer = key[len("netprobe/"):].partition("/")
+    return (metric, layer or None) if metric else None
+
+
+def key_direction(key: str) -> Optional[str]:
+    """The known orientation of a signal key: ``"max"`` (higher is better), ``"min"``, or None.
+
+    Known for the netprobe keys: higher is better for every ``*_auc``, ``*_prev``, ``*_ref``,
+    ``reliance_area``, ``probe_accuracy`` and ``mutual_info_mean``; lower for ``selectivity_mean``
+    and ``dead_fraction``. Any other key (``train/loss``, a metric netprobe does not know) has no
+    known direction: name it ``KEY:min`` or ``KEY:max``.
+
+    Example:
+        >>> key_direction("netprobe/reliance_auc/fc1"), key_direction("netprobe/dead_fraction"), key_direction("train/loss")
+        ('max', 'min', None)
+    """
+    parts = _netprobe_parts(str(key).split("@", 1)[0])
+    if parts is None or parts[0] in _NOT_SIGNALS:
+        return None
+    metric = parts[0]
+    if metric in _HIGHER_BETTER or metric.endswith(_HIGHER_SUFFIXES):
+        return "max"
+    if metric in _LOWER_BETTER:
+        return "min"
+    return None
+
+
+def parse_signal(text: str) -> Tuple[str, Optional[str]]:
+    """``"KEY"``, ``"KEY:min"`` or ``"KEY:max"`` -> ``(KEY, direction or None)``.
+
+    ``KEY`` may be a glob pattern (``netprobe/*``) or a layer alias ``netprobe/<metric>@deepest``
+    / ``netprobe/<metric>@<layer>`` (per run, that layer's ``netprobe/<metric>/<layer>``).
+
+    Example:
+        >>> parse_signal("train/loss:min"), parse_signal("netprobe/reliance_auc@deepest")
+        (('train/loss', 'min'), ('netprobe/reliance_auc@deepest', None))
+    """
+    text = str(text).strip()
+    key, sep, d = text.rpartition(":")
+    if sep and d in ("min", "max"):
+        text, direction = key.strip(), d
+    else:
+        direction = None
+    if not text:
+        raise SelectionError(f"Expected a signal key such as 'netprobe/reliance_auc' or 'train/loss:min', but got {text!r}.")
+    if "@" in text:
+        base, _, layer = text.partition("@")
+        parts = _netprobe_parts(base)
+        if parts is None or parts[1] is not None or not layer or "@" in layer:
+            raise SelectionError(
+                f"Expected a layer alias of the form 'netprobe/<metric>@deepest' or 'netprobe/<metric>@<layer>', but got "
+                f"{text!r}. The alias takes a netprobe metric without its layer (e.g. 'netprobe/reliance_auc@deepest')."
+            )
+    return text, direction
+
+
+def _logged_layer_order(seq: Sequence[Tuple[int, str]], scalars: Mapping[str, Any]) -> Dict[str, List[str]]:
+    """metric -> its layers in the order of the event records at a step where all of them were
+    logged (the monitors log their layers in ``model.named_modules()`` order, one record per key);
+    a metric none of whose steps logged every one of its layers gets no order."""
+    steps: Dict[str, Dict[int, List[str]]] = {}
+    for step, tag in seq:
+        parts = _netprobe_parts(tag)
+        if parts is None or parts[1] is None or parts[0] in _NOT_SIGNALS or tag not in scalars:
+            continue
+        layers = steps.setdefault(parts[0], {}).setdefault(step, [])
+        if parts[1] not in layers:
+            layers.append(parts[1])
+    out: Dict[str, List[str]] = {}
+    for metric, by_step in steps.items():
+        every = {layer for layers in by_step.values() for layer in layers}
+        full = [layers for _, layers in sorted(by_step.items()) if len(layers) == len(every)]
+        if full:
+            out[metric] = list(full[0])
+    return out
+
+
+def layer_order(run: Run, metric: str) -> Tuple[List[str], Optional[str]]:
+    """The layers of ``run`` with a ``netprobe/<metric>/<layer>`` key, shallowest first, and where
+    the order comes from: ``"layer_index"`` (the ``netprobe/layer_index/<layer>`` scalars: positions
+    in the forward pass), ``"logged"`` (the order of the monitors' records in the event files, which
+    is the model's ``named_modules()`` registration order), ``"single"`` (one layer); ``([...], None)``
+    when the logs do not tell (the layers sorted by name)."""
+    prefix = f"netprobe/{metric}/"
+    layers = sorted(t[len(prefix):] for t in run.scalars if t.startswith(prefix))
+    if len(layers) <= 1:
+        return layers, ("single" if layers else None)
+    idx = {layer: _last(run, LAYER_INDEX_PREFIX + layer) for layer in layers}
+    if all(v is not None and math.isfinite(v) for v in idx.values()):
+        return sorted(layers, key=lambda layer: (idx[layer], layer)), "layer_index"
+    logged = run.logged_order.get(metric, [])
+    if sorted(logged) == layers:
+        return list(logged), "logged"
+    return layers, None
+
+
+_ORDER_SOURCES = {
+    "layer_index": "by netprobe/layer_index (forward-pass position)",
+    "logged": "the last layer the monitors logged (model.named_modules() registration order)",
+    "single": "the only monitored layer",
+}
+
+
+def _resolve_key(run: Run, key: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """``(the run's key for a signal key, why not, the layer order's source)``: ``@deepest`` and
+    ``@<layer>`` aliases become that run's ``netprobe/<metric>/<layer>``."""
+    if "@" not in key:
+        return key, None, None
+    base, _, layer = key.partition("@")
+    metric = base[len("netprobe/"):]
+    if layer != "deepest":
+        return f"{base}/{layer}", None, None
+    layers, source = layer_order(run, metric)
+    if not layers:
+        return None, f"no per-layer {base}/<layer> key", None
+    if source is None:
+        return None, (f"the order of its {len(layers)} {base}/<layer> keys is not in its logs (pass the layer by name: "
+                      f"{base}@<layer>, or --layer NAME)"), None
+    return f"{base}/{layers[-1]}", None, source
+
+
 # ----------------------------------------------------------------------------- statistics
 def _rankdata(a: np.ndarray) -> np.ndarray:
     """Ranks 1..n with ties given their average rank."""
@@ -379,9 +543,405 @@ def top_k_hits(
     return {k: hits[k] / draws for k in ks}
 
 
+def _chunks(rows: int, n: int) -> Iterable[slice]:
+    step = max(1, 2_000_000 // max(1, n * n))  # bound the (rows, n, n) comparison arrays (~16 MB each)
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row pair of ``x``, ``y`` ``(rows, n)``; NaN where a row is constant."""
+    out = np.empty(len(x))
+    iu = np.triu_indices(x.shape[1], 1)
+    for sl in _chunks(len(x), x.shape[1]):
+        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
+        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
+        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
+    return out
+
+
+def _avg_ranks_rows(x: np.ndarray) -> np.ndarray:
+    less = (x[:, None, :] < x[:, :, None]).sum(-1)
+    equal = (x[:, None, :] == x[:, :, None]).sum(-1)  # itself included
+    return less + (equal + 1) / 2.0
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho (average ranks) of each row pair; NaN where a row is constant."""
+    out = np.empty(len(x))
+    for sl in _chunks(len(x), x.shape[1]):
+        rx, ry = _avg_ranks_rows(x[sl]), _avg_ranks_rows(y[sl])
+        rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+        den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (rx * ry).sum(1) / den, np.nan)
+    return out
+
+
+def _hit_credit_rows(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """``(rows, len(ks))``: for each row (a set of runs, both sides oriented so that higher is
+    better), the chance that the best-signal run is in the row's top ``k`` by the reference, ties
+    broken at random in expectation (as :func:`top_k_hits`)."""
+    out = np.empty((len(sig), len(ks)))
+    for sl in _chunks(len(sig), sig.shape[1]):
+        s, r = sig[sl], ref[sl]
+        picks = s == s.max(1, keepdims=True)
+        better = (r[:, None, :] > r[:, :, None]).sum(-1)  # [row, j]: runs strictly better than j
+        equal = (r[:, None, :] == r[:, :, None]).sum(-1) - 1  # tied with j, j excluded
+        for i, k in enumerate(ks):
+            credit = np.clip((k - better) / (equal + 1.0), 0.0, 1.0)
+            out[sl, i] = (credit * picks).sum(1) / picks.sum(1)
+    return out
+
+
+def _interval(values: np.ndarray, level: float) -> Optional[List[float]]:
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return None
+    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def _check_level(level: float) -> float:
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise SelectionError(f"Expected `level` to be a float in (0, 1) (e.g. 0.95 for 95 % intervals), but got {level!r}.")
+    return float(level)
+
+
+def _check_count(value: Any, name: str, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SelectionError(f"Expected `{name}` to be an int >= {minimum} ({what}), but got {value!r}.")
+    return int(value)
+
+
+def bootstrap_intervals(
+    signal: Sequence[float], reference: Sequence[float], *, mode: str = "max", reference_mode: str = "max",
+    ks: Iterable[int] = (), subset_size: Optional[int] = None, n_boot: int = 1000, level: float = 0.95,
+    boot_draws: int = 100, seed: int = 0,
+) -> Dict[str, Any]:
+    """Percentile bootstrap intervals over runs for Kendall's tau-b, Spearman's rho and the top-k
+    hit rates of picking by ``signal``.
+
+    Each of ``n_boot`` replicates resamples the ``n`` runs with replacement (``idx =
+    np.random.default_rng(seed).integers(0, n, size=(n_boot, n))``, one row per replicate) and
+    recomputes each statistic on the resampled runs, oriented by ``mode`` and ``reference_mode`` so
+    that agreement is positive. A hit rate picks among all the resampled runs (``subset_size`` None
+    or ``n``), else averages over ``boot_draws`` random subsets of ``subset_size`` of them, drawn,
+    replicate after replicate, by the same Generator as ``np.argsort(rng.random((boot_draws, n)),
+    axis=1)[:, :subset_size]``. Ties (which resampling creates) are broken at random in expectation,
+    as in :func:`top_k_hits`. The interval is ``np.quantile`` of the replicates at ``(1 - level)/2``
+    and ``(1 + level)/2``; replicates where a correlation is undefined (a constant side) are left out
+    and counted.
+
+    What it covers: how much the statistic would vary over other sweeps of ``n`` runs drawn like
+    these from the same configurations; not the uncertainty of how these runs were scored.
+
+    Args:
+        signal: ``(n,)`` the signal of each run.
+        reference: ``(n,)`` the reference of each run (e.g. test accuracy).
+        mode: ``"max"`` if a higher signal is better, else ``"min"``.
+        reference_mode: likewise for the reference.
+        ks: the ``k`` of the hit rates, each below the subset size.
+        subset_size: runs per subset for the hit rates (default: all).
+        n_boot: bootstrap replicates ``B``.
+        level: the intervals' level (0.95: 2.5th to 97.5th percentile).
+        boot_draws: subsets per replicate when ``subset_size < n``.
+        seed: seeds the numpy Generator.
+
+    Returns:
+        ``{"kendall_tau": [lo, hi] or None, "spearman_rho": [lo, hi] or None, "top_k": {k: [lo, hi]},
+        "undefined": {"kendall_tau": count, "spearman_rho": count}, "n_boot", "level", "seed"}``.
+
+    Example:
+        >>> ci = bootstrap_intervals([0.9, 0.5, 0.7, 0.2], [0.95, 0.6, 0.9, 0.3], ks=[1], n_boot=200)
+        >>> ci["kendall_tau"][1], sorted(ci["top_k"])
+        (1.0, [1])
+    """
+    sig = np.asarray(signal, dtype=np.float64) * (1 if mode == "max" else -1)
+    ref = np.asarray(reference, dtype=np.float64) * (1 if reference_mode == "max" else -1)
+    if sig.ndim != 1 or sig.shape != ref.shape or len(sig) < 2:
+        raise SelectionError(f"Expected `signal` and `reference` to be 1-D of the same length >= 2, but got shapes {sig.shape} and {ref.shape}.")
+    if not (np.isfinite(sig).all() and np.isfinite(ref).all()):
+        raise SelectionError("Expected `signal` and `reference` to be finite; drop the runs without a value first.")
+    n = len(sig)
+    n_boot = _check_count(n_boot, "n_boot", 1, "bootstrap replicates")
+    boot_draws = _check_count(boot_draws, "boot_draws", 1, "subsets per replicate")
+    level = _check_level(level)
+    m = n if subset_size is None else int(subset_size)
+    if not 1 <= m <= n:
+        raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
+    ks = sorted({int(k) for k in ks})
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    bs, br = sig[idx], ref[idx]
+    taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
+    hits = np.empty((n_boot, len(ks)))
+    if ks and m == n:
+        hits = _hit_credit_rows(bs, br, ks)
+    elif ks:
+        for b in range(n_boot):
+            sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
+            hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks).mean(0)
+    return {
+        "kendall_tau": _interval(taus, level), "spearman_rho": _interval(rhos, level),
+        "top_k": {k: _interval(hits[:, i], level) for i, k in enumerate(ks)},
+        "undefined": {"kendall_tau": int((~np.isfinite(taus)).sum()), "spearman_rho": int((~np.isfinite(rhos)).sum())},
+        "n_boot": n_boot, "level": level, "seed": seed,
+    }
+
+
+def cross_validate_choice(
+    signals: Mapping[str, Sequence[float]], reference: Sequence[float], *, ks: Iterable[int] = (), n_splits: int = 200,
+    level: float = 0.95, seed: int = 0, baselines: Optional[Mapping[str, Sequence[float]]] = None, min_runs: int = 3,
+) -> Dict[str, Any]:
+    """How well the signal that looks best on some runs does on the others.
+
+    Choosing the signal with the best Kendall tau on the same runs it is then judged on overfits
+    (with many signals, one correlates by chance). Here, ``n_splits`` times: shuffle the ``n`` runs
+    (``perm = rng.permutation(n)`` with ``rng = np.random.default_rng([seed, 1])``, split after split),
+    take ``perm[:n // 2]`` as the choosing half and the rest as the held-out half; choose the signal
+    with the best tau on the choosing half (the first in ``signals``' order on a tie; a signal
+    counts on a half where at least ``min_runs`` runs have it), and report its tau and its top-k
+    hit on the held-out half (the pick among the held-out runs that have it, ties broken at random in
+    expectation; only for ``k`` below their number), beside a random pick's ``k / m``. A split on
+    which no signal has a tau is left out. ``baselines`` (e.g. the training loss) are not chosen
+    from; their held-out tau on the same halves is reported beside.
+
+    Args:
+        signals: name -> ``(n,)`` values oriented so that higher is better; NaN = the run lacks it.
+        reference: ``(n,)`` reference values, oriented so that higher is better.
+        ks: the ``k`` of the held-out hit rates.
+        n_splits: random half splits ``R``.
+        level: the level of the spread reported over splits (percentiles of the held-out values:
+            the halves overlap from split to split, so it is a spread, not a confidence interval).
+        seed: seeds the numpy Generator (``default_rng([seed, 1])``).
+        baselines: name -> ``(n,)`` oriented values, reported but never chosen.
+        min_runs: the fewest runs with a value for a tau on a half.
+
+    Returns:
+        ``{"n_splits", "used", "chosen": {name: count}, "heldout_tau": {"mean", "interval", "n"},
+        "heldout_top_k": {k: {"mean", "interval", "n", "random"}}, "baselines": {name: {"mean", "interval", "n"}},
+        "level", "seed", "per_split": [(chosen, tau) ...]}``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> ref = rng.normal(size=12)
+        >>> cv = cross_validate_choice({"good": ref + 0.1 * rng.normal(size=12), "noise": rng.normal(size=12)}, ref, n_splits=50)
+        >>> cv["chosen"]["good"] > cv["chosen"]["noise"], cv["heldout_tau"]["mean"] > 0.5
+        (True, True)
+    """
+    names = list(signals)
+    if not names:
+        raise SelectionError("Expected at least one signal to choose from, but got none.")
+    ref = np.asarray(reference, dtype=np.float64)
+    vals = [np.asarray(signals[s], dtype=np.float64) for s in names]
+    base_names = list(baselines or {})
+    base_vals = [np.asarray(baselines[s], dtype=np.float64) for s in base_names]  # type: ignore[index]
+    n = len(ref)
+    if any(v.shape != (n,) for v in vals + base_vals):
+        raise SelectionError(f"Expected every signal to have one value per run ({n}), but got shapes {[v.shape for v in vals + base_vals]}.")
+    n_splits = _check_count(n_splits, "n_splits", 1, "random half splits")
+    level = _check_level(level)
+    if n // 2 < min_runs:
+        raise SelectionError(f"Expected at least {2 * min_runs} runs to split in halves of {min_runs} or more, but got {_plural(n, 'run')}.")
+    ks = sorted({int(k) for k in ks})
+    rng = np.random.default_rng([seed, 1])
+
+    def tau_on(v: np.ndarray, half: np.ndarray) -> float:
+        keep = half[np.isfinite(v[half])]
+        return kendall_tau(v[keep], ref[keep]) if len(keep) >= min_runs else float("nan")
+
+    chosen: Dict[str, int] = {s: 0 for s in names}
+    taus: List[float] = []
+    hits: Dict[int, List[float]] = {k: [] for k in ks}
+    rand: Dict[int, List[float]] = {k: [] for k in ks}
+    base: Dict[str, List[float]] = {s: [] for s in base_names}
+    per_split: List[Tuple[Optional[str], float]] = []
+    for _ in range(n_splits):
+        perm = rng.permutation(n)
+        a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        scores = np.array([tau_on(v, a) for v in vals])
+        if not np.isfinite(scores).any():
+            per_split.append((None, float("nan")))
+            continue
+        best = int(np.nanargmax(scores))  # the first of the best
+        chosen[names[best]] += 1
+        v = vals[best]
+        t = tau_on(v, b)
+        per_split.append((names[best], t))
+        taus.append(t)
+        keep = b[np.isfinite(v[b])]
+        for k in ks:
+            if k < len(keep):
+                hits[k].append(float(_hit_credit_rows(v[keep][None], ref[keep][None], [k])[0, 0]))
+                rand[k].append(k / len(keep))
+        for s, bv in zip(base_names, base_vals):
+            base[s].append(tau_on(bv, b))
+
+    def summary(xs: List[float]) -> Dict[str, Any]:
+        arr = np.asarray(xs, dtype=np.float64)
+        fin = arr[np.isfinite(arr)]
+        return {"mean": float(fin.mean()) if len(fin) else None, "interval": _interval(arr, level), "n": int(len(fin))}
+
+    return {
+        "n_splits": n_splits, "used": sum(chosen.values()), "chosen": chosen, "heldout_tau": summary(taus),
+        "heldout_top_k": {k: {**summary(hits[k]), "random": float(np.mean(rand[k])) if rand[k] else None} for k in ks},
+        "baselines": {s: summary(base[s]) for s in base_names}, "level": level, "seed": seed, "per_split": per_split,
+    }
+
+
 # ----------------------------------------------------------------------------- ranking
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+UNDERFIT_KEY = "netprobe/probe_accuracy"
+#: the robust rule's smallest gap below the median (accuracy units), so that a sweep where most runs
+#: reach 1.0 (MAD 0) does not flag a run at 0.99
+UNDERFIT_MIN_GAP = 0.05
+
+
+def _underfit(pool: Sequence[Run], at: Union[str, int], underfit_below: Optional[float]) -> Dict[str, Any]:
+    """Flag runs whose probe accuracy (at the signal's epoch, else its last value) is far below the
+    others': below ``underfit_below`` when given, else below ``median - max(3 x 1.4826 x MAD,
+    UNDERFIT_MIN_GAP)`` (1.4826 x MAD estimates the sd of normal data; needs 3 runs with a value)."""
+    vals: Dict[str, Optional[float]] = {}
+    for r in pool:
+        v, _ = _value_at(r, UNDERFIT_KEY, at if isinstance(at, int) else "last", "max")
+        vals[r.name] = float(v) if v is not None and math.isfinite(v) else None
+    fin = np.array([v for v in vals.values() if v is not None], dtype=np.float64)
+    thr: Optional[float] = None
+    if underfit_below is not None:
+        thr, rule = float(underfit_below), f"{UNDERFIT_KEY} < {float(underfit_below):g} (underfit_below)"
+    elif len(fin) >= 3:
+        med = float(np.median(fin))
+        mad = float(np.median(np.abs(fin - med)))
+        thr = med - max(3 * 1.4826 * mad, UNDERFIT_MIN_GAP)
+        rule = f"{UNDERFIT_KEY} < median {med:.4g} - max(3 x 1.4826 x MAD {mad:.3g}, {UNDERFIT_MIN_GAP:g}) = {thr:.4g}"
+    elif len(fin):
+        rule = f"not checked: {_plural(len(fin), 'run')} logged {UNDERFIT_KEY} (the robust rule needs 3; pass underfit_below)"
+    else:
+        rule = f"not checked: no run logged {UNDERFIT_KEY}"
+    flagged = [n for n, v in vals.items() if thr is not None and v is not None and v < thr]
+    return {"key": UNDERFIT_KEY, "threshold": thr, "rule": rule, "runs": flagged, "values": vals}
+
+
+def _check_common(mode: str, against_mode: str, at: Any, where: Union[str, Sequence[str]], underfit_below: Any) -> List[Tuple[str, str, float]]:
+    if mode not in ("max", "min") or against_mode not in ("max", "min"):
+        raise SelectionError(f"Expected `mode` and `against_mode` to be 'max' or 'min', but got {mode!r}, {against_mode!r}.")
+    if not (at in ("last", "best") or (isinstance(at, int) and not isinstance(at, bool) and at >= 0)):
+        raise SelectionError(f"Expected `at` to be 'last', 'best' or an epoch number >= 0, but got {at!r}.")
+    if underfit_below is not None and (isinstance(underfit_below, bool) or not isinstance(underfit_below, (int, float))
+                                       or not math.isfinite(underfit_below)):
+        raise SelectionError(f"Expected `underfit_below` to be a finite number (a probe accuracy such as 0.9) or None, but got {underfit_below!r}.")
+    if isinstance(where, str):
+        where = [where]
+    return [parse_condition(c) for c in where]
+
+
+def _load_readable(logdir: Union[str, os.PathLike]) -> Tuple[List[Run], List[Dict[str, Any]], List[str]]:
+    loaded = load_runs(logdir)
+    bad = [{"run": r.name, "path": r.path, "reason": r.error} for r in loaded if r.error]
+    runs = [r for r in loaded if not r.error]
+    all_tags = sorted({t for r in runs for t in r.scalars})
+    if not all_tags:
+        found = "; ".join(f"{b['run']}: {b['reason']}" for b in bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise SelectionError(
+            f"No readable event data was found under {os.fspath(logdir)!r}: its event files "
+            f"(events.out.tfevents.*) hold no scalars" + (f" that can be read ({found})" if bad else "")
+            + ". Point LOGDIR at the TensorBoard logs of the sweep, written by SummaryWriter or Lightning's TensorBoardLogger."
+        )
+    return runs, bad, all_tags
+
+
+def _require_key(key: str, runs: Sequence[Run], all_tags: Sequence[str]) -> None:
+    """SelectionError unless some run logged ``key`` (an ``@`` alias: its metric's per-layer keys)."""
+    if "@" in key:
+        base, _, layer = key.partition("@")
+        if layer == "deepest":
+            if not any(t.startswith(base + "/") for t in all_tags):
+                raise SelectionError(
+                    f"No run logged a per-layer key {base}/<layer> for {key!r}. Closest keys: "
+                    f"{close_names(base, all_tags)}. ({len(all_tags)} keys exist.)"
+                )
+            return
+        key = f"{base}/{layer}"
+    if not any(key in r.scalars for r in runs):
+        raise SelectionError(
+            f"No run logged {key!r}. Closest keys: {close_names(key, all_tags)}. "
+            f"({len(all_tags)} keys exist; netprobe keys start with 'netprobe/'.)"
+        )
+
+
+def _fails_conditions(r: Run, conds: Sequence[Tuple[str, str, float]], at: Union[str, int]) -> Optional[str]:
+    """Why ``r`` fails a condition (read at ``at``'s epoch, else at its last value), or None. With
+    ``at="best"`` conditions are checked per measurement instead (:func:`_best_where`)."""
+    for key, op, val in ([] if at == "best" else conds):
+        v = _condition_value(r, key, at if isinstance(at, int) else None)
+        if not _holds(v, op, val):
+            why_c = _value_at(r, key, at if isinstance(at, int) else "last", "max")[1] if v is None else None
+            return why_c or (f"no {key!r}" if v is None else f"{key}={v:.4g} fails {op} {val:g}")
+    return None
+
+
+def _signal_value(r: Run, key: str, mode: str, at: Union[str, int], conds: Sequence[Tuple[str, str, float]]) -> Tuple[Optional[float], Optional[str]]:
+    v, why = _best_where(r, key, mode, conds) if at == "best" and conds else _value_at(r, key, at, mode)
+    if v is None or not math.isfinite(v):
+        return None, why or "non-finite signal"
+    return float(v), None
+
+
+def _resolve_ks(top_k: Optional[Sequence[int]], sizes: Mapping[str, Tuple[int, int]], subset_given: bool) -> List[int]:
+    """The ``k`` of the hit rates: each below every subset size; ``sizes``: name -> (runs, subset size)."""
+    if not sizes:
+        return []
+    name, (n, m) = min(sizes.items(), key=lambda kv: (kv[1][1], kv[0]))
+    if top_k is None:
+        return [k for k in (1, 5, 10) if k < m]
+    ks = sorted({int(k) for k in top_k})
+    if ks and ks[0] < 1:
+        raise SelectionError(f"Expected every top-k to be a positive integer, but got k={ks[0]}.")
+    too_big = [k for k in ks if k >= m]
+    if too_big:
+        of = f" ({name})" if len(sizes) > 1 else ""
+        raise SelectionError(
+            f"Expected every top-k below the subset size {m} ({_plural(n, 'run')} ranked{of}"
+            f"{f', --subset-size {m}' if subset_given else ''}), but got k={too_big[0]}: every pick "
+            f"is among the top {m} of {m}, so its hit rate is 1 whatever the signal. Use k < {m}."
+        )
+    return ks
+
+
+def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, against_mode: str, ks: Sequence[int], m: int,
+                n_draws: int, seed: int, n_boot: int, level: float, boot_draws: int) -> Dict[str, Any]:
+    """tau, rho (oriented: agreement positive), hit rates, their random baseline k/m and bootstrap intervals."""
+    osig = np.asarray(sigs, dtype=np.float64) * (1 if mode == "max" else -1)
+    oref = np.asarray(refs, dtype=np.float64) * (1 if against_mode == "max" else -1)
+    rho, tau = spearman_rho(osig, oref), kendall_tau(osig, oref)  # NaN when a side is constant
+    out: Dict[str, Any] = {
+        "spearman_rho": None if np.isnan(rho) else rho, "kendall_tau": None if np.isnan(tau) else tau,
+        "subset_size": m, "n_draws": 1 if m == len(osig) else n_draws,
+        "top_k": {str(k): p for k, p in top_k_hits(sigs, refs, ks, mode=mode, reference_mode=against_mode, subset_size=m,
+                                                      n_draws=n_draws, seed=seed).items()} if ks else {},
+        "top_k_random": {str(k): k / m for k in ks},
+        "spearman_rho_ci": None, "kendall_tau_ci": None, "top_k_ci": {},
+    }
+    if n_boot > 0:
+        ci = bootstrap_intervals(sigs, refs, mode=mode, reference_mode=against_mode, ks=ks, subset_size=m, n_boot=n_boot,
+                                 level=level, boot_draws=boot_draws, seed=seed)
+        out["spearman_rho_ci"], out["kendall_tau_ci"] = ci["spearman_rho"], ci["kendall_tau"]
+        out["top_k_ci"] = {str(k): v for k, v in ci["top_k"].items()}
+        out["bootstrap_undefined"] = ci["undefined"]
+    return out
+
+
+def _bootstrap_doc(n_boot: int, level: float, seed: int, boot_draws: int) -> Optional[Dict[str, Any]]:
+    if n_boot <= 0:
+        return None
+    return {"n_boot": n_boot, "level": level, "seed": seed, "boot_draws": boot_draws, "interval": "percentile",
+            "covers": "the spread of each statistic over sweeps like this one (the runs resampled with replacement)"}
 
 
 def rank_runs(
@@ -397,81 +957,91 @@ def rank_runs(
     n_draws: int = 10_000,
     seed: int = 0,
     where: Sequence[str] = (),
+    layer: Optional[str] = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    boot_draws: int = 100,
+    underfit_below: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Rank the runs under ``logdir`` by ``metric``; see the module docstring.
+
+    ``metric`` may be a layer alias: ``"netprobe/<metric>@deepest"`` takes, per run, the deepest
+    monitored layer's ``netprobe/<metric>/<layer>`` (see :func:`layer_order` for how "deepest" is
+    known; a run whose logs do not tell is skipped, with the reason), ``"netprobe/<metric>@<layer>"``
+    that layer's key. ``layer="deepest"`` (or a layer name) is the same as writing ``@layer``.
 
     ``where``: conditions such as ``"netprobe/probe_accuracy>=0.99"``; runs failing one are skipped.
 
     ``top_k``: the ``k`` of the hit rates; each must be below the subset size (the number of runs
     ranked, by default), since any pick is in the top ``k >= subset size``: ``SelectionError``
-    otherwise. The default, ``None``, takes those of 1, 5, 10 below it.
+    otherwise. The default, ``None``, takes those of 1, 5, 10 below it. Beside each hit rate,
+    ``top_k_random`` holds a random pick's ``k / m``.
 
     ``spearman_rho`` and ``kendall_tau`` are oriented by ``mode`` and ``against_mode``: positive
     when the runs the signal prefers are those the reference prefers (1 = the same order), whatever
     the modes. A run whose event file has a corrupt or truncated record is skipped, with the reason.
 
+    ``n_boot`` (0: none), ``level``, ``boot_draws``: percentile bootstrap intervals over runs for
+    rho, tau and the hit rates (:func:`bootstrap_intervals`, seeded with ``seed``).
+
+    Runs whose ``netprobe/probe_accuracy`` is far below the others' are flagged, not dropped: below
+    ``underfit_below`` when given, else below the median minus ``max(3 x 1.4826 x MAD, 0.05)``
+    (read at the signal's epoch with an epoch ``at``, else at its last value).
+
     Returns:
         ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "spearman_rho",
-        "kendall_tau", "pick", "pick_ties", "pick_reference_rank", "top_k", "subset_size", "n_draws"}``
+        "kendall_tau", "spearman_rho_ci", "kendall_tau_ci", "pick", "pick_ties", "pick_reference_rank",
+        "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "bootstrap", "underfit", "layer_source"}``
         (``pick_ties``: the runs tied for the best signal, ``pick`` the first by name; with a tie,
-        ``pick_reference_rank`` is their mean reference rank); each run is
-        ``{"rank", "run", "path", "hparams", "signal", "reference", "reference_rank"}`` (best first).
+        ``pick_reference_rank`` is their mean reference rank; ``underfit``: ``{"key", "threshold",
+        "rule", "runs", "values"}``); each run is ``{"rank", "run", "path", "hparams", "signal",
+        "reference", "reference_rank", "key", "underfit"}`` (best first; ``key``: the key read).
     """
-    if mode not in ("max", "min") or against_mode not in ("max", "min"):
-        raise SelectionError(f"Expected `mode` and `against_mode` to be 'max' or 'min', but got {mode!r}, {against_mode!r}.")
-    if not (at in ("last", "best") or (isinstance(at, int) and not isinstance(at, bool) and at >= 0)):
-        raise SelectionError(f"Expected `at` to be 'last', 'best' or an epoch number >= 0, but got {at!r}.")
-    if isinstance(where, str):
-        where = [where]
-    conds = [parse_condition(c) for c in where]
-    loaded = load_runs(logdir)
-    bad = [{"run": r.name, "path": r.path, "reason": r.error} for r in loaded if r.error]
-    runs = [r for r in loaded if not r.error]
-    all_tags = sorted({t for r in runs for t in r.scalars})
-    if not all_tags:
-        found = "; ".join(f"{b['run']}: {b['reason']}" for b in bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
-        raise SelectionError(
-            f"No readable event data was found under {os.fspath(logdir)!r}: its event files "
-            f"(events.out.tfevents.*) hold no scalars" + (f" that can be read ({found})" if bad else "")
-            + ". Point LOGDIR at the TensorBoard logs of the sweep, written by SummaryWriter or Lightning's TensorBoardLogger."
-        )
+    conds = _check_common(mode, against_mode, at, where, underfit_below)
+    n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
+    level = _check_level(level)
+    if layer is not None:
+        if "@" in metric or (_netprobe_parts(metric) or ("", None))[1] is not None:
+            raise SelectionError(f"Expected `layer` only with a metric without a layer (e.g. 'netprobe/reliance_auc'), but got {metric!r}.")
+        metric = f"{metric}@{layer}"
+    metric, _ = parse_signal(metric) if "@" in metric else (metric, None)
+    runs, bad, all_tags = _load_readable(logdir)
     for key in [metric] + ([against] if against else []) + [k for k, _, _ in conds]:
-        if not any(key in r.scalars for r in runs):
-            raise SelectionError(
-                f"No run logged {key!r}. Closest keys: {close_names(key, all_tags)}. "
-                f"({len(all_tags)} keys exist; netprobe keys start with 'netprobe/'.)"
-            )
-    rows, skipped = [], list(bad)
+        _require_key(key, runs, all_tags)
+    rows, skipped, sources = [], list(bad), set()
     for r in runs:
-        failed = None
-        for key, op, val in ([] if at == "best" else conds):  # with "best": checked per measurement below
-            v = _condition_value(r, key, at if isinstance(at, int) else None)
-            if not _holds(v, op, val):
-                why_c = _value_at(r, key, at if isinstance(at, int) else "last", "max")[1] if v is None else None
-                failed = why_c or (f"no {key!r}" if v is None else f"{key}={v:.4g} fails {op} {val:g}")
-                break
-        if failed:
-            skipped.append({"run": r.name, "path": r.path, "reason": failed})
+        failed = _fails_conditions(r, conds, at)
+        key, why_key, source = _resolve_key(r, metric)
+        if failed or key is None:
+            skipped.append({"run": r.name, "path": r.path, "reason": failed or why_key})
             continue
-        sig, why = _best_where(r, metric, mode, conds) if at == "best" and conds else _value_at(r, metric, at, mode)
+        sig, why = _signal_value(r, key, mode, at, conds)
         ref, why_ref = (_value_at(r, against, "last", against_mode) if against else (None, None))
-        if sig is None or not np.isfinite(sig):
-            skipped.append({"run": r.name, "path": r.path, "reason": why or "non-finite signal"})
+        if sig is None:
+            skipped.append({"run": r.name, "path": r.path, "reason": why})
             continue
         if against and (ref is None or not np.isfinite(ref)):
             skipped.append({"run": r.name, "path": r.path, "reason": why_ref or "non-finite reference"})
             continue
+        if source:
+            sources.add(source)
         rows.append({"run": r.name, "path": r.path, "hparams": dict(r.hparams), "signal": float(sig),
-                     "reference": None if ref is None else float(ref)})
+                     "reference": None if ref is None else float(ref), "key": key})
+    underfit = _underfit([r for r in runs if r.name in {d["run"] for d in rows}], at, underfit_below)
+    for d in rows:
+        d["underfit"] = d["run"] in underfit["runs"]
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda d: (sign * d["signal"], d["run"]))
     for i, d in enumerate(rows, 1):
         d["rank"] = i
-    out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "where": list(where),
+    out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "where": list(where) if not isinstance(where, str) else [where],
                            "runs": rows, "skipped": skipped,
-                           "spearman_rho": None, "kendall_tau": None, "pick": rows[0]["run"] if rows else None,
+                           "spearman_rho": None, "kendall_tau": None, "spearman_rho_ci": None, "kendall_tau_ci": None,
+                           "pick": rows[0]["run"] if rows else None,
                            "pick_ties": [d["run"] for d in rows if rows and d["signal"] == rows[0]["signal"]],
-                           "pick_reference_rank": None, "top_k": {}, "subset_size": None, "n_draws": None}
+                           "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
+                           "subset_size": None, "n_draws": None, "bootstrap": None, "underfit": underfit,
+                           "layer_source": sorted(sources)}
     if against and rows:
         refs = np.array([d["reference"] for d in rows])
         rsign = -1 if against_mode == "max" else 1
@@ -481,30 +1051,229 @@ def rank_runs(
         tied = len(out["pick_ties"])  # a tie for the best signal: the expected rank of a random pick among them
         out["pick_reference_rank"] = float(np.mean(ref_order[:tied]))
         if len(rows) >= 2:
-            sigs = [d["signal"] for d in rows]
             m = subset_size if subset_size is not None else len(rows)
             if not 1 <= m <= len(rows):
                 raise SelectionError(
                     f"Expected `subset_size` in [1, {len(rows)}] (the number of runs ranked), but got {subset_size}."
                 )
-            if top_k is None:
-                ks = [k for k in (1, 5, 10) if k < m]
-            else:
-                ks = sorted({int(k) for k in top_k})
-                too_big = [k for k in ks if k >= m]
-                if too_big:
-                    raise SelectionError(
-                        f"Expected every top-k below the subset size {m} ({_plural(len(rows), 'run')} ranked"
-                        f"{'' if subset_size is None else f', --subset-size {m}'}), but got k={too_big[0]}: every pick "
-                        f"is among the top {m} of {m}, so its hit rate is 1 whatever the signal. Use k < {m}."
-                    )
-            # oriented so that agreement is positive whatever the modes (a "min" side is negated)
-            osig = [v if mode == "max" else -v for v in sigs]
-            oref = refs if against_mode == "max" else -refs
-            rho, tau = spearman_rho(osig, oref), kendall_tau(osig, oref)  # NaN when a side is constant
-            out["spearman_rho"] = None if np.isnan(rho) else rho
-            out["kendall_tau"] = None if np.isnan(tau) else tau
-            out["subset_size"], out["n_draws"] = m, (1 if m == len(rows) else n_draws)
-            out["top_k"] = {str(k): p for k, p in top_k_hits(sigs, refs, ks, mode=mode, reference_mode=against_mode,
-                                                              subset_size=m, n_draws=n_draws, seed=seed).items()} if ks else {}
+            ks = _resolve_ks(top_k, {metric: (len(rows), m)}, subset_size is not None)
+            out.update(_statistics([d["signal"] for d in rows], refs, mode=mode, against_mode=against_mode, ks=ks, m=m,
+                                   n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws))
+            out["bootstrap"] = _bootstrap_doc(n_boot, level, seed, boot_draws)
     return out
+
+
+def _expand_signals(specs: Sequence[str], runs: Sequence[Run], all_tags: Sequence[str], exclude: Sequence[str],
+                    kind: str) -> Tuple[List[Tuple[str, str, str]], List[Dict[str, str]]]:
+    """Signal specs -> ``[(key, direction, kind)]`` and ``[{"signal", "reason"}]`` left out."""
+    netprobe = [t for t in all_tags if (_netprobe_parts(t) or ("time", None))[0] not in _NOT_SIGNALS and t not in exclude]
+    per_layer = sorted({f"netprobe/{p[0]}@deepest" for p in map(_netprobe_parts, netprobe) if p and p[1] is not None})
+    candidates = sorted(set(netprobe) | set(per_layer))
+    others = sorted((set(all_tags) - set(netprobe) - set(exclude) - {"epoch"}))
+    out: List[Tuple[str, str, str]] = []
+    left_out: List[Dict[str, str]] = []
+    for spec in specs:
+        key, direction = parse_signal(spec)
+        if key == "all":
+            matches, explicit = candidates, False
+        elif _GLOB_CHARS & set(key):
+            matches = [t for t in sorted(set(candidates) | set(others)) if fnmatch.fnmatchcase(t, key)]
+            explicit = False
+            if not matches:
+                raise SelectionError(
+                    f"The {kind} pattern {key!r} matches no key any run logged. Closest keys: "
+                    f"{close_names(key.replace('*', ''), all_tags)}. Write 'all' for every netprobe key."
+                )
+        else:
+            _require_key(key, runs, all_tags)
+            matches, explicit = [key], True
+        for match in matches:
+            d = direction or key_direction(match)
+            if d is None:
+                if explicit:
+                    raise SelectionError(
+                        f"Expected a direction for {match!r}: netprobe does not know whether a higher value is better. "
+                        f"Write '{match}:max' (higher is better) or '{match}:min' (lower is better)."
+                    )
+                left_out.append({"signal": match, "reason": "direction unknown (name it KEY:min or KEY:max)"})
+                continue
+            out.append((match, d, kind))
+    return out, left_out
+
+
+def rank_signals(
+    logdir: Union[str, os.PathLike],
+    against: str,
+    *,
+    signals: Union[str, Sequence[str]] = ("all",),
+    baselines: Union[str, Sequence[str]] = (),
+    against_mode: str = "max",
+    at: Union[str, int] = "last",
+    where: Union[str, Sequence[str]] = (),
+    top_k: Optional[Sequence[int]] = None,
+    subset_size: Optional[int] = None,
+    n_draws: int = 10_000,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    boot_draws: int = 100,
+    cv: int = 200,
+    seed: int = 0,
+    underfit_below: Optional[float] = None,
+) -> Dict[str, Any]:
+    """How well each logged signal ranks the runs under ``logdir`` by the reference ``against``:
+    one row per signal, with intervals, random baselines and a cross-validated choice.
+
+    Signals (``signals``; ``baselines`` take the same forms and are rows of their own, never chosen
+    by the cross-validation):
+
+    * ``"all"``: every ``netprobe/<metric>`` and ``netprobe/<metric>/<layer>`` key the runs logged,
+      and ``netprobe/<metric>@deepest`` for each metric logged per layer (not the monitors'
+      ``netprobe/time/*``);
+    * a glob pattern (``"netprobe/reliance_*"``; ``*`` crosses ``/``), an exact key, or a layer
+      alias ``netprobe/<metric>@deepest`` / ``@<layer>`` (see :func:`rank_runs`);
+    * each optionally ``KEY:min`` / ``KEY:max``, the key's direction. Without it the direction of a
+      netprobe key comes from :func:`key_direction`; an exact key whose direction is unknown is
+      refused (``SelectionError``), and pattern matches without one are listed in ``not_evaluated``.
+
+    Runs: those meeting ``where`` with a finite reference (its last value), sorted by name; each
+    signal is evaluated on those that have it (``at`` as in :func:`rank_runs`; the others are listed
+    in that row's ``missing``). Per signal: Kendall's tau-b and Spearman's rho oriented so that
+    agreement is positive whatever ``against_mode`` and the signal's direction; the pick (the best
+    run by the signal; ties broken at random in expectation) and its reference rank; top-k hit
+    rates (:func:`top_k_hits`) beside a random pick's ``k / m``; and percentile bootstrap intervals
+    for all of them (:func:`bootstrap_intervals`; each signal's Generator seeded with ``seed``, so
+    signals over the same runs share their resamples). Every ``k`` must be below every signal's
+    subset size (default: its number of runs): ``SelectionError`` otherwise.
+
+    ``cv`` (0: off) random half splits give the cross-validated choice
+    (:func:`cross_validate_choice`) among the signals with at least 3 runs, over all the runs
+    (needs 6). ``underfit_below``: see :func:`rank_runs` (runs are flagged, never dropped).
+
+    Returns:
+        ``{"against", "against_mode", "at", "where", "runs": [{"run", "path", "hparams", "reference",
+        "probe_accuracy", "underfit"}], "skipped", "signals": [row], "not_evaluated", "ks", "bootstrap",
+        "cv", "underfit"}``; each row ``{"signal", "kind", "mode", "n_runs", "kendall_tau",
+        "kendall_tau_ci", "spearman_rho", "spearman_rho_ci", "pick", "pick_ties", "pick_reference_rank",
+        "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "missing", "keys", "layer_source"}``
+        (``keys``: run -> the key read, for a layer alias).
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> d = tempfile.mkdtemp()
+        >>> for i, acc in enumerate([0.7, 0.8, 0.9, 0.6]):
+        ...     with SummaryWriter(f"{d}/run{i}") as w:
+        ...         w.add_scalar("netprobe/reliance_auc", acc + 0.01, 1); w.add_scalar("train/loss", 1 - acc, 1)
+        ...         w.add_scalar("test/acc", acc, 1)
+        >>> res = rank_signals(d, "test/acc", baselines=["train/loss:min"], n_boot=100, cv=0)
+        >>> [(row["signal"], row["kendall_tau"]) for row in res["signals"]]
+        [('netprobe/reliance_auc', 1.0), ('train/loss', 1.0)]
+    """
+    conds = _check_common("max", against_mode, at, where, underfit_below)
+    n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
+    cv = _check_count(cv, "cv", 0, "random half splits; 0 for none")
+    level = _check_level(level)
+    if not against:
+        raise SelectionError("Expected `against`, the reference key (e.g. 'test/acc'), to judge the signals by, but got none.")
+    signals = [signals] if isinstance(signals, str) else list(signals)
+    baselines = [baselines] if isinstance(baselines, str) else list(baselines)
+    if not signals and not baselines:
+        raise SelectionError("Expected at least one signal or baseline, but got none. Pass signals=['all'] for every netprobe key.")
+    runs, bad, all_tags = _load_readable(logdir)
+    for key in [against] + [k for k, _, _ in conds]:
+        _require_key(key, runs, all_tags)
+    pool, skipped = [], list(bad)
+    for r in runs:
+        failed = _fails_conditions(r, conds, at)
+        ref, why_ref = _value_at(r, against, "last", against_mode)
+        if failed is None and (ref is None or not math.isfinite(ref)):
+            failed = why_ref or "non-finite reference"
+        if failed:
+            skipped.append({"run": r.name, "path": r.path, "reason": failed})
+        else:
+            pool.append((r, float(ref)))  # type: ignore[arg-type]
+    pool.sort(key=lambda p: p[0].name)
+    if len(pool) < 2:
+        raise SelectionError(
+            f"Expected at least 2 runs with {against!r} to judge signals on, but got {_plural(len(pool), 'run')}"
+            + (" (" + "; ".join(f"{s['run']}: {s['reason']}" for s in skipped[:5]) + ")" if skipped else "") + "."
+        )
+    excluded = [against] + [k for k, _, _ in conds if k != UNDERFIT_KEY]
+    base_rows, base_left = _expand_signals(baselines, runs, all_tags, [against], "baseline")
+    sig_rows, left_out = _expand_signals(signals, runs, all_tags, excluded, "signal")
+    chosen: Dict[str, Tuple[str, str]] = {}
+    for key, d, kind in sig_rows:
+        chosen.setdefault(key, (d, kind))  # the first spec naming a key gives its direction
+    for key, d, kind in base_rows:
+        chosen[key] = (d, kind)  # a key named as a baseline is a baseline
+    order = list(dict.fromkeys([k for k, _, _ in sig_rows if chosen[k][1] == "signal"] + [k for k, _, _ in base_rows]))
+    names = [r.name for r, _ in pool]
+    refs_all = np.array([ref for _, ref in pool])
+    rows: List[Dict[str, Any]] = []
+    for key in order:
+        direction, kind = chosen[key]
+        vals, missing, keys, sources = np.full(len(pool), np.nan), [], {}, set()
+        for i, (r, _) in enumerate(pool):
+            rkey, why, source = _resolve_key(r, key)
+            v, why_v = _signal_value(r, rkey, direction, at, conds) if rkey else (None, why)
+            if v is None:
+                missing.append({"run": r.name, "reason": why_v})
+                continue
+            vals[i] = v
+            if rkey != key:
+                keys[r.name] = rkey
+            if source:
+                sources.add(source)
+        rows.append({"signal": key, "kind": kind, "mode": direction, "n_runs": int(np.isfinite(vals).sum()), "missing": missing,
+                     "keys": keys, "layer_source": sorted(sources), "_values": vals})
+    sizes = {}
+    for row in rows:
+        n_s = row["n_runs"]
+        if n_s >= 2:
+            m = n_s if subset_size is None else int(subset_size)
+            if not 1 <= m <= n_s:
+                raise SelectionError(f"Expected `subset_size` in [1, {n_s}] (the runs {row['signal']} ranks), but got {subset_size}.")
+            sizes[row["signal"]] = (n_s, m)
+    ks = _resolve_ks(top_k, sizes, subset_size is not None)
+    for row in rows:
+        vals = row.pop("_values")
+        have = np.isfinite(vals)
+        row.update({"kendall_tau": None, "spearman_rho": None, "kendall_tau_ci": None, "spearman_rho_ci": None, "pick": None,
+                    "pick_ties": [], "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
+                    "subset_size": None, "n_draws": None})
+        row["_oriented"] = np.where(have, vals * (1 if row["mode"] == "max" else -1), np.nan)
+        if row["signal"] not in sizes:
+            continue
+        sig, ref = vals[have], refs_all[have]
+        run_names = [n for n, h in zip(names, have) if h]
+        osig = sig * (1 if row["mode"] == "max" else -1)
+        ties = [run_names[i] for i in np.flatnonzero(osig == osig.max())]
+        ref_rank = _rankdata((-1 if against_mode == "max" else 1) * ref)
+        row.update({"pick": ties[0], "pick_ties": ties, "pick_reference_rank": float(np.mean(ref_rank[osig == osig.max()]))})
+        row.update(_statistics(sig, ref, mode=row["mode"], against_mode=against_mode, ks=ks, m=sizes[row["signal"]][1],
+                               n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws))
+    underfit = _underfit([r for r, _ in pool], at, underfit_below)
+    out_runs = [{"run": r.name, "path": r.path, "hparams": dict(r.hparams), "reference": ref,
+                 "probe_accuracy": underfit["values"].get(r.name), "underfit": r.name in underfit["runs"]} for r, ref in pool]
+    cv_doc: Optional[Dict[str, Any]] = None
+    if cv > 0:
+        oref = refs_all * (1 if against_mode == "max" else -1)
+        cands = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "signal" and row["n_runs"] >= 3}
+        bases = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "baseline" and row["n_runs"] >= 3}
+        if not cands:
+            cands, bases = bases, {}
+        if not cands:
+            cv_doc = {"skipped": "no signal has 3 runs"}
+        elif len(pool) < 6:
+            cv_doc = {"skipped": f"needs at least 6 runs (halves of 3 or more), got {_plural(len(pool), 'run')}"}
+        else:
+            cv_doc = cross_validate_choice(cands, oref, ks=ks, n_splits=cv, level=level, seed=seed, baselines=bases)
+            in_sample = [(row["kendall_tau"], row["signal"]) for row in rows if row["signal"] in cands and row["kendall_tau"] is not None]
+            best = max(in_sample, key=lambda t: t[0]) if in_sample else None  # the first of the best, as the splits choose
+            cv_doc["in_sample_best"] = None if best is None else {"signal": best[1], "kendall_tau": best[0]}
+            cv_doc["candidates"] = list(cands)
+    for row in rows:
+        row.pop("_oriented")
+    return {"against": against, "against_mode": against_mode, "at": at, "where": [where] if isinstance(where, str) else list(where),
+            "runs": out_runs, "skipped": skipped, "signals": rows, "not_evaluated": base_left + left_out, "ks": ks,
+            "bootstrap": _bootstrap_doc(n_boot, level, seed, boot_draws), "cv": cv_doc, "underfit": underfit}
