@@ -300,6 +300,7 @@ def score(outputs: torch.Tensor, targets: torch.Tensor, *, loss_fn: Optional[Los
     """
     _check_targets(outputs, targets)
     _check_scores(outputs, targets)
+    outputs = outputs.detach()  # (outputs of a training step: no graph, no warning from float())
     hit = (outputs.argmax(1) == targets).to(_F64).sum()
     return float(hit), float(_per_sample_loss(loss_fn, outputs, targets).to(_F64).sum())
 
