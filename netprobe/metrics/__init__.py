@@ -18,6 +18,10 @@ _EXPORTS = {
     "svcca": "similarity",
     "pwcca": "similarity",
     "linear_cka": "similarity",
+    "rbf_cka": "similarity",
+    "procrustes": "similarity",
+    "similarity_matrix": "similarity",
+    "SimilarityMatrix": "similarity",
     "SimilarityAccumulator": "similarity",
     "MinibatchCKA": "similarity",
     # class selectivity and information

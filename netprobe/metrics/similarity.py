@@ -1,4 +1,5 @@
-"""Representational similarity: CCA, SVCCA, PWCCA and linear CKA, plus a streaming accumulator.
+"""Representational similarity: CCA, SVCCA, PWCCA, linear and RBF CKA, orthogonal Procrustes, a
+matrix of them over many representations, and a streaming accumulator.
 
 All functions take ``x`` ``(n, d_x)`` and ``y`` ``(n, d_y)`` whose rows are the same ``n`` inputs
 (google/svcca uses the transpose), compute in float64 on the inputs' device whatever their dtype,
@@ -40,7 +41,8 @@ import torch
 from netprobe import distributed as _dist
 from netprobe._validation import check_2d, check_finite, check_same_n
 
-__all__ = ["cca", "svcca", "pwcca", "linear_cka", "SimilarityAccumulator", "SideStats", "MinibatchCKA"]
+__all__ = ["cca", "svcca", "pwcca", "linear_cka", "rbf_cka", "procrustes", "similarity_matrix", "SimilarityMatrix",
+           "SimilarityAccumulator", "SideStats", "MinibatchCKA"]
 
 #: Units whose variance is below this fraction of the largest variance (same side) are dropped.
 VAR_TOL = 1e-10
@@ -209,6 +211,82 @@ def _need_rows(n: int) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- per-sample forms
+# CKA's Gram form, its debiased correction and the RBF kernel need per-sample quantities: these
+# are formed from blocks converted to float64 on the fly, never from an (n, d) float64 copy.
+def _gram_cols(x: torch.Tensor) -> int:
+    """Columns per block of :func:`_centred_gram`: on CPU 256 (measured fastest at n=2000, 1 thread:
+    0.78 s vs 1.3 s with 512 and numpy's syrk 0.90 s; the block, ``256 n`` float64, stays below the
+    ``n x n`` result), on a GPU at most 2^23 elements (64 MiB)."""
+    if x.device.type == "cpu":
+        return 256
+    return max(1, 2**23 // max(x.shape[0], 1))
+
+
+def _centred_gram(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """``X_c X_c^T`` ``(n, n)`` float64 of the column-centred ``x`` ``(n, d)``, over column blocks.
+
+    Each block of columns is copied into a reused float64 buffer and centred by its own column
+    means (exact: a column's mean depends on that column alone), and its product added to the
+    upper block triangle (:func:`_gram_into`, half the work of a full product). Extra memory: the
+    ``(n, n)`` result and one ``(n, c)`` block; no ``(n, d)`` float64 copy.
+    """
+    n, d = x.shape
+    k = torch.zeros((n, n), dtype=_F64, device=x.device)
+    c = min(_gram_cols(x), max(d, 1))
+    buf = torch.empty((n, c), dtype=_F64, device=x.device)
+    for j in range(0, d, c):
+        w = min(c, d - j)
+        b = buf if w == c else buf[:, :w]
+        b.copy_(x[:, j : j + w])
+        b.sub_(b.mean(0))
+        _gram_into(b, k, 128)
+    _mirror_blocks(k, 128)
+    if not bool(torch.isfinite(k.diagonal()).all()):
+        check_finite(x, name)
+        raise ValueError(f"Expected finite inputs, but the squared norms of `{name}`'s rows overflowed float64; rescale the activations.")
+    return k
+
+
+def _row_sq_norms(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``||x_i - mean||^2`` ``(n,)`` float64 (the diagonal of the centred linear Gram matrix), over
+    row blocks converted to float64 in a reused buffer (extra memory ``O(n)`` plus one block)."""
+    n, d = x.shape
+    rows = max(1, (2**17 if x.device.type == "cpu" else 2**23) // max(d, 1))
+    rows = min(rows, max(n, 1))
+    out = torch.empty(n, dtype=_F64, device=x.device)
+    buf = torch.empty((rows, d), dtype=_F64, device=x.device)
+    for i in range(0, n, rows):
+        r = min(rows, n - i)
+        b = buf[:r]
+        torch.sub(x[i : i + r], mean, out=b)
+        b.mul_(b)
+        torch.sum(b, 1, out=out[i : i + r])
+    return out
+
+
+def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b>_F`` of two contiguous matrices without an elementwise temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _hsic_u(xy: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, n: int) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012) of two linear kernels, times ``n (n-3)``, from
+    ``<K, L>_F = ||X_c^T Y_c||_F^2`` and the kernels' diagonals (squared row norms of the centred
+    data, ``rx``, ``ry``). With ``K 1 = 0`` (centred data) Song's terms reduce to: ``tr(K~ L~) = <K, L>
+    - rx.ry``, ``1^T K~ 1 = -sum rx``, ``1^T K~ L~ 1 = rx.ry`` (``K~``: ``K`` with a zero diagonal)."""
+    return xy - n / (n - 2) * (rx @ ry) + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+
+
+def _debiased_ratio(hxy: torch.Tensor, hxx: torch.Tensor, hyy: torch.Tensor, what: str = "Debiased linear CKA") -> torch.Tensor:
+    if not bool(hxx > 0) or not bool(hyy > 0):
+        raise ValueError(f"{what} is undefined here: a representation has no estimable variance.")
+    # No clip at 0: an unbiased estimate clipped is biased (it can fall slightly below 0). The
+    # unbiased HSIC is the inner product <K~, L~> / (n (n-3)) of the U-centered Gram matrices
+    # (Szekely & Rizzo 2014), so |hxy| <= sqrt(hxx hyy) exactly: clamping at 1 only removes rounding.
+    return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp_max(1.0)
+
+
 def _need_samples(n: int, kx: int, ky: int, what: str) -> None:
     """Centered, ``n`` samples span ``n - 1`` dimensions: when the two sides' independent directions
     ``kx + ky`` exceed that, ``kx + ky - (n - 1)`` canonical correlations are 1 by construction,
@@ -356,6 +434,9 @@ class _Factors:
 
     def sq_norm(self) -> torch.Tensor:
         return self._memo("sq_norm", lambda: torch.linalg.matrix_norm(self.cov) ** 2)
+
+    def trace(self) -> torch.Tensor:
+        return self._memo("trace", lambda: self.cov.diagonal().sum())
 
 
 @dataclass
@@ -550,8 +631,23 @@ def _cka_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int) -> torch
     return _cka_ratio(torch.linalg.matrix_norm(sxy) ** 2, fx.sq_norm(), fy.sq_norm())
 
 
+def _procrustes_ratio(nuclear: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    """``||X_c^T Y_c||_* / (||X_c||_F ||Y_c||_F)`` from the nuclear norm and the squared Frobenius norms."""
+    den = tx.sqrt() * ty.sqrt()
+    if not bool(den > 0):
+        raise ValueError("The Procrustes similarity is undefined: a representation is constant over the samples.")
+    return (nuclear / den).clamp(0.0, 1.0)
+
+
+def _procrustes_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int) -> torch.Tensor:
+    if n < 2:
+        raise ValueError(f"The Procrustes similarity needs at least 2 samples, but got n={n}.")
+    # constant units have zero rows/columns in sxy and zero variance: they change neither norm
+    return _procrustes_ratio(torch.linalg.svdvals(sxy).sum(), fx.trace(), fy.trace())
+
+
 #: the metrics :meth:`SimilarityAccumulator.compute` knows
-_COMPUTE_METHODS = ("cca", "svcca", "pwcca", "cka")
+_COMPUTE_METHODS = ("cca", "svcca", "pwcca", "cka", "procrustes")
 
 
 def _compute(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, methods: Sequence[str], *,
@@ -578,6 +674,7 @@ def _compute(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, methods: Seq
         "pwcca": lambda: _pwcca_weighted(cca_result("PWCCA"), method),
         "svcca": lambda: _svcca_factors(fx, fy, sxy, n, keep, rank_tol),
         "cka": lambda: _cka_factors(fx, fy, sxy, n),
+        "procrustes": lambda: _procrustes_factors(fx, fy, sxy, n),
     }
     values: Dict[str, torch.Tensor] = {}
     errors: Dict[str, ValueError] = {}
@@ -595,7 +692,10 @@ def _check_methods(methods: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     methods = tuple(dict.fromkeys(methods))  # unique, in the order given
     bad = [m for m in methods if m not in _COMPUTE_METHODS]
     if not methods or bad:
-        raise ValueError(f"Expected `methods` among {list(_COMPUTE_METHODS)}, but got {list(methods)}.")
+        raise ValueError(
+            f"Expected `methods` among {list(_COMPUTE_METHODS[:4])}, but got {list(methods)}; "
+            "'procrustes' (the orthogonal Procrustes similarity) is accepted too."
+        )
     return methods
 
 
@@ -758,37 +858,460 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     _need_rows(n)
     if n < (4 if debiased else 2):
         raise ValueError(f"{'Debiased linear' if debiased else 'Linear'} CKA needs at least {4 if debiased else 2} samples, but got n={n}.")
-    # Feature space costs n (dx^2 + dy^2 + dx dy) and d x d memory; the n x n Gram matrices cost
-    # n^2 (dx + dy): the same value (||X^T Y||_F^2 = <X X^T, Y Y^T>_F), cheaper when n < d.
-    gram = n * (dx + dy) < dx * dx + dy * dy + dx * dy
-    if not gram:
+    # Feature space costs n (dx^2 + dy^2)/2 + n dx dy and d x d memory; the n x n Gram matrices cost
+    # n^2 (dx + dy)/2: the same value (||X^T Y||_F^2 = <X X^T, Y Y^T>_F), cheaper when n < d.
+    # Neither makes an (n, d) float64 copy: both accumulate over blocks converted on the fly.
+    if _use_gram(n, dx, dy):
+        kx, ky = _centred_gram(x, "x"), _centred_gram(y, "y")
+        sxy, sxx, syy = _flat_dot(kx, ky), _flat_dot(kx, kx), _flat_dot(ky, ky)  # ||A^T B||_F^2 = <A A^T, B B^T>
+        rx, ry = kx.diagonal(), ky.diagonal()  # squared row norms of the centred data
+    else:
         mom = _Moments.of(x, y)
         norm2 = lambda m: torch.linalg.matrix_norm(m) ** 2  # noqa: E731
-        sq = {"xy": norm2(mom.cxy), "xx": norm2(mom.cxx), "yy": norm2(mom.cyy)}
-    if not debiased and not gram:
-        return _cka_ratio(sq["xy"], sq["xx"], sq["yy"])
-    x, y = x.to(_F64), y.to(_F64)
-    check_finite(x, "x")
-    check_finite(y, "y")
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    if gram:
-        kx, ky = xc @ xc.T, yc @ yc.T
-        sq = {"xy": (kx * ky).sum(), "xx": (kx * kx).sum(), "yy": (ky * ky).sum()}  # ||A^T B||_F^2 = <A A^T, B B^T>
+        sxy, sxx, syy = norm2(mom.cxy), norm2(mom.cxx), norm2(mom.cyy)
+        if debiased:
+            rx, ry = _row_sq_norms(x, mom.mx), _row_sq_norms(y, mom.my)
     if not debiased:
-        return _cka_ratio(sq["xy"], sq["xx"], sq["yy"])
-    rx, ry = (xc * xc).sum(1), (yc * yc).sum(1)  # squared row norms = the linear kernels' diagonals
+        return _cka_ratio(sxy, sxx, syy)
+    return _debiased_ratio(_hsic_u(sxy, rx, ry, n), _hsic_u(sxx, rx, rx, n), _hsic_u(syy, ry, ry, n))
 
-    def hsic(cross: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
-        # unbiased HSIC (Song et al. 2012) with linear kernels, up to a common 1/(n(n-3)) factor
-        return cross - n / (n - 2) * (ra @ rb) + ra.sum() * rb.sum() / ((n - 1) * (n - 2))
 
-    hxy, hxx, hyy = hsic(sq["xy"], rx, ry), hsic(sq["xx"], rx, rx), hsic(sq["yy"], ry, ry)
-    if not bool(hxx > 0) or not bool(hyy > 0):
-        raise ValueError("Debiased linear CKA is undefined here: a representation has no estimable variance.")
-    # No clip at 0: an unbiased estimate clipped is biased (it can fall slightly below 0). The
-    # unbiased HSIC is the inner product <K~, L~> / (n (n-3)) of the U-centered Gram matrices
-    # (Szekely & Rizzo 2014), so |hxy| <= sqrt(hxx hyy) exactly: clamping at 1 only removes rounding.
-    return (hxy / (hxx.sqrt() * hyy.sqrt())).clamp_max(1.0)
+def _use_gram(n: int, dx: int, dy: int) -> bool:
+    """Whether linear CKA is cheaper from ``n x n`` Gram matrices than from ``d x d`` moments."""
+    return n * (dx + dy) < dx * dx + dy * dy + 2 * dx * dy
+
+
+def procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Orthogonal Procrustes similarity: ``||X_c^T Y_c||_* / (||X_c||_F ||Y_c||_F)``.
+
+    With ``X``, ``Y`` centred and scaled to unit Frobenius norm, ``min_Q ||X - Y Q||_F^2`` over
+    orthogonal ``Q`` (``d_y <= d_x``; zero-pad the narrower side otherwise) is
+    ``2 - 2 ||X^T Y||_*`` (Schönemann 1966), the Procrustes distance of Ding, Denain & Steinhardt
+    (2021); this function returns the similarity ``||X^T Y||_*`` (nuclear norm: the sum of the
+    singular values), so their distance is ``2 - 2 * procrustes(x, y)``, in ``[0, 2]``. The
+    similarity lies in ``[0, 1]`` (1: one representation is an orthogonal transform of the other,
+    up to scale and translation), and is invariant to orthogonal maps, isotropic scaling and
+    translation of either side, like linear CKA (not to arbitrary invertible maps, like CCA). Ding et
+    al. find it sensitive both to the directions that carry most variance (as CKA) and to low-variance
+    ones (as CCA).
+
+    Computed from ``X_c^T Y_c`` ``(d_x, d_y)`` and the traces of the covariances (so the streaming
+    :class:`SimilarityAccumulator` gives it too, ``compute(("procrustes",))``), or, when ``n`` is
+    smaller than ``d_x + d_y``, from the ``n x n`` Gram matrices: the singular values of ``X_c^T
+    Y_c`` are those of ``L_x^T L_y`` with ``X_c X_c^T = L_x L_x^T`` (eigendecomposition). Both in
+    float64 over blocks converted on the fly (no float64 copy of the data).
+
+    Args:
+        x: ``(n, d_x)`` activations (rows = inputs, columns = units).
+        y: ``(n, d_y)`` activations of the same ``n`` inputs, in the same order.
+
+    Returns:
+        0-d float64 tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: non-2-D input, different ``n``, ``n < 2``, NaN/Inf, or a constant representation.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(200, 6, generator=g)
+        >>> q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+        >>> round(float(procrustes(x, 3 * x @ q + 1)), 6)
+        1.0
+        >>> d = 2 - 2 * procrustes(x, torch.randn(200, 6, generator=g))   # Ding et al.'s distance
+        >>> bool(0 < d < 2)
+        True
+    """
+    x, y = _prep(x, y)
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    _need_rows(n)
+    if n < 2:
+        raise ValueError(f"The Procrustes similarity needs at least 2 samples, but got n={n}.")
+    if _use_gram(n, dx, dy):
+        lx, tx = _gram_root(_centred_gram(x, "x"))
+        ly, ty = _gram_root(_centred_gram(y, "y"))
+        return _procrustes_ratio(torch.linalg.svdvals(lx.T @ ly).sum(), tx, ty)
+    return _from_moments(_Moments.of(x, y), ("procrustes",))["procrustes"]
+
+
+def _gram_root(k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(L, tr K)`` with ``K = L L^T`` (``L = U sqrt(max(lambda, 0))`` from ``eigh``) for a centred
+    Gram matrix ``K`` ``(n, n)``: ``L^T L'`` has the singular values of ``X_c^T Y_c``."""
+    evals, evecs = torch.linalg.eigh(k)
+    return evecs * evals.clamp_min(0.0).sqrt(), k.diagonal().sum()
+
+
+#: :func:`rbf_cka` refuses more samples than this by default (peak memory ``24 n^2`` bytes: 2.4 GB)
+RBF_MAX_SAMPLES = 10_000
+
+
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 < float(threshold) < float("inf")):
+        raise ValueError(
+            f"Expected `threshold` to be a positive finite number (the bandwidth as a multiple of the median "
+            f"distance; Kornblith et al. use 0.2 to 1.0), but got {threshold!r}."
+        )
+    return float(threshold)
+
+
+def _check_max_samples(n: int, max_samples: int) -> None:
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 4:
+        raise ValueError(f"Expected `max_samples` to be an int >= 4, but got {max_samples!r}.")
+    if n > max_samples:
+        raise ValueError(
+            f"Expected at most `max_samples`={max_samples} samples for RBF CKA, whose n x n kernel matrices take "
+            f"about 24 n^2 bytes at peak ({24 * n * n / 2**30:.1f} GiB for n={n}), but got n={n}. Subsample the rows "
+            f"(the same rows from both representations), use `linear_cka` (O(d^2) memory), or raise `max_samples` "
+            "if the memory is there."
+        )
+
+
+def _median_all(k: torch.Tensor) -> torch.Tensor:
+    """``np.median`` of every entry of ``k`` (the mean of the two middle values for an even count)."""
+    flat = k.reshape(-1)
+    m = flat.numel()
+    if m % 2:
+        return flat.kthvalue(m // 2 + 1).values
+    return (flat.kthvalue(m // 2).values + flat.kthvalue(m // 2 + 1).values) / 2
+
+
+def _rbf_kernel(x: torch.Tensor, threshold: float, name: str) -> torch.Tensor:
+    """Gaussian kernel ``exp(-d_ij^2 / (2 sigma^2))`` ``(n, n)`` float64 with ``sigma^2 = threshold^2
+    median(d^2)``, the median over all ``n^2`` entries of the squared-distance matrix, its zero
+    diagonal included (Kornblith et al.'s ``gram_rbf``). Distances from the Gram matrix of the
+    centred data (translation leaves them unchanged and centring keeps the cancellation in
+    ``|a|^2 + |b|^2 - 2 a.b`` small), computed in place."""
+    k = _centred_gram(x, name)
+    sq = k.diagonal().clone()
+    k.mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0.0)
+    k.fill_diagonal_(0.0)
+    med = _median_all(k)
+    if not bool(med > 0):
+        raise ValueError(
+            f"RBF CKA is undefined for `{name}`: the median pairwise distance is 0 (a constant representation, or "
+            "more than half of the rows identical), so the kernel bandwidth would be 0. Check the layer (dead units?) "
+            "or the probe inputs (duplicated rows?)."
+        )
+    return k.mul_(-1.0 / (2.0 * threshold * threshold * float(med))).exp_()
+
+
+def _double_centre_(k: torch.Tensor) -> torch.Tensor:
+    """``H K H`` in place for a symmetric ``K`` (``H = I - 11^T/n``)."""
+    r = k.mean(0)
+    k.sub_(r[:, None]).sub_(r[None, :]).add_(r.mean())
+    return k
+
+
+def _hsic1_flat(k: torch.Tensor, l: torch.Tensor, sk: torch.Tensor, sl: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012) times ``n (n-3)`` of kernels with zero diagonals, given their
+    row sums ``sk = K 1``, ``sl = L 1``; no ``n x n`` temporary."""
+    n = k.shape[0]
+    return _flat_dot(k, l) + sk.sum() * sl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (sk @ sl)
+
+
+def rbf_cka(x: torch.Tensor, y: torch.Tensor, *, threshold: float = 1.0, debiased: bool = False,
+            max_samples: int = RBF_MAX_SAMPLES) -> torch.Tensor:
+    """CKA with Gaussian (RBF) kernels (Kornblith et al. 2019).
+
+    ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma_x^2))``
+    and ``sigma_x = threshold * sqrt(median ||x_i - x_j||^2)``: the bandwidth is a fraction of the
+    median distance, as in Kornblith et al.'s code, whose median runs over the whole ``n x n``
+    squared-distance matrix, its zero diagonal included (so do we, for comparable numbers); the same
+    for ``y``. Being a function of the distances scaled by their median, it is invariant to
+    orthogonal maps, isotropic scaling and translation of either side. A small ``threshold`` makes
+    the kernel local (similar neighbourhoods count; Kornblith et al. report 0.2 to 1.0 as close to
+    linear CKA on their networks, smaller values departing from it); large ones approach linear CKA.
+
+    Memory and cost: two ``n x n`` float64 kernel matrices and one of the same size while the median
+    is selected, about ``24 n^2`` bytes at peak (240 MB at n=3162, 2.4 GB at n=10000); ``n^2 (d_x +
+    d_y) / 2`` multiply-adds. ``n`` above ``max_samples`` is refused rather than exhausting memory.
+
+    Args:
+        x: ``(n, d_x)`` activations (rows = inputs, columns = units).
+        y: ``(n, d_y)`` activations of the same ``n`` inputs, in the same order.
+        threshold: the bandwidth as a multiple of the median distance; positive.
+        debiased: use the unbiased HSIC estimator (Song et al. 2012) on the kernels with their
+            diagonals zeroed, as :func:`linear_cka` does; needs ``n >= 4``. The value is the estimate
+            itself (not clipped at 0): slightly below 0 is possible for unrelated representations.
+        max_samples: the largest ``n`` accepted (default 10000).
+
+    Returns:
+        0-d float64 tensor in ``[0, 1]`` (``debiased=True``: at most 1, near 0 for unrelated data).
+
+    Raises:
+        ValueError: non-2-D input, different ``n``, too few samples (2; 4 debiased), ``n >
+            max_samples``, NaN/Inf, a bad ``threshold``, or a median distance of 0 (constant rows).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(300, 8, generator=g)
+        >>> q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+        >>> round(float(rbf_cka(x, 5 * x @ q - 2, threshold=0.5)), 6)
+        1.0
+        >>> float(rbf_cka(x, x.tanh())) > float(rbf_cka(x, torch.randn(300, 8, generator=g)))
+        True
+    """
+    x, y = _prep(x, y)
+    threshold = _check_threshold(threshold)
+    n = x.shape[0]
+    _need_rows(n)
+    _check_max_samples(n, max_samples)
+    if n < (4 if debiased else 2):
+        raise ValueError(f"{'Debiased RBF' if debiased else 'RBF'} CKA needs at least {4 if debiased else 2} samples, but got n={n}.")
+    kx = _rbf_kernel(x, threshold, "x")
+    if not debiased:
+        kx = _double_centre_(kx)
+        ky = _double_centre_(_rbf_kernel(y, threshold, "y"))
+        return _cka_ratio(_flat_dot(kx, ky), _flat_dot(kx, kx), _flat_dot(ky, ky))
+    kx.fill_diagonal_(0.0)
+    ky = _rbf_kernel(y, threshold, "y").fill_diagonal_(0.0)
+    sx, sy = kx.sum(1), ky.sum(1)
+    return _debiased_ratio(_hsic1_flat(kx, ky, sx, sy), _hsic1_flat(kx, kx, sx, sx), _hsic1_flat(ky, ky, sy, sy),
+                           "Debiased RBF CKA")
+
+
+# ----------------------------------------------------------------------------- similarity matrices
+#: the methods :func:`similarity_matrix` knows
+_MATRIX_METHODS = ("cka", "cka_debiased", "rbf_cka", "procrustes", "svcca", "pwcca", "cca")
+
+
+@dataclass(frozen=True, eq=False)
+class SimilarityMatrix:
+    """The result of :func:`similarity_matrix`.
+
+    Attributes:
+        values: ``(M, M)`` float64 tensor; ``values[i, j]`` compares ``labels[i]`` with ``labels[j]``
+            (for ``"pwcca"``, ``pwcca(reps[i], reps[j])``: row ``i`` is the ``x`` argument).
+        labels: the ``M`` names, in order: a dict's keys in its order, or ``0 .. M-1`` for a list.
+        method: the method that filled ``values``.
+
+    Indexing by a pair of labels gives one value: ``m["fc1", "fc2"]`` (a 0-d tensor).
+    """
+
+    values: torch.Tensor
+    labels: Tuple[Any, ...]
+    method: str
+
+    def __getitem__(self, pair: Tuple[Any, Any]) -> torch.Tensor:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError(f"Expected a pair of labels, e.g. m[{self.labels[0]!r}, {self.labels[-1]!r}], but got {pair!r}.")
+        idx = []
+        for label in pair:
+            if label not in self.labels:
+                raise KeyError(f"Expected a label among {list(self.labels)}, but got {label!r}.")
+            idx.append(self.labels.index(label))
+        return self.values[idx[0], idx[1]]
+
+
+def _check_reps(reps: Any) -> Tuple[Tuple[Any, ...], list]:
+    if isinstance(reps, dict):
+        labels, tensors = tuple(reps.keys()), list(reps.values())
+    elif isinstance(reps, (list, tuple)):
+        labels, tensors = tuple(range(len(reps))), list(reps)
+    else:
+        raise TypeError(
+            f"Expected `reps` to be a list or dict of (n, d) tensors (e.g. {{'fc1': a1, 'fc2': a2}}), but got {type(reps).__name__}."
+        )
+    if not tensors:
+        raise ValueError("Expected `reps` to hold at least one representation, but got none.")
+    out = []
+    for label, t in zip(labels, tensors):
+        t = check_2d(t, f"reps[{label!r}]")
+        if out:
+            check_same_n(out[0], t, f"reps[{labels[0]!r}]", f"reps[{label!r}]")
+            if t.device != out[0].device:
+                raise ValueError(
+                    f"Expected every representation on one device, but got {out[0].device} for reps[{labels[0]!r}] "
+                    f"and {t.device} for reps[{label!r}]."
+                )
+        out.append(t.detach())
+    _need_rows(out[0].shape[0])
+    return labels, out
+
+
+def _joint_comoments(reps: Sequence[torch.Tensor]) -> Tuple[int, list, Dict[Tuple[int, int], torch.Tensor]]:
+    """``(n, means, C)``: every representation's mean and the centred co-moment blocks ``C[i, j] =
+    X_i,c^T X_j,c`` for ``i <= j`` (float64), in one pass over row blocks converted and shifted on
+    the fly as :meth:`_Moments.of` does (no float64 copy of the data; extra memory the blocks,
+    ``sum_{i <= j} d_i d_j`` numbers, plus one row block of every representation)."""
+    n, dev, m = reps[0].shape[0], reps[0].device, len(reps)
+    dims = [r.shape[1] for r in reps]
+    total, widest = max(sum(dims), 1), max(max(dims), 1)
+    if dev.type == "cpu":
+        rows, piece = max(512, 2**18 // total), max(128, 2**16 // widest)
+    else:
+        rows = piece = max(1, min(16384, 2**23 // total))
+    rows = min(rows, n)
+    shifts = [r[:rows].sum(0, dtype=_F64) / rows for r in reps]
+    cs = {(i, j): torch.zeros((dims[i], dims[j]), dtype=_F64, device=dev) for i in range(m) for j in range(i, m)}
+    sums = [torch.zeros(d, dtype=_F64, device=dev) for d in dims]
+    bufs = [torch.empty((d, rows), dtype=_F64, device=dev) for d in dims]
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        blocks = []
+        for k in range(m):
+            a = bufs[k][:, :r]
+            for j in range(0, r, piece):
+                torch.sub(reps[k][start + j : start + min(j + piece, r)].T, shifts[k][:, None], out=a[:, j : j + piece])
+            sums[k] += a.sum(1)
+            blocks.append(a)
+        for i in range(m):
+            _gram_into(blocks[i], cs[i, i])
+            for j in range(i + 1, m):
+                cs[i, j].addmm_(blocks[i], blocks[j].T)
+    deltas = [t / n for t in sums]
+    for (i, j), c in cs.items():
+        if i == j:
+            _mirror_blocks(c)
+        c.sub_(torch.outer(deltas[i], deltas[j]), alpha=n)
+    means = [s + e for s, e in zip(shifts, deltas)]
+    for k in range(m):
+        if not bool(torch.isfinite(cs[k, k].diagonal()).all() & torch.isfinite(means[k]).all()):
+            check_finite(reps[k], f"reps[{k}]")
+            raise ValueError("Expected finite inputs, but their sums overflowed float64; rescale the activations.")
+    return n, means, cs
+
+
+def similarity_matrix(reps: Union[Sequence[torch.Tensor], Dict[Any, torch.Tensor]], *, method: str = "cka",
+                      keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL, pwcca_method: str = "paper",
+                      threshold: float = 1.0, max_samples: int = RBF_MAX_SAMPLES) -> SimilarityMatrix:
+    """Similarity of every pair of ``M`` representations of the same inputs (layers of one network,
+    or one layer of several networks), each representation's own statistics computed once.
+
+    ``values[i, j]`` equals the pairwise function on ``(reps[i], reps[j])`` up to rounding (~1e-12):
+    ``"cka"`` :func:`linear_cka`, ``"cka_debiased"`` ``linear_cka(debiased=True)``, ``"rbf_cka"``
+    :func:`rbf_cka` (``threshold``), ``"procrustes"`` :func:`procrustes`, ``"svcca"`` :func:`svcca`
+    (``keep``), ``"pwcca"`` :func:`pwcca` (``pwcca_method``), and ``"cca"`` the *mean* canonical
+    correlation of :func:`cca` (one number per pair). The diagonal is 1 by definition (every method
+    gives 1 for identical inputs, the debiased estimators included: their ratio is then exactly 1)
+    and is not computed. Every method but PWCCA is symmetric, and its matrix is filled from the
+    upper triangle, so exactly symmetric. PWCCA weights the canonical correlations by the side with
+    fewer (kept) dimensions, ``x`` on a tie, so with equal widths ``values[i, j]`` and ``values[j,
+    i]`` can differ: both are computed, as ``pwcca(reps[i], reps[j])`` (row = ``x``), and not
+    symmetrized (``(m.values + m.values.T) / 2`` does that if wanted).
+
+    What is shared: the co-moment blocks of all representations in one pass over the rows (a
+    representation's covariance and its factorizations, e.g. its whitening, serve all ``M - 1``
+    pairs it is in: the CCA family, linear CKA and Procrustes), or, when ``n`` is small next to the
+    widths (linear CKA, Procrustes) and always for RBF CKA, each representation's ``n x n`` kernel
+    matrix (and for Procrustes its eigendecomposition). Memory: ``sum_{i <= j} d_i d_j`` float64
+    numbers for the co-moments, or ``M n^2`` for the kernels (RBF: ``n <= max_samples``). No float64
+    copy of the data is made.
+
+    Args:
+        reps: a list (labels ``0 .. M-1``) or a dict (labels its keys, in order) of ``(n, d_i)``
+            tensors over the same ``n`` inputs, in the same order, on one device.
+        method: one of ``"cka"``, ``"cka_debiased"``, ``"rbf_cka"``, ``"procrustes"``, ``"svcca"``,
+            ``"pwcca"``, ``"cca"``.
+        keep: SVCCA's fraction of variance or number of directions (see :func:`svcca`).
+        rank_tol: the CCA family's whitening cutoff (see :func:`cca`).
+        pwcca_method: PWCCA's weighting, ``"paper"`` or ``"google"`` (see :func:`pwcca`'s ``method``).
+        threshold: RBF CKA's bandwidth as a multiple of the median distance (see :func:`rbf_cka`).
+        max_samples: RBF CKA's largest ``n`` (see :func:`rbf_cka`).
+
+    Returns:
+        A :class:`SimilarityMatrix`: ``values`` ``(M, M)`` float64, ``labels``, ``method``.
+
+    Raises:
+        TypeError: ``reps`` not a list or dict of tensors.
+        ValueError: no representations, different ``n`` or devices, NaN/Inf, an unknown method or
+            bad option, or a pair the method is undefined for (the message names the pair).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(500, 6, generator=g)
+        >>> reps = {"in": x, "hidden": (x @ torch.randn(6, 10, generator=g)).relu(), "noise": torch.randn(500, 4, generator=g)}
+        >>> m = similarity_matrix(reps, method="cka")
+        >>> m.labels, tuple(m.values.shape), bool(torch.equal(m.values, m.values.T))
+        (('in', 'hidden', 'noise'), (3, 3), True)
+        >>> torch.allclose(m["in", "hidden"], linear_cka(x, reps["hidden"]))
+        True
+        >>> bool(m["in", "hidden"] > m["in", "noise"])
+        True
+    """
+    labels, xs = _check_reps(reps)
+    if method not in _MATRIX_METHODS:
+        raise ValueError(f"Expected `method` to be one of {list(_MATRIX_METHODS)}, but got {method!r}.")
+    keep, rank_tol, pwcca_method = _check_keep(keep), _check_rank_tol(rank_tol), _check_method(pwcca_method)
+    if method == "rbf_cka":
+        threshold = _check_threshold(threshold)
+        _check_max_samples(xs[0].shape[0], max_samples)
+    m, n, dims = len(xs), xs[0].shape[0], [x.shape[1] for x in xs]
+    out = torch.eye(m, dtype=_F64, device=xs[0].device)
+    if m == 1:
+        check_finite(xs[0], f"reps[{labels[0]!r}]")
+        return SimilarityMatrix(out, labels, method)
+    total = sum(dims)
+    if method in ("cka", "cka_debiased"):
+        gram = n * (total + m * m) < total * total
+    elif method == "procrustes":
+        gram = n * m < 2 * total  # n below the mean width of a pair, as the pairwise rule
+    else:
+        gram = method == "rbf_cka"
+    pair_value = _matrix_gram_pairs(xs, labels, method, threshold) if gram else \
+        _matrix_moment_pairs(xs, labels, method, keep=keep, rank_tol=rank_tol, pwcca_method=pwcca_method)
+    for i in range(m):
+        for j in range(i + 1, m):
+            try:
+                out[i, j] = pair_value(i, j)
+                out[j, i] = pair_value(j, i) if method == "pwcca" else out[i, j]
+            except ValueError as err:
+                raise ValueError(f"{method} is undefined for the pair ({labels[i]!r}, {labels[j]!r}): {err}") from err
+    return SimilarityMatrix(out, labels, method)
+
+
+def _matrix_gram_pairs(xs: list, labels: Tuple[Any, ...], method: str, threshold: float) -> Callable[[int, int], torch.Tensor]:
+    """Per-representation ``n x n`` kernel data, and the function that gives a pair's value from it."""
+    n = xs[0].shape[0]
+    if n < (4 if method in ("cka_debiased",) else 2):
+        need = 4 if method == "cka_debiased" else 2
+        raise ValueError(f"{method} needs at least {need} samples, but got n={n}.")
+    names = [f"reps[{lab!r}]" for lab in labels]
+    if method == "rbf_cka":
+        ks = [_double_centre_(_rbf_kernel(x, threshold, nm)) for x, nm in zip(xs, names)]
+        sq = [_flat_dot(k, k) for k in ks]
+        return lambda i, j: _cka_ratio(_flat_dot(ks[i], ks[j]), sq[i], sq[j])
+    ks = [_centred_gram(x, nm) for x, nm in zip(xs, names)]
+    if method == "procrustes":
+        roots = [_gram_root(k) for k in ks]
+        del ks
+        return lambda i, j: _procrustes_ratio(torch.linalg.svdvals(roots[i][0].T @ roots[j][0]).sum(), roots[i][1], roots[j][1])
+    sq = [_flat_dot(k, k) for k in ks]
+    if method == "cka":
+        return lambda i, j: _cka_ratio(_flat_dot(ks[i], ks[j]), sq[i], sq[j])
+    rs = [k.diagonal() for k in ks]
+    hs = [_hsic_u(s, r, r, n) for s, r in zip(sq, rs)]
+    return lambda i, j: _debiased_ratio(_hsic_u(_flat_dot(ks[i], ks[j]), rs[i], rs[j], n), hs[i], hs[j])
+
+
+def _matrix_moment_pairs(xs: list, labels: Tuple[Any, ...], method: str, *, keep: Union[float, int], rank_tol: float,
+                         pwcca_method: str) -> Callable[[int, int], torch.Tensor]:
+    """The joint co-moments, one :class:`_Factors` per representation (its factorizations computed
+    once, on first use, for all its pairs), and the function that gives a pair's value."""
+    n, means, cs = _joint_comoments(xs)
+    if method == "cka_debiased":
+        if n < 4:
+            raise ValueError(f"Debiased linear CKA needs at least 4 samples, but got n={n}.")
+        norm2 = lambda c: torch.linalg.matrix_norm(c) ** 2  # noqa: E731
+        rs = [_row_sq_norms(x, mu) for x, mu in zip(xs, means)]
+        hs = [_hsic_u(norm2(cs[k, k]), rs[k], rs[k], n) for k in range(len(xs))]
+
+        def debiased(i: int, j: int) -> torch.Tensor:
+            return _debiased_ratio(_hsic_u(norm2(cs[i, j]), rs[i], rs[j], n), hs[i], hs[j])
+
+        return debiased
+    den = max(n - 1, 1)
+    factors = [_Factors(cs[k, k] / den) for k in range(len(xs))]
+    name = {"cka": "cka", "procrustes": "procrustes", "svcca": "svcca", "pwcca": "pwcca", "cca": "cca"}[method]
+
+    def value(i: int, j: int) -> torch.Tensor:
+        sxy = cs[i, j] / den if i < j else cs[j, i].T / den
+        values, errors = _compute(factors[i], factors[j], sxy, n, (name,), keep=keep, rank_tol=rank_tol, method=pwcca_method)
+        if name in errors:
+            raise errors[name]
+        v = values[name]
+        return v.mean() if name == "cca" else v
+
+    return value
 
 
 #: how closely the means of the y rows must match the given ``y_stats`` (relative to each unit's
@@ -857,7 +1380,7 @@ def _same_stats(a: Optional[SideStats], b: Optional[SideStats]) -> bool:
 
 
 class SimilarityAccumulator:
-    """Streaming CCA / SVCCA / PWCCA / linear CKA over paired batches, without storing activations.
+    """Streaming CCA / SVCCA / PWCCA / linear CKA / Procrustes over paired batches, without storing activations.
 
     Keeps, in float64 on the inputs' device, the sample count, the means and the centered
     co-moment matrices of ``x`` and ``y``: memory ``8 * (d_x^2 + d_y^2 + d_x d_y + d_x + d_y)``
@@ -1104,7 +1627,9 @@ class SimilarityAccumulator:
 
         Args:
             methods: any of ``"cca"`` (canonical correlations ``(r,)``), ``"svcca"``, ``"pwcca"``,
-                ``"cka"`` (linear CKA), in any order; repeats are ignored.
+                ``"cka"`` (linear CKA), ``"procrustes"`` (see :func:`procrustes`; from the
+                cross-covariance's singular values and the covariances' traces), in any order;
+                repeats are ignored.
             keep: SVCCA's fraction of variance or number of directions (see :func:`svcca`).
             rank_tol: whitening cutoff (see :func:`cca`).
             method: PWCCA's weighting, ``"paper"`` or ``"google"`` (see :func:`pwcca`).
@@ -1151,6 +1676,20 @@ class SimilarityAccumulator:
     def pwcca(self, *, method: str = "paper", rank_tol: float = RANK_TOL) -> torch.Tensor:
         """See :func:`pwcca`."""
         return self._one("pwcca", method=method, rank_tol=rank_tol)
+
+    def procrustes(self) -> torch.Tensor:
+        """The orthogonal Procrustes similarity of all rows seen; see :func:`procrustes`.
+
+        Example:
+            >>> g = torch.Generator().manual_seed(0)
+            >>> x, y = torch.randn(600, 5, generator=g), torch.randn(600, 3, generator=g)
+            >>> acc = SimilarityAccumulator()
+            >>> for i in range(0, 600, 128):
+            ...     _ = acc.update(x[i:i + 128], x[i:i + 128, :3] + y[i:i + 128])
+            >>> torch.allclose(acc.procrustes(), procrustes(x, x[:, :3] + y))
+            True
+        """
+        return self._one("procrustes")
 
     def linear_cka(self, *, debiased: bool = False) -> torch.Tensor:
         """See :func:`linear_cka`. The debiased form needs per-row norms and is not available here."""
