@@ -152,6 +152,14 @@ _CHANNELS_FIRST_3D = (
 # Of those, the ones that make a model "1-D convolutional" (a reason to follow layouts at all).
 _CONV_LIKE_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d)
 
+# Modules whose output of any rank >= 3 is channels first, (N, C, ...) (2-D/3-D pooling too).
+_CHANNELS_FIRST = _CHANNELS_FIRST_3D + (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
 try:
     _compiler_disable = torch.compiler.disable
 except AttributeError:  # pragma: no cover - torch < 2.1
@@ -186,14 +194,20 @@ def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Modules whose output has its units on the last axis (a Linear's out_features), whatever its rank.
-_UNITS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_UNITS_LAST = (nn.Linear, nn.Bilinear, nn.Embedding)
+# Normalizations over trailing axes: their output has their input's layout; a LayerNorm over one
+# axis of an input whose layout is unknown normalizes the features: units last.
+_NORM_LAST = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# (a layout is known by the module's type alone)
+_TYPED = _CHANNELS_FIRST + _UNITS_LAST
 
-# 3-D tensors whose layout is known in the forward pass running now: "C" channels-first (N, C, L)
-# (outputs of the modules above), "L" units last (outputs of Linear-like modules), and outputs of
-# any module whose first input was such a tensor and whose output has the same shape (activations,
-# dropout, a user's own elementwise module or block). Keyed by memory and layout (so a detached
-# alias matches too), holding a weak reference to the tensor: a key only counts while that tensor
-# lives, so its memory cannot have been reused meanwhile.
+# Tensors (rank >= 3) whose layout is known in the forward pass running now: "C" channels first
+# (N, C, ...) (outputs of the modules above and of the functions in _FN_CHANNELS_FIRST), "L" units
+# last (outputs of Linear-like modules and functions), and what follows from them: outputs of
+# elementwise modules and functions (activations, dropout, a residual sum of two tensors of one
+# layout), of slices, padding and concatenations, and permuted views (followed by their strides).
+# Keyed by memory and layout (so a detached alias matches too), holding a weak reference to the
+# tensor: a key only counts while that tensor lives, so its memory cannot have been reused meanwhile.
 _MARKS: Dict[Any, Tuple["weakref.ref[torch.Tensor]", str]] = {}
 _PURGE_AT = [512]
 _ACTIVE = [0]  # layout trackers attached now
@@ -231,30 +245,32 @@ def _mark(t: torch.Tensor, kind: str) -> None:
 
 
 def _mark_of(t: torch.Tensor) -> Optional[str]:
-    """"C" (channels first), "L" (units last) or None, for a 3-D tensor of the running forward.
+    """"C" (channels first), "L" (units last) or None, for a tensor (rank >= 3) of the running forward.
 
-    A permuted view of a marked tensor (``conv(x).transpose(1, 2)``: same memory, its axes' sizes and
-    strides a permutation of the marked tensor's) is followed: its unit axis is the one with the
-    marked unit axis's size and stride. Only if the batch axis stays first and the pairs are distinct."""
-    if not _ACTIVE[0] or not _MARKS or t.ndim != 3 or t.is_nested:  # marks count only while some tracking is on
+    A permuted view of a marked tensor (``conv(x).transpose(1, 2)``, ``x.permute(0, 2, 3, 1)``: same
+    memory, its axes' sizes and strides a permutation of the marked tensor's) is followed: its unit
+    axis is the one with the marked unit axis's size and stride. Only if the batch axis stays first,
+    the pairs are distinct and the unit axis lands second or last."""
+    if not _ACTIVE[0] or not _MARKS or t.ndim < 3 or t.is_nested:  # marks count only while some tracking is on
         return None
     e = _MARKS.get(_layout_key(t))
     if e is not None:
         return e[1] if e[0]() is not None else None
+    nd = t.ndim
     pairs = list(zip(t.shape, t.stride()))
-    if len(set(pairs)) != 3:
+    if len(set(pairs)) != nd:
         return None
     ptr, dev = t.data_ptr(), t.device
     for (kptr, kdev, kshape, kstride), (r, kind) in list(_MARKS.items()):
-        if kptr != ptr or kdev != dev or r() is None:
+        if kptr != ptr or kdev != dev or len(kshape) != nd or r() is None:
             continue
         base = list(zip(kshape, kstride))
         if sorted(base) != sorted(pairs):
             continue
-        unit = pairs.index(base[1 if kind == "C" else 2])
+        unit = pairs.index(base[1 if kind == "C" else nd - 1])
         if pairs.index(base[0]) != 0:
             return None
-        return "C" if unit == 1 else "L"
+        return "C" if unit == 1 else "L" if unit == nd - 1 else None
     return None
 
 
@@ -263,50 +279,176 @@ def _is_channels_first(t: torch.Tensor) -> bool:
 
 
 def _layout_hook_impl(mod: nn.Module, args: Any, out: Any) -> None:
-    if isinstance(out, torch.Tensor) and out.ndim == 3 and not out.is_nested:
-        if isinstance(mod, _CHANNELS_FIRST_3D):
+    if isinstance(out, torch.Tensor) and out.ndim >= 3 and not out.is_nested and _TRACKING[0]:
+        if isinstance(mod, _CHANNELS_FIRST if out.ndim > 3 else _CHANNELS_FIRST_3D):
             _mark(out, "C")
         elif isinstance(mod, _UNITS_LAST):
             _mark(out, "L")
-        elif args and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape:
+        elif _mark_of(out) is None and args and isinstance(args[0], torch.Tensor):
             kind = _mark_of(args[0])
-            if kind is not None:
+            if kind is not None and (args[0].shape == out.shape or isinstance(mod, _NORM_LAST)):
                 _mark(out, kind)
+            elif kind is None and isinstance(mod, _NORM_LAST) and len(mod.normalized_shape) == 1:
+                _mark(out, "L")
 
 
 _layout_hook = eager_hook(_layout_hook_impl)
+_TRACKING = [0]  # forward passes now followed (their tensors marked)
+
+F = torch.nn.functional
+# Functions whose output (rank >= 3) is channels first by definition.
+_FN_CHANNELS_FIRST = {
+    f for f in (
+        getattr(F, n, None) for n in (
+            "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+            "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+            "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+            "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+            "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
+            "lp_pool1d", "lp_pool2d", "batch_norm", "instance_norm", "group_norm", "interpolate", "upsample",
+            "pixel_shuffle", "pixel_unshuffle",
+        )
+    ) if f is not None
+} | {getattr(torch, n) for n in ("conv1d", "conv2d", "conv3d", "batch_norm", "instance_norm", "group_norm",
+                                  "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d") if hasattr(torch, n)}
+# Functions whose output has its units last by definition.
+_FN_UNITS_LAST = {F.linear, F.bilinear, F.embedding, torch.nn.functional.embedding_bag}
+# Functions that keep their input's layout while changing its shape (padding, concatenation along
+# any axis, a normalization over trailing axes).
+_FN_SAME_LAYOUT = {F.pad, torch.cat, torch.concat, F.layer_norm, torch.Tensor.__getitem__, torch.narrow,
+                   torch.Tensor.narrow, torch.split, torch.Tensor.split, torch.chunk, torch.Tensor.chunk}
+if hasattr(F, "rms_norm"):
+    _FN_SAME_LAYOUT.add(F.rms_norm)
+# Functions whose same-shaped output is not their input's layout (a view reorders axes: followed
+# by strides, or not at all; a contraction mixes axes).
+_FN_NO_INHERIT = {
+    torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.swapaxes,
+    torch.Tensor.swapaxes, torch.swapdims, torch.Tensor.swapdims, torch.movedim, torch.Tensor.movedim,
+    torch.moveaxis, torch.Tensor.moveaxis, torch.Tensor.view, torch.reshape, torch.Tensor.reshape,
+    torch.Tensor.view_as, torch.Tensor.reshape_as, torch.flatten, torch.Tensor.flatten, torch.unflatten,
+    torch.Tensor.unflatten, torch.Tensor.unfold, torch.as_strided, torch.Tensor.as_strided, torch.einsum,
+    torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.tensordot, torch.t, torch.Tensor.t, torch.Tensor.mT,
+    torch.Tensor.T, torch.Tensor.mH, torch.Tensor.H, torch.adjoint, torch.Tensor.adjoint,
+}
+_FN_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+
+
+def _slice_keeps_axes(args: Any) -> bool:
+    """``x[...]`` with slices and ``...`` only (no int, ``None`` or tensor index): axes are kept."""
+    idx = args[1] if len(args) > 1 else None
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(isinstance(i, slice) or i is Ellipsis for i in items)
+
+
+def _follow(func: Any, args: Any, kwargs: Any, out: Any) -> None:
+    """Mark ``out`` (a function's result) from the function and the marks of its inputs."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    outs = [o for o in outs if type(o) is torch.Tensor or isinstance(o, torch.Tensor)]
+    outs = [o for o in outs if o.ndim >= 3 and not o.is_nested]
+    if not outs:
+        return
+    if func in _FN_CHANNELS_FIRST:
+        kinds = {"C"}
+    elif func in _FN_UNITS_LAST:
+        kinds = {"L"}
+    elif func in _FN_NO_INHERIT:
+        return  # views: followed by their strides when read
+    else:
+        ins: List[torch.Tensor] = []
+        for a in list(args) + list(kwargs.values() if kwargs else ()):
+            if isinstance(a, torch.Tensor):
+                ins.append(a)
+            elif isinstance(a, (list, tuple)):
+                ins += [t for t in a if isinstance(t, torch.Tensor)]
+        if func in _FN_MATMUL:
+            # (..., D) @ (D, K): the first operand's layout, for a weight matrix on the right only
+            if len(ins) != 2 or ins[1].ndim != 2 or func is torch.Tensor.__rmatmul__:
+                return
+            ins = ins[:1]
+        same = func in _FN_SAME_LAYOUT
+        if func is torch.Tensor.__getitem__ and not _slice_keeps_axes(args):
+            return
+        kinds = set()
+        for o in outs:
+            for t in ins:
+                if t.ndim == o.ndim and (same or t.shape == o.shape) and not t.is_nested:
+                    kinds.add(_mark_of(t))
+        if None in kinds and len(kinds) > 1:  # an unknown input beside a known one: only if all known agree
+            kinds.discard(None)
+        if len(kinds) != 1 or None in kinds:
+            return
+    (kind,) = kinds
+    for o in outs:
+        if _mark_of(o) is None:
+            _mark(o, kind)
+
+
+try:
+    from torch.overrides import TorchFunctionMode as _TorchFunctionMode
+except ImportError:  # pragma: no cover - torch < 1.13
+    _TorchFunctionMode = None  # type: ignore[assignment,misc]
+
+if _TorchFunctionMode is not None:
+    class _FollowLayouts(_TorchFunctionMode):
+        """Follows layouts through every torch function of a forward pass (a residual sum, a
+        permute, a functional convolution), beside the module hooks. Changes no result."""
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if _TRACKING[0] and isinstance(out, (torch.Tensor, tuple, list)):
+                _follow(func, args, kwargs, out)
+            return out
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule is compiled (torch.compile / nn.Module.compile): function
+    modes are not used there, only module hooks."""
+    for m in model.modules():
+        if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
+            return True
+    return False
 
 
 def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
-    """Hooks (a list of handles; ``.remove()`` each) that let :func:`unit_dim` tell a 3-D output in
-    ``(N, C, L)`` layout (a ReLU after a Conv1d, however the modules are declared) from a sequence
-    ``(N, T, D)`` (a GELU after a Linear), by following the tensors of each forward pass through every
-    module of ``model``. Registered only when ``model`` has 1-D conv-like modules and one of ``modules``
-    is not itself channels-first by type; they run before any other forward hook of their module.
-    A sum or concatenation (a residual connection) starts a new tensor, which is not followed."""
+    """Hooks (a list of handles; ``.remove()`` each) that let :class:`Layouts` tell the layout of a
+    rank >= 3 output that its module's type does not give (a ReLU after a Conv1d is ``(N, C, L)``, a
+    GELU after a Linear on ``(N, H, W, C)`` has its units last), by following the tensors of each
+    forward pass through every module of ``model``; :class:`Layouts` also follows them through torch
+    functions (sums, permutes) while it needs to. Registered only when one of ``modules`` does not
+    have its layout by type; they run before any other forward hook of their module."""
     mods = list(modules)
-    if all(isinstance(m, _CHANNELS_FIRST_3D) for m in mods) or not any(isinstance(m, _CONV_LIKE_1D) for m in model.modules()):
+    if all(isinstance(m, _TYPED) for m in mods):
         return []
     return [_Tracking([m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()])]
 
 
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
-    """The dimension of ``output`` that indexes units, for a batch-first output (see :class:`Layouts`
-    for the full decision, which also finds the batch axis and refuses what it cannot establish).
+    """The dimension of ``output`` that indexes units, for a batch-first output whose layout its
+    module's type gives (see :class:`Layouts` for the full decision, which also follows layouts
+    through the forward pass, finds the batch axis and refuses what it cannot establish).
 
     * 2-D ``(N, D)``: dim 1.
-    * 4-D/5-D ``(N, C, ...)`` (2-D/3-D convolutions, pooling, batch norm): dim 1, the channel.
-    * 3-D: dim 1 for 1-D convolution/pooling/normalization/padding modules ``(N, C, L)``, and for
-      modules applied to such an output that keep its shape (a ``ReLU`` after a ``Conv1d``; needs
-      :func:`track_layouts` during the forward pass); otherwise a sequence ``(N, T, D)``, dim 2.
+    * ``(N, C, ...)`` of convolution, pooling and normalization modules: dim 1, the channel.
+    * Linear, Embedding (and LayerNorm over one axis) outputs: the last.
+
+    Raises:
+        ValueError: the output has 3 or more axes and neither its module's type nor the forward
+            pass (while :class:`Layouts` follows it) tells its layout; pass the layout explicitly.
     """
-    if output.ndim <= 2:
-        return output.ndim - 1
-    if output.ndim >= 4:
+    nd = output.ndim
+    if nd <= 2:
+        return nd - 1
+    mark = _mark_of(output)
+    if isinstance(module, _CHANNELS_FIRST if nd > 3 else _CHANNELS_FIRST_3D) or mark == "C":
         return 1
-    if isinstance(module, _CHANNELS_FIRST_3D) or _is_channels_first(output):
-        return 1
-    return 2
+    if (isinstance(module, _UNITS_LAST) or mark == "L"
+            or (isinstance(module, _NORM_LAST) and len(module.normalized_shape) == 1)):
+        return nd - 1
+    raise ValueError(
+        f"The {type(module).__name__} output {tuple(output.shape)} has {nd} axes, and its module's type does not tell "
+        "which holds the units; pass `dims=(batch_dim, unit_dim)` (or use netprobe.probe with `layout=`)."
+    )
 
 
 @contextlib.contextmanager
@@ -449,6 +591,14 @@ class Layouts:
         self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in self._named.values())
         self._seqfirst = any(batch_first_of(m) is False for m in self._named.values())
         self._decided: Dict[Tuple[str, bool, int], Tuple[int, int]] = {}  # established by an unambiguous call
+        # layers whose layout neither `layout=`, their type nor a batch_first context gives: the
+        # forward passes are followed (module hooks, and a function mode in eager mode) until each
+        # has been decided once
+        self._needs = [n for n, m in self.modules.items()
+                       if self.layout[n] is None and self.context[n] is None and not isinstance(m, _TYPED)]
+        self._compiled = _compiled(model)
+        self._mode: Any = None
+        self._tracking_now = False
 
     # -- hooks -------------------------------------------------------------------------
     def attach(self) -> List[Any]:
@@ -466,8 +616,7 @@ class Layouts:
             for m in entries.values():
                 handles.append(m.register_forward_pre_hook(eager_hook(self._enter), with_kwargs=True))
                 handles.append(m.register_forward_hook(eager_hook(self._leave), always_call=True))
-            needs = [m for n, m in self.modules.items() if self.layout[n] is None]
-            handles += track_layouts(self.model, needs) if needs else []
+            handles += track_layouts(self.model, [self.modules[n] for n in self._needs]) if self._needs else []
         except BaseException:
             for h in handles:
                 h.remove()
@@ -481,10 +630,23 @@ class Layouts:
             if first is not None and first.ndim >= 1:
                 dim = 1 if (first.ndim == 3 and not first.is_nested and batch_first_of(mod) is False) else 0
                 self.batch = int(first.size(dim))
+            known = {k[0] for k in self._decided}
+            if any(n not in known for n in self._needs):
+                self._tracking_now = True
+                _TRACKING[0] += 1
+                if _TorchFunctionMode is not None and not self._compiled and not _is_compiling():
+                    self._mode = _FollowLayouts()
+                    self._mode.__enter__()
         self._depth += 1
 
     def _leave(self, mod: nn.Module, args: Any, out: Any) -> None:
         self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and self._tracking_now:
+            self._tracking_now = False
+            _TRACKING[0] -= 1
+            mode, self._mode = self._mode, None
+            if mode is not None:
+                mode.__exit__(None, None, None)
 
     # -- the decision ------------------------------------------------------------------
     def dims(self, name: str, module: nn.Module, out: torch.Tensor, *, primary: bool = True) -> Tuple[int, int]:
@@ -504,6 +666,10 @@ class Layouts:
         if nd == 0:
             raise ValueError(f"Layer {name!r} returned a scalar; there are no units to capture.")
         n = self.batch
+        key = (name, primary, nd)
+        hit = self._decided.get(key)
+        if hit is not None and (n is None or shape[hit[0]] == n):  # type: ignore[index]
+            return hit  # told by an earlier call of this layer (its forward is no longer followed)
         bf = self.context.get(name) if primary else None
         if nd == 3 and bf is not None:
             return (0, 2) if bf else (1, 2)
@@ -514,6 +680,7 @@ class Layouts:
             mark = _mark_of(out)
             if isinstance(module, _CHANNELS_FIRST_3D) or mark == "C":
                 if n is None or shape[0] == n:  # type: ignore[index]
+                    self._decided[key] = (0, 1)
                     return 0, 1
             elif self._seqfirst:
                 # a model with sequence-first modules, outside their context: its entry may be (T, N)
@@ -526,11 +693,11 @@ class Layouts:
                 )
             elif isinstance(module, _UNITS_LAST) or mark == "L" or not self._conv1d:
                 if n is not None and shape[0] == n and shape[1] != n:  # type: ignore[index]
-                    self._decided[(name, primary, nd)] = (0, 2)
+                    self._decided[key] = (0, 2)
                     return 0, 2
                 if n is not None and shape[0] == n and shape[1] == n:  # type: ignore[index]
-                    if (name, primary, nd) in self._decided:  # an earlier call of this layer told it
-                        return self._decided[(name, primary, nd)]
+                    if key in self._decided:  # an earlier call of this layer told it
+                        return self._decided[key]
                     raise AmbiguousLayoutError(
                         f"Layer {name!r} ({type(module).__name__}) returned {shape}: both of its first two axes have the "
                         f"batch size {n}, so it may be (N, T, D) or (T, N, D). Pass `layout='NLC'` (batch first) or "
@@ -549,9 +716,26 @@ class Layouts:
                     "`relu(conv(x) + x)`): (N, C, L) and (N, L, C) are both possible. Pass `layout='NCL'` (channels are "
                     "the units) or `layout='NLC'` (a sequence) for this layer."
                 )
-        elif n is None or shape[0] == n:  # type: ignore[index]
-            # (a Linear/LayerNorm applied to (N, H, W, C) has its units last)
-            return (0, nd - 1) if nd <= 2 or isinstance(module, _UNITS_LAST) else (0, 1)
+        elif nd <= 2:
+            if n is None or shape[0] == n:  # type: ignore[index]
+                return 0, nd - 1
+        else:
+            mark = _mark_of(out)
+            if isinstance(module, _CHANNELS_FIRST) or mark == "C":
+                ud = 1
+            elif isinstance(module, _UNITS_LAST) or mark == "L":
+                ud = nd - 1  # a Linear applied to (N, H, W, C), and what follows from it
+            else:
+                how = ("the model is compiled, so only module hooks follow it" if self._compiled
+                       else "it is computed by a function netprobe does not follow, or from the model's input")
+                raise ValueError(
+                    f"Layer {name!r} ({type(module).__name__}) returned {shape}, and its layout cannot be established "
+                    f"({how}): channels first and channels last are both possible. Pass `layout={suggest}` "
+                    "(N = batch, C = units) for this layer."
+                )
+            if n is None or shape[0] == n:  # type: ignore[index]
+                self._decided[key] = (0, ud)
+                return 0, ud
         raise ValueError(
             f"Layer {name!r} ({type(module).__name__}) returned {shape}, and netprobe cannot tell its batch axis ({seen}). "
             f"Pass the layer's layout, e.g. `layout={suggest}` (N = batch, C = units), for this layer."

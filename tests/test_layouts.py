@@ -162,16 +162,42 @@ def _resnet():
     return nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), ResBlock(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
 
 
-def test_residual_1d_block_relu_refused_then_right_with_layout():
+def test_residual_1d_block_relu_followed_through_the_sum():
+    # relu(conv(x) + x): the sum is followed (a function of two tensors, one of known layout)
     net = _resnet()
     x, y = torch.randn(8, 2, 11), torch.randint(0, 3, (8,))
-    with netprobe.probe(net, ["1.act"]) as p, pytest.raises(ValueError, match="layout='NCL'"):
-        net(x)
-    with netprobe.probe(net, ["1.act", "1"], layout={"1.act": "NCL"}) as p:
+    with netprobe.probe(net, ["1.act", "1"]) as p:
         net(x)
     h = net[1](net[0](x)).detach()
     torch.testing.assert_close(p["1.act"], h.mean(2))  # channels are the units
     torch.testing.assert_close(p["1"], h.mean(2))  # the block: same tensor, same rows
+    assert ablation_curve(net, "1.act", (x, y)).order.shape == (3, 6)
+    direct = ablation_curve(net, "1.act", (x, y), layout="NCL")
+    torch.testing.assert_close(ablation_curve(net, "1.act", (x, y)).accuracy, direct.accuracy)
+    noise_curve(net, "1.act", (x, y), scales=[0, 1.0])
+
+
+class StackBlock(nn.Module):
+    """A sum computed through torch.stack(...).sum(0): not followed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv1d(6, 6, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(torch.stack([self.conv(x), x]).sum(0))
+
+
+def test_unfollowable_1d_output_refused_then_right_with_layout():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), StackBlock(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                        nn.Linear(6, 3)).eval()
+    x, y = torch.randn(8, 2, 11), torch.randint(0, 3, (8,))
+    with netprobe.probe(net, ["1.act"]), pytest.raises(ValueError, match="layout='NCL'"):
+        net(x)
+    with netprobe.probe(net, ["1.act"], layout="NCL") as p:
+        net(x)
+    torch.testing.assert_close(p["1.act"], net[1](net[0](x)).detach().mean(2))
     with pytest.raises(ValueError, match="layout='NCL'"):
         ablation_curve(net, "1.act", (x, y))
     assert ablation_curve(net, "1.act", (x, y), layout="NCL").order.shape == (3, 6)
@@ -297,3 +323,132 @@ def test_probe_after_compile_names_the_cause():
         pytest.skip("this torch version runs hooks added after compiling")
     with pytest.raises(ValueError, match="Attach the probe before compiling"):
         p["1"]
+
+
+# ----------------------------------------------------------------------------- 4-D layouts followed
+class NHWCBlock(nn.Module):
+    """A ConvNeXt-style block: depthwise conv (NCHW), then LayerNorm / Linear / GELU / Linear on
+    (N, H, W, C) after a permute, permuted back and added to the input."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.fc2(self.act(self.fc1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class NHWCNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(1, 6, 3, padding=1), nn.ReLU()
+        self.block = NHWCBlock()
+        self.out = nn.Identity()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.out(self.block(self.relu(self.stem(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_channels_last_activations_followed_in_4d():
+    torch.manual_seed(0)
+    net = NHWCNet().eval()
+    x, y = torch.randn(10, 1, 5, 7), torch.randint(0, 3, (10,))
+    layers = ["relu", "block.act", "block.norm", "block", "out"]
+    with netprobe.probe(net, layers) as p:
+        net(x)
+    with torch.no_grad():
+        r = net.relu(net.stem(x))
+        h = net.block.dw(r).permute(0, 2, 3, 1)
+        nrm = net.block.norm(h)
+        act = net.block.act(net.block.fc1(nrm))
+        blk = net.block(r)
+    torch.testing.assert_close(p["relu"], r.mean((2, 3)))  # channels first
+    torch.testing.assert_close(p["block.act"], act.mean((1, 2)))  # (N, H, W, 24): the 24 are the units
+    assert p["block.act"].shape == (10, 24)
+    torch.testing.assert_close(p["block.norm"], nrm.mean((1, 2)))
+    torch.testing.assert_close(p["block"], blk.mean((2, 3)))  # permuted back and summed: channels first
+    torch.testing.assert_close(p["out"], blk.mean((2, 3)))
+    # the curves read the same layouts: 24 units at the GELU
+    assert ablation_curve(net, "block.act", (x, y)).order.shape[1] == 24
+    assert ablation_curve(net, "block", (x, y)).order.shape[1] == 6
+
+
+def test_layer_norm_over_chw_keeps_channels_first():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm([4, 5, 5]), nn.Flatten(), nn.Linear(100, 3)).eval()
+    x = torch.randn(6, 1, 5, 5)
+    with netprobe.probe(net, ["1"]) as p:
+        net(x)
+    with torch.no_grad():
+        h = net[1](net[0](x))
+    torch.testing.assert_close(p["1"], h.mean((2, 3)))  # 4 channels, not the 5 columns
+
+
+class StackSum4d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(torch.stack([self.conv(x), x]).sum(0))
+
+
+def test_unfollowable_4d_output_refused_then_right_with_layout():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), StackSum4d(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,))
+    with netprobe.probe(net, ["1.act"]), pytest.raises(ValueError, match="layout='NCHW' or 'NHWC'"):
+        net(x)
+    with pytest.raises(ValueError, match="layout='NCHW' or 'NHWC'"):
+        ablation_curve(net, "1.act", (x, y))
+    with netprobe.probe(net, ["1.act"], layout="NCHW") as p:
+        net(x)
+    torch.testing.assert_close(p["1.act"], net[1](net[0](x)).detach().mean((2, 3)))
+
+
+def test_model_input_refused_in_4d():
+    # an Identity on the model's input: no module or function tells its layout
+    net = nn.Sequential(nn.Identity(), nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3)).eval()
+    with netprobe.probe(net, ["0"]), pytest.raises(ValueError, match="layout="):
+        net(torch.randn(4, 1, 5, 5))
+
+
+def test_layout_followed_once_then_decided():
+    # after the first call the layer is decided: later forwards run without following (no mode, no marks)
+    from netprobe import _modules
+
+    torch.manual_seed(0)
+    net = NHWCNet().eval()
+    seen = []
+    orig = _modules._follow
+
+    def spy(*a, **k):
+        seen.append(1)
+        return orig(*a, **k)
+
+    _modules._follow = spy
+    try:
+        with netprobe.probe(net, ["block.act"]) as p:
+            net(torch.randn(4, 1, 5, 7))
+            first = len(seen)
+            net(torch.randn(4, 1, 5, 7))
+            assert len(seen) == first > 0
+        assert p["block.act"].shape == (8, 24)
+    finally:
+        _modules._follow = orig
+
+
+def test_unit_dim_refuses_an_untyped_module():
+    from netprobe._modules import unit_dim
+
+    assert unit_dim(nn.Conv2d(1, 2, 1), torch.zeros(2, 2, 3, 3)) == 1
+    assert unit_dim(nn.Linear(2, 5), torch.zeros(2, 3, 3, 5)) == 3
+    with pytest.raises(ValueError, match="dims="):
+        unit_dim(nn.ReLU(), torch.zeros(2, 2, 3, 3))

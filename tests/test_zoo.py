@@ -111,39 +111,31 @@ def test_resnet2d_monitors():
 
 
 # --------------------------------------------------------------------------- 2. 1-D residual net
-def test_resnet1d_relu_after_sum_needs_layout():
+def test_resnet1d_relu_after_sum_followed():
     m = _seeded(ResNet1d)
     x, y = digits_signals(N)
-    for layer in ("block.act", "act2"):  # the ReLU after a sum: in a module, and inline
-        with netprobe.probe(m, [layer]), pytest.raises(ValueError, match="layout='NCL'"):
-            with torch.no_grad():
-                m(x)
-        with pytest.raises(ValueError, match="layout='NCL'"):
-            ablation_curve(m, layer, (x, y))
-    layout = {"block.act": "NCL", "act2": "NCL"}
-    with netprobe.probe(m, ["block", "block.act", "act2", "stem", "act1"], layout=layout) as p:
+    # the ReLU after a sum (in a module, and inline): the sum is followed, channels are the units
+    with netprobe.probe(m, ["block", "block.act", "act2", "stem", "act1"]) as p:
         with torch.no_grad():
             m(x)
     with torch.no_grad():
         a1 = m.act1(m.stem(x))
         hb = m.block(a1)
         h2 = m.act2(m.conv2(hb) + hb)
-    torch.testing.assert_close(p["block.act"], hb.mean(2))  # channels are the units
+    torch.testing.assert_close(p["block.act"], hb.mean(2))
     torch.testing.assert_close(p["block"], hb.mean(2))
     torch.testing.assert_close(p["act2"], h2.mean(2))
     torch.testing.assert_close(p["act1"], a1.mean(2))
     assert all(p[k].shape == (N, 8) for k in p.layers)
-    _check_metrics(m, "act2", x, y, p["act2"], layout="NCL")
+    _check_metrics(m, "act2", x, y, p["act2"])
     _check_metrics(m, "block.act", x, y, p["block.act"], layout="NCL")
 
 
 @pytest.mark.slow
-def test_resnet1d_monitors_refuse_then_run_with_layout():
+def test_resnet1d_monitors_follow_the_sum():
     x, y = digits_signals(120)
     layers = ["net.block.act", "net.act2"]
-    with pytest.raises(ValueError, match="layout='NCL'"):
-        _fit(_seeded(ResNet1d).train(), x, y, layers, selectivity_layers=layers)
-    _fit(_seeded(ResNet1d).train(), x, y, layers, selectivity_layers=layers, layout="NCL")
+    _fit(_seeded(ResNet1d).train(), x, y, layers, selectivity_layers=layers)
 
 
 # --------------------------------------------------------------------------- 3. transformer encoder
@@ -327,11 +319,11 @@ def test_structured_output_reliance_without_override_says_what_to_do(cls):
 # --------------------------------------------------------------------------- 7. torch.compile
 _COMPILE_CASES = [
     pytest.param(["block1", "block1.relu", "block2", "relu"], id="blocks"),
-    pytest.param(["block1", "block2.relu"], id="block1+block2.relu", marks=pytest.mark.xfail(strict=True, reason=(
-        "torch.compile (torch 2.13, backend='eager') does not run the hook of block2.relu when a sibling block1 "
+    pytest.param(["block1", "block2.relu"], id="block1+block2.relu", marks=pytest.mark.xfail(strict=False, reason=(
+        "torch.compile (torch 2.13, backend='eager') can skip the hook of block2.relu when a sibling block1 "
         "also has a hook: 'Layer block2.relu has captured nothing'. Reproduced in plain torch with two "
-        "torch.compiler.disable'd forward hooks (no netprobe), so upstream; it breaks the README's promise that "
-        "a probe attached before compiling keeps working, and netprobe's message does not name compile"))),
+        "torch.compiler.disable'd forward hooks (no netprobe), so upstream. It passes while netprobe's layout "
+        "hooks sit on every module (as they do for a ReLU layer), which is why the mark is not strict"))),
 ]
 
 
