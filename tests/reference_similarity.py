@@ -96,3 +96,55 @@ def _hsic_unbiased(k, l_):
 def cka_debiased_ref(x, y):
     k, l_ = x @ x.T, y @ y.T
     return float(_hsic_unbiased(k, l_) / np.sqrt(_hsic_unbiased(k, k) * _hsic_unbiased(l_, l_)))
+
+
+# ----------------------------------------------------------------------------- RBF CKA, Procrustes
+def gram_rbf_ref(x, threshold=1.0):
+    """Kornblith et al. 2019's Gaussian kernel: squared distances from the dot products, bandwidth
+    sigma^2 = threshold^2 * median of the whole n x n squared-distance matrix (zero diagonal included),
+    K = exp(-d^2 / (2 sigma^2)). Re-derived from the paper's recipe; float64."""
+    x = np.asarray(x, dtype=np.float64)
+    g = x @ x.T
+    sq = np.diag(g)
+    d2 = sq[:, None] + sq[None, :] - 2 * g
+    return np.exp(-d2 / (2 * threshold**2 * np.median(d2)))
+
+
+def _u_centre(k):
+    """Székely & Rizzo's U-centring (zero diagonal): <U(K), U(L)> / (n (n-3)) is the unbiased HSIC."""
+    n = k.shape[0]
+    k = k.copy()
+    np.fill_diagonal(k, 0.0)
+    means = k.sum(0) / (n - 2)
+    k = k - means[:, None] - means[None, :] + k.sum() / ((n - 1) * (n - 2))
+    np.fill_diagonal(k, 0.0)
+    return k
+
+
+def cka_kernel_ref(k, l_, debiased=False):
+    """CKA of two kernel matrices: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); biased with H K H
+    (Gretton et al. 2005), debiased with U-centring (a different route from Song's closed form)."""
+    if debiased:
+        kc, lc = _u_centre(k), _u_centre(l_)
+    else:
+        kc, lc = _center_gram(k), _center_gram(l_)
+    return float(np.sum(kc * lc) / np.sqrt(np.sum(kc * kc) * np.sum(lc * lc)))
+
+
+def rbf_cka_ref(x, y, threshold=1.0, debiased=False):
+    return cka_kernel_ref(gram_rbf_ref(x, threshold), gram_rbf_ref(y, threshold), debiased)
+
+
+def procrustes_ref(x, y):
+    """Ding, Denain & Steinhardt 2021: centre, scale to unit Frobenius norm, solve the orthogonal
+    Procrustes problem min_Q ||X - Y Q||_F explicitly (Q = U V^T from the SVD of Y^T X, zero-padding
+    the narrower side), and return 1 - min / 2 (their distance is min = 2 - 2 ||X^T Y||_*)."""
+    xc = x - x.mean(0)
+    yc = y - y.mean(0)
+    xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
+    d = max(xc.shape[1], yc.shape[1])
+    xp = np.pad(xc, ((0, 0), (0, d - xc.shape[1])))
+    yp = np.pad(yc, ((0, 0), (0, d - yc.shape[1])))
+    u, _, vt = np.linalg.svd(yp.T @ xp)
+    dist = np.linalg.norm(xp - yp @ (u @ vt)) ** 2
+    return 1.0 - dist / 2.0

@@ -934,10 +934,13 @@ def procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_root(k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(L, tr K)`` with ``K = L L^T`` (``L = U sqrt(max(lambda, 0))`` from ``eigh``) for a centred
-    Gram matrix ``K`` ``(n, n)``: ``L^T L'`` has the singular values of ``X_c^T Y_c``."""
+    """``(L, tr K)`` with ``K = L L^T`` (``L = U sqrt(lambda)`` from ``eigh``) for a centred Gram
+    matrix ``K`` ``(n, n)``: ``L^T L'`` has the singular values of ``X_c^T Y_c``. Eigenvalues below the
+    eigensolver's rounding level (``n eps lambda_max``; a centred Gram matrix has at least one exact
+    zero) are set to 0: their square roots, ``~sqrt(eps)`` of the scale, would be noise."""
     evals, evecs = torch.linalg.eigh(k)
-    return evecs * evals.clamp_min(0.0).sqrt(), k.diagonal().sum()
+    cut = k.shape[0] * torch.finfo(k.dtype).eps * evals[-1].clamp_min(0.0)
+    return evecs * torch.where(evals > cut, evals, 0.0).sqrt(), k.diagonal().sum()
 
 
 #: :func:`rbf_cka` refuses more samples than this by default (peak memory ``24 n^2`` bytes: 2.4 GB)

@@ -1,0 +1,272 @@
+"""RBF CKA, orthogonal Procrustes, similarity matrices, and CKA without float64 copies: against the
+numpy references in tests/reference_similarity.py (Kornblith's RBF Gram and HSIC, Ding et al.'s
+Procrustes, solved explicitly) and properties."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netprobe.metrics import (SimilarityAccumulator, SimilarityMatrix, cca, linear_cka, procrustes, pwcca, rbf_cka,
+                              similarity_matrix, svcca)
+from reference_similarity import cka_debiased_ref, cka_ref, procrustes_ref, rbf_cka_ref
+
+T = lambda a: torch.tensor(a)  # noqa: E731
+
+
+def _pair(n, dx, dy, seed, shared=3, noise=0.5):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, shared))
+    x = z @ rng.normal(size=(shared, dx)) + noise * rng.normal(size=(n, dx)) + rng.normal(size=dx)
+    y = np.tanh(z @ rng.normal(size=(shared, dy))) + noise * rng.normal(size=(n, dy)) - 2.0
+    return x, y
+
+
+def _orthogonal(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q
+
+
+# ----------------------------------------------------------------------------- references
+@pytest.mark.parametrize("n,dx,dy,seed", [(50, 4, 7, 0), (121, 12, 3, 1), (200, 30, 30, 2), (40, 300, 500, 3)])
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 1.0])
+def test_rbf_cka_against_kornblith_recipe(n, dx, dy, seed, threshold):
+    x, y = _pair(n, dx, dy, seed)
+    assert float(rbf_cka(T(x), T(y), threshold=threshold)) == pytest.approx(rbf_cka_ref(x, y, threshold), abs=1e-10)
+    got = float(rbf_cka(T(x), T(y), threshold=threshold, debiased=True))
+    assert got == pytest.approx(rbf_cka_ref(x, y, threshold, debiased=True), abs=1e-10)
+
+
+def test_rbf_cka_debiased_can_fall_below_zero_and_is_near_zero_for_unrelated_data():
+    rng = np.random.default_rng(3)
+    vals = [float(rbf_cka(T(rng.normal(size=(60, 5))), T(rng.normal(size=(60, 5))), debiased=True)) for _ in range(20)]
+    assert min(vals) < 0 < max(vals) and abs(np.mean(vals)) < 0.02
+    assert np.all(np.isfinite(vals))
+
+
+@pytest.mark.parametrize("n,dx,dy,seed", [(200, 5, 8, 0), (500, 12, 4, 1), (30, 40, 60, 2), (20, 300, 7, 3), (64, 64, 64, 4)])
+def test_procrustes_against_the_explicit_procrustes_problem(n, dx, dy, seed):
+    x, y = _pair(n, dx, dy, seed)
+    ref = procrustes_ref(x, y)
+    assert float(procrustes(T(x), T(y))) == pytest.approx(ref, abs=1e-10)
+    assert float(procrustes(T(y), T(x))) == pytest.approx(ref, abs=1e-10)
+    # Ding et al.'s distance
+    assert float(2 - 2 * procrustes(T(x), T(y))) == pytest.approx(2 - 2 * ref, abs=1e-9)
+
+
+@pytest.mark.parametrize("n,d", [(30, 200), (300, 20)])
+def test_procrustes_gram_and_feature_routes_agree(n, d, monkeypatch):
+    import netprobe.metrics.similarity as S
+
+    x, y = _pair(n, d, d + 3, 5)
+    a = float(procrustes(T(x), T(y)))
+    monkeypatch.setattr(S, "_use_gram", lambda n, dx, dy: not (n * (dx + dy) < dx * dx + dy * dy + 2 * dx * dy))
+    assert float(procrustes(T(x), T(y))) == pytest.approx(a, abs=1e-11)
+    assert float(linear_cka(T(x), T(y))) == pytest.approx(cka_ref(x, y), abs=1e-11)
+    assert float(linear_cka(T(x), T(y), debiased=True)) == pytest.approx(cka_debiased_ref(x, y), abs=1e-11)
+
+
+# ----------------------------------------------------------------------------- properties
+seeds = st.integers(0, 10_000)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, dx=st.integers(2, 8), dy=st.integers(1, 8), scale=st.floats(0.01, 100), shift=st.floats(-50, 50),
+       threshold=st.sampled_from([0.3, 1.0, 2.0]))
+def test_rbf_cka_invariances_and_bounds(seed, dx, dy, scale, shift, threshold):
+    x, y = _pair(60, dx, dy, seed)
+    q = _orthogonal(dx, seed)
+    for debiased in (False, True):
+        base = float(rbf_cka(T(x), T(y), threshold=threshold, debiased=debiased))
+        moved = float(rbf_cka(T(scale * x @ q + shift), T(y), threshold=threshold, debiased=debiased))
+        assert moved == pytest.approx(base, abs=1e-9)
+        assert base <= 1.0 and (debiased or base >= 0.0)
+        assert float(rbf_cka(T(x), T(x), threshold=threshold, debiased=debiased)) == pytest.approx(1.0, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, dx=st.integers(1, 8), dy=st.integers(1, 8), scale=st.floats(0.01, 100), shift=st.floats(-50, 50),
+       n=st.integers(3, 80))
+def test_procrustes_invariances_and_bounds(seed, dx, dy, scale, shift, n):
+    x, y = _pair(n, dx, dy, seed)
+    q = _orthogonal(dx, seed)
+    base = float(procrustes(T(x), T(y)))
+    assert 0.0 <= base <= 1.0
+    assert float(procrustes(T(scale * x @ q + shift), T(y))) == pytest.approx(base, abs=1e-9)
+    assert float(procrustes(T(x), T(x @ q))) == pytest.approx(1.0, abs=1e-9)
+    # not invariant to a general invertible map (unlike CCA): stretching one unit moves it
+    if dx >= 2 and n > 2 * dx:
+        stretch = np.ones(dx)
+        stretch[0] = 30.0
+        assert abs(float(procrustes(T(x * stretch), T(x))) - 1.0) > 1e-3
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=seeds, cuts=st.lists(st.integers(1, 299), max_size=6, unique=True))
+def test_procrustes_streaming_equals_functional_for_any_split(seed, cuts):
+    x, y = _pair(300, 7, 5, seed)
+    acc = SimilarityAccumulator()
+    edges = [0, *sorted(cuts), 300]
+    for a, b in zip(edges[:-1], edges[1:]):
+        acc.update(T(x[a:b]), T(y[a:b]))
+    want = float(procrustes(T(x), T(y)))
+    assert float(acc.procrustes()) == pytest.approx(want, abs=1e-12)
+    values, errors = acc.compute(("procrustes", "cka", "pwcca"))
+    assert errors == {} and float(values["procrustes"]) == pytest.approx(want, abs=1e-12)
+    assert float(values["cka"]) == pytest.approx(float(linear_cka(T(x), T(y))), abs=1e-12)
+
+
+def test_procrustes_through_y_stats_reuse_equals_no_reuse():
+    x, y = _pair(400, 6, 6, 11)
+    prev = SimilarityAccumulator().update(T(y), T(x))
+    prev.compute(("procrustes",))
+    nxt = SimilarityAccumulator().update(T(x + 0.1 * y), T(y), y_stats=prev.side("x"))
+    plain = SimilarityAccumulator().update(T(x + 0.1 * y), T(y))
+    assert float(nxt.procrustes()) == pytest.approx(float(plain.procrustes()), abs=1e-13)
+
+
+# ----------------------------------------------------------------------------- similarity matrix
+PAIRWISE = {
+    "cka": linear_cka,
+    "cka_debiased": lambda a, b: linear_cka(a, b, debiased=True),
+    "rbf_cka": lambda a, b: rbf_cka(a, b, threshold=0.7),
+    "procrustes": procrustes,
+    "svcca": lambda a, b: svcca(a, b, keep=0.95),
+    "pwcca": pwcca,
+    "cca": lambda a, b: cca(a, b).mean(),
+}
+
+
+def _layers(n, widths, seed):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4))
+    return {f"l{i}": T(np.tanh(z @ rng.normal(size=(4, w))) + 0.4 * rng.normal(size=(n, w)) + i) for i, w in enumerate(widths)}
+
+
+@pytest.mark.parametrize("method", list(PAIRWISE))
+@pytest.mark.parametrize("n,widths", [(400, (6, 9, 6, 4)), (30, (60, 45, 80))])
+def test_matrix_equals_a_loop_over_pairs(method, n, widths):
+    reps = _layers(n, widths, n)
+    if n < sum(widths) and method in ("svcca", "pwcca", "cca"):
+        with pytest.raises(ValueError, match=r"undefined for the pair \('l0', 'l1'\)"):
+            similarity_matrix(reps, method=method, keep=0.95)
+        return
+    m = similarity_matrix(reps, method=method, keep=0.95, threshold=0.7)
+    assert isinstance(m, SimilarityMatrix) and m.labels == tuple(reps) and m.method == method
+    assert m.values.dtype == torch.float64 and m.values.shape == (len(widths),) * 2
+    names = list(reps)
+    loop = np.array([[1.0 if a == b else float(PAIRWISE[method](reps[a], reps[b])) for b in names] for a in names])
+    np.testing.assert_allclose(m.values.numpy(), loop, atol=1e-10, rtol=0)
+    np.testing.assert_array_equal(np.diag(m.values.numpy()), 1.0)
+    if method != "pwcca":
+        assert torch.equal(m.values, m.values.T)
+    assert float(m["l0", "l1"]) == pytest.approx(loop[0, 1], abs=1e-10)
+
+
+def test_matrix_routes_agree(monkeypatch):
+    import netprobe.metrics.similarity as S
+
+    reps = list(_layers(50, (20, 35, 12), 3).values())
+    for method in ("cka", "cka_debiased", "procrustes"):
+        gram = S._matrix_gram_pairs(reps, (0, 1, 2), method, 1.0)
+        mom = S._matrix_moment_pairs(reps, (0, 1, 2), method, keep=0.99, rank_tol=S.RANK_TOL, pwcca_method="paper")
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            assert float(gram(i, j)) == pytest.approx(float(mom(i, j)), abs=1e-11), method
+
+
+def test_pwcca_matrix_is_not_symmetric_and_rows_are_x():
+    # well separated correlations (0.3 to 0.95): nearly tied ones would make PWCCA's weights, hence
+    # both orders, depend on rounding (see `pwcca`)
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(2000, 6))
+    a = z @ rng.normal(size=(6, 6))
+    b = (z + rng.normal(size=(2000, 6)) * np.array([0.3, 0.6, 1.0, 1.6, 2.5, 3.0])) @ rng.normal(size=(6, 6))
+    m = similarity_matrix([T(a), T(b)], method="pwcca")
+    assert abs(float(m.values[0, 1] - m.values[1, 0])) > 1e-3  # equal widths: each row's own weights
+    assert float(m.values[0, 1]) == pytest.approx(float(pwcca(T(a), T(b))), abs=1e-10)
+    assert float(m.values[1, 0]) == pytest.approx(float(pwcca(T(b), T(a))), abs=1e-10)
+
+
+def test_matrix_inputs_and_errors():
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    m = similarity_matrix([x], method="svcca")
+    assert m.values.tolist() == [[1.0]] and m.labels == (0,)
+    assert similarity_matrix((x, 2 * x), method="cka").labels == (0, 1)
+    with pytest.raises(TypeError, match="list or dict"):
+        similarity_matrix(x)
+    with pytest.raises(ValueError, match="at least one"):
+        similarity_matrix({})
+    with pytest.raises(ValueError, match="same number of samples"):
+        similarity_matrix({"a": x, "b": x[:10]})
+    with pytest.raises(ValueError, match=r"Expected `method` to be one of"):
+        similarity_matrix([x, x], method="linear_cka")
+    with pytest.raises(ValueError, match="2-D"):
+        similarity_matrix({"a": x, "conv": x[:, :, None]})
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN"):
+        similarity_matrix([x, bad], method="cka")
+    with pytest.raises(ValueError, match=r"undefined for the pair \('a', 'dead'\).*constant"):
+        similarity_matrix({"a": x, "dead": torch.ones(50, 3)}, method="cka")
+    with pytest.raises(ValueError, match="median pairwise distance is 0"):
+        similarity_matrix({"a": x, "dead": torch.ones(50, 3)}, method="rbf_cka")
+    with pytest.raises(ValueError, match="max_samples"):
+        similarity_matrix([x, x], method="rbf_cka", max_samples=20)
+    with pytest.raises(KeyError, match="label among"):
+        similarity_matrix({"a": x, "b": x})["a", "c"]
+
+
+# ----------------------------------------------------------------------------- errors
+def test_rbf_and_procrustes_errors():
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="max_samples"):
+        rbf_cka(x, x, max_samples=39)
+    with pytest.raises(ValueError, match="max_samples"):
+        rbf_cka(x, x, max_samples=2.5)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="threshold"):
+            rbf_cka(x, x, threshold=bad)
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        rbf_cka(x[:3], x[:3], debiased=True)
+    dup = torch.cat([x[:1].repeat(30, 1), x[:10]])  # more than half the distances 0
+    with pytest.raises(ValueError, match="median pairwise distance is 0"):
+        rbf_cka(dup, x)
+    with pytest.raises(ValueError, match="constant"):
+        procrustes(x, torch.full((40, 2), 3.0))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        procrustes(x[:1], x[:1])
+    with pytest.raises(ValueError, match="n=0"):
+        procrustes(x[:0], x[:0])
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    for fn in (rbf_cka, procrustes):
+        with pytest.raises(ValueError, match="1 Inf"):
+            fn(x, bad)
+    with pytest.raises(TypeError, match="positional"):
+        rbf_cka(x, x, 0.5)  # options are keyword-only
+
+
+def test_low_precision_inputs_give_float64():
+    x, y = _pair(100, 5, 6, 2)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xl, yl = T(x).to(dtype), T(y).to(dtype)
+        xd, yd = xl.double().numpy(), yl.double().numpy()
+        assert rbf_cka(xl, yl).dtype == torch.float64 and procrustes(xl, yl).dtype == torch.float64
+        assert float(rbf_cka(xl, yl)) == pytest.approx(rbf_cka_ref(xd, yd), abs=1e-10)
+        assert float(procrustes(xl, yl)) == pytest.approx(procrustes_ref(xd, yd), abs=1e-10)
+
+
+# ----------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("n,d", [(100_000, 48), (200, 6000)])
+def test_cka_and_procrustes_never_allocate_a_float64_copy_of_the_inputs(n, d):
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)  # float32
+    calls = [lambda: linear_cka(x, y), lambda: linear_cka(x, y, debiased=True), lambda: procrustes(x, y)]
+    for call in calls:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+        largest = max(e.cpu_memory_usage for e in prof.events())
+        assert 0 < largest < x.numel() * 8 // 4  # a float64 copy of x would be numel * 8 bytes
