@@ -508,7 +508,7 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     dx, dy = dx[iu], dy[iu]
     s = float((dx * dy).sum())
     den = np.sqrt(float((dx != 0).sum()) * float((dy != 0).sum()))
-    return s / den if den > 0 else float("nan")
+    return float(s / den) if den > 0 else float("nan")
 
 
 def top_k_hits(
@@ -915,8 +915,11 @@ def _resolve_ks(top_k: Optional[Sequence[int]], sizes: Mapping[str, Tuple[int, i
 
 
 def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, against_mode: str, ks: Sequence[int], m: int,
-                n_draws: int, seed: int, n_boot: int, level: float, boot_draws: int) -> Dict[str, Any]:
-    """tau, rho (oriented: agreement positive), hit rates, their random baseline k/m and bootstrap intervals."""
+                n_draws: int, seed: int, n_boot: int, level: float, boot_draws: int,
+                boot_order: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """tau, rho (oriented: agreement positive), hit rates, their random baseline k/m and bootstrap
+    intervals; the bootstrap resamples the runs in ``boot_order`` (by run name), so that the same
+    runs get the same resamples whichever function ranks them."""
     osig = np.asarray(sigs, dtype=np.float64) * (1 if mode == "max" else -1)
     oref = np.asarray(refs, dtype=np.float64) * (1 if against_mode == "max" else -1)
     rho, tau = spearman_rho(osig, oref), kendall_tau(osig, oref)  # NaN when a side is constant
@@ -929,7 +932,8 @@ def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, agai
         "spearman_rho_ci": None, "kendall_tau_ci": None, "top_k_ci": {},
     }
     if n_boot > 0:
-        ci = bootstrap_intervals(sigs, refs, mode=mode, reference_mode=against_mode, ks=ks, subset_size=m, n_boot=n_boot,
+        order = np.arange(len(osig)) if boot_order is None else np.asarray(boot_order)
+        ci = bootstrap_intervals(np.asarray(sigs, dtype=np.float64)[order], np.asarray(refs, dtype=np.float64)[order], mode=mode, reference_mode=against_mode, ks=ks, subset_size=m, n_boot=n_boot,
                                  level=level, boot_draws=boot_draws, seed=seed)
         out["spearman_rho_ci"], out["kendall_tau_ci"] = ci["spearman_rho"], ci["kendall_tau"]
         out["top_k_ci"] = {str(k): v for k, v in ci["top_k"].items()}
@@ -982,7 +986,7 @@ def rank_runs(
     the modes. A run whose event file has a corrupt or truncated record is skipped, with the reason.
 
     ``n_boot`` (0: none), ``level``, ``boot_draws``: percentile bootstrap intervals over runs for
-    rho, tau and the hit rates (:func:`bootstrap_intervals`, seeded with ``seed``).
+    rho, tau and the hit rates (:func:`bootstrap_intervals`, seeded with ``seed``, over the runs sorted by name).
 
     Runs whose ``netprobe/probe_accuracy`` is far below the others' are flagged, not dropped: below
     ``underfit_below`` when given, else below the median minus ``max(3 x 1.4826 x MAD, 0.05)``
@@ -1058,7 +1062,8 @@ def rank_runs(
                 )
             ks = _resolve_ks(top_k, {metric: (len(rows), m)}, subset_size is not None)
             out.update(_statistics([d["signal"] for d in rows], refs, mode=mode, against_mode=against_mode, ks=ks, m=m,
-                                   n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws))
+                                   n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws,
+                                   boot_order=sorted(range(len(rows)), key=lambda i: rows[i]["run"])))
             out["bootstrap"] = _bootstrap_doc(n_boot, level, seed, boot_draws)
     return out
 
@@ -1262,10 +1267,10 @@ def rank_signals(
         bases = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "baseline" and row["n_runs"] >= 3}
         if not cands:
             cands, bases = bases, {}
-        if not cands:
-            cv_doc = {"skipped": "no signal has 3 runs"}
-        elif len(pool) < 6:
+        if len(pool) < 6:
             cv_doc = {"skipped": f"needs at least 6 runs (halves of 3 or more), got {_plural(len(pool), 'run')}"}
+        elif not cands:
+            cv_doc = {"skipped": "no signal has 3 runs"}
         else:
             cv_doc = cross_validate_choice(cands, oref, ks=ks, n_splits=cv, level=level, seed=seed, baselines=bases)
             in_sample = [(row["kendall_tau"], row["signal"]) for row in rows if row["signal"] in cands and row["kendall_tau"] is not None]
