@@ -41,6 +41,20 @@ picking among all runs. Morcos et al.'s talk reports, for choosing among 48 conf
 ablation robustness, the pick in the top 5 by test accuracy 83 % of the time and in the top 10
 98 %: the same quantity with subsets of 48 drawn from a larger pool.
 
+Beside each hit rate, a random pick's rate ``k / m``; percentile bootstrap intervals over runs
+(:func:`bootstrap_intervals`) on rho, tau and the hit rates. Runs whose ``netprobe/probe_accuracy``
+is far below the others' are flagged (not dropped).
+
+**Which signal to trust** (:func:`rank_signals`, ``netprobe rank --signals/--baseline``): one row
+per signal (every netprobe key the runs logged, glob patterns, ``KEY:min``/``KEY:max`` baselines
+such as the training loss), and a cross-validated choice (:func:`cross_validate_choice`): choose the
+signal with the best tau on half of the runs, judge it on the other half, over random splits.
+Choosing on the runs it is judged on would overfit.
+
+**Layers**: ``netprobe/<metric>@deepest`` reads, per run, the deepest monitored layer's key (the
+order from ``netprobe/layer_index/<layer>`` scalars when logged, else from the order of the
+monitors' records in the event files: :func:`layer_order`); ``@<layer>`` names one.
+
 Everything returned is plain data (dicts, lists, floats).
 """
 
