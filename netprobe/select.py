@@ -1217,9 +1217,8 @@ def rank_signals(
             f"Expected at least 2 runs with {against!r} to judge signals on, but got {_plural(len(pool), 'run')}"
             + (" (" + "; ".join(f"{s['run']}: {s['reason']}" for s in skipped[:5]) + ")" if skipped else "") + "."
         )
-    excluded = [against] + [k for k, _, _ in conds if k != UNDERFIT_KEY]
     base_rows, base_left = _expand_signals(baselines, runs, all_tags, [against], "baseline")
-    sig_rows, left_out = _expand_signals(signals, runs, all_tags, excluded, "signal")
+    sig_rows, left_out = _expand_signals(signals, runs, all_tags, [against], "signal")
     chosen: Dict[str, Tuple[str, str]] = {}
     for key, d, kind in sig_rows:
         chosen.setdefault(key, (d, kind))  # the first spec naming a key gives its direction
