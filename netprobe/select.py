@@ -365,11 +365,16 @@ LAYER_INDEX_PREFIX = "netprobe/layer_index/"
 
 
 def _netprobe_parts(key: str) -> Optional[Tuple[str, Optional[str]]]:
-    """``netprobe/<metric>[/<layer>]`` -> ``(metric, layer or None)``; None for another key."""
+    """``netprobe/<metric>[/<layer>]`` -> ``(metric, layer or None)``; None for another key. The
+    monitors' best-so-far ``netprobe/best/<metric>`` is the metric ``"best/<metric>"``."""
     if not key.startswith("netprobe/"):
         return None
-    metric, _, layer = key[len("netprobe/"):].partition("/")
-    return (metric, layer or None) if metric else None
+    rest = key[len("netprobe/"):]
+    prefix = ""
+    if rest.startswith("best/"):
+        prefix, rest = "best/", rest[len("best/"):]
+    metric, _, layer = rest.partition("/")
+    return (prefix + metric, layer or None) if metric else None
 
 
 def key_direction(key: str) -> Optional[str]:
@@ -377,7 +382,7 @@ def key_direction(key: str) -> Optional[str]:
 
     Known for the netprobe keys: higher is better for every ``*_auc``, ``*_prev``, ``*_ref``,
     ``reliance_area``, ``probe_accuracy`` and ``mutual_info_mean``; lower for ``selectivity_mean``
-    and ``dead_fraction``. Any other key (``train/loss``, a metric netprobe does not know) has no
+    and ``dead_fraction``; ``netprobe/best/<metric>`` (the best value so far) as ``<metric>``. Any other key (``train/loss``, a metric netprobe does not know) has no
     known direction: name it ``KEY:min`` or ``KEY:max``.
 
     Example:
@@ -387,7 +392,7 @@ def key_direction(key: str) -> Optional[str]:
     parts = _netprobe_parts(str(key).split("@", 1)[0])
     if parts is None or parts[0] in _NOT_SIGNALS:
         return None
-    metric = parts[0]
+    metric = parts[0][len("best/"):] if parts[0].startswith("best/") else parts[0]  # the best so far: the metric's direction
     if metric in _HIGHER_BETTER or metric.endswith(_HIGHER_SUFFIXES):
         return "max"
     if metric in _LOWER_BETTER:

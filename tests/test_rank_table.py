@@ -183,6 +183,7 @@ def test_key_directions_and_signal_specs():
     assert key_direction("netprobe/selectivity_mean/fc1") == "min" and key_direction("netprobe/dead_fraction") == "min"
     assert key_direction("netprobe/time/RelianceMonitor") is None and key_direction("train/loss") is None
     assert key_direction("netprobe/new_metric") is None and key_direction("netprobe/reliance_auc@deepest") == "max"
+    assert key_direction("netprobe/best/reliance_area") == "max" and key_direction("netprobe/best/new_metric") is None
     assert parse_signal(" train/loss:min ") == ("train/loss", "min")
     assert parse_signal("netprobe/cka_prev@encoder.0:max") == ("netprobe/cka_prev@encoder.0", "max")
     with pytest.raises(SelectionError, match="layer alias"):
@@ -226,6 +227,7 @@ def sweep(tmp_path_factory):
                 for key in ("netprobe/reliance_auc", "netprobe/dead_fraction", "netprobe/probe_accuracy", "netprobe/new_metric"):
                     w.add_scalar(key, v[key] - (0.1 if step == 10 and key == "netprobe/reliance_auc" else 0), step)
                 w.add_scalar("netprobe/time/RelianceMonitor", 0.01, step)
+                w.add_scalar("netprobe/best/probe_accuracy", v["netprobe/probe_accuracy"], step)  # the monitors' best so far
                 w.add_scalar("epoch", step // 10 - 1, step)
             for key in ("train/loss", "test/acc", "test/loss"):
                 w.add_scalar(key, v[key], 30)
@@ -246,7 +248,7 @@ def test_table_statistics_against_scipy_and_the_bootstrap(sweep):
     res = rank_signals(root, "test/acc", signals=["all"], baselines=["train/loss:min"], n_boot=200, level=0.9, cv=0, seed=4)
     got = {r["signal"]: r for r in res["signals"]}
     assert set(got) == {"netprobe/reliance_auc", "netprobe/dead_fraction", "netprobe/probe_accuracy", "netprobe/reliance_auc@deepest",
-                        *(f"netprobe/reliance_auc/{layer}" for layer in LAYERS), "train/loss"}
+                        *(f"netprobe/reliance_auc/{layer}" for layer in LAYERS), "train/loss", "netprobe/best/probe_accuracy"}
     assert got["train/loss"]["kind"] == "baseline" and got["netprobe/dead_fraction"]["mode"] == "min"
     assert res["not_evaluated"] == [{"signal": "netprobe/new_metric", "reason": "direction unknown (name it KEY:min or KEY:max)"}]
     acc = values(data, "test/acc")
@@ -422,7 +424,7 @@ def test_cli_table_end_to_end(sweep, tmp_path):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     lines = text.splitlines()
-    assert lines[0] == "10 runs judged against test/acc (max, its last value), signals at last: 7 signals, 1 baseline"
+    assert lines[0] == "10 runs judged against test/acc (max, its last value), signals at last: 8 signals, 1 baseline"
     head = next(line for line in lines if line.startswith("signal "))
     assert head.split() == ["signal", "dir", "runs", "tau", "95%", "CI", "rho", "95%", "CI", "pick", "ref", "rank",
                             "top-1", "95%", "CI", "random", "top-3", "95%", "CI", "random"]
