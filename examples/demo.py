@@ -113,7 +113,9 @@ def main() -> None:
           + (f" (reliance stopped improving: {stop.stopping_reason_message})" if stop.stopped_epoch else " (max epochs)"))
     print(f"{time.perf_counter() - t0:.1f}s in total. Logged keys: "
           f"{sorted(k for k in trainer.callback_metrics if k.startswith('netprobe/') and k.count('/') == 1)}")
-    print(f"\nView the logs:  .venv/bin/tensorboard --logdir {logger.log_dir}")
+    # the directory above the run, so TensorBoard names the run (digits_mlp/version_N) instead of "."
+    print(f"\nView the logs:  .venv/bin/tensorboard --logdir {args.logdir}   (this run: {os.path.relpath(logger.log_dir, args.logdir)}; "
+          "the netprobe charts, a line per layer, are in the CUSTOM SCALARS tab; the runs' final and best values in HPARAMS)")
 
 
 if __name__ == "__main__":

@@ -66,22 +66,44 @@ def curves_figure(curves: Dict[str, Any], *, title: str, xlabel: str) -> Optiona
 
 
 def heatmap_figure(matrix: torch.Tensor, labels: Sequence[str], *, title: str) -> Optional[Any]:
-    """A square similarity matrix (values in [0, 1]) as an annotated heatmap."""
+    """A square similarity matrix as an annotated heatmap, legible at a glance: at least 480 x 400
+    pixels, the colour scale spanning the values shown (so 0.97 and 1.00 differ in colour; the
+    colour bar says the range), each cell's value printed (3 decimals when the values span less
+    than 0.1), NaN cells (not computed) grey and marked "n/a"."""
     if not have_matplotlib():
         return None
+    import numpy as np
     from matplotlib.figure import Figure
 
     m = matrix.detach().cpu().double().numpy()
     k = len(labels)
-    fig = Figure(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k), dpi=80, layout="tight")
+    finite = m[np.isfinite(m)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    if hi - lo < 1e-3:
+        lo, hi = lo - 0.005, hi + 0.005
+    span = hi - lo
+    digits = 3 if span < 0.1 else 2
+    side = max(4.8, 1.6 + 0.75 * k)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100, layout="tight")
     ax = fig.add_subplot()
-    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(k), labels, fontsize=7)
+    masked = np.ma.masked_invalid(m)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+    im = ax.imshow(masked, vmin=lo, vmax=hi, cmap=cmap)
+    fs = 9 if k <= 6 else 7 if k <= 12 else 5
+    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=fs)
+    ax.set_yticks(range(k), labels, fontsize=fs)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if m[i, j] < 0.6 else "k")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+            v = m[i, j]
+            if not np.isfinite(v):
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=fs, color="k")
+                continue
+            frac = (v - lo) / span
+            ax.text(j, i, f"{v:.{digits}f}", ha="center", va="center", fontsize=fs, color="w" if frac < 0.6 else "k")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046)
+    cb.ax.tick_params(labelsize=8)
+    ax.set_title(f"{title}\n(colour scale {lo:.{digits}f}-{hi:.{digits}f})", fontsize=10)
     return fig

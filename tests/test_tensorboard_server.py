@@ -31,6 +31,19 @@ def _get(url):
         return json.loads(r.read().decode())
 
 
+def _post(url, data=b""):
+    req = urllib.request.Request(url, data=data, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read().decode())
+
+
+def _post_json(url, obj):
+    req = urllib.request.Request(url, data=json.dumps(obj).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read().decode())
+
+
 @pytest.mark.slow
 def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
     torch.manual_seed(0)
@@ -38,7 +51,13 @@ def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
     mons = [SelectivityMonitor(["relu1", "relu2"], num_samples=64), RelianceMonitor(["relu1"], num_samples=64, repeats=1),
             ConvergenceMonitor(["relu1", "relu2"], num_samples=96, heatmap=True)]
-    trainer(pl, max_epochs=2, logger=logger, callbacks=mons).fit(make_module(pl), loader(x, y))
+
+    class WithHparams(type(make_module(pl))):
+        def __init__(self):
+            super().__init__(dropout=0.2, batchnorm=True, lr=1e-2, width=32)
+            self.save_hyperparameters({"lr": 1e-2, "width": 32})
+
+    trainer(pl, max_epochs=2, logger=logger, callbacks=mons).fit(WithHparams(), loader(x, y))
     logger.experiment.flush()
 
     port = _free_port()
@@ -70,6 +89,36 @@ def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
         assert {"netprobe/selectivity/relu1", "netprobe/selectivity/relu2"} <= hist
         images = {t for r in _get(f"{base}/data/plugin/images/tags").values() for t in r}
         assert "netprobe/reliance_curves" in images and "netprobe/cka_layers" in images
+        # media at the first measurement and at the last epoch (media_every=10 > 2 epochs)
+        imgs = _get(f"{base}/data/plugin/images/images?run={urllib.request.quote(run)}&tag=netprobe/cka_layers&sample=0")
+        assert len(imgs) == 2, imgs
+
+        # the custom-scalars layout: one chart per metric, a line per layer, mean and best
+        layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+        cats = {c["title"]: c for c in layout["category"]}
+        charts = {c["title"]: c["multiline"]["tag"] for c in cats["netprobe"]["chart"]}
+        assert {"reliance_auc", "reliance_area", "probe_accuracy", "selectivity_mean", "cka_prev"} <= set(charts)
+        import re
+        matched = {t for t in tags if re.match(charts["reliance_auc"][0], t)}
+        assert matched == {"netprobe/reliance_auc", "netprobe/reliance_auc/relu1", "netprobe/best/reliance_auc"}, matched
+        served = _get(f"{base}/data/plugin/custom_scalars/scalars?run={urllib.request.quote(run)}&tag="
+                      + urllib.request.quote(charts["selectivity_mean"][0]))
+        assert served["regex_valid"] and set(served["tag_to_events"]) == {
+            "netprobe/selectivity_mean", "netprobe/selectivity_mean/relu1", "netprobe/selectivity_mean/relu2"}, served
+
+        # the HParams tab: the run's hyperparameters and the netprobe keys as its metrics
+        exp = _post_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        metric_tags = {m["name"]["tag"] for m in exp["metricInfos"]}
+        assert {"netprobe/reliance_auc", "netprobe/best/reliance_auc", "netprobe/reliance_area/relu1",
+                "netprobe/cka_prev"} <= metric_tags, metric_tags
+        assert "hp_metric" not in metric_tags
+        assert {h["name"] for h in exp["hparamInfos"]} >= {"lr"}
+        groups = _post_json(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "netprobe/reliance_auc"}}], "startIndex": 0, "sliceSize": 10})
+        values = [mv for g in groups["sessionGroups"] for mv in g["metricValues"]]
+        final = series[-1][2]
+        assert any(abs(mv["value"] - final) < 1e-6 for mv in values if mv["name"]["tag"] == "netprobe/reliance_auc"), values
     finally:
         proc.kill()
         proc.wait(timeout=30)

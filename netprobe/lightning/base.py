@@ -64,6 +64,9 @@ ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 #: metrics of the whole model, logged as ``netprobe/<metric>`` only (no per-layer key)
 _MODEL_LEVEL = ("probe_accuracy",)
+#: metrics with a better direction (higher), whose best value so far over the run's measurements
+#: is also logged, as ``netprobe/best/<metric>`` (the HParams tab shows it beside the final value)
+_BEST = ("reliance_auc", "reliance_area", "noise_auc", "probe_accuracy")
 
 
 class _OtherRankFailed(ValueError):
@@ -105,6 +108,7 @@ class _SharedProbePass:
         self.monitors: "weakref.WeakSet[NetprobeMonitor]" = weakref.WeakSet()
         # share key -> (step key, inputs, activations, outputs, ids of the monitors yet to take theirs)
         self._passes: Dict[Any, Tuple[Any, torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
+        self.tensorboard_written: Any = None  # (writer id, keys) of the last layout/HParams written
 
     def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
                 x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
@@ -246,6 +250,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._widths: Dict[str, int] = {}
         self.last_values: Dict[str, float] = {}
         self._published: set = set()  # keys written at the last measurement
+        self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
         self._run = _RunIdentity()
 
     # ------------------------------------------------------------------ identity / state
@@ -278,11 +283,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         return repr([s.__name__ if isinstance(s, type) else str(s) for s in specs])
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"probe_indices": self._probe_indices, "last_epoch": self._last_epoch, "extra": self._extra_state()}
+        return {"probe_indices": self._probe_indices, "last_epoch": self._last_epoch, "extra": self._extra_state(),
+                "best": dict(self._best)}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._probe_indices = state_dict.get("probe_indices")
         self._last_epoch = int(state_dict.get("last_epoch", -1))
+        self._best = {str(k): float(v) for k, v in dict(state_dict.get("best", {})).items()}
         self._probe = None  # re-drawn from the indices
         self._load_extra_state(state_dict.get("extra", {}))
 
@@ -339,8 +346,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # A checkpoint being resumed is loaded after this, so its state wins.
         if self._run.begins(trainer, pl_module, stage):
             self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
-            self._published, self.num_classes = set(), self._num_classes_arg
+            self._published, self.num_classes, self._best = set(), self._num_classes_arg, {}
             self._reset_extra_state()
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
+        # of a run), so the HParams tab lists the netprobe metrics
+        _register_tensorboard(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._probe is None:
@@ -513,11 +525,17 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if self._probe is None:
             self.on_train_start(trainer, pl_module)
         self._last_epoch = epoch
-        self._media_due = ((epoch + 1) // self.every_n_epochs - 1) % self.media_every == 0
+        self._media_due = ((epoch + 1) // self.every_n_epochs - 1) % self.media_every == 0 or _last_epoch(trainer, epoch)
         t0 = time.perf_counter()
         with self._frozen(pl_module):
             scalars, media = self.compute(trainer, pl_module)
         scalars[self._time_key] = time.perf_counter() - t0
+        for metric in self.metrics:
+            v = scalars.get(f"netprobe/{metric}")
+            if metric in _BEST and v is not None and math.isfinite(v):
+                self._best[metric] = max(v, self._best.get(metric, -math.inf))
+            if metric in self._best:
+                scalars[f"netprobe/best/{metric}"] = self._best[metric]
         self._publish(trainer, scalars, media)
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
@@ -542,6 +560,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         keys = [self._time_key]
         for metric in self.metrics:
             keys.append(f"netprobe/{metric}")
+            if metric in _BEST:
+                keys.append(f"netprobe/best/{metric}")
             if metric not in _MODEL_LEVEL:
                 keys.extend(f"netprobe/{metric}/{layer}" for layer in layers)
         return keys
@@ -597,6 +617,74 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         for tag, fig in media.get("figures", {}).items():
             if fig is not None:
                 writer.add_figure(tag, fig, step, close=True)
+
+
+def _last_epoch(trainer: Any, epoch: int) -> bool:
+    """Whether ``epoch`` is the run's last (``max_epochs`` reached, or a callback stopping it)."""
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:
+        return True
+    return bool(getattr(trainer, "should_stop", False))
+
+
+def _hparams_of(trainer: Any, pl_module: nn.Module) -> Dict[str, Any]:
+    """The module's (and datamodule's) hyperparameters, flattened (``a/b``) to the scalar types
+    TensorBoard's HParams plugin takes (others as their ``str``)."""
+    params: Dict[str, Any] = {}
+    for src in (getattr(pl_module, "hparams", None), getattr(getattr(trainer, "datamodule", None), "hparams", None)):
+        if isinstance(src, Mapping):
+            params.update(src)
+    flat: Dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, Mapping):
+            for k, w in v.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), w)
+        elif isinstance(v, (bool, int, float, str)):
+            flat[prefix] = v
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            flat[prefix] = v.item()
+        else:
+            flat[prefix] = str(v)
+
+    walk("", params)
+    return flat
+
+
+def custom_scalars_layout(metrics: Sequence[str]) -> Dict[str, Dict[str, List[Any]]]:
+    """TensorBoard custom-scalars layout: one chart per metric with a line per layer, the mean and
+    the best so far (``netprobe/<metric>``, ``netprobe/<metric>/<layer>``, ``netprobe/best/<metric>``),
+    and one chart of the monitors' seconds per measurement."""
+    import re
+
+    charts = {m: ["Multiline", [rf"^netprobe/(best/)?{re.escape(m)}(/.*)?$"]] for m in dict.fromkeys(metrics)}
+    return {"netprobe": charts, "netprobe time": {"seconds per measurement": ["Multiline", [r"^netprobe/time/"]]}}
+
+
+def _register_tensorboard(trainer: Any, pl_module: nn.Module) -> None:
+    """Write, once per run and writer, the custom-scalars layout of every netprobe monitor of the
+    Trainer and an HParams experiment whose metrics are their keys (rank zero, TensorBoardLogger)."""
+    if _dist.rank() != 0:
+        return
+    writer = _tensorboard_writer(list(getattr(trainer, "loggers", []) or []))
+    if writer is None or not hasattr(writer, "_get_file_writer"):
+        return
+    mons = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)]
+    keys = [k for m in mons for k in m.logged_keys(pl_module) if not k.startswith("netprobe/time/")]
+    shared = _shared_pass(trainer)
+    sig = (id(writer), tuple(keys))
+    if shared.tensorboard_written == sig:
+        return
+    shared.tensorboard_written = sig
+    try:
+        from torch.utils.tensorboard.summary import hparams
+    except ImportError:  # pragma: no cover - tensorboardX-only writers
+        return
+    writer.add_custom_scalars(custom_scalars_layout([m for c in mons for m in c.metrics]))
+    exp, ssi, sei = hparams(_hparams_of(trainer, pl_module), {k: 0.0 for k in dict.fromkeys(keys)})
+    fw = writer._get_file_writer()
+    for summary in (exp, ssi, sei):
+        fw.add_summary(summary)
 
 
 def _frozen_spec(spec: Any) -> Any:
