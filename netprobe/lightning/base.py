@@ -681,7 +681,17 @@ def _register_tensorboard(trainer: Any, pl_module: nn.Module) -> None:
     except ImportError:  # pragma: no cover - tensorboardX-only writers
         return
     writer.add_custom_scalars(custom_scalars_layout([m for c in mons for m in c.metrics]))
-    exp, ssi, sei = hparams(_hparams_of(trainer, pl_module), {k: 0.0 for k in dict.fromkeys(keys)})
+    # TensorBoard shows the first few metrics: the means and bests first, reliance leading
+    family = {m: i for i, m in enumerate(_BEST)}
+
+    def order(key: str) -> Tuple[int, int, str]:
+        parts = key.split("/")
+        metric = parts[2] if parts[1] == "best" else parts[1]
+        per_layer = int(parts[1] != "best" and len(parts) > 2)
+        return per_layer, family.get(metric, len(family)), key
+
+    metric_keys = sorted(dict.fromkeys(keys), key=order)
+    exp, ssi, sei = hparams(_hparams_of(trainer, pl_module), {k: 0.0 for k in metric_keys})
     fw = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         fw.add_summary(summary)
