@@ -211,6 +211,7 @@ _TYPED = _CHANNELS_FIRST + _UNITS_LAST
 _MARKS: Dict[Any, Tuple["weakref.ref[torch.Tensor]", str]] = {}
 _PURGE_AT = [512]
 _ACTIVE = [0]  # layout trackers attached now
+_C3_SEEN = [False]  # a 3-D channels-first tensor was marked since the marks were last cleared
 
 
 class _Tracking:
@@ -229,6 +230,7 @@ class _Tracking:
             _ACTIVE[0] -= 1
             if _ACTIVE[0] == 0:
                 _MARKS.clear()
+                _C3_SEEN[0] = False
 
 
 def _layout_key(t: torch.Tensor) -> Any:
@@ -242,6 +244,8 @@ def _mark(t: torch.Tensor, kind: str) -> None:
                 _MARKS.pop(k, None)
         _PURGE_AT[0] = max(512, 2 * len(_MARKS))  # many live entries: purge less often
     _MARKS[_layout_key(t)] = (weakref.ref(t), kind)
+    if kind == "C" and t.ndim == 3:
+        _C3_SEEN[0] = True  # (N, C, L) tensors exist in this model (a functional conv1d, say)
 
 
 def _mark_of(t: torch.Tensor) -> Optional[str]:
@@ -691,7 +695,7 @@ class Layouts:
                     "(batch_first=False), outside them: (N, T, D) and (T, N, D) are both possible. Pass `layout='LNC'` "
                     "(sequence first) or `layout='NLC'` (batch first) for this layer."
                 )
-            elif isinstance(module, _UNITS_LAST) or mark == "L" or not self._conv1d:
+            elif isinstance(module, _UNITS_LAST) or mark == "L" or not (self._conv1d or _C3_SEEN[0]):
                 if n is not None and shape[0] == n and shape[1] != n:  # type: ignore[index]
                     self._decided[key] = (0, 2)
                     return 0, 2

@@ -452,3 +452,30 @@ def test_unit_dim_refuses_an_untyped_module():
     assert unit_dim(nn.Linear(2, 5), torch.zeros(2, 3, 3, 5)) == 3
     with pytest.raises(ValueError, match="dims="):
         unit_dim(nn.ReLU(), torch.zeros(2, 2, 3, 3))
+
+
+class FunctionalConv1d(nn.Module):
+    """A 1-D conv net without any Conv1d module: F.conv1d with its own weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 2, 3) * 0.3)
+        self.act, self.mix = nn.ReLU(), nn.Tanh()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(torch.nn.functional.conv1d(x, self.w, padding=1))  # (N, 6, L): followed
+        z = self.mix(torch.stack([h, h]).sum(0))  # not followed
+        return self.head(z.mean(2))
+
+
+def test_functional_conv1d_followed_and_its_unfollowable_outputs_refused():
+    torch.manual_seed(0)
+    net = FunctionalConv1d().eval()
+    x = torch.randn(8, 2, 11)
+    with netprobe.probe(net, ["act"]) as p:
+        net(x)
+    torch.testing.assert_close(p["act"], net.act(torch.nn.functional.conv1d(x, net.w, padding=1)).detach().mean(2))
+    # (8, 6, 11) through a function not followed, in a model with (N, C, L) tensors: refused, not read as (N, T, D)
+    with netprobe.probe(net, ["mix"]), pytest.raises(ValueError, match="layout='NCL'"):
+        net(x)
