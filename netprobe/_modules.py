@@ -695,7 +695,7 @@ class Layouts:
                     "(batch_first=False), outside them: (N, T, D) and (T, N, D) are both possible. Pass `layout='LNC'` "
                     "(sequence first) or `layout='NLC'` (batch first) for this layer."
                 )
-            elif isinstance(module, _UNITS_LAST) or mark == "L" or not (self._conv1d or _C3_SEEN[0]):
+            elif isinstance(module, _UNITS_LAST) or mark == "L":
                 if n is not None and shape[0] == n and shape[1] != n:  # type: ignore[index]
                     self._decided[key] = (0, 2)
                     return 0, 2
@@ -714,11 +714,14 @@ class Layouts:
                         "batch is first after all)."
                     )
             else:
+                where = ("in a model with 1-D convolutions" if (self._conv1d or _C3_SEEN[0])
+                         else "computed by no module or function that tells its layout (a Linear, an embedding, a "
+                              "LayerNorm, a 1-D convolution, or what follows them)")
                 raise ValueError(
-                    f"Layer {name!r} ({type(module).__name__}) returned {shape} in a model with 1-D convolutions, and its "
-                    "layout cannot be followed (it is computed from a sum, a concatenation or another function, e.g. "
-                    "`relu(conv(x) + x)`): (N, C, L) and (N, L, C) are both possible. Pass `layout='NCL'` (channels are "
-                    "the units) or `layout='NLC'` (a sequence) for this layer."
+                    f"Layer {name!r} ({type(module).__name__}) returned {shape} {where}, and its layout cannot be followed "
+                    "(e.g. the model's input itself, or a function netprobe does not follow): (N, C, L) and (N, L, C) are "
+                    "both possible. Pass `layout='NCL'` (channels are the units) or `layout='NLC'` (a sequence, features "
+                    "last) for this layer."
                 )
         elif nd <= 2:
             if n is None or shape[0] == n:  # type: ignore[index]

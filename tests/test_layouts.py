@@ -479,3 +479,18 @@ def test_functional_conv1d_followed_and_its_unfollowable_outputs_refused():
     # (8, 6, 11) through a function not followed, in a model with (N, C, L) tensors: refused, not read as (N, T, D)
     with netprobe.probe(net, ["mix"]), pytest.raises(ValueError, match="layout='NCL'"):
         net(x)
+
+
+def test_unmarked_3d_in_a_model_without_convolutions_is_refused():
+    # (N, 2, 32) signals through an Identity, then a Linear over the last axis: the Identity's output is
+    # the model's input, whose layout nothing tells (it used to be read as (N, T, D))
+    net = nn.Sequential(nn.Identity(), nn.Linear(32, 16), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    x = torch.randn(8, 2, 32)
+    with netprobe.probe(net, ["0"]), pytest.raises(ValueError, match="layout='NCL'"):
+        net(x)
+    with netprobe.probe(net, ["2"]) as p:  # after the Linear: units last (16)
+        net(x)
+    torch.testing.assert_close(p["2"], net[2](net[1](x)).detach().mean(1))
+    with netprobe.probe(net, ["0"], layout="NCL") as p:
+        net(x)
+    torch.testing.assert_close(p["0"], x.mean(2))
