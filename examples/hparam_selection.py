@@ -1,116 +1,397 @@
-"""Pick hyperparameters without a validation set: rank a sweep by reliance on single directions
-(Morcos et al. 2018) measured on the training data, then check the ranking against test accuracy.
+"""Which logged signal ranks the runs of a sweep best? A multi-seed sweep of small 1-D ConvNets on
+MNIST-1D, ranked by every netprobe reliance key, the training loss and a 100-example validation set,
+each judged against the accuracy on a large test set.
 
-A sweep of 24 MLP configurations on scikit-learn's digits (or `--data mnist1d`, generated
-locally), sampled from learning rate, width, batch size, weight decay, dropout and batch norm. Each
-is trained with `RelianceMonitor` until it fits its training data (probe-set accuracy >= `--fit`,
-at most `--max-epochs`): reliance is compared between networks at equal fit, as in the paper, since
-the normalized AUC of an underfit network is high. Each run's TensorBoard logs get
-`netprobe/reliance_auc` and `netprobe/probe_accuracy` every epoch and `test/acc` at the end. Then
-`netprobe.select.rank_runs` (the code behind `netprobe rank`) ranks the runs that fit by their last
-reliance AUC and prints Kendall's tau with test accuracy and the top-k hit rates, beside the talk's
-figures.
+The sweep: `--configs` configurations (default 24) sampled from width, depth, learning rate, batch
+size, weight decay, dropout, batch norm and augmentation, times `--seeds` seeds each (default 3), all
+trained for the same `--epochs` (default 20) with Adam on 2000 MNIST-1D training examples (generated
+locally: `mnist1d`'s generator, no download). Every conv stage's ReLU is monitored by
+`RelianceMonitor` at its defaults (256 training examples, 3 fixed orders, 5 fractions). Each run's
+TensorBoard logs (`--logdir`, one directory per run, named after its hyperparameters and seed) get,
+every epoch, netprobe's keys (`netprobe/reliance_auc[/<layer>]`, `netprobe/reliance_area[/<layer>]`,
+`netprobe/probe_accuracy`), the training loss (`train/loss`, epoch mean) and the accuracy on 100
+held-out labelled examples (`val100/acc`); at the end, the accuracy on 5900 test examples
+(`test/acc`).
+
+Then the ranking, with `netprobe.select.rank_signals` (the code behind `netprobe rank --signals`):
+
+1. the multi-signal table over runs, with percentile bootstrap intervals over runs and top-k hit
+   rates beside a random pick's k/m, and its cross-validated choice of signal (random half splits
+   of the runs);
+2. the same signals with intervals from a bootstrap over *configurations* (all seeds of a resampled
+   configuration together): seeds of one configuration are not independent runs, so the library's
+   run bootstrap is too narrow here; and the configurations ranked by their seed-averaged signals,
+   with a cross-validated choice over half splits of the configurations (no configuration on both
+   sides);
+3. conclusions, each stated only when its configuration-bootstrap interval clears the threshold by
+   `MARGIN`; otherwise "not resolved with N runs".
 
     .venv/bin/python examples/hparam_selection.py [--smoke] [--logdir runs/hparam_selection]
-    netprobe rank runs/hparam_selection --metric netprobe/reliance_auc --against test/acc \
-        --where 'netprobe/probe_accuracy>=0.99' --subset-size 12
+    .venv/bin/python examples/hparam_selection.py --analyze-only --logdir runs/hparam_selection  # rank again
+    netprobe rank runs/hparam_selection --against test/acc --signals 'netprobe/reliance_*' \
+        --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max
 """
+
+from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
 import random
 import shutil
 import time
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
-from _common import accuracy, digits, lightning_mlp, loader, mnist1d, one_thread, quiet_lightning, trainer_kwargs
+from _common import accuracy, mnist1d, one_thread, quiet_lightning, trainer_kwargs
 from netprobe.lightning import RelianceMonitor
-from netprobe.select import rank_runs, top_k_hits
+from netprobe.select import cross_validate_choice, kendall_tau, layer_order, load_runs
 
 GRID = {
-    "lr": [3e-4, 1e-3, 3e-3, 1e-2],
-    "width": [32, 128, 512],
+    "width": [4, 8, 16, 32, 64],
+    "depth": [1, 2, 3],
+    "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "batch_size": [32, 128],
     "weight_decay": [0.0, 1e-4, 1e-3],
-    "dropout": [0.0, 0.2],
+    "dropout": [0.0, 0.1, 0.3],
     "batchnorm": [False, True],
+    "augment": [False, True],
 }
+LENGTH = 40  # MNIST-1D signals
+N_TRAIN, N_VAL = 2000, 100
+#: a conclusion is stated only when its 95 % interval clears the threshold (0, or a difference of 0) by this much
+MARGIN = 0.02
+#: fewer configurations than this: no interval is trusted and no conclusion stated (a bootstrap over 3 clusters says nothing)
+MIN_CONFIGS = 8
+SIGNALS = ["netprobe/reliance_auc", "netprobe/reliance_auc@deepest", "netprobe/reliance_auc/*",
+           "netprobe/reliance_area", "netprobe/reliance_area@deepest", "netprobe/reliance_area/*", "netprobe/probe_accuracy"]
+BASELINES = ["train/loss:min", "val100/acc:max"]
 
 
-def main():
+class ConvNet1d(pl.LightningModule):
+    """`depth` stages of Conv1d(k=5, same padding) -> [BatchNorm1d] -> ReLU (``features.relu<i>``, the
+    monitored layers) -> [Dropout] -> MaxPool1d(2), then a Linear on the flattened map; Adam."""
+
+    def __init__(self, *, width: int, depth: int, lr: float, weight_decay: float, dropout: float, batchnorm: bool,
+                 augment: bool, val: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.augment, self.val = lr, weight_decay, augment, val
+        layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+        c = 1
+        for i in range(1, depth + 1):
+            layers[f"conv{i}"] = nn.Conv1d(c, width, 5, padding=2)
+            if batchnorm:
+                layers[f"bn{i}"] = nn.BatchNorm1d(width)
+            layers[f"relu{i}"] = nn.ReLU()
+            if dropout:
+                layers[f"drop{i}"] = nn.Dropout(dropout)
+            layers[f"pool{i}"] = nn.MaxPool1d(2)
+            c = width
+        self.features = nn.Sequential(layers)
+        self.head = nn.Linear(width * (LENGTH >> depth), 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x[:, None] if x.ndim == 2 else x).flatten(1))
+
+    def training_step(self, batch, _):
+        x, y = batch
+        if self.augment:  # a random circular shift of up to 3 samples and a little noise (torch's RNG, seeded per run)
+            n = x.shape[0]
+            shift = torch.randint(-3, 4, (n, 1))
+            x = x.gather(1, (torch.arange(LENGTH)[None] - shift) % LENGTH) + 0.05 * torch.randn_like(x)
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("val100/acc", accuracy(self, *self.val))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def make_data(smoke: bool) -> Dict[str, torch.Tensor]:
+    """MNIST-1D generated locally: 2000 training examples, 100 labelled validation examples, and the
+    rest of the generated examples (5900) as the test set."""
+    d = mnist1d(seed=0, num_samples=2000 if smoke else 8000)
+    n_tr, n_val = (300, 100) if smoke else (N_TRAIN, N_VAL)
+    x, y = d["x_train"], d["y_train"]
+    return {"x_train": x[:n_tr], "y_train": y[:n_tr], "x_val": x[n_tr:n_tr + n_val], "y_val": y[n_tr:n_tr + n_val],
+            "x_test": torch.cat([x[n_tr + n_val:], d["x_test"]]), "y_test": torch.cat([y[n_tr + n_val:], d["y_test"]])}
+
+
+def run_name(ci: int, cfg: Dict, seed: int) -> str:
+    return (f"c{ci:02d}_w{cfg['width']}_d{cfg['depth']}_lr{cfg['lr']:g}_bs{cfg['batch_size']}_wd{cfg['weight_decay']:g}"
+            f"_do{cfg['dropout']:g}_bn{int(cfg['batchnorm'])}_aug{int(cfg['augment'])}_s{seed}")
+
+
+def sample_configs(n: int) -> List[Dict]:
+    all_configs = [dict(zip(GRID, vals)) for vals in itertools.product(*GRID.values())]
+    return random.Random(0).sample(all_configs, n)
+
+
+def train_sweep(args, configs: Sequence[Dict], seeds: Sequence[int], epochs: int) -> None:
+    data = make_data(args.smoke)
+    print(f"MNIST-1D: {len(data['y_train'])} training, {len(data['y_val'])} validation, {len(data['y_test'])} test examples")
+    shutil.rmtree(args.logdir, ignore_errors=True)
+    t0 = time.perf_counter()
+    for ci, cfg in enumerate(configs):
+        for seed in seeds:
+            t1 = time.perf_counter()
+            name = run_name(ci, cfg, seed)
+            pl.seed_everything(1000 * ci + seed, verbose=False)
+            model = ConvNet1d(**{k: v for k, v in cfg.items() if k != "batch_size"}, val=(data["x_val"], data["y_val"]))
+            logger = pl.loggers.TensorBoardLogger(args.logdir, name=name, version="", default_hp_metric=False)
+            logger.log_hyperparams(dict(cfg, seed=seed, config=ci))
+            layers = [f"features.relu{i}" for i in range(1, cfg["depth"] + 1)]
+            mon = RelianceMonitor(layers, **({"num_samples": 64} if args.smoke else {}))
+            trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon], logger=logger, **trainer_kwargs())
+            dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_train"], data["y_train"]),
+                                             batch_size=cfg["batch_size"], shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
+            trainer.fit(model, dl)
+            acc = accuracy(model, data["x_test"], data["y_test"])
+            logger.log_metrics({"test/acc": acc}, step=trainer.global_step)
+            logger.save()
+            logger.experiment.flush()
+            cm = trainer.callback_metrics
+            print(f"{name:<52} train loss {float(cm['train/loss']):.3f}  probe acc {float(cm['netprobe/probe_accuracy']):.3f}  "
+                  f"reliance_auc {float(cm['netprobe/reliance_auc']):.3f}  val100 {float(cm['val100/acc']):.2f}  "
+                  f"test {acc:.3f}  ({time.perf_counter() - t1:.1f}s)", flush=True)
+    print(f"sweep of {len(configs)} configurations x {len(seeds)} seeds = {len(configs) * len(seeds)} runs, "
+          f"{epochs} epochs each: {time.perf_counter() - t0:.0f}s")
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="3 runs of 2 epochs on a small data set (< 1 minute)")
     ap.add_argument("--logdir", default="runs/hparam_selection")
     ap.add_argument("--configs", type=int, default=24)
-    ap.add_argument("--data", choices=("digits", "mnist1d"), default="digits")
-    ap.add_argument("--max-epochs", type=int, default=30)
-    ap.add_argument("--fit", type=float, default=0.99, help="train each run until this probe-set (training) accuracy")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--analyze-only", action="store_true", help="rank the runs already under --logdir")
+    ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
     args = ap.parse_args()
     print(f"hparam_selection.py: {one_thread()}")
     quiet_lightning()
-    shutil.rmtree(args.logdir, ignore_errors=True)
-    n_configs, epochs = (4, 1) if args.smoke else (args.configs, args.max_epochs)
-    if args.smoke:
-        args.fit = 0.0
-    data = digits(seed=0) if args.data == "digits" else mnist1d(seed=0, num_samples=1000 if args.smoke else 4000)
-    d_in = data["x_train"].shape[1]
-    all_configs = [dict(zip(GRID, vals)) for vals in itertools.product(*GRID.values())]
-    configs = random.Random(0).sample(all_configs, n_configs)
-    t0 = time.perf_counter()
-    for i, cfg in enumerate(configs):
-        pl.seed_everything(i, verbose=False)
-        model = lightning_mlp(d_in, [cfg["width"], cfg["width"]], 10, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                              dropout=cfg["dropout"], batchnorm=cfg["batchnorm"])
-        logger = pl.loggers.TensorBoardLogger(args.logdir, name=f"cfg{i:02d}", version="")
-        logger.log_hyperparams(cfg)
-        mon = RelianceMonitor(["net.relu1", "net.relu2"], num_samples=128 if args.smoke else 512)
-        # Train until the network fits its training data (reliance compares networks at equal fit).
-        # (Lightning stops once the value is > stopping_threshold, compared in float32; we mean >= --fit)
-        fitted = pl.callbacks.EarlyStopping(monitor="netprobe/probe_accuracy", mode="max", stopping_threshold=args.fit - 1e-6,
-                                            patience=10**9, check_on_train_epoch_end=True)
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon, fitted], logger=logger, **trainer_kwargs())
-        trainer.fit(model, loader(data["x_train"], data["y_train"], batch_size=cfg["batch_size"], seed=i))
-        acc = accuracy(model, data["x_test"], data["y_test"])
-        logger.log_metrics({"test/acc": acc}, step=trainer.global_step)
-        logger.save()
-        logger.experiment.flush()
-        cm = trainer.callback_metrics
-        print(f"cfg{i:02d} {cfg}  epochs {trainer.current_epoch:>2}  train acc {float(cm['netprobe/probe_accuracy']):.3f}  "
-              f"reliance_auc {float(cm['netprobe/reliance_auc']):.3f}  test acc {acc:.3f}", flush=True)
-    print(f"sweep of {n_configs} configurations: {time.perf_counter() - t0:.0f}s")
+    n_configs, n_seeds, epochs = (3, 1, 2) if args.smoke else (args.configs, args.seeds, args.epochs)
+    if not args.analyze_only:
+        train_sweep(args, sample_configs(n_configs), list(range(n_seeds)), epochs)
+    analyze(args)
 
-    fit = f"netprobe/probe_accuracy>={args.fit:g}"
-    res = rank_runs(args.logdir, "netprobe/reliance_auc", against="test/acc", top_k=None, where=[fit])  # k = 1, 5, 10 below the run count
-    m = max(2, len(res["runs"]) // 2)
-    if len(res["runs"]) > m:  # top-k hit rates over random subsets of half the fitted runs (as --subset-size does)
-        sigs, refs = [r["signal"] for r in res["runs"]], [r["reference"] for r in res["runs"]]
-        hits = top_k_hits(sigs, refs, tuple(k for k in (1, 5, 10) if k < m), subset_size=m, n_draws=10_000)
-        res.update(top_k={str(k): p for k, p in hits.items()}, subset_size=m, n_draws=10_000)
-    print(f"\n{'rank':>4} {'run':<6} {'reliance_auc':>12} {'test acc':>8} {'test rank':>9}")
-    for r in res["runs"]:
-        print(f"{r['rank']:>4} {r['run']:<6} {r['signal']:>12.3f} {r['reference']:>8.3f} {r['reference_rank']:>9.1f}")
-    for sk in res["skipped"]:
-        print(f"skipped {sk['run']}: {sk['reason']}")
-    if len(res["runs"]) < 2:
-        print(f"\nonly {len(res['runs'])} run(s) fit their training data: raise --max-epochs or lower --fit")
+
+def read_runs(logdir: str) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, str]], Dict[str, str]]:
+    """Each readable run's last values: ``(names, config ids, test accuracies, {signal: (values, direction)},
+    {signal: layer})``; a signal a run did not log (a layer its depth lacks) is NaN. Read with
+    ``netprobe.select.load_runs`` (the same reader as ``netprobe rank``); the deepest layer from
+    ``netprobe.select.layer_order``."""
+    runs = sorted((r for r in load_runs(logdir) if r.error is None and "test/acc" in r.scalars), key=lambda r: r.name)
+
+    def last(r, tag: str) -> float:
+        s = r.scalars.get(tag)
+        return float(s[-1][1]) if s else math.nan
+
+    names = [r.name for r in runs]
+    configs = np.array([int(r.hparams.get("config", r.name[1:3])) for r in runs])
+    ref = np.array([last(r, "test/acc") for r in runs])
+    depth = max((len(layer_order(r, "reliance_auc")[0]) for r in runs), default=1)
+    sig: Dict[str, Tuple[np.ndarray, str]] = {}
+    layer_of: Dict[str, str] = {}
+    for metric in ("reliance_auc", "reliance_area"):
+        sig[f"netprobe/{metric}"] = (np.array([last(r, f"netprobe/{metric}") for r in runs]), "max")
+        sig[f"netprobe/{metric}@deepest"] = (np.array([last(r, f"netprobe/{metric}/{layer_order(r, metric)[0][-1]}")
+                                                       if layer_order(r, metric)[0] else math.nan for r in runs]), "max")
+        for i in range(1, depth + 1):
+            key = f"netprobe/{metric}/features.relu{i}"
+            sig[key] = (np.array([last(r, key) for r in runs]), "max")
+            layer_of[key] = f"relu{i}"
+    sig["netprobe/probe_accuracy"] = (np.array([last(r, "netprobe/probe_accuracy") for r in runs]), "max")
+    sig["train/loss"] = (np.array([last(r, "train/loss") for r in runs]), "min")
+    sig["val100/acc"] = (np.array([last(r, "val100/acc") for r in runs]), "max")
+    return names, configs, ref, sig, layer_of
+
+
+def oriented(values: np.ndarray, direction: str) -> np.ndarray:
+    return values if direction == "max" else -values
+
+
+def tau_on(x: np.ndarray, y: np.ndarray) -> float:
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return math.nan
+    return float(kendall_tau(x[keep], y[keep]))
+
+
+def cluster_bootstrap(sig: Dict[str, np.ndarray], ref: np.ndarray, clusters: np.ndarray, *, n_boot: int,
+                      seed: int = 0) -> Dict[str, np.ndarray]:
+    """Kendall's tau of each (oriented) signal with ``ref`` over the runs, recomputed on ``n_boot``
+    resamples of the *clusters* (configurations) with replacement, each taking all its runs:
+    ``{signal: (n_boot,) taus}`` (replicate ``b`` is the same resample for every signal, so
+    differences between signals are paired)."""
+    ids = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in ids]
+    rng = np.random.default_rng(seed)
+    out = {s: np.full(n_boot, np.nan) for s in sig}
+    for b in range(n_boot):
+        idx = np.concatenate([members[j] for j in rng.integers(0, len(ids), len(ids))])
+        for s, v in sig.items():
+            out[s][b] = tau_on(v[idx], ref[idx])
+    return out
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> Tuple[float, float]:
+    d = draws[np.isfinite(draws)]
+    if len(d) < 10:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    return float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
+
+
+def fmt_ci(ci: Tuple[float, float]) -> str:
+    return "[   -,    -]" if not all(map(math.isfinite, ci)) else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def verdict_sign(what: str, ci: Tuple[float, float], n: int) -> str:
+    lo, hi = ci
+    if math.isfinite(lo) and lo > MARGIN:
+        return f"{what} agrees with test accuracy (tau interval {fmt_ci(ci)} above 0 by more than {MARGIN})"
+    if math.isfinite(hi) and hi < -MARGIN:
+        return f"{what} points the WRONG way (tau interval {fmt_ci(ci)} below 0 by more than {MARGIN})"
+    return f"{what}: agreement with test accuracy not resolved with {n} runs (tau interval {fmt_ci(ci)})"
+
+
+def verdict_diff(a: str, b: str, ci: Tuple[float, float], n: int) -> str:
+    lo, hi = ci
+    if math.isfinite(lo) and lo > MARGIN:
+        return f"{a} ranks better than {b} (tau difference {fmt_ci(ci)})"
+    if math.isfinite(hi) and hi < -MARGIN:
+        return f"{b} ranks better than {a} (tau difference of {a} minus {b}: {fmt_ci(ci)})"
+    return f"{a} vs {b}: not resolved with {n} runs (tau difference {fmt_ci(ci)})"
+
+
+def analyze(args) -> None:
+    from netprobe.cli import main as netprobe_main
+
+    names, configs, ref, sig, layer_of = read_runs(args.logdir)
+    n, n_cfg = len(names), len(np.unique(configs))
+    n_boot = 200 if args.smoke else args.boot
+    if n < 2:
+        print(f"only {n} run(s) with test/acc under {args.logdir}: nothing to rank")
         return
-    if res["kendall_tau"] is None:
-        print("\nthe signal or the test accuracy is the same for every run: no ranking to compare")
+    print(f"\n{n} runs of {n_cfg} configurations; test accuracy {ref.min():.3f}-{ref.max():.3f} "
+          f"(median {np.median(ref):.3f}); training probe-set accuracy {np.nanmin(sig['netprobe/probe_accuracy'][0]):.3f}-"
+          f"{np.nanmax(sig['netprobe/probe_accuracy'][0]):.3f}")
+
+    # 1. the library's multi-signal table (bootstrap over runs), exactly as the command prints it
+    m = max(2, n // 3)
+    argv = [args.logdir, "--against", "test/acc"] + [a for s in SIGNALS for a in ("--signals", s)] \
+        + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"]
+    if n >= 6:
+        argv += ["--subset-size", str(m), "--top-k", ",".join(str(k) for k in (1, 5) if k < m)]
+    print("\n== 1. netprobe rank (intervals: bootstrap over RUNS, which treats the seeds of a configuration as "
+          "independent runs; too narrow here, see 2.) ==")
+    print("$ netprobe rank " + " ".join(a if not any(c in a for c in "*@") else f"'{a}'" for a in argv) + "\n", flush=True)
+    netprobe_main(["rank"] + argv)
+
+    # 2. Kendall tau over runs, with intervals from a bootstrap over configurations
+    osig = {s: oriented(v, d) for s, (v, d) in sig.items()}
+    boot = cluster_bootstrap(osig, ref, configs, n_boot=n_boot)
+    cfg_ids = np.unique(configs)
+    cfg_ref = np.array([ref[configs == c].mean() for c in cfg_ids])
+    cfg_sig = {s: np.array([np.nanmean(v[configs == c]) if np.isfinite(v[configs == c]).any() else math.nan
+                            for c in cfg_ids]) for s, v in osig.items()}
+    cfg_boot = cluster_bootstrap(cfg_sig, cfg_ref, cfg_ids, n_boot=n_boot, seed=1)
+    print(f"\n== 2. Kendall tau with test accuracy, 95% intervals from {n_boot} bootstrap resamples of the "
+          f"{n_cfg} CONFIGURATIONS (all seeds of a resampled configuration together) ==")
+    print("runs: each run ranked by its own last values; configs: each configuration by its signals averaged "
+          "over seeds, against its mean test accuracy; pick: the configuration the seed-averaged signal picks, "
+          "its test-accuracy rank and its mean test accuracy below the best configuration's")
+    best_cfg = cfg_ref.max()
+    head = f"{'signal':<40} {'dir':>3} {'runs':>4}  {'Kendall tau':>11} {'95% CI':<16} {'configs':>7} {'tau':>6} {'95% CI':<16} {'pick rank':>9} {'regret':>6}"
+    print(head)
+    taus: Dict[str, float] = {}
+    for s, v in osig.items():
+        have = np.isfinite(v)
+        t = tau_on(v, ref)
+        taus[s] = t
+        ct = tau_on(cfg_sig[s], cfg_ref)
+        hc = np.isfinite(cfg_sig[s])
+        if hc.sum() >= 2:
+            v = cfg_sig[s][hc]
+            tied = np.flatnonzero(hc)[v == v.max()]  # a tie for the best: the mean over the tied configurations
+            rank = np.mean([1 + (cfg_ref[hc] > cfg_ref[b]).sum() + ((cfg_ref[hc] == cfg_ref[b]).sum() - 1) / 2 for b in tied])
+            pick = f"{rank:>4.1f} of {hc.sum():<2} {best_cfg - cfg_ref[tied].mean():>6.3f}"
+        else:
+            pick = f"{'-':>9} {'-':>6}"
+        f = lambda x, w: f"{x:>+{w}.3f}" if math.isfinite(x) else f"{'-':>{w}}"  # noqa: E731
+        print(f"{s:<40} {sig[s][1]:>3} {have.sum():>4}  {f(t, 11)} {fmt_ci(interval(boot[s])):<16} {hc.sum():>7} "
+              f"{f(ct, 6)} {fmt_ci(interval(cfg_boot[s])):<16} {pick}")
+    if n_cfg >= 6:
+        names_cv = [s for s in osig if s not in ("train/loss", "val100/acc")]
+        cv = cross_validate_choice({s: cfg_sig[s] for s in names_cv}, cfg_ref, n_splits=200,
+                                   baselines={s: cfg_sig[s] for s in ("train/loss", "val100/acc")})
+        chosen = sorted(((c, s) for s, c in cv["chosen"].items() if c), reverse=True)
+        ht = cv["heldout_tau"]
+        print(f"\ncross-validated choice over CONFIGURATIONS (200 random half splits of the {n_cfg} configurations; no "
+              f"configuration on both sides): held-out tau of the chosen netprobe signal mean {ht['mean']:+.3f}, 95% of "
+              f"splits in {fmt_ci(tuple(ht['interval']))}; chosen: "
+              + ", ".join(f"{s} {c / max(cv['used'], 1):.0%}" for c, s in chosen[:4]))
+        for s, b in cv["baselines"].items():
+            print(f"  baseline {s} on the same held-out halves: tau mean {b['mean']:+.3f}, 95% of splits in "
+                  f"{fmt_ci(tuple(b['interval']))}")
+    conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_boot)
+
+
+def conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_boot) -> None:
+    n = len(names)
+    auc, deep, first = "netprobe/reliance_auc", "netprobe/reliance_auc@deepest", "netprobe/reliance_auc/features.relu1"
+    area, area_deep = "netprobe/reliance_area", "netprobe/reliance_area@deepest"
+    loss, val = "train/loss", "val100/acc"
+    ci = lambda s: interval(boot[s])  # noqa: E731
+    dci = lambda a, b: interval(boot[a] - boot[b])  # noqa: E731
+    print(f"\n== 3. conclusions (Kendall tau over the {n} runs; each stated only when its 95% interval from the "
+          f"configuration bootstrap clears the threshold by {MARGIN}) ==")
+    n_cfg = len(np.unique(configs))
+    if n_cfg < MIN_CONFIGS:
+        print(f"  none stated: {n_cfg} configurations, fewer than {MIN_CONFIGS} (not resolved with {n} runs)")
         return
-    m = res["subset_size"] or len(res["runs"])
-    print(f"\nKendall tau(reliance AUC, test acc) = {res['kendall_tau']:.3f} (talk: 0.13)   Spearman rho = {res['spearman_rho']:.3f}")
-    print(f"pick among all {len(res['runs'])} runs that fit: {res['pick']} (test-accuracy rank {res['pick_reference_rank']:.0f})")
-    print(f"pick by reliance in random subsets of {m} runs ({res['n_draws']} draws):")
-    print(f"{'':>10} {'netprobe':>9} {'random pick':>11} {'talk (48 configs)':>18}")
-    talk = {"1": None, "5": 0.83, "10": 0.98}
-    for k, p in res["top_k"].items():
-        t = talk[k]
-        print(f"  top-{k:<4} {p:>9.2f} {min(1.0, int(k) / m):>11.2f} {('-' if t is None else f'{t:.2f}'):>18}")
-    print("(the talk's figures as the issue cites them; see README 'Findings reproduced')")
-    print(f"\nSame ranking from the command line:\n  netprobe rank {args.logdir} --metric netprobe/reliance_auc "
-          f"--against test/acc --where '{fit}' --subset-size {m}")
+    for s, what in ((auc, "the default key netprobe/reliance_auc (mean over layers)"), (deep, "the deepest layer's reliance_auc"),
+                    (first, "the first layer's reliance_auc"), (area, "netprobe/reliance_area (mean)"),
+                    (area_deep, "the deepest layer's reliance_area"), ("netprobe/probe_accuracy", "netprobe/probe_accuracy"),
+                    (loss, "the training loss"), (val, "the 100-example validation accuracy")):
+        print("  - " + verdict_sign(what, ci(s), n))
+    for a, b in ((deep, auc), (deep, first), (area, auc), (loss, auc), (loss, deep), (loss, area_deep), (val, loss), (val, deep)):
+        print("  - " + verdict_diff(a, b, dci(a, b), n))
+    # underfit runs: the lower half by training (probe-set) accuracy
+    pa = sig["netprobe/probe_accuracy"][0]
+    low = pa <= np.nanmedian(pa)
+    if low.sum() >= 6 and (~low).sum() >= 6:
+        sub = {s: osig[s] for s in (auc, deep, area, loss)}
+        for part, mask in (("lower", low), ("upper", ~low)):
+            b = cluster_bootstrap({s: v[mask] for s, v in sub.items()}, ref[mask], configs[mask], n_boot=n_boot, seed=2)
+            cut = f"probe accuracy <= {np.nanmedian(pa):.3f}" if part == "lower" else f"probe accuracy > {np.nanmedian(pa):.3f}"
+            print(f"  - {part} half by training accuracy ({mask.sum()} runs, {cut}): "
+                  + "; ".join(f"{s.replace('netprobe/', '')} tau {tau_on(v[mask], ref[mask]):+.2f} {fmt_ci(interval(b[s]))}"
+                              for s, v in sub.items()))
+            for s in (auc, area):
+                lo_, hi_ = interval(b[s])
+                if math.isfinite(hi_) and hi_ < -MARGIN:
+                    print(f"    -> among these runs {s} points the WRONG way")
+                elif math.isfinite(lo_) and lo_ > MARGIN:
+                    print(f"    -> among these runs {s} agrees with test accuracy")
+    best_rel = max((s for s in osig if s.startswith("netprobe/reliance") and np.isfinite(osig[s]).all()),
+                   key=lambda s: -math.inf if not math.isfinite(taus[s]) else taus[s])
+    lo_, hi_ = ci(best_rel)
+    print(f"  - with no labelled hold-out at all: the best reliance key here, {best_rel} (chosen on these runs, so "
+          f"optimistic), has Kendall tau {taus[best_rel]:+.3f} {fmt_ci((lo_, hi_))}; "
+          + ("better than a random ranking" if math.isfinite(lo_) and lo_ > MARGIN else "not resolved against a random ranking")
+          + f"; the training loss, also free of labels held out: {taus[loss]:+.3f} {fmt_ci(ci(loss))}")
 
 
 if __name__ == "__main__":
