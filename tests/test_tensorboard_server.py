@@ -141,3 +141,37 @@ def test_netprobe_scalars_share_the_step_of_lightnings_epoch_scalars(tmp_path):
     ours = [e.step for e in ea.Scalars("netprobe/selectivity_mean")]
     theirs = [e.step for e in ea.Scalars("train/epoch_loss")]
     assert len(ours) == 3 and ours == theirs
+
+
+def test_layer_index_gives_the_forward_order_that_rank_reads_as_deepest(tmp_path):
+    # a model that registers its layers in another order than it calls them: `late` (registered
+    # first) runs last; netprobe/layer_index/<layer> gives the forward order, and `netprobe rank
+    # --layer deepest` reads it
+    from torch import nn
+
+    from netprobe.select import layer_order, load_runs
+
+    base = type(make_module(pl))
+
+    class Reordered(base):
+        def __init__(self):
+            super().__init__(dropout=0.0, batchnorm=False, lr=1e-2, width=16)
+            self.late = nn.ReLU()  # registered before `early`, called after it
+            self.early = nn.ReLU()
+
+        def forward(self, x):
+            return super().forward(self.late(self.early(x) + 0.0) + 0.0)
+
+    x, y = digits(120)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    mons = [RelianceMonitor(["late", "early"], num_samples=48, repeats=1), SelectivityMonitor(["early"], num_samples=48)]
+    t = trainer(pl, max_epochs=2, logger=logger, callbacks=mons)
+    t.fit(Reordered(), loader(x, y))
+    logger.experiment.flush()
+    (run,) = load_runs(str(tmp_path))
+    idx = {k.rsplit("/", 1)[1]: v for k in run.scalars if k.startswith("netprobe/layer_index/") for v in [run.scalars[k][-1][1]]}
+    assert idx["early"] < idx["late"], idx
+    layers, source = layer_order(run, "reliance_auc")
+    assert layers == ["early", "late"] and source == "layer_index"
+    # logged once per fit, beside the other keys, not in the HParams metrics
+    assert all(len(run.scalars[f"netprobe/layer_index/{n}"]) == 1 for n in ("early", "late"))

@@ -109,6 +109,33 @@ class _SharedProbePass:
         # share key -> (step key, inputs, activations, outputs, ids of the monitors yet to take theirs)
         self._passes: Dict[Any, Tuple[Any, torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
         self.tensorboard_written: Any = None  # (writer id, keys) of the last layout/HParams written
+        self._order: Optional[Tuple[int, Dict[str, int]]] = None  # (id of the model, {module name: position})
+
+    def forward_order(self, mon: "NetprobeMonitor", pl_module: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+        """``{module name: position}`` of every module of ``pl_module`` in the order their forward
+        calls finish (so a block comes after its layers), from one forward pass of one probe example
+        under ``mon.forward``, once per model."""
+        if self._order is not None and self._order[0] == id(pl_module):
+            return self._order[1]
+        order: Dict[str, int] = {}
+        handles = []
+
+        def hook_for(name: str) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: Any, out: Any) -> None:
+                order.setdefault(name, len(order))
+            return hook
+
+        try:
+            for name, m in pl_module.named_modules():
+                handles.append(m.register_forward_hook(hook_for(name)))
+            device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+            with evaluating(pl_module, restore_rng=True):
+                mon.forward(pl_module, x[:1].to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        self._order = (id(pl_module), order)
+        return order
 
     def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
                 x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
@@ -251,6 +278,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self.last_values: Dict[str, float] = {}
         self._published: set = set()  # keys written at the last measurement
         self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
+        self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
         self._run = _RunIdentity()
 
     # ------------------------------------------------------------------ identity / state
@@ -350,6 +378,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             self._reset_extra_state()
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._order_logged = False
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
         # of a run), so the HParams tab lists the netprobe metrics
         _register_tensorboard(trainer, pl_module)
@@ -536,6 +565,14 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 self._best[metric] = max(v, self._best.get(metric, -math.inf))
             if metric in self._best:
                 scalars[f"netprobe/best/{metric}"] = self._best[metric]
+        if not self._order_logged and self._probe is not None:
+            # where each layer sits in the forward pass (what `netprobe rank --layer deepest` reads),
+            # once per fit; the same for every monitor of the model
+            order = _shared_pass(trainer).forward_order(self, pl_module, self._probe[0])
+            for layer in self.layers:
+                if layer in order:
+                    scalars[f"netprobe/layer_index/{layer}"] = float(order[layer])
+            self._order_logged = True
         self._publish(trainer, scalars, media)
 
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
@@ -564,6 +601,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 keys.append(f"netprobe/best/{metric}")
             if metric not in _MODEL_LEVEL:
                 keys.extend(f"netprobe/{metric}/{layer}" for layer in layers)
+        keys.extend(f"netprobe/layer_index/{layer}" for layer in layers)
         return keys
 
     def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float]) -> None:
@@ -670,7 +708,7 @@ def _register_tensorboard(trainer: Any, pl_module: nn.Module) -> None:
     if writer is None or not hasattr(writer, "_get_file_writer"):
         return
     mons = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)]
-    keys = [k for m in mons for k in m.logged_keys(pl_module) if not k.startswith("netprobe/time/")]
+    keys = [k for m in mons for k in m.logged_keys(pl_module) if not k.startswith(("netprobe/time/", "netprobe/layer_index/"))]
     shared = _shared_pass(trainer)
     sig = (id(writer), tuple(keys))
     if shared.tensorboard_written == sig:
