@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["have_matplotlib", "curves_figure", "heatmap_figure"]
+__all__ = ["have_matplotlib", "curves_figure", "heatmap_figure", "scatter_figure"]
 
 _warned = False
 
@@ -106,4 +106,22 @@ def heatmap_figure(matrix: torch.Tensor, labels: Sequence[str], *, title: str) -
     cb = fig.colorbar(im, ax=ax, fraction=0.046)
     cb.ax.tick_params(labelsize=8)
     ax.set_title(f"{title}\n(colour scale {lo:.{digits}f}-{hi:.{digits}f})", fontsize=10)
+    return fig
+
+
+def scatter_figure(points: Dict[str, Any], *, title: str, xlabel: str, ylabel: str) -> Optional[Any]:
+    """One colour per layer: ``{layer: (x, y)}`` tensors of one point per unit."""
+    if not have_matplotlib():
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4), dpi=100)
+    ax = fig.add_axes((0.13, 0.13, 0.83, 0.78))
+    for name, (xs, ys) in points.items():
+        ax.scatter(xs.detach().cpu().double().numpy(), ys.detach().cpu().double().numpy(), s=9, alpha=0.7, label=f"{name} ({len(xs)} units)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     return fig

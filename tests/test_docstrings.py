@@ -23,6 +23,6 @@ def test_docstring_examples(name):
 def test_public_metrics_have_examples():
     from netprobe import metrics
 
-    names = ["cca", "svcca", "pwcca", "linear_cka", "class_selectivity", "mutual_information", "ablation_curve", "noise_curve"]
+    names = ["cca", "svcca", "pwcca", "linear_cka", "class_selectivity", "mutual_information", "ablation_curve", "noise_curve", "unit_importance", "spearman"]
     missing = [n for n in names if ">>>" not in (getattr(metrics, n).__doc__ or "")]
     assert not missing, f"public metrics without a docstring example: {missing}"

@@ -17,6 +17,7 @@ MARKERS = {  # a line each example prints with its results
     "early_stopping.py": "reliance stop",
     "hparam_selection.py": "Kendall tau",
     "convergence.py": "bottom-up",
+    "importance.py": "conclusions",
 }
 
 

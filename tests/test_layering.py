@@ -12,7 +12,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import torch
 import netprobe, netprobe.metrics, netprobe.capture
-from netprobe.metrics import cca, svcca, pwcca, linear_cka, class_selectivity, mutual_information, ablation_curve, noise_curve
+from netprobe.metrics import cca, svcca, pwcca, linear_cka, class_selectivity, mutual_information, ablation_curve, noise_curve, unit_importance, spearman
 from netprobe.metrics import SimilarityAccumulator, SelectivityAccumulator, MutualInfoAccumulator
 x = torch.randn(50, 3)
 float(pwcca(x, x))

@@ -34,6 +34,10 @@ _EXPORTS = {
     "ablation_curve": "ablation",
     "noise_curve": "ablation",
     "CurveResult": "ablation",
+    # single-unit importance
+    "unit_importance": "importance",
+    "ImportanceResult": "importance",
+    "spearman": "importance",
 }
 
 __all__ = sorted(_EXPORTS)
