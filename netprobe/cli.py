@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 from typing import List, Optional
@@ -303,12 +304,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SelectionError as err:
         print(f"netprobe rank: error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(_finite(res), indent=2, default=str, allow_nan=False))
-    elif table:
-        _print_signals(res, sys.stdout)
-    else:
-        _print_table(res, sys.stdout)
+    try:
+        if args.json:
+            print(json.dumps(_finite(res), indent=2, default=str, allow_nan=False))
+        elif table:
+            _print_signals(res, sys.stdout)
+        else:
+            _print_table(res, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `netprobe rank ... | head`: the reader has gone; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return 0
 
 

@@ -484,3 +484,20 @@ def test_cli_single_signal_summary_refusals_and_plurals(sweep, tmp_path, capsys)
     assert "2 runs judged against test/acc" in out and ": 1 signal, 1 baseline" in out
     assert "cross-validated choice: not run (needs at least 6 runs (halves of 3 or more), got 2 runs)" in out
     assert "top-1" in out and "random" in out
+
+
+def test_cli_output_into_a_closed_pipe_has_no_traceback(tmp_path):
+    # `netprobe rank ... | head -1`: the reader closes the pipe early
+    import subprocess
+    import sys
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    for i in range(40):
+        with SummaryWriter(str(tmp_path / f"run{i:02d}")) as w:
+            w.add_scalar("netprobe/reliance_auc", 0.5 + i / 100, 0)
+            w.add_scalar("test/acc", 0.5 + (i % 7) / 10, 0)
+    cmd = f"{sys.executable} -m netprobe rank {tmp_path} --against test/acc --boot 0 | head -1"
+    out = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+    assert out.stdout.strip()
