@@ -21,7 +21,8 @@ from netprobe.metrics.ablation import (DEFAULT_SCALES, MaxElements, NonFiniteErr
 from netprobe.metrics.importance import spearman, unit_importance
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
-from netprobe.metrics.similarity import SideStats, SimilarityAccumulator, _check_keep, linear_cka
+from netprobe.metrics.similarity import (SideStats, SimilarityAccumulator, _check_keep, linear_cka, procrustes, rbf_cka,
+                                         similarity_matrix)
 
 __all__ = ["SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor"]
 
@@ -445,14 +446,20 @@ class _ForwardAdapter(nn.Module):
         return self._monitor.forward(self.module, x)  # type: ignore[attr-defined]
 
 
-_METHODS = ("pwcca", "svcca", "cka")
+_METHODS = ("pwcca", "svcca", "cka", "procrustes", "rbf_cka")
+# methods computed from the whole probe set's activations in n x n form (never d x d moments)
+_WHOLE_SET = ("rbf_cka",)
+# methods that also have an n x n (Gram) form, used for layers wider than 2/3 of the probe set
+_GRAM_FORM = ("cka", "procrustes")
 
 
 class ConvergenceMonitor(NetprobeMonitor):
     """How much each layer's representation still changes: similarity of this epoch's activations
     on the probe set to those of the previous measurement (``<method>_prev``; the previous epoch
     with ``every_n_epochs=1``, else ``every_n_epochs`` epochs earlier) and, optionally, to a reference
-    model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``.
+    model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``,
+    ``procrustes`` (:func:`~netprobe.metrics.procrustes`, Ding et al. 2021) and ``rbf_cka``
+    (:func:`~netprobe.metrics.rbf_cka`, Gaussian kernels at the median distance).
 
     The default is linear CKA alone: it is defined for any width and probe size, and costs one
     pass over the probe activations plus ``O(d^2)`` (PWCCA and SVCCA add eigendecompositions:
@@ -474,7 +481,11 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     Args:
         layers: see the base.
-        methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"`` (default ``("cka",)``).
+        methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"``, ``"procrustes"``, ``"rbf_cka"`` (default
+            ``("cka",)``). ``procrustes`` streams like the others (``O(d^2)``; for a layer wider than
+            2/3 of the probe set, with CKA alone or beside it, from ``n x n`` Gram matrices);
+            ``rbf_cka`` takes ``n x n`` kernel matrices of the whole probe set (``O(n^2)`` memory,
+            ``n`` up to 10000).
         reference: an ``nn.Module`` with the same layer names, or a checkpoint path whose
             ``state_dict`` loads into a copy of the LightningModule. Treated as fixed: its
             activations on the probe set are computed once, when training starts (a reference
@@ -552,15 +563,29 @@ class ConvergenceMonitor(NetprobeMonitor):
         moments: the same value, ``O(n^2)`` memory and ``n^2 d`` work instead of ``O(d^2)`` and
         ``n d^2`` (returns no accumulator then)."""
         n, d = cur_full.shape[0], cur_full.shape[1]
-        if tuple(self.methods) == ("cka",) and 3 * d > 2 * n:
-            return {"cka": float(linear_cka(cur_full, other_full))}, None
+        out: Dict[str, float] = {}
+        for m in self.methods:
+            if m in _WHOLE_SET:  # the whole probe set on every rank: the same value everywhere
+                try:
+                    out[m] = float(rbf_cka(cur_full, other_full))
+                except ValueError as err:
+                    self._warn_skip(layer, f"{m} ({what})", err)
+        streamed = [m for m in self.methods if m not in _WHOLE_SET]
+        if not streamed:
+            return out, None
+        if all(m in _GRAM_FORM for m in streamed) and 3 * d > 2 * n:
+            for m in streamed:
+                fn = linear_cka if m == "cka" else procrustes
+                out[m] = float(fn(cur_full, other_full))
+            return out, None
         other = other_full[sl].to(cur.device)
         acc = self._agreed(lambda: SimilarityAccumulator().update(cur, other, y_stats=other_side), cur.device).all_reduce()
         # after the reduce every rank holds the same moments: same outcome everywhere
-        values, errors = acc.compute(self.methods, keep=self.keep)
+        values, errors = acc.compute(streamed, keep=self.keep)
         for m, err in errors.items():  # e.g. SVCCA keeping more directions than the samples allow
             self._warn_skip(layer, f"{m} ({what})", err)
-        return {m: float(v) for m, v in values.items()}, acc
+        out.update({m: float(v) for m, v in values.items()})
+        return out, acc
 
     def _reference_acts(self, pl_module: nn.Module) -> Dict[str, torch.Tensor]:
         if not self._ref and self.reference is not None:
@@ -632,12 +657,9 @@ class ConvergenceMonitor(NetprobeMonitor):
                 self._layer_values(f"{m}_ref", ref_vals[m], out)
         figs: Dict[str, Any] = {}
         if self.heatmap and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer) and len(full) > 1:
-            names = list(full)
-            mat = torch.ones(len(names), len(names), dtype=torch.float64)
-            for i, a in enumerate(names):
-                for j in range(i + 1, len(names)):
-                    mat[i, j] = mat[j, i] = linear_cka(full[a], full[names[j]])
-            figs["netprobe/cka_layers"] = viz.heatmap_figure(mat, names, title=f"linear CKA between layers, epoch {trainer.current_epoch}")
+            sm = similarity_matrix(full, method="cka")  # each layer's statistics computed once
+            figs["netprobe/cka_layers"] = viz.heatmap_figure(sm.values, list(sm.labels),
+                                                             title=f"linear CKA between layers, epoch {trainer.current_epoch}")
         return out, {"figures": figs}
 
 
