@@ -177,6 +177,15 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 _call_eagerly = _compiler_disable(_call)  # made once: building a disabled wrapper costs ~20 us
+_IN_COMPILED = [False]  # an eager hook called from compiled code is running
+
+
+def _from_compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    _IN_COMPILED[0] = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _IN_COMPILED[0] = False
 
 
 def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -187,10 +196,11 @@ def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     def hook(*args: Any, **kwargs: Any) -> Any:
         if _is_compiling():
-            return _call_eagerly(fn, *args, **kwargs)
+            return _call_eagerly(_from_compiled, fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
     return hook
+
 
 
 # Modules whose output has its units on the last axis (a Linear's out_features), whatever its rank.
@@ -638,7 +648,9 @@ class Layouts:
             if any(n not in known for n in self._needs):
                 self._tracking_now = True
                 _TRACKING[0] += 1
-                if _TorchFunctionMode is not None and not self._compiled and not _is_compiling():
+                # not from compiled code: a mode pushed there changes what the compiled frames were
+                # guarded on (recompiles, up to the limit); module hooks alone follow layouts then
+                if _TorchFunctionMode is not None and not self._compiled and not _is_compiling() and not _IN_COMPILED[0]:
                     self._mode = _FollowLayouts()
                     self._mode.__enter__()
         self._depth += 1
@@ -733,7 +745,8 @@ class Layouts:
             elif isinstance(module, _UNITS_LAST) or mark == "L":
                 ud = nd - 1  # a Linear applied to (N, H, W, C), and what follows from it
             else:
-                how = ("the model is compiled, so only module hooks follow it" if self._compiled
+                how = ("the model runs compiled, so only module hooks follow it: a residual sum is not followed"
+                       if self._compiled or _IN_COMPILED[0]
                        else "it is computed by a function netprobe does not follow, or from the model's input")
                 raise ValueError(
                     f"Layer {name!r} ({type(module).__name__}) returned {shape}, and its layout cannot be established "

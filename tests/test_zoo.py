@@ -336,7 +336,8 @@ def test_compile_probe_attached_before_compiling_matches_eager(layers):
         with torch.no_grad():
             ref = m(x)
     try:
-        with netprobe.probe(m, layers) as p:
+        # compiled, only module hooks follow layouts (a residual sum is not followed): the layout is given
+        with netprobe.probe(m, layers, layout="NCHW") as p:
             cm = torch.compile(m, backend="eager")
             with torch.no_grad():
                 out = cm(x)
@@ -391,3 +392,17 @@ def test_fsdp_cpu_values_equal_single_process(tmp_path):
     assert set(fsdp) == set(single)
     for k in single:
         assert fsdp[k] == pytest.approx(single[k], abs=1e-6), k
+
+
+def test_compiled_model_residual_layout_refused_without_layout():
+    # compiled, the residual sum is not followed (no function mode inside compiled code): refused, not guessed
+    torch._dynamo.reset()
+    m = _seeded(ResNet2d)
+    x, _ = digits_images(N)
+    try:
+        with netprobe.probe(m, ["block1.relu"]):
+            cm = torch.compile(m, backend="eager")
+            with pytest.raises(ValueError, match="layout='NCHW' or 'NHWC'"), torch.no_grad():
+                cm(x)
+    finally:
+        torch._dynamo.reset()
