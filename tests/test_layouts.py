@@ -237,7 +237,7 @@ def test_no_axis_of_the_batch_size_raises():
             return self.fc(x.reshape(-1, 4))
 
     m = Flat()
-    with netprobe.probe(m, ["fc"]) as p, pytest.raises(ValueError, match="layout="):
+    with netprobe.probe(m, ["fc"]), pytest.raises(ValueError, match="layout="):
         m(torch.randn(5, 3, 4))
 
 
@@ -248,7 +248,7 @@ def test_bad_layout_strings():
             netprobe.probe(m, ["0"], layout=bad)
     with pytest.raises(ValueError, match="not selected"):
         netprobe.probe(m, ["0"], layout={"1": "NC"})
-    with netprobe.probe(m, ["0"], layout="NCL") as p, pytest.raises(ValueError, match="names 3 axes"):
+    with netprobe.probe(m, ["0"], layout="NCL"), pytest.raises(ValueError, match="names 3 axes"):
         m(torch.randn(2, 4))
 
 
