@@ -411,7 +411,10 @@ if _TorchFunctionMode is not None:
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
             if _TRACKING[0] and isinstance(out, (torch.Tensor, tuple, list)):
-                _follow(func, args, kwargs, out)
+                try:
+                    _follow(func, args, kwargs, out)
+                except Exception:  # a tensor it cannot read (a subclass, no storage): left unmarked, never a failed forward
+                    pass
             return out
 
 
