@@ -103,7 +103,7 @@ def test_compute_returns_each_metrics_error_and_still_computes_the_others():
 def test_compute_argument_errors_raise_at_once():
     x, y = _epochs(100, 5, 2, 5)
     acc = SimilarityAccumulator().update(x, y)
-    with pytest.raises(ValueError, match=r"Expected `methods` among \['cca', 'svcca', 'pwcca', 'cka'\], but got \['linear_cka'\]"):
+    with pytest.raises(ValueError, match=r"Expected `methods` among \['cca', 'svcca', 'pwcca', 'cka', 'procrustes'\], but got \['linear_cka'\]"):
         acc.compute(("linear_cka",))
     with pytest.raises(ValueError, match="methods"):
         acc.compute(())

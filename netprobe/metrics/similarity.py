@@ -693,8 +693,7 @@ def _check_methods(methods: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     bad = [m for m in methods if m not in _COMPUTE_METHODS]
     if not methods or bad:
         raise ValueError(
-            f"Expected `methods` among {list(_COMPUTE_METHODS[:4])}, but got {list(methods)}; "
-            "'procrustes' (the orthogonal Procrustes similarity) is accepted too."
+            f"Expected `methods` among {list(_COMPUTE_METHODS)}, but got {list(methods)}."
         )
     return methods
 
