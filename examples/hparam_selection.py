@@ -4,7 +4,8 @@ each judged against the accuracy on a large test set.
 
 The sweep: `--configs` configurations (default 24) sampled from width, depth, learning rate, batch
 size, weight decay, dropout, batch norm and augmentation, times `--seeds` seeds each (default 3), all
-trained for the same `--epochs` (default 20) with Adam on 2000 MNIST-1D training examples (generated
+trained for the same `--epochs` (default 25; `--grid wide` adds width 4 and learning rate 1e-4, 20
+epochs, so that a third of the runs stay near chance) with Adam on 2000 MNIST-1D training examples (generated
 locally: `mnist1d`'s generator, no download). Every conv stage's ReLU is monitored by
 `RelianceMonitor` at its defaults (256 training examples, 3 fixed orders, 5 fractions). Each run's
 TensorBoard logs (`--logdir`, one directory per run, named after its hyperparameters and seed) get,
@@ -13,7 +14,8 @@ every epoch, netprobe's keys (`netprobe/reliance_auc[/<layer>]`, `netprobe/relia
 held-out labelled examples (`val100/acc`); at the end, the accuracy on 5900 test examples
 (`test/acc`).
 
-Then the ranking, with `netprobe.select.rank_signals` (the code behind `netprobe rank --signals`):
+Then the ranking, with `netprobe rank --signals` (`netprobe.select.rank_signals`) and, for the
+intervals over configurations, the runs' values read with `netprobe.select.load_runs`:
 
 1. the multi-signal table over runs, with percentile bootstrap intervals over runs and top-k hit
    rates beside a random pick's k/m, and its cross-validated choice of signal (random half splits
@@ -53,7 +55,17 @@ from _common import accuracy, mnist1d, one_thread, quiet_lightning, trainer_kwar
 from netprobe.lightning import RelianceMonitor
 from netprobe.select import cross_validate_choice, kendall_tau, layer_order, load_runs
 
-GRID = {
+GRID = {  # the default sweep: most runs learn something in 25 epochs (test accuracy about 0.3-0.97)
+    "width": [8, 16, 32, 64],
+    "depth": [1, 2, 3],
+    "lr": [3e-4, 1e-3, 3e-3, 1e-2],
+    "batch_size": [32, 128],
+    "weight_decay": [0.0, 1e-4, 1e-3],
+    "dropout": [0.0, 0.1, 0.3],
+    "batchnorm": [False, True],
+    "augment": [False, True],
+}
+GRID_WIDE = {  # --grid wide (20 epochs): also width 4 and lr 1e-4, so that a third of the runs stay near chance
     "width": [4, 8, 16, 32, 64],
     "depth": [1, 2, 3],
     "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
@@ -69,6 +81,8 @@ N_TRAIN, N_VAL = 2000, 100
 MARGIN = 0.02
 #: fewer configurations than this: no interval is trusted and no conclusion stated (a bootstrap over 3 clusters says nothing)
 MIN_CONFIGS = 8
+#: probe-set (training) accuracy from which a run counts as fitting its training data
+FIT = 0.95
 SIGNALS = ["netprobe/reliance_auc", "netprobe/reliance_auc@deepest", "netprobe/reliance_auc/*",
            "netprobe/reliance_area", "netprobe/reliance_area@deepest", "netprobe/reliance_area/*", "netprobe/probe_accuracy"]
 BASELINES = ["train/loss:min", "val100/acc:max"]
@@ -131,8 +145,8 @@ def run_name(ci: int, cfg: Dict, seed: int) -> str:
             f"_do{cfg['dropout']:g}_bn{int(cfg['batchnorm'])}_aug{int(cfg['augment'])}_s{seed}")
 
 
-def sample_configs(n: int) -> List[Dict]:
-    all_configs = [dict(zip(GRID, vals)) for vals in itertools.product(*GRID.values())]
+def sample_configs(n: int, grid: Dict[str, list]) -> List[Dict]:
+    all_configs = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
     return random.Random(0).sample(all_configs, n)
 
 
@@ -174,15 +188,19 @@ def main() -> None:
     ap.add_argument("--logdir", default="runs/hparam_selection")
     ap.add_argument("--configs", type=int, default=24)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--grid", choices=("default", "wide"), default="default",
+                    help="wide: also width 4 and lr 1e-4 (many runs near chance), 20 epochs unless --epochs")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 25; 20 with --grid wide)")
     ap.add_argument("--analyze-only", action="store_true", help="rank the runs already under --logdir")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
     args = ap.parse_args()
     print(f"hparam_selection.py: {one_thread()}")
     quiet_lightning()
-    n_configs, n_seeds, epochs = (3, 1, 2) if args.smoke else (args.configs, args.seeds, args.epochs)
+    grid = GRID_WIDE if args.grid == "wide" else GRID
+    epochs = args.epochs or (20 if args.grid == "wide" else 25)
+    n_configs, n_seeds, epochs = (3, 1, 2) if args.smoke else (args.configs, args.seeds, epochs)
     if not args.analyze_only:
-        train_sweep(args, sample_configs(n_configs), list(range(n_seeds)), epochs)
+        train_sweep(args, sample_configs(n_configs, grid), list(range(n_seeds)), epochs)
     analyze(args)
 
 
@@ -368,30 +386,42 @@ def conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_bo
         print("  - " + verdict_sign(what, ci(s), n))
     for a, b in ((deep, auc), (deep, first), (area, auc), (loss, auc), (loss, deep), (loss, area_deep), (val, loss), (val, deep)):
         print("  - " + verdict_diff(a, b, dci(a, b), n))
-    # underfit runs: the lower half by training (probe-set) accuracy
+    # subsets by training (probe-set) accuracy: the lower and upper halves, and the runs that fit (>= FIT)
     pa = sig["netprobe/probe_accuracy"][0]
-    low = pa <= np.nanmedian(pa)
-    if low.sum() >= 6 and (~low).sum() >= 6:
-        sub = {s: osig[s] for s in (auc, deep, area, loss)}
-        for part, mask in (("lower", low), ("upper", ~low)):
-            b = cluster_bootstrap({s: v[mask] for s, v in sub.items()}, ref[mask], configs[mask], n_boot=n_boot, seed=2)
-            cut = f"probe accuracy <= {np.nanmedian(pa):.3f}" if part == "lower" else f"probe accuracy > {np.nanmedian(pa):.3f}"
-            print(f"  - {part} half by training accuracy ({mask.sum()} runs, {cut}): "
-                  + "; ".join(f"{s.replace('netprobe/', '')} tau {tau_on(v[mask], ref[mask]):+.2f} {fmt_ci(interval(b[s]))}"
-                              for s, v in sub.items()))
-            for s in (auc, area):
-                lo_, hi_ = interval(b[s])
-                if math.isfinite(hi_) and hi_ < -MARGIN:
-                    print(f"    -> among these runs {s} points the WRONG way")
-                elif math.isfinite(lo_) and lo_ > MARGIN:
-                    print(f"    -> among these runs {s} agrees with test accuracy")
+    med = float(np.nanmedian(pa))
+    pa_key = "netprobe/probe_accuracy"
+    for label, mask in ((f"lower half by training accuracy (probe accuracy <= {med:.3f})", pa <= med),
+                        (f"upper half by training accuracy (probe accuracy > {med:.3f})", pa > med),
+                        (f"runs that fit their training data (probe accuracy >= {FIT})", pa >= FIT)):
+        n_sub, c_sub = int(mask.sum()), len(np.unique(configs[mask]))
+        if c_sub < MIN_CONFIGS:
+            print(f"  - {label}: {n_sub} runs of {c_sub} configurations, fewer than {MIN_CONFIGS}: not resolved")
+            continue
+        sub = {s: osig[s][mask] for s in (auc, deep, area, pa_key, loss, val)}
+        b = cluster_bootstrap(sub, ref[mask], configs[mask], n_boot=n_boot, seed=2)
+        print(f"  - {label}, {n_sub} runs of {c_sub} configurations, test accuracy {ref[mask].min():.3f}-{ref[mask].max():.3f}: "
+              + "; ".join(f"{s.replace('netprobe/', '')} {tau_on(v, ref[mask]):+.2f} {fmt_ci(interval(b[s]))}" for s, v in sub.items()))
+        for s in (auc, deep, area):
+            lo_, hi_ = interval(b[s])
+            if math.isfinite(hi_) and hi_ < -MARGIN:
+                print(f"    -> here {s} points the WRONG way")
+            elif math.isfinite(lo_) and lo_ > MARGIN:
+                print(f"    -> here {s} agrees with test accuracy")
+            else:
+                print(f"    -> here {s}: not resolved with {n_sub} runs")
+        for a_, b_ in ((loss, deep), (val, deep)):
+            print("    -> " + verdict_diff(a_, b_, interval(b[a_] - b[b_]), n_sub))
+    # what reliance adds beyond the training accuracy it is normalized by
+    print("  - " + verdict_diff(area, pa_key, dci(area, pa_key), n) + "  [reliance_area = reliance_auc x probe_accuracy]")
+    print("  - " + verdict_diff(pa_key, loss, dci(pa_key, loss), n))
     best_rel = max((s for s in osig if s.startswith("netprobe/reliance") and np.isfinite(osig[s]).all()),
                    key=lambda s: -math.inf if not math.isfinite(taus[s]) else taus[s])
     lo_, hi_ = ci(best_rel)
     print(f"  - with no labelled hold-out at all: the best reliance key here, {best_rel} (chosen on these runs, so "
           f"optimistic), has Kendall tau {taus[best_rel]:+.3f} {fmt_ci((lo_, hi_))}; "
           + ("better than a random ranking" if math.isfinite(lo_) and lo_ > MARGIN else "not resolved against a random ranking")
-          + f"; the training loss, also free of labels held out: {taus[loss]:+.3f} {fmt_ci(ci(loss))}")
+          + f"; the training loss, also free of held-out labels: {taus[loss]:+.3f} {fmt_ci(ci(loss))}; the training "
+          f"accuracy on the probe set: {taus[pa_key]:+.3f} {fmt_ci(ci(pa_key))}")
 
 
 if __name__ == "__main__":
