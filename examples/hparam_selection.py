@@ -350,6 +350,13 @@ def analyze(args) -> None:
         f = lambda x, w: f"{x:>+{w}.3f}" if math.isfinite(x) else f"{'-':>{w}}"  # noqa: E731
         print(f"{s:<40} {sig[s][1]:>3} {have.sum():>4}  {f(t, 11)} {fmt_ci(interval(boot[s])):<16} {hc.sum():>7} "
               f"{f(ct, 6)} {fmt_ci(interval(cfg_boot[s])):<16} {pick}")
+    other = np.array([ref[(configs == c) & (np.arange(n) != i)].mean() if ((configs == c).sum() > 1) else math.nan
+                      for i, c in enumerate(configs)])
+    if np.isfinite(other).sum() >= 3:
+        b_other = cluster_bootstrap({"other": other}, ref, configs, n_boot=n_boot, seed=3)["other"]
+        print(f"(for scale: the mean test accuracy of the OTHER seeds of a run's configuration, a signal that knows the "
+              f"configuration perfectly but not the seed, has Kendall tau {tau_on(other, ref):+.3f} "
+              f"{fmt_ci(interval(b_other))} with the run's own test accuracy)")
     if n_cfg >= 6:
         names_cv = [s for s in osig if s not in ("train/loss", "val100/acc")]
         cv = cross_validate_choice({s: cfg_sig[s] for s in names_cv}, cfg_ref, n_splits=200,
