@@ -246,20 +246,40 @@ def tau_on(x: np.ndarray, y: np.ndarray) -> float:
     return float(kendall_tau(x[keep], y[keep]))
 
 
+def tau_b_pairs(x: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> float:
+    """Kendall's tau-b over the pairs ``(i, j)`` with ``pairs[i, j]`` (an upper-triangular mask):
+    ``sum sign(dx) sign(dy) / sqrt(#pairs untied in x * #pairs untied in y)``; over all ``i < j``
+    pairs this is the usual tau-b."""
+    sx, sy = np.sign(x[:, None] - x[None, :])[pairs], np.sign(y[:, None] - y[None, :])[pairs]
+    nx, ny = np.count_nonzero(sx), np.count_nonzero(sy)
+    return float((sx * sy).sum() / math.sqrt(nx * ny)) if nx and ny else math.nan
+
+
 def cluster_bootstrap(sig: Dict[str, np.ndarray], ref: np.ndarray, clusters: np.ndarray, *, n_boot: int,
                       seed: int = 0) -> Dict[str, np.ndarray]:
-    """Kendall's tau of each (oriented) signal with ``ref`` over the runs, recomputed on ``n_boot``
+    """Kendall's tau-b of each (oriented) signal with ``ref`` over the runs, recomputed on ``n_boot``
     resamples of the *clusters* (configurations) with replacement, each taking all its runs:
     ``{signal: (n_boot,) taus}`` (replicate ``b`` is the same resample for every signal, so
-    differences between signals are paired)."""
+    differences between signals are paired). A pair of runs from two draws of the same configuration
+    is left out: it is neither a pair within one configuration (the resample has one per draw, as the
+    data has one per configuration) nor a pair across configurations, and counting it would
+    over-weight the within-configuration pairs (seed noise) by the multiplicity of the draw."""
     ids = np.unique(clusters)
     members = [np.flatnonzero(clusters == c) for c in ids]
     rng = np.random.default_rng(seed)
     out = {s: np.full(n_boot, np.nan) for s in sig}
     for b in range(n_boot):
-        idx = np.concatenate([members[j] for j in rng.integers(0, len(ids), len(ids))])
+        draws = rng.integers(0, len(ids), len(ids))
+        idx = np.concatenate([members[j] for j in draws])
+        draw_of = np.repeat(np.arange(len(draws)), [len(members[j]) for j in draws])
+        same = (clusters[idx][:, None] == clusters[idx][None, :]) & (draw_of[:, None] != draw_of[None, :])
         for s, v in sig.items():
-            out[s][b] = tau_on(v[idx], ref[idx])
+            x, y = v[idx], ref[idx]
+            ok = np.isfinite(x) & np.isfinite(y)
+            if ok.sum() < 3:
+                continue
+            pairs = np.triu(~same[np.ix_(ok, ok)], 1)
+            out[s][b] = tau_b_pairs(x[ok], y[ok], pairs)
     return out
 
 
