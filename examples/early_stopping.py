@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--logdir", default="runs/early_stopping")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 16; --quick 8; --smoke 2)")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 40; --quick 30; --smoke 3)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 40, also with --quick; --smoke 3)")
     ap.add_argument("--patience", type=int, default=5)
     args = ap.parse_args()
     print(f"early_stopping.py: {one_thread()}")
@@ -217,7 +217,7 @@ def main() -> None:
     if args.smoke:
         n_seeds, epochs = 2, 3
     elif args.quick:
-        n_seeds, epochs = 8, 30
+        n_seeds, epochs = 8, 40
     else:
         n_seeds, epochs = 16, 40
     n_seeds = args.seeds if args.seeds is not None else n_seeds
