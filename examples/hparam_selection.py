@@ -378,15 +378,21 @@ def analyze(args) -> None:
               f"configuration perfectly but not the seed, has Kendall tau {tau_on(other, ref):+.3f} "
               f"{fmt_ci(interval(b_other))} with the run's own test accuracy)")
     if n_cfg >= 6:
-        names_cv = [s for s in osig if s not in ("train/loss", "val100/acc")]
-        cv = cross_validate_choice({s: cfg_sig[s] for s in names_cv}, cfg_ref, n_splits=200,
-                                   baselines={s: cfg_sig[s] for s in ("train/loss", "val100/acc")})
-        chosen = sorted(((c, s) for s, c in cv["chosen"].items() if c), reverse=True)
-        ht = cv["heldout_tau"]
-        print(f"\ncross-validated choice over CONFIGURATIONS (200 random half splits of the {n_cfg} configurations; no "
-              f"configuration on both sides): held-out tau of the chosen netprobe signal mean {ht['mean']:+.3f}, 95% of "
-              f"splits in {fmt_ci(tuple(ht['interval']))}; chosen: "
-              + ", ".join(f"{s} {c / max(cv['used'], 1):.0%}" for c, s in chosen[:4]))
+        # candidates: the netprobe signals every configuration has (a layer only deep networks have cannot rank the others)
+        every = [s for s in osig if s not in ("train/loss", "val100/acc") and np.isfinite(cfg_sig[s]).all()]
+        print(f"\ncross-validated choice over CONFIGURATIONS (200 random half splits of the {n_cfg} configurations, no "
+              f"configuration on both sides; the signal with the best tau on one half, judged on the other):")
+        for label, cands in (("netprobe signals every configuration has", every),
+                             ("reliance keys only", [s for s in every if s.startswith("netprobe/reliance")])):
+            if not cands:
+                continue
+            cv = cross_validate_choice({s: cfg_sig[s] for s in cands}, cfg_ref, n_splits=200,
+                                       baselines={s: cfg_sig[s] for s in ("train/loss", "val100/acc")})
+            chosen = sorted(((c, s) for s, c in cv["chosen"].items() if c), reverse=True)
+            ht = cv["heldout_tau"]
+            print(f"  among the {len(cands)} {label}: held-out tau of the chosen signal mean {ht['mean']:+.3f}, 95% of "
+                  f"splits in {fmt_ci(tuple(ht['interval']))}; chosen: "
+                  + ", ".join(f"{s} {c / max(cv['used'], 1):.0%}" for c, s in chosen[:4]))
         for s, b in cv["baselines"].items():
             print(f"  baseline {s} on the same held-out halves: tau mean {b['mean']:+.3f}, 95% of splits in "
                   f"{fmt_ci(tuple(b['interval']))}")
