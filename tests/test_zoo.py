@@ -322,8 +322,8 @@ _COMPILE_CASES = [
     pytest.param(["block1", "block2.relu"], id="block1+block2.relu", marks=pytest.mark.xfail(strict=False, reason=(
         "torch.compile (torch 2.13, backend='eager') can skip the hook of block2.relu when a sibling block1 "
         "also has a hook: 'Layer block2.relu has captured nothing'. Reproduced in plain torch with two "
-        "torch.compiler.disable'd forward hooks (no netprobe), so upstream. It passes while netprobe's layout "
-        "hooks sit on every module (as they do for a ReLU layer), which is why the mark is not strict"))),
+        "torch.compiler.disable'd forward hooks (no netprobe), so upstream. It is hidden when netprobe's layout "
+        "hooks sit on every module (a layer whose layout is followed, not given), hence not strict"))),
 ]
 
 
