@@ -91,10 +91,10 @@ def test_min_probe_accuracy_ignores_records_until_the_network_fits():
     # rule stops at once; with it, only records at probe accuracy >= 0.9 count
     values = [0.95, 0.9, 0.85, 0.8, 0.82, 0.84, 0.83, 0.81, 0.8, 0.79, 0.78, 0.77]
     fit = [0.2, 0.5, 0.7, 0.85, 0.9, 0.95, 0.97, 0.99, 1.0, 1.0, 1.0, 1.0]
-    plain = RelianceEarlyStopping(patience=2)
+    plain = RelianceEarlyStopping(patience=2, warmup_epochs=0)
     _fit(values, plain, fit)
     assert plain.stopped_epoch == _expected_stop(values, 2) == 2
-    gated = RelianceEarlyStopping(patience=2, min_probe_accuracy=0.9)
+    gated = RelianceEarlyStopping(patience=2, min_probe_accuracy=0.9, warmup_epochs=0)
     _fit(values, gated, fit)
     assert gated.stopped_epoch == _expected_stop(values, 2, fit=fit, min_fit=0.9) == 7
     assert gated.state_dict()["min_probe_accuracy"] == 0.9
@@ -106,7 +106,7 @@ def test_plain_early_stopping_would_count_stale_values():
     values = [0.9, None, 0.8, None, 0.85, None, 0.95, None, 0.7, None, 0.6, None]
     plain = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", patience=2, strict=False)
     _fit(values, plain)
-    ours = RelianceEarlyStopping(patience=2)
+    ours = RelianceEarlyStopping(patience=2, warmup_epochs=0)
     _fit(values, ours)
     assert plain.stopped_epoch < ours.stopped_epoch  # the stale repetitions ate plain's patience
 
@@ -132,9 +132,19 @@ def test_bad_arguments(kwargs, match):
 
 def test_reused_for_a_new_fit_it_starts_afresh():
     values = [0.9, 0.8, 0.7, 0.6]
-    stop = RelianceEarlyStopping(patience=2, smoothing=0.5)
+    stop = RelianceEarlyStopping(patience=2, smoothing=0.5, warmup_epochs=0)
     first = _fit(values, stop)
     assert stop.stopped_epoch == 2 and first.current_epoch == 3
     second = _fit([0.1, 0.2, 0.3, 0.4], stop)  # a new Trainer and model: no EMA, best score or patience carried over
     assert [h[2] for h in stop.history] == pytest.approx([0.1, 0.15, 0.225, 0.3125])
     assert stop.stopped_epoch == 0 and second.current_epoch == 4
+
+
+def test_default_warmup_ignores_the_first_five_epochs():
+    # the defaults: records of epochs 0-4 never count (an underfit network scores high), then patience
+    values = [0.95, 0.9, 0.85, 0.8, 0.75, 0.6, 0.62, 0.61, 0.6, 0.59, 0.58, 0.57]
+    stop = RelianceEarlyStopping(patience=2, smoothing=0.0)
+    assert stop.warmup_epochs == 5
+    _fit(values, stop)
+    assert stop.stopped_epoch == _expected_stop(values, 2, warmup=5)
+    assert stop.stopped_epoch > 5
