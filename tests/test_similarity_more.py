@@ -270,3 +270,106 @@ def test_cka_and_procrustes_never_allocate_a_float64_copy_of_the_inputs(n, d):
             call()
         largest = max(e.cpu_memory_usage for e in prof.events())
         assert 0 < largest < x.numel() * 8 // 4  # a float64 copy of x would be numel * 8 bytes
+
+
+# ----------------------------------------------------------------------------- linear CKA's raw float64 route
+# A float64 CPU input whose means are small next to its spread is used as it is (numpy's syrk/gemm on
+# the raw data, centred afterwards); larger offsets, other dtypes and other layouts are centred first.
+def _centred_refs(x, y):
+    # CKA is translation invariant: centring first (float64, numpy) keeps the references themselves
+    # free of the cancellation that large offsets cause in x @ x.T
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return cka_ref(xc, yc), cka_debiased_ref(xc, yc)
+
+
+def _spy_routes(monkeypatch):
+    import netprobe.metrics.similarity as S
+
+    used = []
+    for name in ("_raw_products", "_raw_gram", "_centred_gram"):
+        real = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _r=real, _n=name, **k: (used.append((_n, _r(*a, **k) is not None)), _r(*a, **k))[1])
+    monkeypatch.setattr(S._Moments, "of", staticmethod(lambda *a, _r=S._Moments.of, **k: (used.append(("moments", True)), _r(*a, **k))[1]))
+    return used
+
+
+@pytest.mark.parametrize("n,dx,dy", [(300, 20, 30), (40, 150, 90)])
+@pytest.mark.parametrize("offset,route", [(0.0, "raw"), (0.05, "raw"), (1e4, "centred")])
+def test_linear_cka_raw_and_centred_routes_against_references(n, dx, dy, offset, route, monkeypatch):
+    x, y = _pair(n, dx, dy, 7)
+    x, y = x + offset, y + 2.0 - offset  # _pair puts y near -2
+    ref, ref_d = _centred_refs(x, y)
+    used = _spy_routes(monkeypatch)
+    assert float(linear_cka(T(x), T(y))) == pytest.approx(ref, rel=1e-12, abs=1e-13)
+    assert float(linear_cka(T(x), T(y), debiased=True)) == pytest.approx(ref_d, rel=1e-12, abs=1e-13)
+    took_raw = any(name.startswith("_raw") and ok for name, ok in used)
+    assert took_raw == (route == "raw"), used
+
+
+def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_large_mean(monkeypatch):
+    # the first rows look centred (the guess from them says "try raw"), 95% of the rows sit far off:
+    # the exact growth factor from the traces (~1 + 0.95/0.05 > 16) refuses the raw product, and the
+    # centred route gives the value of the pre-centred data (raw route there; the references at
+    # n=5000 would need 5000 x 5000 products)
+    import netprobe.metrics.similarity as S
+
+    x, y = _pair(5000, 6, 5, 3)
+    x[256:] += 1e4
+    y[256:] -= 3e3
+    assert S._raw_candidate(T(x)) and S._raw_candidate(T(y))
+    xc, yc = T(x - x.mean(0)), T(y - y.mean(0))
+    ref, ref_d = float(linear_cka(xc, yc)), float(linear_cka(xc, yc, debiased=True))
+    used = _spy_routes(monkeypatch)
+    assert float(linear_cka(T(x), T(y))) == pytest.approx(ref, rel=1e-12, abs=1e-13)
+    assert float(linear_cka(T(x), T(y), debiased=True)) == pytest.approx(ref_d, rel=1e-12, abs=1e-13)
+    assert used == [("_raw_products", False), ("moments", True)] * 2, used
+    # the Gram route's guard is the same test on the traces of X X^T before and after centring
+    w = np.random.default_rng(0).normal(size=(400, 500))
+    assert S._raw_gram(T(w)) is not None
+    w[20:] += 1e3
+    assert S._raw_gram(T(w)) is None
+
+
+@pytest.mark.parametrize("n,d", [(400, 12), (30, 100)])
+def test_linear_cka_layouts_and_blas_switch_agree(n, d, monkeypatch):
+    import netprobe.metrics.similarity as S
+
+    x, y = _pair(n, d, d + 2, 11)
+    ref, ref_d = _centred_refs(x, y)
+    tx, ty = T(x), T(y)
+    fortran = (tx.T.contiguous().T, ty.T.contiguous().T)  # raw route through the transposed layout
+    strided = (T(np.repeat(x, 2, axis=1))[:, ::2], T(np.repeat(y, 2, axis=1))[:, ::2])  # centred route
+    for a, b in ((tx, ty), fortran, strided):
+        assert float(linear_cka(a, b)) == pytest.approx(ref, rel=1e-12, abs=1e-13)
+        assert float(linear_cka(a, b, debiased=True)) == pytest.approx(ref_d, rel=1e-12, abs=1e-13)
+    monkeypatch.setattr(S, "_NUMPY_CPU", False)  # every product in torch
+    assert float(linear_cka(tx, ty)) == pytest.approx(ref, rel=1e-12, abs=1e-13)
+    assert float(linear_cka(tx, ty, debiased=True)) == pytest.approx(ref_d, rel=1e-12, abs=1e-13)
+
+
+def test_linear_cka_raw_route_errors_stay_worded():
+    x, y = _pair(100, 5, 6, 1)
+    bad = T(x)
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        linear_cka(bad, T(y))
+    with pytest.raises(ValueError, match="constant"):
+        linear_cka(torch.ones(100, 5, dtype=torch.float64), T(y))
+    with pytest.raises(ValueError, match="constant"):
+        linear_cka(torch.full((10, 50), 3.0, dtype=torch.float64), T(_pair(10, 5, 60, 1)[1]))
+
+
+@pytest.mark.parametrize("n,d", [(20_000, 40), (150, 3000)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_cka_numpy_scratch_stays_far_below_a_copy(n, d, dtype):
+    # numpy's allocations (invisible to torch's profiler) are traced by tracemalloc
+    import tracemalloc
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
+    for debiased in (False, True):
+        tracemalloc.start()
+        linear_cka(x, y, debiased=debiased)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < n * d * 8 // 4  # a float64 copy of x would be n d 8 bytes

@@ -199,6 +199,8 @@ class _Moments:
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
         _need_rows(n)
         rows, piece = _chunk_rows(x, y)
+        if blas and _NUMPY_CPU and x.device.type == "cpu":  # numpy's BLAS: larger blocks (8 MiB a side)
+            rows = max(rows, 2**20 // max(dx, dy, 1))
         rows = min(rows, max(n, 1))
         # a block mean as the shift; summed blockwise, mean(dtype=float64) would copy all of x
         first = max(min(rows, n), 1)
@@ -273,12 +275,13 @@ def _need_rows(n: int) -> None:
 # ----------------------------------------------------------------------------- per-sample forms
 # CKA's Gram form, its debiased correction and the RBF kernel need per-sample quantities: these
 # are formed from blocks converted to float64 on the fly, never from an (n, d) float64 copy.
-def _gram_cols(x: torch.Tensor) -> int:
-    """Columns per block of :func:`_centred_gram`: on CPU 256 (measured fastest at n=2000, 1 thread:
-    0.78 s vs 1.3 s with 512 and numpy's syrk 0.90 s; the block, ``256 n`` float64, stays below the
-    ``n x n`` result), on a GPU at most 2^23 elements (64 MiB)."""
+def _gram_cols(x: torch.Tensor, blas: bool = False) -> int:
+    """Columns per block of :func:`_centred_gram`: on CPU 256 with torch's products (measured fastest
+    at n=2000, 1 thread: 0.78 s vs 1.3 s with 512), 512 with numpy's (``blas=True``; 1.6 s vs 2.2 s
+    with 256 for a float32 (2000, 8192) pair, and 1024 no faster while 8 MiB larger), on a GPU at
+    most 2^23 elements (64 MiB)."""
     if x.device.type == "cpu":
-        return 256
+        return 512 if blas and _NUMPY_CPU else 256
     return max(1, 2**23 // max(x.shape[0], 1))
 
 
@@ -288,11 +291,12 @@ def _centred_gram(x: torch.Tensor, name: str = "x", blas: bool = False) -> torch
     Each block of columns is copied into a reused float64 buffer and centred by its own column
     means (exact: a column's mean depends on that column alone), and its product added to the
     upper block triangle (:func:`_gram_into`, half the work of a full product). Extra memory: the
-    ``(n, n)`` result and one ``(n, c)`` block; no ``(n, d)`` float64 copy.
+    ``(n, n)`` result and one ``(n, c)`` block; no ``(n, d)`` float64 copy. ``blas=True`` (linear
+    CKA): products through numpy's BLAS on CPU, plus an ``(n/2, n/2)`` scratch block.
     """
     n, d = x.shape
     k = torch.zeros((n, n), dtype=_F64, device=x.device)
-    c = min(_gram_cols(x), max(d, 1))
+    c = min(_gram_cols(x, blas), max(d, 1))
     buf = torch.empty((n, c), dtype=_F64, device=x.device)
     for j in range(0, d, c):
         w = min(c, d - j)
@@ -971,6 +975,13 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
             representations it scatters around 0 and can fall slightly below it (clipping would
             bias the unbiased estimator upwards). It is at most 1 (Cauchy-Schwarz for the inner
             product of U-centered Gram matrices that the unbiased HSIC is).
+
+    Cost: ``n (d_x + d_y)^2 / 2`` multiply-adds from ``d x d`` co-moments when ``n >= d_x + d_y``,
+    else ``n^2 (d_x + d_y) / 2`` from ``n x n`` Gram matrices. No float64 copy of the activations:
+    a float64, contiguous CPU input whose column means are small next to its spread (error bound
+    grown at most 16x, checked exactly) is multiplied as it is (numpy's ``syrk``/``gemm``) and
+    centred afterwards; any other input (float32, float16, large offsets, strided, GPU) is
+    converted and centred block by block, accumulating in float64.
 
     Returns:
         0-d float64 tensor in ``[0, 1]`` (``debiased=True``: in ``[-1, 1]``, near 0 or slightly
