@@ -175,3 +175,24 @@ def test_layer_index_gives_the_forward_order_that_rank_reads_as_deepest(tmp_path
     assert layers == ["early", "late"] and source == "layer_index"
     # logged once per fit, beside the other keys, not in the HParams metrics
     assert all(len(run.scalars[f"netprobe/layer_index/{n}"]) == 1 for n in ("early", "late"))
+
+
+def test_an_early_stopped_run_gets_the_media_of_its_last_measurement(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = digits(160)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    rel = RelianceMonitor(["relu1"], num_samples=48, repeats=1, media_every=1000)
+    # stops after the first non-improving measurement (a high min_delta: every epoch fails it)
+    stop = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", patience=1, min_delta=1.0,
+                                      check_on_train_epoch_end=True)
+    t = trainer(pl, max_epochs=30, logger=logger, callbacks=[rel, stop])
+    t.fit(make_module(pl), loader(x, y))
+    assert 0 < stop.stopped_epoch < 29  # stopped early, not at max_epochs
+    logger.experiment.flush()
+    ea = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    ea.Reload()
+    img_steps = [e.step for e in ea.Images("netprobe/reliance_curves")]
+    scalar_steps = [e.step for e in ea.Scalars("netprobe/reliance_auc")]
+    assert img_steps == [scalar_steps[0], scalar_steps[-1]], (img_steps, scalar_steps)
+    assert len(ea.Scalars("netprobe/reliance_auc")) == stop.stopped_epoch + 1  # no extra scalar point

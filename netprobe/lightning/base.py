@@ -130,7 +130,11 @@ class _SharedProbePass:
                 handles.append(m.register_forward_hook(hook_for(name)))
             device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
             with evaluating(pl_module, restore_rng=True):
-                mon.forward(pl_module, x[:1].to(device))
+                mon.forward(pl_module, x[:2].to(device))
+        except Exception as err:  # never a failed run for an order: then no layer_index keys
+            warnings.warn(f"netprobe: the layers' forward order could not be read ({type(err).__name__}: {err}); "
+                          "netprobe/layer_index/<layer> is not logged.", RuntimeWarning, stacklevel=2)
+            order = {}
         finally:
             for h in handles:
                 h.remove()
@@ -279,6 +283,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._published: set = set()  # keys written at the last measurement
         self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
         self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
+        self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
 
     # ------------------------------------------------------------------ identity / state
@@ -398,6 +403,25 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._maybe_run(trainer, pl_module)
         _shared_pass(trainer).clear()  # whatever a peer left (every monitor has measured by now)
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        # a run stopped early (EarlyStopping decides after the measurement) ends without the media
+        # of its last measurement: draw them now, from the same model (no step since), at its step
+        last = self._last_epoch
+        if (last < 0 or self._media_epoch == last or _dist.world_size() > 1 or _dist.rank() != 0
+                or last < int(trainer.current_epoch) - 1 or _tensorboard_writer(list(getattr(trainer, "loggers", []) or [])) is None):
+            return
+        self._media_due = True
+        try:
+            with self._frozen(pl_module):
+                _, media = self.compute(trainer, pl_module)
+        except Exception as err:  # the run is over: a figure is not worth failing it
+            warnings.warn(f"{type(self).__name__}: the last measurement's figures were not drawn: {err}", RuntimeWarning)
+            return
+        finally:
+            _shared_pass(trainer).clear()
+        self._media_epoch = last
+        self._publish_media(trainer, media)
 
     # ------------------------------------------------------------------ probe set
     def _draw_probe_set(self, trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -559,6 +583,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         with self._frozen(pl_module):
             scalars, media = self.compute(trainer, pl_module)
         scalars[self._time_key] = time.perf_counter() - t0
+        if self._media_due:
+            self._media_epoch = epoch
         for metric in self.metrics:
             v = scalars.get(f"netprobe/{metric}")
             if metric in _BEST and v is not None and math.isfinite(v):
@@ -646,9 +672,14 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         step = max(int(trainer.global_step) - 1, 0)
         for logger in loggers:
             logger.log_metrics({**scalars, "epoch": float(trainer.current_epoch)}, step=step)
-        writer = _tensorboard_writer(loggers)
-        if writer is None or not self._media_due:
+        if self._media_due:
+            self._publish_media(trainer, media)
+
+    def _publish_media(self, trainer: Any, media: Dict[str, Any]) -> None:
+        writer = _tensorboard_writer(list(getattr(trainer, "loggers", []) or []))
+        if writer is None or _dist.rank() != 0:
             return
+        step = max(int(trainer.global_step) - 1, 0)
         for tag, values in media.get("histograms", {}).items():
             if values.numel():
                 writer.add_histogram(tag, values.detach().cpu().float(), step)
