@@ -236,7 +236,8 @@ def cka_main(sizes, reps, dtypes, memory=True):
     torch.set_num_threads(1)
     print(f"CKA benchmark: cpu, ONE thread (torch.set_num_threads(1), OMP/OPENBLAS/MKL = 1), torch {torch.__version__}, "
           f"numpy {np.__version__}; best of {reps} alternating runs; memory = peak RSS during the call minus RSS before "
-          "(fresh subprocess per candidate, inputs allocated and a small warm-up call done, /proc/self/clear_refs)")
+          "(fresh subprocess per candidate, inputs allocated and a small warm-up call done, /proc/self/clear_refs); "
+          "|err| = distance to the float64 value of the same inputs")
     for n, d in sizes:
         for dtype in dtypes:
             x, y = _data(n, d, dtype)
@@ -249,6 +250,10 @@ def cka_main(sizes, reps, dtypes, memory=True):
                     vals[name] = float(fn(x, y))
                     times[name].append(time.perf_counter() - t0)
             best = {k: min(v) for k, v in times.items()}
+            # the exact value of these (rounded) inputs: float64 arithmetic on their float64 image
+            from netprobe.metrics import linear_cka
+            exact = {"biased": float(linear_cka(x.double(), y.double())),
+                     "debiased": float(linear_cka(x.double(), y.double(), debiased=True))}
             mem = {k: _memory(n, d, str(dtype).split(".")[1], k) for k in cands} if memory else {}
             print(f"\nn={n} d={d} {dtype} (inputs {2 * x.numel() * x.element_size() / 2**20:.1f} MiB); skipped: "
                   f"{SKIPPED['wide' if n < d else 'tall']}")
@@ -260,7 +265,8 @@ def cka_main(sizes, reps, dtypes, memory=True):
                 leanest = min(peers, key=mem.get) if mem else None
                 for k in names:
                     m = f"{mem[k] / 2**20:8.1f} MiB" if mem else ""
-                    print(f"  {form:<8} {k:<36} {best[k]:8.3f} s  {m}  value {vals[k]:.10f}")
+                    err = abs(vals[k] - exact[form])
+                    print(f"  {form:<8} {k:<36} {best[k]:8.3f} s  {m}  value {vals[k]:.10f}  |err| {err:.1e}")
                 ratio = best[ours] / best[fastest]
                 line = f"  {form:<8} time ours / fastest peer ({fastest}) = {ratio:.2f}"
                 if mem:
