@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import random
 import shutil
 import time
