@@ -75,7 +75,8 @@ import numpy as np
 from netprobe._validation import close_names
 
 __all__ = ["SelectionError", "Run", "find_runs", "load_run", "load_runs", "rank_runs", "rank_signals", "parse_condition", "parse_signal",
-           "key_direction", "layer_order", "spearman_rho", "kendall_tau", "top_k_hits", "bootstrap_intervals", "cross_validate_choice"]
+           "key_direction", "layer_order", "spearman_rho", "kendall_tau", "top_k_hits", "bootstrap_intervals", "cross_validate_choice",
+           "tau_difference", "group_labels"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -615,6 +616,99 @@ def _hit_credit_rows(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int]) -> np.
     return out
 
 
+def _group_codes(groups: Optional[Sequence[Any]], n: int) -> Optional[np.ndarray]:
+    """Group labels -> integer codes ``0..G-1`` (in sorted order of the labels' strings); None stays None."""
+    if groups is None:
+        return None
+    labels = [str(g) for g in groups]
+    if len(labels) != n:
+        raise SelectionError(f"Expected one group label per run ({n}), but got {len(labels)}.")
+    uniq = sorted(set(labels))
+    code = {g: i for i, g in enumerate(uniq)}
+    return np.array([code[g] for g in labels], dtype=np.int64)
+
+
+def _cluster_draws(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cluster bootstrap: each replicate draws the ``G`` groups with replacement
+    (``rng.integers(0, G, size=(n_boot, G))``) and takes every run of each drawn group, in the
+    order drawn (a group's runs in their order). Returns ``(idx, draw, valid)``, each ``(n_boot, L)``
+    with ``L`` the largest replicate's size: the runs, which draw (0..G-1) each came from, and
+    which entries are real (the rest is padding)."""
+    n_groups = int(codes.max()) + 1
+    members = [np.flatnonzero(codes == g) for g in range(n_groups)]
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    sizes = np.array([len(m) for m in members])
+    lengths = sizes[draws].sum(1)
+    width = int(lengths.max())
+    idx = np.zeros((n_boot, width), dtype=np.int64)
+    draw = np.full((n_boot, width), -1, dtype=np.int64)
+    valid = np.zeros((n_boot, width), dtype=bool)
+    for b in range(n_boot):
+        parts = [members[g] for g in draws[b]]
+        cat = np.concatenate(parts)
+        idx[b, : len(cat)] = cat
+        draw[b, : len(cat)] = np.repeat(np.arange(n_groups), [len(q) for q in parts])
+        valid[b, : len(cat)] = True
+    return idx, draw, valid
+
+
+def _kendall_rows_grouped(x: np.ndarray, y: np.ndarray, codes: np.ndarray, draw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row of a cluster-bootstrap replicate (``x``, ``y``, ``codes``, ``draw``,
+    ``valid`` all ``(rows, L)``) over its pairs ``i < j`` of real entries, leaving out the pairs of two
+    runs of the same group that came from two different draws of it (kept, they would count each
+    within-group pair once per pair of copies, over-weighting the seed-to-seed pairs; a pair of
+    copies of one run is tied on both sides and never counts)."""
+    out = np.empty(len(x))
+    iu = np.triu_indices(x.shape[1], 1)
+    for sl in _chunks(len(x), x.shape[1]):
+        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
+        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
+        c, d, v = codes[sl], draw[sl], valid[sl]
+        keep = (v[:, :, None] & v[:, None, :]) & ~((c[:, :, None] == c[:, None, :]) & (d[:, :, None] != d[:, None, :]))
+        keep = keep[:, iu[0], iu[1]]
+        dx, dy = dx * keep, dy * keep
+        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
+    return out
+
+
+def _spearman_rows_masked(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Spearman's rho (average ranks) of each row over its ``valid`` entries; NaN where a side is constant."""
+    out = np.empty(len(x))
+    for sl in _chunks(len(x), x.shape[1]):
+        v = valid[sl]
+        cnt = v.sum(1, keepdims=True).astype(float)
+
+        def ranks(a: np.ndarray) -> np.ndarray:
+            less = ((a[:, None, :] < a[:, :, None]) & v[:, None, :]).sum(-1)
+            equal = ((a[:, None, :] == a[:, :, None]) & v[:, None, :]).sum(-1)
+            return np.where(v, less + (equal + 1) / 2.0, 0.0)
+
+        rx, ry = ranks(x[sl]), ranks(y[sl])
+        rx = np.where(v, rx - rx.sum(1, keepdims=True) / cnt, 0.0)
+        ry = np.where(v, ry - ry.sum(1, keepdims=True) / cnt, 0.0)
+        den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 1e-12, (rx * ry).sum(1) / den, np.nan)
+    return out
+
+
+def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """As :func:`_hit_credit_rows` over each row's ``valid`` entries only."""
+    out = np.empty((len(sig), len(ks)))
+    for sl in _chunks(len(sig), sig.shape[1]):
+        s, r, v = sig[sl], ref[sl], valid[sl]
+        smax = np.where(v, s, -np.inf).max(1, keepdims=True)
+        picks = v & (s == smax)
+        better = ((r[:, None, :] > r[:, :, None]) & v[:, None, :]).sum(-1)
+        equal = ((r[:, None, :] == r[:, :, None]) & v[:, None, :]).sum(-1) - 1
+        for i, k in enumerate(ks):
+            credit = np.clip((k - better) / (equal + 1.0), 0.0, 1.0)
+            out[sl, i] = (credit * picks).sum(1) / picks.sum(1)
+    return out
+
+
 def _interval(values: np.ndarray, level: float) -> Optional[List[float]]:
     v = values[np.isfinite(values)]
     if not len(v):
@@ -638,10 +732,10 @@ def _check_count(value: Any, name: str, minimum: int, what: str) -> int:
 def bootstrap_intervals(
     signal: Sequence[float], reference: Sequence[float], *, mode: str = "max", reference_mode: str = "max",
     ks: Iterable[int] = (), subset_size: Optional[int] = None, n_boot: int = 1000, level: float = 0.95,
-    boot_draws: int = 100, seed: int = 0,
+    boot_draws: int = 100, seed: int = 0, groups: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Any]:
-    """Percentile bootstrap intervals over runs for Kendall's tau-b, Spearman's rho and the top-k
-    hit rates of picking by ``signal``.
+    """Percentile bootstrap intervals over runs (or over groups of runs) for Kendall's tau-b,
+    Spearman's rho and the top-k hit rates of picking by ``signal``.
 
     Each of ``n_boot`` replicates resamples the ``n`` runs with replacement (``idx =
     np.random.default_rng(seed).integers(0, n, size=(n_boot, n))``, one row per replicate) and
@@ -654,8 +748,20 @@ def bootstrap_intervals(
     and ``(1 + level)/2``; replicates where a correlation is undefined (a constant side) are left out
     and counted.
 
+    **Groups** (``groups``: one label per run, e.g. the configuration, whose seeds are not
+    independent runs): a cluster bootstrap. Each replicate draws the ``G`` groups with replacement
+    (``rng.integers(0, G, size=(n_boot, G))``, the groups numbered in sorted order of their labels'
+    strings) and takes every run of each drawn group, so a replicate has as many runs as its drawn
+    groups hold. Kendall's tau-b of a replicate leaves out the pairs of runs of one group that come
+    from two different draws of it (kept, each within-group pair would count once per pair of
+    copies, over-weighting the seed-to-seed pairs and pulling tau toward the within-group
+    agreement); Spearman's rho and the hit rates use every run of the replicate; with
+    ``subset_size`` the subsets hold ``min(subset_size, runs of the replicate)`` runs.
+
     What it covers: how much the statistic would vary over other sweeps of ``n`` runs drawn like
-    these from the same configurations; not the uncertainty of how these runs were scored.
+    these from the same configurations (with ``groups``: of ``G`` groups drawn like these); not the
+    uncertainty of how these runs were scored. Without ``groups``, runs that share a configuration
+    are treated as independent and the intervals come out too narrow.
 
     Args:
         signal: ``(n,)`` the signal of each run.
@@ -668,15 +774,22 @@ def bootstrap_intervals(
         level: the intervals' level (0.95: 2.5th to 97.5th percentile).
         boot_draws: subsets per replicate when ``subset_size < n``.
         seed: seeds the numpy Generator.
+        groups: ``(n,)`` a label per run (any hashable; compared as strings) for a cluster
+            bootstrap over the groups, or None (the runs are resampled).
 
     Returns:
         ``{"kendall_tau": [lo, hi] or None, "spearman_rho": [lo, hi] or None, "top_k": {k: [lo, hi]},
-        "undefined": {"kendall_tau": count, "spearman_rho": count}, "n_boot", "level", "seed"}``.
+        "undefined": {"kendall_tau": count, "spearman_rho": count}, "n_boot", "level", "seed",
+        "resampled": "runs" | "groups", "n_groups"}``.
 
     Example:
         >>> ci = bootstrap_intervals([0.9, 0.5, 0.7, 0.2], [0.95, 0.6, 0.9, 0.3], ks=[1], n_boot=200)
         >>> ci["kendall_tau"][1], sorted(ci["top_k"])
         (1.0, [1])
+        >>> ci = bootstrap_intervals([0.9, 0.8, 0.5, 0.4, 0.2, 0.1], [0.9, 0.95, 0.6, 0.5, 0.3, 0.2],
+        ...                          groups=["a", "a", "b", "b", "c", "c"], n_boot=200)
+        >>> ci["resampled"], ci["n_groups"]
+        ('groups', 3)
     """
     sig = np.asarray(signal, dtype=np.float64) * (1 if mode == "max" else -1)
     ref = np.asarray(reference, dtype=np.float64) * (1 if reference_mode == "max" else -1)
@@ -692,28 +805,114 @@ def bootstrap_intervals(
     if not 1 <= m <= n:
         raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
     ks = sorted({int(k) for k in ks})
+    codes = _group_codes(groups, n)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    bs, br = sig[idx], ref[idx]
-    taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
     hits = np.empty((n_boot, len(ks)))
-    if ks and m == n:
-        hits = _hit_credit_rows(bs, br, ks)
-    elif ks:
-        for b in range(n_boot):
-            sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
-            hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks).mean(0)
+    if codes is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        bs, br = sig[idx], ref[idx]
+        taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
+        if ks and m == n:
+            hits = _hit_credit_rows(bs, br, ks)
+        elif ks:
+            for b in range(n_boot):
+                sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
+                hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks).mean(0)
+    else:
+        idx, draw, valid = _cluster_draws(codes, n_boot, rng)
+        bs, br = sig[idx], ref[idx]
+        taus = _kendall_rows_grouped(bs, br, codes[idx], draw, valid)
+        rhos = _spearman_rows_masked(bs, br, valid)
+        if ks and m == n:
+            hits = _hit_credit_masked(bs, br, valid, ks)
+        elif ks:
+            for b in range(n_boot):
+                real = idx[b][valid[b]]
+                m_b = min(m, len(real))
+                sub = np.argsort(rng.random((boot_draws, len(real))), axis=1)[:, :m_b]
+                hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks).mean(0)
     return {
         "kendall_tau": _interval(taus, level), "spearman_rho": _interval(rhos, level),
         "top_k": {k: _interval(hits[:, i], level) for i, k in enumerate(ks)},
         "undefined": {"kendall_tau": int((~np.isfinite(taus)).sum()), "spearman_rho": int((~np.isfinite(rhos)).sum())},
         "n_boot": n_boot, "level": level, "seed": seed,
+        "resampled": "runs" if codes is None else "groups", "n_groups": None if codes is None else int(codes.max()) + 1,
     }
+
+
+def tau_difference(
+    signal_a: Sequence[float], signal_b: Sequence[float], reference: Sequence[float], *, mode_a: str = "max",
+    mode_b: str = "max", reference_mode: str = "max", n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+    groups: Optional[Sequence[Any]] = None,
+) -> Dict[str, Any]:
+    """Kendall's tau-b of signal A minus that of signal B (each oriented so that agreement with the
+    reference is positive), with a **paired** percentile bootstrap interval: both taus are computed
+    on the same resamples (the runs, or with ``groups`` the groups, drawn exactly as
+    :func:`bootstrap_intervals` draws them with the same ``seed``: the replicates of each tau are
+    those of its own interval over the same runs), and the interval is that of the replicate
+    differences. Pass only the runs that have both signals.
+
+    Args:
+        signal_a: ``(n,)`` signal A of each run.
+        signal_b: ``(n,)`` signal B of each run.
+        reference: ``(n,)`` the reference (e.g. test accuracy).
+        mode_a: ``"max"`` if a higher A is better, else ``"min"``; likewise ``mode_b``, ``reference_mode``.
+        n_boot: bootstrap replicates (0: the point values only).
+        level: the interval's level.
+        seed: seeds the numpy Generator.
+        groups: ``(n,)`` a label per run for a cluster bootstrap (see :func:`bootstrap_intervals`).
+
+    Returns:
+        ``{"difference", "interval": [lo, hi] or None, "kendall_tau_a", "kendall_tau_b", "n_runs",
+        "undefined": replicates where a tau was undefined (left out), "n_boot", "level", "seed",
+        "resampled": "runs" | "groups", "n_groups"}`` (``difference`` None when a tau is undefined).
+
+    Example:
+        >>> ref = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+        >>> d = tau_difference([6, 5, 4, 3, 2, 1], [1, 3, 2, 6, 5, 4], ref, n_boot=200)
+        >>> round(d["difference"], 3), d["interval"][0] > 0
+        (1.4, True)
+    """
+    a = np.asarray(signal_a, dtype=np.float64) * (1 if mode_a == "max" else -1)
+    b = np.asarray(signal_b, dtype=np.float64) * (1 if mode_b == "max" else -1)
+    ref = np.asarray(reference, dtype=np.float64) * (1 if reference_mode == "max" else -1)
+    if a.ndim != 1 or a.shape != b.shape or a.shape != ref.shape or len(a) < 2:
+        raise SelectionError(f"Expected `signal_a`, `signal_b` and `reference` to be 1-D of the same length >= 2, but got shapes "
+                             f"{a.shape}, {b.shape} and {ref.shape}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(ref).all()):
+        raise SelectionError("Expected finite values; pass only the runs that have both signals and the reference.")
+    for name, md in (("mode_a", mode_a), ("mode_b", mode_b), ("reference_mode", reference_mode)):
+        if md not in ("max", "min"):
+            raise SelectionError(f"Expected `{name}` to be 'max' or 'min', but got {md!r}.")
+    n = len(a)
+    n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
+    level = _check_level(level)
+    codes = _group_codes(groups, n)
+    ta, tb = kendall_tau(a, ref), kendall_tau(b, ref)
+    out: Dict[str, Any] = {
+        "difference": None if np.isnan(ta) or np.isnan(tb) else float(ta - tb),
+        "kendall_tau_a": None if np.isnan(ta) else ta, "kendall_tau_b": None if np.isnan(tb) else tb,
+        "n_runs": n, "interval": None, "undefined": 0, "n_boot": n_boot, "level": level, "seed": seed,
+        "resampled": "runs" if codes is None else "groups", "n_groups": None if codes is None else int(codes.max()) + 1,
+    }
+    if n_boot == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    if codes is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        diff = _kendall_rows(a[idx], ref[idx]) - _kendall_rows(b[idx], ref[idx])
+    else:
+        idx, draw, valid = _cluster_draws(codes, n_boot, rng)
+        diff = (_kendall_rows_grouped(a[idx], ref[idx], codes[idx], draw, valid)
+                - _kendall_rows_grouped(b[idx], ref[idx], codes[idx], draw, valid))
+    out["interval"], out["undefined"] = _interval(diff, level), int((~np.isfinite(diff)).sum())
+    return out
 
 
 def cross_validate_choice(
     signals: Mapping[str, Sequence[float]], reference: Sequence[float], *, ks: Iterable[int] = (), n_splits: int = 200,
     level: float = 0.95, seed: int = 0, baselines: Optional[Mapping[str, Sequence[float]]] = None, min_runs: int = 3,
+    groups: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Any]:
     """How well the signal that looks best on some runs does on the others.
 
@@ -728,6 +927,12 @@ def cross_validate_choice(
     which no signal has a tau is left out. ``baselines`` (e.g. the training loss) are not chosen
     from; their held-out tau on the same halves is reported beside.
 
+    With ``groups`` (a label per run, e.g. the configuration) the *groups* are split instead: ``perm
+    = rng.permutation(G)`` over the groups numbered in sorted order of their labels' strings, the
+    runs of groups ``perm[:G // 2]`` choose and the runs of the others are held out, so no group has
+    runs on both sides (seeds of one configuration on both sides would let the choice see the
+    held-out configurations). Needs at least 4 groups.
+
     Args:
         signals: name -> ``(n,)`` values oriented so that higher is better; NaN = the run lacks it.
         reference: ``(n,)`` reference values, oriented so that higher is better.
@@ -738,11 +943,12 @@ def cross_validate_choice(
         seed: seeds the numpy Generator (``default_rng([seed, 1])``).
         baselines: name -> ``(n,)`` oriented values, reported but never chosen.
         min_runs: the fewest runs with a value for a tau on a half.
+        groups: ``(n,)`` a label per run: split the groups, not the runs (None: the runs).
 
     Returns:
         ``{"n_splits", "used", "chosen": {name: count}, "heldout_tau": {"mean", "interval", "n"},
         "heldout_top_k": {k: {"mean", "interval", "n", "random"}}, "baselines": {name: {"mean", "interval", "n"}},
-        "level", "seed", "per_split": [(chosen, tau) ...]}``.
+        "level", "seed", "per_split": [(chosen, tau) ...], "split": "runs" | "groups", "n_groups"}``.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -765,6 +971,11 @@ def cross_validate_choice(
     level = _check_level(level)
     if n // 2 < min_runs:
         raise SelectionError(f"Expected at least {2 * min_runs} runs to split in halves of {min_runs} or more, but got {_plural(n, 'run')}.")
+    codes = _group_codes(groups, n)
+    n_groups = None if codes is None else int(codes.max()) + 1
+    if n_groups is not None and n_groups < 4:
+        raise SelectionError(f"Expected at least 4 groups to split in halves of 2 or more, but got {_plural(n_groups, 'group')}. "
+                             "Group the runs more finely, or split the runs (groups=None).")
     ks = sorted({int(k) for k in ks})
     rng = np.random.default_rng([seed, 1])
 
@@ -779,8 +990,13 @@ def cross_validate_choice(
     base: Dict[str, List[float]] = {s: [] for s in base_names}
     per_split: List[Tuple[Optional[str], float]] = []
     for _ in range(n_splits):
-        perm = rng.permutation(n)
-        a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        if codes is None:
+            perm = rng.permutation(n)
+            a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        else:
+            gperm = rng.permutation(n_groups)
+            choose = np.isin(codes, gperm[: n_groups // 2])
+            a, b = np.flatnonzero(choose), np.flatnonzero(~choose)
         scores = np.array([tau_on(v, a) for v in vals])
         if not np.isfinite(scores).any():
             per_split.append((None, float("nan")))
@@ -808,6 +1024,7 @@ def cross_validate_choice(
         "n_splits": n_splits, "used": sum(chosen.values()), "chosen": chosen, "heldout_tau": summary(taus),
         "heldout_top_k": {k: {**summary(hits[k]), "random": float(np.mean(rand[k])) if rand[k] else None} for k in ks},
         "baselines": {s: summary(base[s]) for s in base_names}, "level": level, "seed": seed, "per_split": per_split,
+        "split": "runs" if codes is None else "groups", "n_groups": n_groups,
     }
 
 
@@ -820,12 +1037,25 @@ UNDERFIT_KEY = "netprobe/probe_accuracy"
 #: the robust rule's smallest gap below the median (accuracy units), so that a sweep where most runs
 #: reach 1.0 (MAD 0) does not flag a run at 0.99
 UNDERFIT_MIN_GAP = 0.05
+#: the bimodal rule: a run below this fraction of the upper half's median probe accuracy is flagged
+UNDERFIT_FRACTION = 0.5
 
 
 def _underfit(pool: Sequence[Run], at: Union[str, int], underfit_below: Optional[float]) -> Dict[str, Any]:
     """Flag runs whose probe accuracy (at the signal's epoch, else its last value) is far below the
-    others': below ``underfit_below`` when given, else below ``median - max(3 x 1.4826 x MAD,
-    UNDERFIT_MIN_GAP)`` (1.4826 x MAD estimates the sd of normal data; needs 3 runs with a value)."""
+    others': below ``underfit_below`` when given, else below the larger of two thresholds (needs 3
+    runs with a value):
+
+    * the outlier rule ``median - max(3 x 1.4826 x MAD, UNDERFIT_MIN_GAP)`` (1.4826 x MAD estimates
+      the sd of normal data): one run, or a few, far below a sweep whose runs mostly agree;
+    * the bimodal rule ``UNDERFIT_FRACTION x`` the median of the upper half (the runs at or above
+      the median): less than half the accuracy of a typical well-fitting run. When many runs stay
+      near chance the MAD is so large that the outlier rule's threshold falls below every run (on a
+      sweep with a third of its runs near chance it was negative); this one still flags them.
+
+    Half of the way from 0 (the least possible accuracy) to the well-fitting runs' level: the
+    number of classes is not in the logs, so chance is not used; with 10 classes a run at chance
+    (0.1) is flagged whenever the upper half's median is above 0.2."""
     vals: Dict[str, Optional[float]] = {}
     for r in pool:
         v, _ = _value_at(r, UNDERFIT_KEY, at if isinstance(at, int) else "last", "max")
@@ -837,14 +1067,109 @@ def _underfit(pool: Sequence[Run], at: Union[str, int], underfit_below: Optional
     elif len(fin) >= 3:
         med = float(np.median(fin))
         mad = float(np.median(np.abs(fin - med)))
-        thr = med - max(3 * 1.4826 * mad, UNDERFIT_MIN_GAP)
-        rule = f"{UNDERFIT_KEY} < median {med:.4g} - max(3 x 1.4826 x MAD {mad:.3g}, {UNDERFIT_MIN_GAP:g}) = {thr:.4g}"
+        outlier = med - max(3 * 1.4826 * mad, UNDERFIT_MIN_GAP)
+        upper = float(np.median(fin[fin >= med]))
+        bimodal = UNDERFIT_FRACTION * upper
+        thr = max(outlier, bimodal)
+        rule = (f"{UNDERFIT_KEY} < {thr:.4g}, the larger of median {med:.4g} - max(3 x 1.4826 x MAD {mad:.3g}, "
+                f"{UNDERFIT_MIN_GAP:g}) = {outlier:.4g} and {UNDERFIT_FRACTION:g} x the upper half's median {upper:.4g} "
+                f"= {bimodal:.4g}")
     elif len(fin):
         rule = f"not checked: {_plural(len(fin), 'run')} logged {UNDERFIT_KEY} (the robust rule needs 3; pass underfit_below)"
     else:
         rule = f"not checked: no run logged {UNDERFIT_KEY}"
     flagged = [n for n, v in vals.items() if thr is not None and v is not None and v < thr]
     return {"key": UNDERFIT_KEY, "threshold": thr, "rule": rule, "runs": flagged, "values": vals}
+
+
+def group_labels(runs: Sequence[Run], *, group: Optional[str] = None, group_by: Union[str, Sequence[str]] = ()) -> Dict[str, str]:
+    """Each run's group (run name -> label) for a grouped bootstrap and cross-validation.
+
+    ``group``: a regular expression searched (``re.search``) in each run's name; its first capture
+    group names the run's group, or the whole match when it has none (``r"^(c\\d+)_"`` puts
+    ``c03_lr0.01_s0`` and ``c03_lr0.01_s1`` in group ``c03``). ``group_by``: hyperparameter names
+    (from the runs' ``hparams``); runs with equal values of all of them form a group. Both together:
+    runs sharing both. A run the regex does not match, or without one of the hyperparameters, is
+    refused (``SelectionError``, naming it): a run left out of the grouping would be counted as a
+    group of its own, which is the mistake grouping is there to avoid.
+
+    Example:
+        >>> runs = [Run(n, "", hparams={"lr": lr}) for n, lr in [("c0_s0", 0.1), ("c0_s1", 0.1), ("c1_s0", 0.2)]]
+        >>> group_labels(runs, group=r"^(c\\d+)_")
+        {'c0_s0': 'c0', 'c0_s1': 'c0', 'c1_s0': 'c1'}
+        >>> group_labels(runs, group_by="lr")
+        {'c0_s0': 'lr=0.1', 'c0_s1': 'lr=0.1', 'c1_s0': 'lr=0.2'}
+    """
+    by = [b for part in ([group_by] if isinstance(group_by, str) else list(group_by)) for b in str(part).split(",") if b.strip()]
+    by = [b.strip() for b in by]
+    if group is None and not by:
+        raise SelectionError("Expected `group` (a regex on the run names) or `group_by` (hyperparameter names), but got neither.")
+    labels: Dict[str, List[str]] = {r.name: [] for r in runs}
+    if group is not None:
+        if not isinstance(group, str) or not group:
+            raise SelectionError(f"Expected `group` to be a regular expression (a non-empty str such as '^(c\\d+)_'), but got {group!r}.")
+        try:
+            pattern = re.compile(group)
+        except re.error as err:
+            raise SelectionError(f"Expected `group` to be a regular expression, but got {group!r}: {err}. "
+                                 "Quote it in the shell, e.g. --group '^(c\\d+)_'.") from None
+        missed = []
+        for r in runs:
+            m = pattern.search(r.name)
+            label = None if m is None else (m.group(1) if pattern.groups else m.group(0))
+            if not label:
+                missed.append(r.name)
+            else:
+                labels[r.name].append(label)
+        examples = ", ".join(repr(r.name) for r in runs[:3])
+        if missed and len(missed) == len(runs):
+            raise SelectionError(
+                f"The group regex {group!r} matches no run name (runs are named like {examples}). Write a pattern "
+                "that re.search finds in every run's name, whose first capture group names its configuration "
+                "(e.g. '^(c\\d+)_' or '(.*)_s\\d+$'), or group by hyperparameters with --group-by / group_by."
+            )
+        if missed:
+            raise SelectionError(
+                f"The group regex {group!r} matches {len(runs) - len(missed)} of {_plural(len(runs), 'run')} but not "
+                f"{', '.join(repr(n) for n in missed[:5])}{' ...' if len(missed) > 5 else ''} ({len(missed)} in all). Every run "
+                "needs a group (a run left out would count as a group of its own): widen the pattern, or drop those runs with --where."
+            )
+    for key in by:
+        missing = [r.name for r in runs if key not in r.hparams]
+        if len(missing) == len(runs):
+            known = sorted({k for r in runs for k in r.hparams})
+            raise SelectionError(
+                f"No run has the hyperparameter {key!r} to group by. Closest: {close_names(key, known)} "
+                f"({len(known)} hyperparameters logged; they come from the HParams plugin and hparams.yaml)."
+            )
+        if missing:
+            raise SelectionError(
+                f"Expected every run to have the hyperparameter {key!r} to group by, but "
+                f"{', '.join(repr(n) for n in missing[:5])}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all) "
+                "lack it. Group by a regex on the run names (--group / group) instead, or drop those runs."
+            )
+        for r in runs:
+            labels[r.name].append(f"{key}={r.hparams[key]}")
+    return {name: ",".join(parts) for name, parts in labels.items()}
+
+
+def _grouping(runs: Sequence[Run], group: Optional[str], group_by: Union[str, Sequence[str]]) -> Tuple[Optional[Dict[str, str]], Optional[Dict[str, Any]]]:
+    """``(run name -> label, a description)`` or ``(None, None)`` when no grouping was asked for."""
+    by = [group_by] if isinstance(group_by, str) else list(group_by or ())
+    if group is None and not by:
+        return None, None
+    labels = group_labels(runs, group=group, group_by=by)
+    sizes: Dict[str, int] = {}
+    for g in labels.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    if len(sizes) < 2 and len(runs) >= 2:
+        raise SelectionError(
+            f"Expected the grouping to form at least 2 groups, but all {_plural(len(runs), 'run')} fall in one "
+            f"({next(iter(sizes))!r}): there is nothing to resample. Check the regex's capture group or the hyperparameters."
+        )
+    counts = sorted(sizes.values())
+    return labels, {"regex": group, "by": [b.strip() for part in by for b in str(part).split(",") if b.strip()],
+                    "n_groups": len(sizes), "sizes": sizes, "runs_per_group": [counts[0], counts[-1]] if counts else None}
 
 
 def _check_common(mode: str, against_mode: str, at: Any, where: Union[str, Sequence[str]], underfit_below: Any) -> List[Tuple[str, str, float]]:
@@ -935,7 +1260,7 @@ def _resolve_ks(top_k: Optional[Sequence[int]], sizes: Mapping[str, Tuple[int, i
 
 def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, against_mode: str, ks: Sequence[int], m: int,
                 n_draws: int, seed: int, n_boot: int, level: float, boot_draws: int,
-                boot_order: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                boot_order: Optional[Sequence[int]] = None, groups: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """tau, rho (oriented: agreement positive), hit rates, their random baseline k/m and bootstrap
     intervals; the bootstrap resamples the runs in ``boot_order`` (by run name), so that the same
     runs get the same resamples whichever function ranks them."""
@@ -950,21 +1275,31 @@ def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, agai
         "top_k_random": {str(k): k / m for k in ks},
         "spearman_rho_ci": None, "kendall_tau_ci": None, "top_k_ci": {},
     }
-    if n_boot > 0:
+    if groups is not None and len(set(groups)) < 2:
+        out["bootstrap_undefined"] = {"reason": "its runs are all in one group: nothing to resample"}
+    elif n_boot > 0:
         order = np.arange(len(osig)) if boot_order is None else np.asarray(boot_order)
         ci = bootstrap_intervals(np.asarray(sigs, dtype=np.float64)[order], np.asarray(refs, dtype=np.float64)[order], mode=mode, reference_mode=against_mode, ks=ks, subset_size=m, n_boot=n_boot,
-                                 level=level, boot_draws=boot_draws, seed=seed)
+                                 level=level, boot_draws=boot_draws, seed=seed,
+                                 groups=None if groups is None else [groups[i] for i in order])
         out["spearman_rho_ci"], out["kendall_tau_ci"] = ci["spearman_rho"], ci["kendall_tau"]
         out["top_k_ci"] = {str(k): v for k, v in ci["top_k"].items()}
         out["bootstrap_undefined"] = ci["undefined"]
     return out
 
 
-def _bootstrap_doc(n_boot: int, level: float, seed: int, boot_draws: int) -> Optional[Dict[str, Any]]:
+def _bootstrap_doc(n_boot: int, level: float, seed: int, boot_draws: int,
+                   grouping: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     if n_boot <= 0:
         return None
+    if grouping is None:
+        return {"n_boot": n_boot, "level": level, "seed": seed, "boot_draws": boot_draws, "interval": "percentile",
+                "resampled": "runs",
+                "covers": "the spread of each statistic over sweeps like this one (the runs resampled with replacement)"}
     return {"n_boot": n_boot, "level": level, "seed": seed, "boot_draws": boot_draws, "interval": "percentile",
-            "covers": "the spread of each statistic over sweeps like this one (the runs resampled with replacement)"}
+            "resampled": "groups", "n_groups": grouping["n_groups"],
+            "covers": "the spread of each statistic over sweeps like this one (the groups resampled with replacement, "
+                      "each with all its runs: a cluster bootstrap)"}
 
 
 def rank_runs(
@@ -985,6 +1320,8 @@ def rank_runs(
     level: float = 0.95,
     boot_draws: int = 100,
     underfit_below: Optional[float] = None,
+    group: Optional[str] = None,
+    group_by: Union[str, Sequence[str]] = (),
 ) -> Dict[str, Any]:
     """Rank the runs under ``logdir`` by ``metric``; see the module docstring.
 
@@ -1006,6 +1343,11 @@ def rank_runs(
 
     ``n_boot`` (0: none), ``level``, ``boot_draws``: percentile bootstrap intervals over runs for
     rho, tau and the hit rates (:func:`bootstrap_intervals`, seeded with ``seed``, over the runs sorted by name).
+    ``group`` (a regex on the run names) and/or ``group_by`` (hyperparameter names): see
+    :func:`group_labels`; the bootstrap then resamples the groups (a cluster bootstrap: the seeds of
+    one configuration are not independent runs, and resampling them as if they were gives intervals
+    too narrow). ``bootstrap["resampled"]`` says which; ``grouping`` describes the groups and each
+    run has its ``group``.
 
     Runs whose ``netprobe/probe_accuracy`` is far below the others' are flagged, not dropped: below
     ``underfit_below`` when given, else below the median minus ``max(3 x 1.4826 x MAD, 0.05)``
@@ -1014,11 +1356,13 @@ def rank_runs(
     Returns:
         ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "spearman_rho",
         "kendall_tau", "spearman_rho_ci", "kendall_tau_ci", "pick", "pick_ties", "pick_reference_rank",
-        "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "bootstrap", "underfit", "layer_source"}``
+        "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "bootstrap", "underfit", "layer_source",
+        "grouping"}``
         (``pick_ties``: the runs tied for the best signal, ``pick`` the first by name; with a tie,
         ``pick_reference_rank`` is their mean reference rank; ``underfit``: ``{"key", "threshold",
         "rule", "runs", "values"}``); each run is ``{"rank", "run", "path", "hparams", "signal",
-        "reference", "reference_rank", "key", "underfit"}`` (best first; ``key``: the key read).
+        "reference", "reference_rank", "key", "underfit", "group"}`` (best first; ``key``: the key read;
+        ``group``: its group label, or None without grouping).
     """
     conds = _check_common(mode, against_mode, at, where, underfit_below)
     n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
@@ -1050,9 +1394,12 @@ def rank_runs(
             sources.add(source)
         rows.append({"run": r.name, "path": r.path, "hparams": dict(r.hparams), "signal": float(sig),
                      "reference": None if ref is None else float(ref), "key": key})
-    underfit = _underfit([r for r in runs if r.name in {d["run"] for d in rows}], at, underfit_below)
+    ranked = [r for r in runs if r.name in {d["run"] for d in rows}]
+    underfit = _underfit(ranked, at, underfit_below)
+    labels, grouping = _grouping(ranked, group, group_by) if ranked else (None, None)
     for d in rows:
         d["underfit"] = d["run"] in underfit["runs"]
+        d["group"] = None if labels is None else labels[d["run"]]
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda d: (sign * d["signal"], d["run"]))
     for i, d in enumerate(rows, 1):
@@ -1064,7 +1411,7 @@ def rank_runs(
                            "pick_ties": [d["run"] for d in rows if rows and d["signal"] == rows[0]["signal"]],
                            "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
                            "subset_size": None, "n_draws": None, "bootstrap": None, "underfit": underfit,
-                           "layer_source": sorted(sources)}
+                           "layer_source": sorted(sources), "grouping": grouping}
     if against and rows:
         refs = np.array([d["reference"] for d in rows])
         rsign = -1 if against_mode == "max" else 1
@@ -1082,8 +1429,9 @@ def rank_runs(
             ks = _resolve_ks(top_k, {metric: (len(rows), m)}, subset_size is not None)
             out.update(_statistics([d["signal"] for d in rows], refs, mode=mode, against_mode=against_mode, ks=ks, m=m,
                                    n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws,
-                                   boot_order=sorted(range(len(rows)), key=lambda i: rows[i]["run"])))
-            out["bootstrap"] = _bootstrap_doc(n_boot, level, seed, boot_draws)
+                                   boot_order=sorted(range(len(rows)), key=lambda i: rows[i]["run"]),
+                                   groups=None if labels is None else [d["group"] for d in rows]))
+            out["bootstrap"] = _bootstrap_doc(n_boot, level, seed, boot_draws, grouping)
     return out
 
 
@@ -1143,6 +1491,9 @@ def rank_signals(
     cv: int = 200,
     seed: int = 0,
     underfit_below: Optional[float] = None,
+    group: Optional[str] = None,
+    group_by: Union[str, Sequence[str]] = (),
+    compare: Sequence[Union[str, Sequence[str]]] = (),
 ) -> Dict[str, Any]:
     """How well each logged signal ranks the runs under ``logdir`` by the reference ``against``:
     one row per signal, with intervals, random baselines and a cross-validated choice.
@@ -1173,13 +1524,26 @@ def rank_signals(
     (:func:`cross_validate_choice`) among the signals with at least 3 runs, over all the runs
     (needs 6). ``underfit_below``: see :func:`rank_runs` (runs are flagged, never dropped).
 
+    ``group`` (a regex on the run names) and/or ``group_by`` (hyperparameter names; see
+    :func:`group_labels`): the bootstrap resamples groups (a cluster bootstrap) and the
+    cross-validation splits groups (no group on both sides): for a sweep with several seeds per
+    configuration, whose seeds are not independent runs. ``bootstrap["resampled"]`` and
+    ``cv["split"]`` say which was used.
+
+    ``compare``: pairs of signals (``"A,B"`` or ``("A", "B")``, each a row's signal, a baseline
+    included): Kendall's tau of A minus that of B over the runs that have both, with a paired
+    bootstrap interval (:func:`tau_difference`: the same resamples for both; grouped when
+    ``group``/``group_by`` is given).
+
     Returns:
         ``{"against", "against_mode", "at", "where", "runs": [{"run", "path", "hparams", "reference",
-        "probe_accuracy", "underfit"}], "skipped", "signals": [row], "not_evaluated", "ks", "bootstrap",
-        "cv", "underfit"}``; each row ``{"signal", "kind", "mode", "n_runs", "kendall_tau",
+        "probe_accuracy", "underfit", "group"}], "skipped", "signals": [row], "not_evaluated", "ks", "bootstrap",
+        "cv", "underfit", "grouping", "compare"}``; each row ``{"signal", "kind", "mode", "n_runs", "kendall_tau",
         "kendall_tau_ci", "spearman_rho", "spearman_rho_ci", "pick", "pick_ties", "pick_reference_rank",
-        "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "missing", "keys", "layer_source"}``
-        (``keys``: run -> the key read, for a layer alias).
+        "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "missing", "keys", "layer_source",
+        "values"}`` (``keys``: run -> the key read, for a layer alias; ``values``: run -> the signal's
+        value as logged, not oriented, for the runs that have it); each ``compare`` entry as
+        :func:`tau_difference` returns, with ``"a"``, ``"b"`` and ``"runs"`` (the runs compared).
 
     Example:
         >>> import tempfile
@@ -1201,6 +1565,7 @@ def rank_signals(
         raise SelectionError("Expected `against`, the reference key (e.g. 'test/acc'), to judge the signals by, but got none.")
     signals = [signals] if isinstance(signals, str) else list(signals)
     baselines = [baselines] if isinstance(baselines, str) else list(baselines)
+    pairs = _parse_compare(compare)
     if not signals and not baselines:
         raise SelectionError("Expected at least one signal or baseline, but got none. Pass signals=['all'] for every netprobe key.")
     runs, bad, all_tags = _load_readable(logdir)
@@ -1222,6 +1587,7 @@ def rank_signals(
             f"Expected at least 2 runs with {against!r} to judge signals on, but got {_plural(len(pool), 'run')}"
             + (" (" + "; ".join(f"{s['run']}: {s['reason']}" for s in skipped[:5]) + ")" if skipped else "") + "."
         )
+    labels, grouping = _grouping([r for r, _ in pool], group, group_by)
     base_rows, base_left = _expand_signals(baselines, runs, all_tags, [against], "baseline")
     sig_rows, left_out = _expand_signals(signals, runs, all_tags, [against], "signal")
     chosen: Dict[str, Tuple[str, str]] = {}
@@ -1248,7 +1614,8 @@ def rank_signals(
             if source:
                 sources.add(source)
         rows.append({"signal": key, "kind": kind, "mode": direction, "n_runs": int(np.isfinite(vals).sum()), "missing": missing,
-                     "keys": keys, "layer_source": sorted(sources), "_values": vals})
+                     "keys": keys, "layer_source": sorted(sources), "_values": vals,
+                     "values": {names[i]: float(vals[i]) for i in range(len(pool)) if np.isfinite(vals[i])}})
     sizes = {}
     for row in rows:
         n_s = row["n_runs"]
@@ -1274,10 +1641,12 @@ def rank_signals(
         ref_rank = _rankdata((-1 if against_mode == "max" else 1) * ref)
         row.update({"pick": ties[0], "pick_ties": ties, "pick_reference_rank": float(np.mean(ref_rank[osig == osig.max()]))})
         row.update(_statistics(sig, ref, mode=row["mode"], against_mode=against_mode, ks=ks, m=sizes[row["signal"]][1],
-                               n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws))
+                               n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws,
+                               groups=None if labels is None else [labels[n] for n in run_names]))
     underfit = _underfit([r for r, _ in pool], at, underfit_below)
     out_runs = [{"run": r.name, "path": r.path, "hparams": dict(r.hparams), "reference": ref,
-                 "probe_accuracy": underfit["values"].get(r.name), "underfit": r.name in underfit["runs"]} for r, ref in pool]
+                 "probe_accuracy": underfit["values"].get(r.name), "underfit": r.name in underfit["runs"],
+                 "group": None if labels is None else labels[r.name]} for r, ref in pool]
     cv_doc: Optional[Dict[str, Any]] = None
     if cv > 0:
         oref = refs_all * (1 if against_mode == "max" else -1)
@@ -1287,16 +1656,62 @@ def rank_signals(
             cands, bases = bases, {}
         if len(pool) < 6:
             cv_doc = {"skipped": f"needs at least 6 runs (halves of 3 or more), got {_plural(len(pool), 'run')}"}
+        elif grouping is not None and grouping["n_groups"] < 4:
+            cv_doc = {"skipped": f"needs at least 4 groups (halves of 2 or more), got {_plural(grouping['n_groups'], 'group')}"}
         elif not cands:
             cv_doc = {"skipped": "no signal has 3 runs"}
         else:
-            cv_doc = cross_validate_choice(cands, oref, ks=ks, n_splits=cv, level=level, seed=seed, baselines=bases)
+            cv_doc = cross_validate_choice(cands, oref, ks=ks, n_splits=cv, level=level, seed=seed, baselines=bases,
+                                           groups=None if labels is None else [labels[n] for n in names])
             in_sample = [(row["kendall_tau"], row["signal"]) for row in rows if row["signal"] in cands and row["kendall_tau"] is not None]
             best = max(in_sample, key=lambda t: t[0]) if in_sample else None  # the first of the best, as the splits choose
             cv_doc["in_sample_best"] = None if best is None else {"signal": best[1], "kendall_tau": best[0]}
             cv_doc["candidates"] = list(cands)
+    by_name = {row["signal"]: row for row in rows}
+    compared: List[Dict[str, Any]] = []
+    for a, b in pairs:
+        ra, rb = (_compare_row(x, by_name) for x in (a, b))
+        both = np.isfinite(ra["_oriented"]) & np.isfinite(rb["_oriented"])
+        if both.sum() < 2:
+            compared.append({"a": ra["signal"], "b": rb["signal"], "runs": [], "n_runs": int(both.sum()), "difference": None,
+                             "interval": None, "kendall_tau_a": None, "kendall_tau_b": None,
+                             "reason": "fewer than 2 runs have both"})
+            continue
+        run_names = [n for n, h in zip(names, both) if h]
+        d = tau_difference(ra["_oriented"][both], rb["_oriented"][both], refs_all[both], reference_mode=against_mode,
+                           n_boot=n_boot, level=level, seed=seed,
+                           groups=None if labels is None else [labels[n] for n in run_names])
+        if labels is not None and len({labels[n] for n in run_names}) < 2:
+            d["interval"] = None
+        compared.append({"a": ra["signal"], "b": rb["signal"], "runs": run_names, **d})
     for row in rows:
         row.pop("_oriented")
     return {"against": against, "against_mode": against_mode, "at": at, "where": [where] if isinstance(where, str) else list(where),
             "runs": out_runs, "skipped": skipped, "signals": rows, "not_evaluated": base_left + left_out, "ks": ks,
-            "bootstrap": _bootstrap_doc(n_boot, level, seed, boot_draws), "cv": cv_doc, "underfit": underfit}
+            "bootstrap": _bootstrap_doc(n_boot, level, seed, boot_draws, grouping), "cv": cv_doc, "underfit": underfit,
+            "grouping": grouping, "compare": compared}
+
+
+def _parse_compare(compare: Any) -> List[Tuple[str, str]]:
+    """``["A,B", ("C", "D")]`` -> ``[(A, B), (C, D)]`` (a bare ``"A,B"`` is one pair)."""
+    if isinstance(compare, str):
+        compare = [compare]
+    out: List[Tuple[str, str]] = []
+    for item in compare or ():
+        parts = [p.strip() for p in item.split(",")] if isinstance(item, str) else [str(p).strip() for p in item]
+        if len(parts) != 2 or not all(parts):
+            raise SelectionError(f"Expected each comparison as two signals 'A,B' (e.g. 'train/loss,netprobe/reliance_auc'), but got {item!r}.")
+        out.append((parts[0], parts[1]))
+    return out
+
+
+def _compare_row(spec: str, by_name: Mapping[str, Dict[str, Any]]) -> Dict[str, Any]:
+    key = spec
+    if key not in by_name:
+        key, _ = parse_signal(spec)  # 'train/loss:min' names the row 'train/loss'
+    if key not in by_name:
+        raise SelectionError(
+            f"Cannot compare {spec!r}: it is not one of the table's signals. Closest: {close_names(key, list(by_name))}. "
+            "Add it with --signals / --baseline (signals=, baselines=), or name a row as printed."
+        )
+    return by_name[key]
