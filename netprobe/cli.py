@@ -109,7 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cv", type=_count, default=200, metavar="R",
                    help="with the table: random half splits for the cross-validated choice (default 200; 0: off)")
     r.add_argument("--underfit-below", type=float, default=None, metavar="ACC",
-                   help="flag runs whose netprobe/probe_accuracy is below ACC (default: below median - max(3 x 1.4826 x MAD, 0.05))")
+                   help="flag runs whose netprobe/probe_accuracy is below ACC (default: below the larger of "
+                        "median - max(3 x 1.4826 x MAD, 0.05) and half the median of the upper half of the runs)")
+    r.add_argument("--group", default=None, metavar="REGEX",
+                   help="group the runs by a regex on their names (its first capture group, or the whole match, names "
+                        r"the group; e.g. '^(c\d+)_' for the seeds of one configuration): the bootstrap resamples groups "
+                        "(a cluster bootstrap) and --cv splits groups")
+    r.add_argument("--group-by", action="append", default=[], metavar="HPARAM[,HPARAM]",
+                   help="group the runs with equal values of these hyperparameters (repeatable; with --group: both)")
+    r.add_argument("--compare", action="append", default=[], metavar="A,B",
+                   help="with the table: tau(A) - tau(B) with a paired bootstrap interval (the same resamples for "
+                        "both), for two of its signals or baselines (repeatable)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--where", action="append", default=[], metavar="COND",
                    help="keep runs meeting KEY OP NUMBER, e.g. 'netprobe/probe_accuracy>=0.99' (repeatable)")
@@ -150,8 +160,36 @@ def _columns(head, rows, out) -> None:
 def _boot_line(boot) -> str:
     if not boot:
         return "no intervals (--boot 0)"
+    if boot.get("resampled") == "groups":
+        return (f"[lo, hi]: {boot['level']:.0%} bootstrap percentile intervals ({boot['n_boot']} resamples of the "
+                f"{boot['n_groups']} groups with replacement, each with all its runs: a cluster bootstrap; seed {boot['seed']}): "
+                f"how much each figure would vary over other sweeps of as many groups like these")
     return (f"[lo, hi]: {boot['level']:.0%} bootstrap percentile intervals ({boot['n_boot']} resamples of the runs with "
-            f"replacement, seed {boot['seed']}): how much each figure would vary over other sweeps of as many runs like these")
+            f"replacement, seed {boot['seed']}): how much each figure would vary over other sweeps of as many runs like these"
+            " (runs treated as independent: with several seeds per configuration, pass --group or --group-by)")
+
+
+def _grouping_line(g) -> str:
+    how = " and ".join(([f"regex '{g['regex']}' on the run names"] if g.get("regex") else [])
+                       + ([f"hyperparameters {', '.join(g['by'])}"] if g.get("by") else []))
+    lo, hi = g["runs_per_group"]
+    per = f"{lo} runs each" if lo == hi else f"{lo}-{hi} runs each"
+    return f"groups: {_plural(g['n_groups'], 'group')} by {how} ({per})"
+
+
+def _compare_lines(res) -> List[str]:
+    out = []
+    for c in res.get("compare") or []:
+        head = f"tau({c['a']}) - tau({c['b']})"
+        if c["difference"] is None:
+            out.append(f"  {head}: undefined ({c.get('reason') or 'a tau is undefined: a side is constant'}; {_plural(c['n_runs'], 'run')})")
+            continue
+        how = ("" if c["interval"] is None else
+               f", paired {c['level']:.0%} bootstrap interval over "
+               + (f"{c['n_groups']} groups" if c["resampled"] == "groups" else "runs"))
+        out.append(f"  {head} = {c['kendall_tau_a']:.3f} - {c['kendall_tau_b']:.3f} = {c['difference']:+.3f}"
+                   f"{_ci(c['interval'])} ({_plural(c['n_runs'], 'run')} with both{how})")
+    return out
 
 
 def _underfit_line(uf) -> str:
@@ -186,6 +224,8 @@ def _print_table(res, out) -> None:
         print(_SOURCES.get(src, src), file=out)
     if res.get("underfit") and res["runs"]:
         print(_underfit_line(res["underfit"]), file=out)
+    if res.get("grouping"):
+        print(_grouping_line(res["grouping"]), file=out)
     if res["against"] and res["runs"]:
         print(f"against {res['against']}: pick's reference rank {_fmt(res['pick_reference_rank'], 1)} of {len(res['runs'])}", file=out)
         if len(res["runs"]) >= 2 and res["spearman_rho"] is None:
@@ -236,6 +276,13 @@ def _print_signals(res, out) -> None:
     if ks:
         print(f"top-k: how often {what} is among the k best by the reference; random: a random pick's k/m.", file=out)
     print(_boot_line(res["bootstrap"]) + ".", file=out)
+    if res.get("grouping"):
+        print(_grouping_line(res["grouping"]), file=out)
+    if res.get("compare"):
+        print("\nPaired differences (oriented taus; > 0: the first signal ranks the runs closer to the reference):", file=out)
+        for line in _compare_lines(res):
+            print(line, file=out)
+        print(file=out)
     for r in res["signals"]:
         for src in r["layer_source"]:
             print(f"{r['signal']}: {_SOURCES.get(src, src)}", file=out)
@@ -256,7 +303,8 @@ def _print_signals(res, out) -> None:
         print(f"cross-validated choice: not run ({cv['skipped']})", file=out)
         return
     pct = f"{cv['level']:.0%}"
-    print(f"Cross-validated choice ({cv['n_splits']} random half splits of the {_plural(n, 'run')}): the signal with the best "
+    halves = (f"{cv['n_groups']} groups (no group on both sides)" if cv.get("split") == "groups" else _plural(n, 'run'))
+    print(f"Cross-validated choice ({cv['n_splits']} random half splits of the {halves}): the signal with the best "
           f"tau on one half, judged on the other half (choosing and judging on the same runs overfits: the in-sample best "
           f"tau tends to overstate how the chosen signal does on new runs).", file=out)
     ht = cv["heldout_tau"]
@@ -294,13 +342,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise SelectionError("Expected --layer and --mode with --metric; in --signals write KEY@deepest, KEY@LAYER, KEY:min, KEY:max.")
             res = rank_signals(args.logdir, args.against, signals=signals, baselines=args.baseline, against_mode=args.against_mode,
                                at=args.at, where=args.where, top_k=args.top_k, subset_size=args.subset_size, n_draws=args.draws,
-                               n_boot=args.boot, level=args.level, cv=args.cv, seed=args.seed, underfit_below=args.underfit_below)
+                               n_boot=args.boot, level=args.level, cv=args.cv, seed=args.seed, underfit_below=args.underfit_below,
+                               group=args.group, group_by=args.group_by, compare=args.compare)
         else:
+            if args.compare:
+                raise SelectionError("Expected --compare A,B with the table: name the signals with --signals (e.g. --signals all) "
+                                     "and/or --baseline, and --against.")
             mode = args.mode or key_direction(metric) or "max"
             res = rank_runs(args.logdir, metric, mode=mode, at=args.at, against=args.against,
                             against_mode=args.against_mode, top_k=args.top_k, subset_size=args.subset_size,
                             n_draws=args.draws, seed=args.seed, where=args.where, layer=args.layer, n_boot=args.boot,
-                            level=args.level, underfit_below=args.underfit_below)
+                            level=args.level, underfit_below=args.underfit_below, group=args.group, group_by=args.group_by)
     except SelectionError as err:
         print(f"netprobe rank: error: {err}", file=sys.stderr)
         return 2
