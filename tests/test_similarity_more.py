@@ -296,6 +296,9 @@ def _spy_routes(monkeypatch):
 @pytest.mark.parametrize("n,dx,dy", [(300, 20, 30), (40, 150, 90)])
 @pytest.mark.parametrize("offset,route", [(0.0, "raw"), (0.05, "raw"), (1e4, "centred")])
 def test_linear_cka_raw_and_centred_routes_against_references(n, dx, dy, offset, route, monkeypatch):
+    import netprobe.metrics.similarity as S
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)  # the opt-in numpy BLAS route (NETPROBE_NUMPY_BLAS=1)
     x, y = _pair(n, dx, dy, 7)
     x, y = x + offset, y + 2.0 - offset  # _pair puts y near -2
     ref, ref_d = _centred_refs(x, y)
@@ -313,6 +316,7 @@ def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_lar
     # n=5000 would need 5000 x 5000 products)
     import netprobe.metrics.similarity as S
 
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
     x, y = _pair(5000, 6, 5, 3)
     x[256:] += 1e4
     y[256:] -= 3e3
@@ -334,6 +338,7 @@ def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_lar
 def test_linear_cka_layouts_and_blas_switch_agree(n, d, monkeypatch):
     import netprobe.metrics.similarity as S
 
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
     x, y = _pair(n, d, d + 2, 11)
     ref, ref_d = _centred_refs(x, y)
     tx, ty = T(x), T(y)
@@ -361,9 +366,13 @@ def test_linear_cka_raw_route_errors_stay_worded():
 
 @pytest.mark.parametrize("n,d", [(20_000, 40), (150, 3000)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_linear_cka_numpy_scratch_stays_far_below_a_copy(n, d, dtype):
+def test_linear_cka_numpy_scratch_stays_far_below_a_copy(n, d, dtype, monkeypatch):
     # numpy's allocations (invisible to torch's profiler) are traced by tracemalloc
     import tracemalloc
+
+    import netprobe.metrics.similarity as S
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
@@ -373,3 +382,17 @@ def test_linear_cka_numpy_scratch_stays_far_below_a_copy(n, d, dtype):
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert peak < n * d * 8 // 4  # a float64 copy of x would be n d 8 bytes
+
+
+def test_numpy_blas_is_opt_in(monkeypatch):
+    # pure torch by default (numpy's BLAS threads do not follow torch.set_num_threads)
+    import subprocess
+    import sys
+
+    code = "import netprobe.metrics.similarity as S; print(S._NUMPY_CPU)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NETPROBE_NUMPY_BLAS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "NETPROBE_NUMPY_BLAS": "1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr

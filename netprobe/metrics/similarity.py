@@ -33,6 +33,7 @@ alone, and which one a metric uses depends only on the metrics asked for.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -77,12 +78,14 @@ def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> No
 #: width below which a Gram block is one full product (and above which it is split in halves)
 _GRAM_BASE = 64
 
-#: On CPU, products of float64 blocks go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a
-#: block times its own transpose, half the work of a general product), which is measured faster
-#: than torch's on our benchmark machine (one thread: a ``(10000, 512)`` Gram 0.09 s vs 0.13 s for
-#: torch's best split into halves). Same float64 numbers, same rounding model; ``False`` keeps
-#: every product in torch.
-_NUMPY_CPU = True
+#: Opt-in (environment variable ``NETPROBE_NUMPY_BLAS=1``): on CPU, linear CKA's products of
+#: float64 blocks go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a block times its own
+#: transpose, half the work of a general product), measured faster than torch's on our benchmark
+#: machine (one thread, AMD EPYC, torch's MKL vs numpy's OpenBLAS: a ``(10000, 512)`` Gram 0.09 s vs
+#: 0.13 s). Same float64 numbers, same rounding model. Off by default: the metrics stay pure torch,
+#: and numpy's BLAS threads follow ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``, not
+#: ``torch.set_num_threads`` (several ranks on one host could oversubscribe its cores).
+_NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "0") == "1"
 
 
 def _np_ok(t: torch.Tensor) -> bool:
