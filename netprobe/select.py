@@ -702,10 +702,10 @@ def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: 
         smax = np.where(v, s, -np.inf).max(1, keepdims=True)
         picks = v & (s == smax)
         better = ((r[:, None, :] > r[:, :, None]) & v[:, None, :]).sum(-1)
-        equal = ((r[:, None, :] == r[:, :, None]) & v[:, None, :]).sum(-1) - 1
+        equal = np.maximum(((r[:, None, :] == r[:, :, None]) & v[:, None, :]).sum(-1) - 1, 0)  # padding: 0, never picked
         for i, k in enumerate(ks):
             credit = np.clip((k - better) / (equal + 1.0), 0.0, 1.0)
-            out[sl, i] = (credit * picks).sum(1) / picks.sum(1)
+            out[sl, i] = np.where(picks, credit, 0.0).sum(1) / picks.sum(1)
     return out
 
 

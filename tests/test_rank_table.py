@@ -15,8 +15,8 @@ from scipy import stats
 
 from netprobe.cli import main
 from netprobe.select import (
-    SelectionError, bootstrap_intervals, cross_validate_choice, key_direction, layer_order, load_run, parse_signal,
-    rank_runs, rank_signals, top_k_hits,
+    Run, SelectionError, bootstrap_intervals, cross_validate_choice, group_labels, key_direction, layer_order, load_run,
+    parse_signal, rank_runs, rank_signals, tau_difference, top_k_hits,
 )
 
 
@@ -347,7 +347,7 @@ def test_underfit_runs_are_flagged_not_dropped(sweep):
     pa = np.array(values(data, "netprobe/probe_accuracy"))
     med = np.median(pa)
     mad = np.median(np.abs(pa - med))
-    thr = med - max(3 * 1.4826 * mad, 0.05)
+    thr = max(med - max(3 * 1.4826 * mad, 0.05), 0.5 * np.median(pa[pa >= med]))
     assert res["underfit"]["threshold"] == pytest.approx(thr)
     assert res["underfit"]["runs"] == ["r06"] and [r["run"] for r in res["runs"] if r["underfit"]] == ["r06"]
     assert res["signals"][0]["n_runs"] == N_RUNS  # flagged, still ranked
@@ -501,3 +501,334 @@ def test_cli_output_into_a_closed_pipe_has_no_traceback(tmp_path):
     out = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
     assert out.stdout.strip()
+
+
+# ----------------------------------------------------------------------------- groups (several seeds per configuration)
+def ref_tau_pairs(x, y, keep):
+    """Kendall's tau-b over the pairs (i, j), i < j, with keep(i, j): a plain double loop."""
+    s = nx = ny = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            if not keep(i, j):
+                continue
+            sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            s += sx * sy
+            nx += sx != 0
+            ny += sy != 0
+    return s / math.sqrt(nx * ny) if nx and ny else float("nan")
+
+
+def ref_cluster_replicates(sig, ref, groups, n_boot, seed, ks=()):
+    """A cluster bootstrap, replicate by replicate: the groups (sorted labels) drawn with
+    replacement by `default_rng(seed).integers(0, G, size=(n_boot, G))`, each drawn group with all
+    its runs; tau over the pairs that do not join two different draws of one group; rho (scipy)
+    and the top-k hit over all the runs of the replicate."""
+    labels = sorted(set(groups))
+    members = [[i for i, g in enumerate(groups) if g == lab] for lab in labels]
+    draws = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
+    taus, rhos, hits = [], [], {k: [] for k in ks}
+    for row in draws:
+        runs, draw_of = [], []
+        for d, g in enumerate(row):
+            for i in members[g]:
+                runs.append(i)
+                draw_of.append(d)
+        x = [sig[i] for i in runs]
+        y = [ref[i] for i in runs]
+        grp = [groups[i] for i in runs]
+        taus.append(ref_tau_pairs(x, y, lambda i, j: not (grp[i] == grp[j] and draw_of[i] != draw_of[j])))
+        rhos.append(ref_rho(x, y))
+        for k in ks:
+            hits[k].append(ref_hit(x, y, k))
+    return taus, rhos, hits
+
+
+def ref_run_replicate_taus(sig, ref, n_boot, seed):
+    idx = np.random.default_rng(seed).integers(0, len(sig), size=(n_boot, len(sig)))
+    return [ref_tau([sig[i] for i in row], [ref[i] for i in row]) for row in idx]
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_cluster_bootstrap_matches_a_plain_loop_replicate_by_replicate(seed):
+    rng = np.random.default_rng(200 + seed)
+    sizes = [3, 3, 2, 3, 1, 3, 3]  # unequal groups: replicates of different sizes
+    groups = [f"g{g}" for g, n in enumerate(sizes) for _ in range(n)]
+    conf = {g: rng.normal() for g in set(groups)}
+    ref = [round(conf[g] + 0.3 * rng.normal(), 1) for g in groups]  # ties
+    sig = [round(conf[g] + 0.6 * rng.normal(), 1) for g in groups]
+    got = bootstrap_intervals(sig, ref, ks=[1, 3], n_boot=150, level=0.9, seed=seed, groups=groups)
+    taus, rhos, hits = ref_cluster_replicates(sig, ref, groups, 150, seed, ks=[1, 3])
+    assert got["resampled"] == "groups" and got["n_groups"] == len(sizes)
+    assert got["kendall_tau"] == pytest.approx(ref_percentile(taus, 0.9), abs=1e-9)
+    assert got["spearman_rho"] == pytest.approx(ref_percentile(rhos, 0.9), abs=1e-9)
+    for k in (1, 3):
+        assert got["top_k"][k] == pytest.approx(ref_percentile(hits[k], 0.9), abs=1e-9)
+    assert got["undefined"]["kendall_tau"] == sum(math.isnan(t) for t in taus)
+    # one run per group: the cluster bootstrap is the run bootstrap
+    single = bootstrap_intervals(sig, ref, ks=[1], n_boot=150, seed=seed, groups=[str(i) for i in range(len(sig))])
+    plain = bootstrap_intervals(sig, ref, ks=[1], n_boot=150, seed=seed)
+    labels_sorted = sorted(str(i) for i in range(len(sig)))  # groups are numbered in sorted label order
+    assert plain["resampled"] == "runs" and plain["n_groups"] is None
+    perm = [int(s) for s in labels_sorted]
+    again = bootstrap_intervals([sig[i] for i in perm], [ref[i] for i in perm], ks=[1], n_boot=150, seed=seed)
+    assert single["kendall_tau"] == pytest.approx(again["kendall_tau"], abs=1e-12)
+    assert single["spearman_rho"] == pytest.approx(again["spearman_rho"], abs=1e-12)
+
+
+def test_cluster_bootstrap_with_subsets_and_refusals():
+    rng = np.random.default_rng(9)
+    groups = [g for g in "abcdef" for _ in range(3)]
+    sig = list(rng.normal(size=18))
+    ref = list(np.array(sig) + rng.normal(size=18))
+    got = bootstrap_intervals(sig, ref, ks=[1, 2], subset_size=5, n_boot=40, boot_draws=10, seed=3, groups=groups)
+    # plain loop: the same Generator draws the groups, then per replicate the subsets of its runs
+    gen = np.random.default_rng(3)
+    labels = sorted(set(groups))
+    members = [[i for i, g in enumerate(groups) if g == lab] for lab in labels]
+    draws = gen.integers(0, 6, size=(40, 6))
+    hits = []
+    for row in draws:
+        runs = [i for g in row for i in members[g]]
+        subs = np.argsort(gen.random((10, len(runs))), axis=1)[:, :5]
+        hits.append(np.mean([ref_hit([sig[runs[j]] for j in sub], [ref[runs[j]] for j in sub], 2) for sub in subs]))
+    assert got["top_k"][2] == pytest.approx(ref_percentile(hits, 0.95), abs=1e-9)
+    with pytest.raises(SelectionError, match="one group label per run"):
+        bootstrap_intervals(sig, ref, groups=groups[:-1])
+
+
+def test_tau_difference_is_paired_and_matches_plain_loops():
+    rng = np.random.default_rng(21)
+    groups = [f"c{g}" for g in range(8) for _ in range(3)]
+    conf = {g: rng.normal() for g in set(groups)}
+    ref = [conf[g] + 0.3 * rng.normal() for g in groups]
+    a = [r + 0.3 * rng.normal() for r in ref]
+    loss = [-(r + 1.0 * rng.normal()) for r in ref]  # lower is better
+    got = tau_difference(a, loss, ref, mode_b="min", n_boot=120, level=0.9, seed=5)
+    ta = ref_run_replicate_taus(a, ref, 120, 5)
+    tb = ref_run_replicate_taus([-x for x in loss], ref, 120, 5)
+    assert got["difference"] == pytest.approx(ref_tau(a, ref) - ref_tau([-x for x in loss], ref), abs=1e-12)
+    assert got["interval"] == pytest.approx(ref_percentile(np.subtract(ta, tb), 0.9), abs=1e-9)
+    assert got["resampled"] == "runs" and got["n_runs"] == 24
+    grouped = tau_difference(a, loss, ref, mode_b="min", n_boot=120, level=0.9, seed=5, groups=groups)
+    ga, _, _ = ref_cluster_replicates(a, ref, groups, 120, 5)
+    gb, _, _ = ref_cluster_replicates([-x for x in loss], ref, groups, 120, 5)
+    assert grouped["interval"] == pytest.approx(ref_percentile(np.subtract(ga, gb), 0.9), abs=1e-9)
+    assert grouped["resampled"] == "groups" and grouped["n_groups"] == 8
+    # the same resamples as each tau's own interval: a signal against itself differs by exactly 0
+    same = tau_difference(a, a, ref, n_boot=50, groups=groups)
+    assert same["difference"] == 0 and same["interval"] == [0.0, 0.0]
+    # paired is narrower than the two intervals' widths would suggest for two correlated signals
+    b = [x + 0.05 * rng.normal() for x in a]
+    d = tau_difference(a, b, ref, n_boot=300, groups=groups)
+    ia = bootstrap_intervals(a, ref, n_boot=300, groups=groups)["kendall_tau"]
+    assert d["interval"][1] - d["interval"][0] < ia[1] - ia[0]
+    with pytest.raises(SelectionError, match="finite"):
+        tau_difference([1.0, float("nan"), 2.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    with pytest.raises(SelectionError, match="mode_a"):
+        tau_difference(a, b, ref, mode_a="up")
+
+
+def ref_group_cv(signals, ref, groups, n_splits, seed):
+    """The grouped half splits as a plain loop: permute the groups (sorted labels), the runs of the
+    first half of them choose (best tau, the first on a tie), the others are held out."""
+    labels = sorted(set(groups))
+    rng = np.random.default_rng([seed, 1])
+    names = list(signals)
+    chosen = {s: 0 for s in names}
+    taus = []
+    for _ in range(n_splits):
+        perm = rng.permutation(len(labels))
+        first = {labels[g] for g in perm[: len(labels) // 2]}
+        a = [i for i, g in enumerate(groups) if g in first]
+        b = [i for i, g in enumerate(groups) if g not in first]
+        assert not first & {groups[i] for i in b}  # no group on both sides
+        scores = [ref_tau([signals[s][i] for i in a], [ref[i] for i in a]) for s in names]
+        best = names[int(np.nanargmax(scores))]
+        chosen[best] += 1
+        taus.append(ref_tau([signals[best][i] for i in b], [ref[i] for i in b]))
+    return chosen, taus
+
+
+def test_grouped_cross_validation_splits_groups():
+    rng = np.random.default_rng(5)
+    groups = [f"c{g:02d}" for g in range(10) for _ in range(3)]
+    conf = {g: rng.normal() for g in set(groups)}
+    ref = np.array([conf[g] + 0.2 * rng.normal() for g in groups])
+    signals = {"good": ref + 0.5 * rng.normal(size=30), "seedy": np.array([conf[g] for g in groups]) + rng.normal(size=30),
+               "noise": rng.normal(size=30)}
+    got = cross_validate_choice(signals, ref, n_splits=40, seed=3, groups=groups)
+    chosen, taus = ref_group_cv({k: list(v) for k, v in signals.items()}, list(ref), groups, 40, 3)
+    assert got["split"] == "groups" and got["n_groups"] == 10
+    assert got["chosen"] == chosen
+    assert got["heldout_tau"]["mean"] == pytest.approx(np.mean(taus), abs=1e-12)
+    assert cross_validate_choice(signals, ref, n_splits=5)["split"] == "runs"
+    with pytest.raises(SelectionError, match="at least 4 groups"):
+        cross_validate_choice(signals, ref, groups=["a", "b", "c"] * 10)
+
+
+def test_group_labels_and_refusals():
+    runs = [Run(f"c{c}_lr{lr}_s{s}", "", hparams={"lr": lr, "width": 8 * (c + 1)})
+            for c, lr in enumerate([0.1, 0.01, 0.1]) for s in range(2)]
+    assert set(group_labels(runs, group=r"^(c\d+)_").values()) == {"c0", "c1", "c2"}
+    assert group_labels(runs, group=r"c\d")["c1_lr0.01_s1"] == "c1"  # no capture group: the whole match
+    assert len(set(group_labels(runs, group_by=["lr"]).values())) == 2
+    assert len(set(group_labels(runs, group_by="lr,width").values())) == 3
+    with pytest.raises(SelectionError, match=r"matches no run name.*capture group"):
+        group_labels(runs, group=r"^(cfg\d+)_")
+    with pytest.raises(SelectionError, match=r"but not 'c2_lr0.1_s0'.*widen the pattern"):
+        group_labels(runs, group=r"^(c[01])_")
+    with pytest.raises(SelectionError, match="regular expression"):
+        group_labels(runs, group="(c")
+    with pytest.raises(SelectionError, match=r"No run has the hyperparameter 'depth'.*Closest"):
+        group_labels(runs, group_by="depth")
+    runs[0].hparams.pop("lr")
+    with pytest.raises(SelectionError, match=r"'c0_lr0.1_s0'.*lack it"):
+        group_labels(runs, group_by="lr")
+    with pytest.raises(SelectionError, match="neither"):
+        group_labels(runs)
+
+
+# 72 runs of the wide MNIST-1D sweep (examples/hparam_selection.py --grid wide, /tmp/sweep_study_wide at
+# the time of writing): their last netprobe/probe_accuracy, a third of them near chance (10 classes)
+WIDE_SWEEP_PROBE_ACCURACY = [
+    0.07, 0.102, 0.113, 0.18, 0.18, 0.184, 0.207, 0.211, 0.219, 0.219, 0.223, 0.258, 0.262, 0.281, 0.293, 0.293, 0.301,
+    0.375, 0.379, 0.387, 0.41, 0.473, 0.48, 0.48, 0.488, 0.516, 0.527, 0.531, 0.535, 0.547, 0.551, 0.566, 0.57, 0.574,
+    0.574, 0.574, 0.578, 0.578, 0.586, 0.598, 0.605, 0.621, 0.621, 0.621, 0.645, 0.648, 0.652, 0.688, 0.699, 0.777, 0.781,
+    0.801, 0.812, 0.82, 0.82, 0.844, 0.875, 0.883, 0.922, 0.934, 0.965, 0.98, 0.98, 0.988, 0.992, 0.996, 0.996, 0.996,
+    1.0, 1.0, 1.0, 1.0]
+
+
+def ref_underfit_threshold(values):
+    v = np.asarray(values, dtype=float)
+    med = np.median(v)
+    outlier = med - max(3 * 1.4826 * np.median(np.abs(v - med)), 0.05)
+    return max(outlier, 0.5 * np.median(v[v >= med])), outlier
+
+
+def runs_with_probe_accuracy(values):
+    return [Run(f"r{i:03d}", "", scalars={"netprobe/probe_accuracy": [(1, float(v))]}) for i, v in enumerate(values)]
+
+
+def test_underfit_rule_flags_the_lower_mode_of_a_bimodal_sweep():
+    from netprobe.select import _underfit
+
+    # the wide sweep: the old rule's threshold is negative and flagged nothing
+    thr, outlier = ref_underfit_threshold(WIDE_SWEEP_PROBE_ACCURACY)
+    assert outlier < 0
+    res = _underfit(runs_with_probe_accuracy(WIDE_SWEEP_PROBE_ACCURACY), "last", None)
+    assert res["threshold"] == pytest.approx(thr)
+    flagged = [v for v in WIDE_SWEEP_PROBE_ACCURACY if v < thr]
+    assert len(res["runs"]) == len(flagged) == 20 and max(flagged) < 0.4 and "upper half" in res["rule"]
+    # synthetic bimodal: 10 runs near chance, 20 that fit
+    rng = np.random.default_rng(0)
+    bimodal = list(0.1 + 0.03 * rng.random(10)) + list(0.9 + 0.08 * rng.random(20))
+    res = _underfit(runs_with_probe_accuracy(bimodal), "last", None)
+    assert sorted(res["runs"]) == [f"r{i:03d}" for i in range(10)]
+    # a unimodal sweep: only the far outlier, none of the spread
+    uni = list(0.95 + 0.01 * rng.normal(size=29)) + [0.6]
+    res = _underfit(runs_with_probe_accuracy(uni), "last", None)
+    assert res["runs"] == ["r029"] and res["threshold"] == pytest.approx(ref_underfit_threshold(uni)[0])
+    # most runs at 1.0: a run at 0.99 is not flagged (the 0.05 floor)
+    assert _underfit(runs_with_probe_accuracy([1.0] * 9 + [0.99]), "last", None)["runs"] == []
+    # the explicit override wins over both rules
+    assert len(_underfit(runs_with_probe_accuracy(bimodal), "last", 0.05)["runs"]) == 0
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory):
+    """8 configurations x 3 seeds; each run's hparams.yaml names its configuration and learning rate."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = tmp_path_factory.mktemp("seeds")
+    rng = np.random.default_rng(3)
+    data = {}
+    for c in range(8):
+        level = rng.normal()
+        for s in range(3):
+            name = f"c{c:02d}_s{s}"
+            acc = 0.8 + 0.05 * level + 0.01 * rng.normal()
+            vals = {"test/acc": f32(acc), "netprobe/reliance_auc": f32(0.5 + 0.05 * level + 0.05 * rng.normal()),
+                    "netprobe/probe_accuracy": f32(0.95 + 0.01 * rng.normal()), "train/loss": f32(1 - acc + 0.01 * rng.normal())}
+            with SummaryWriter(str(root / name)) as w:
+                for k, v in vals.items():
+                    w.add_scalar(k, v, 5)
+            (root / name / "hparams.yaml").write_text(f"config: {c}\nlr: {0.1 if c % 2 else 0.01}\nseed: {s}\n")
+            data[name] = vals
+    return root, data
+
+
+def test_grouped_table_and_compare_against_plain_loops(seed_sweep):
+    root, data = seed_sweep
+    names = sorted(data)
+    groups = [n.split("_")[0] for n in names]
+    res = rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], baselines=["train/loss:min"], n_boot=80,
+                       cv=30, group=r"^(c\d+)_", compare=["train/loss,netprobe/reliance_auc"], top_k=[1, 3])
+    assert res["bootstrap"]["resampled"] == "groups" and res["bootstrap"]["n_groups"] == 8
+    assert res["grouping"]["n_groups"] == 8 and res["grouping"]["runs_per_group"] == [3, 3]
+    assert [r["group"] for r in res["runs"]] == groups
+    rel = [data[n]["netprobe/reliance_auc"] for n in names]
+    loss = [data[n]["train/loss"] for n in names]
+    acc = [data[n]["test/acc"] for n in names]
+    row = res["signals"][0]
+    assert row["values"] == {n: data[n]["netprobe/reliance_auc"] for n in names}  # each run's value, as logged
+    taus, rhos, hits = ref_cluster_replicates(rel, acc, groups, 80, 0, ks=[1, 3])
+    assert row["kendall_tau_ci"] == pytest.approx(ref_percentile(taus, 0.95), abs=1e-9)
+    assert row["spearman_rho_ci"] == pytest.approx(ref_percentile(rhos, 0.95), abs=1e-9)
+    assert row["top_k_ci"]["3"] == pytest.approx(ref_percentile(hits[3], 0.95), abs=1e-9)
+    (cmp,) = res["compare"]
+    neg = [-x for x in loss]
+    assert cmp["a"] == "train/loss" and cmp["b"] == "netprobe/reliance_auc" and cmp["n_runs"] == 24
+    assert cmp["difference"] == pytest.approx(ref_tau(neg, acc) - ref_tau(rel, acc), abs=1e-9)
+    ta, _, _ = ref_cluster_replicates(neg, acc, groups, 80, 0)
+    tb, _, _ = ref_cluster_replicates(rel, acc, groups, 80, 0)
+    assert cmp["interval"] == pytest.approx(ref_percentile(np.subtract(ta, tb), 0.95), abs=1e-9)
+    assert res["cv"]["split"] == "groups" and res["cv"]["n_groups"] == 8
+    # grouping by hyperparameter gives the same groups as the regex here
+    by_hp = rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], n_boot=80, cv=0, group_by=["config"])
+    assert by_hp["signals"][0]["kendall_tau_ci"] == pytest.approx(row["kendall_tau_ci"], abs=1e-12)
+    # rank_runs takes the same grouping and gives the same interval
+    single = rank_runs(root, "netprobe/reliance_auc", against="test/acc", n_boot=80, group=r"^(c\d+)_", top_k=[1])
+    assert single["kendall_tau_ci"] == pytest.approx(row["kendall_tau_ci"], abs=1e-12)
+    assert single["bootstrap"]["resampled"] == "groups" and {r["group"] for r in single["runs"]} == set(groups)
+    # ungrouped: the runs are resampled, and the data says so
+    plain = rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], n_boot=80, cv=0)
+    assert plain["bootstrap"]["resampled"] == "runs" and plain["grouping"] is None and plain["runs"][0]["group"] is None
+    assert plain["compare"] == []
+    with pytest.raises(SelectionError, match="matches no run name"):
+        rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], n_boot=10, cv=0, group=r"^(cfg\d+)")
+    with pytest.raises(SelectionError, match="at least 2 groups"):
+        rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], n_boot=10, cv=0, group=r"^c")
+    with pytest.raises(SelectionError, match=r"Cannot compare 'val/acc'.*--baseline"):
+        rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], n_boot=10, cv=0, compare=["val/acc,netprobe/reliance_auc"])
+    with pytest.raises(SelectionError, match="two signals"):
+        rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], n_boot=10, cv=0, compare=["netprobe/reliance_auc"])
+
+
+def test_cli_groups_and_compare_end_to_end(seed_sweep, tmp_path, capsys):
+    root, data = seed_sweep
+    args = ["rank", str(root), "--against", "test/acc", "--signals", "netprobe/reliance_auc", "--baseline", "train/loss:min",
+            "--boot", "60", "--cv", "20", "--top-k", "1"]
+    assert main(args + ["--group", r"^(c\d+)_", "--compare", "train/loss,netprobe/reliance_auc"]) == 0
+    out = capsys.readouterr().out
+    assert "60 resamples of the 8 groups with replacement, each with all its runs: a cluster bootstrap" in out
+    assert r"groups: 8 groups by regex '^(c\d+)_' on the run names (3 runs each)" in out
+    assert "tau(train/loss) - tau(netprobe/reliance_auc) = " in out and "paired 95% bootstrap interval over 8 groups" in out
+    assert "half splits of the 8 groups (no group on both sides)" in out
+    assert main(args + ["--group-by", "config", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["bootstrap"]["resampled"] == "groups" and doc["grouping"]["by"] == ["config"]
+    assert doc["signals"][0]["values"]["c00_s0"] == pytest.approx(data["c00_s0"]["netprobe/reliance_auc"])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resamples of the runs with replacement" in out and "pass --group or --group-by" in out
+    # single-signal table with groups
+    assert main(["rank", str(root), "--against", "test/acc", "--boot", "30", "--group-by", "lr,config"]) == 0
+    assert "groups: 8 groups by hyperparameters lr, config (3 runs each)" in capsys.readouterr().out
+    # refusals: exit 2 with the fix
+    assert main(args + ["--group", "^(cfg)"]) == 2
+    err = capsys.readouterr().err
+    assert "matches no run name" in err and "capture group" in err
+    assert main(["rank", str(root), "--against", "test/acc", "--compare", "a,b"]) == 2
+    assert "--compare A,B with the table" in capsys.readouterr().err
+    assert main(args + ["--group-by", "depth"]) == 2
+    assert "No run has the hyperparameter 'depth'" in capsys.readouterr().err
