@@ -740,6 +740,7 @@ class Layouts:
                 )
         elif nd <= 2:
             if n is None or shape[0] == n:  # type: ignore[index]
+                self._decided[key] = (0, nd - 1)  # decided: later forwards are not followed
                 return 0, nd - 1
         else:
             mark = _mark_of(out)

@@ -494,3 +494,29 @@ def test_unmarked_3d_in_a_model_without_convolutions_is_refused():
     with netprobe.probe(net, ["0"], layout="NCL") as p:
         net(x)
     torch.testing.assert_close(p["0"], x.mean(2))
+
+
+def test_a_2d_layer_is_followed_once_only():
+    # an MLP's ReLU: decided at the first call, so a probe left attached (plain PyTorch training)
+    # does not follow every later forward pass
+    from netprobe import _modules
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    orig = _modules._follow
+
+    def spy(*a, **k):
+        seen.append(1)
+        return orig(*a, **k)
+
+    _modules._follow = spy
+    try:
+        with netprobe.probe(net, ["1"]):
+            net(torch.randn(5, 4))
+            first = len(seen)
+            for _ in range(3):
+                net(torch.randn(5, 4))
+            assert len(seen) == first
+            assert _modules._TRACKING[0] == 0
+    finally:
+        _modules._follow = orig
