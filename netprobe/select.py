@@ -45,6 +45,12 @@ Beside each hit rate, a random pick's rate ``k / m``; percentile bootstrap inter
 (:func:`bootstrap_intervals`) on rho, tau and the hit rates. Runs whose ``netprobe/probe_accuracy``
 is far below the others' are flagged (not dropped).
 
+**Several seeds per configuration** (``group=`` a regex on the run names, ``group_by=``
+hyperparameter names: :func:`group_labels`): the bootstrap resamples groups (a cluster bootstrap)
+and the cross-validation splits groups, since the seeds of one configuration are not independent
+runs. :func:`tau_difference` (``rank_signals(compare=...)``) gives tau(A) - tau(B) with a paired
+bootstrap interval.
+
 **Which signal to trust** (:func:`rank_signals`, ``netprobe rank --signals/--baseline``): one row
 per signal (every netprobe key the runs logged, glob patterns, ``KEY:min``/``KEY:max`` baselines
 such as the training loss), and a cross-validated choice (:func:`cross_validate_choice`): choose the
