@@ -28,10 +28,15 @@ intervals over configurations, the runs' values read with `netprobe.select.load_
 3. conclusions, each stated only when its configuration-bootstrap interval clears the threshold by
    `MARGIN`; otherwise "not resolved with N runs".
 
-    .venv/bin/python examples/hparam_selection.py [--smoke] [--logdir runs/hparam_selection]
+    .venv/bin/python examples/hparam_selection.py [--smoke | --quick] [--seed-offset 0] [--logdir runs/hparam_selection]
     .venv/bin/python examples/hparam_selection.py --analyze-only --logdir runs/hparam_selection  # rank again
     netprobe rank runs/hparam_selection --against test/acc --signals 'netprobe/reliance_*' \
         --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max
+
+``--quick`` (about a minute and a half at one thread: QUICK's configurations, seeds, epochs and data
+sizes) is the reduced form tests/test_hparam_selection_quick.py runs to check the conclusions that
+hold at that size; ``--seed-offset K`` shifts every seed (data generation, configuration sampling,
+training, bootstrap), so that a conclusion can be checked not to depend on one draw.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ GRID_WIDE = {  # --grid wide (20 epochs): also width 4 and lr 1e-4, so that a th
 }
 LENGTH = 40  # MNIST-1D signals
 N_TRAIN, N_VAL = 2000, 100
+#: --quick: the reduced sweep the test suite runs (configurations, seeds, epochs, generated / training examples, bootstrap)
+QUICK = {"configs": 12, "seeds": 2, "epochs": 10, "num_samples": 4000, "n_train": 1000, "boot": 500, "num_samples_probe": 128}
 #: a conclusion is stated only when its 95 % interval clears the threshold (0, or a difference of 0) by this much
 MARGIN = 0.02
 #: fewer configurations than this: no interval is trusted and no conclusion stated (a bootstrap over 3 clusters says nothing)
@@ -129,11 +136,12 @@ class ConvNet1d(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def make_data(smoke: bool) -> Dict[str, torch.Tensor]:
-    """MNIST-1D generated locally: 2000 training examples, 100 labelled validation examples, and the
-    rest of the generated examples (5900) as the test set."""
-    d = mnist1d(seed=0, num_samples=2000 if smoke else 8000)
-    n_tr, n_val = (300, 100) if smoke else (N_TRAIN, N_VAL)
+def make_data(smoke: bool, *, quick: bool = False, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """MNIST-1D generated locally (generator seed ``seed``): 2000 training examples, 100 labelled
+    validation examples, and the rest of the generated examples (5900) as the test set (``--quick``:
+    1000, 100 and 2900; ``--smoke``: 300, 100 and 1600)."""
+    d = mnist1d(seed=seed, num_samples=2000 if smoke else QUICK["num_samples"] if quick else 8000)
+    n_tr, n_val = (300, 100) if smoke else (QUICK["n_train"], N_VAL) if quick else (N_TRAIN, N_VAL)
     x, y = d["x_train"], d["y_train"]
     return {"x_train": x[:n_tr], "y_train": y[:n_tr], "x_val": x[n_tr:n_tr + n_val], "y_val": y[n_tr:n_tr + n_val],
             "x_test": torch.cat([x[n_tr + n_val:], d["x_test"]]), "y_test": torch.cat([y[n_tr + n_val:], d["y_test"]])}
@@ -144,13 +152,18 @@ def run_name(ci: int, cfg: Dict, seed: int) -> str:
             f"_do{cfg['dropout']:g}_bn{int(cfg['batchnorm'])}_aug{int(cfg['augment'])}_s{seed}")
 
 
-def sample_configs(n: int, grid: Dict[str, list]) -> List[Dict]:
+def sample_configs(n: int, grid: Dict[str, list], *, seed: int = 0) -> List[Dict]:
     all_configs = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
-    return random.Random(0).sample(all_configs, n)
+    return random.Random(seed).sample(all_configs, n)
+
+
+def run_seeds(n_seeds: int, offset: int = 0) -> List[int]:
+    """The training seeds of every configuration: ``0..n_seeds-1``, shifted by ``100 * offset``."""
+    return [100 * offset + s for s in range(n_seeds)]
 
 
 def train_sweep(args, configs: Sequence[Dict], seeds: Sequence[int], epochs: int) -> None:
-    data = make_data(args.smoke)
+    data = make_data(args.smoke, quick=args.quick, seed=args.seed_offset)
     print(f"MNIST-1D: {len(data['y_train'])} training, {len(data['y_val'])} validation, {len(data['y_test'])} test examples")
     shutil.rmtree(args.logdir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -163,7 +176,8 @@ def train_sweep(args, configs: Sequence[Dict], seeds: Sequence[int], epochs: int
             logger = pl.loggers.TensorBoardLogger(args.logdir, name=name, version="", default_hp_metric=False)
             logger.log_hyperparams(dict(cfg, seed=seed, config=ci))
             layers = [f"features.relu{i}" for i in range(1, cfg["depth"] + 1)]
-            mon = RelianceMonitor(layers, **({"num_samples": 64} if args.smoke else {}))
+            mon = RelianceMonitor(layers, **({"num_samples": 64} if args.smoke else
+                                             {"num_samples": QUICK["num_samples_probe"]} if args.quick else {}))
             trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon], logger=logger, **trainer_kwargs())
             dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_train"], data["y_train"]),
                                              batch_size=cfg["batch_size"], shuffle=True,
@@ -183,24 +197,37 @@ def train_sweep(args, configs: Sequence[Dict], seeds: Sequence[int], epochs: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="3 runs of 2 epochs on a small data set (< 1 minute)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="3 runs of 2 epochs on a small data set (< 1 minute)")
+    mode.add_argument("--quick", action="store_true",
+                      help=f"the reduced sweep the test suite checks: {QUICK['configs']} configurations x {QUICK['seeds']} "
+                           f"seeds, {QUICK['epochs']} epochs, {QUICK['n_train']} training examples (~1.5 min)")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="shift every seed: data generation, configuration sampling, training and bootstrap (default 0)")
     ap.add_argument("--logdir", default="runs/hparam_selection")
-    ap.add_argument("--configs", type=int, default=24)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--configs", type=int, default=None, help=f"default 24 (--quick {QUICK['configs']})")
+    ap.add_argument("--seeds", type=int, default=None, help=f"default 3 (--quick {QUICK['seeds']})")
     ap.add_argument("--grid", choices=("default", "wide"), default="default",
                     help="wide: also width 4 and lr 1e-4 (many runs near chance), 20 epochs unless --epochs")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 25; 20 with --grid wide)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help=f"epochs per run (default 25; 20 with --grid wide; {QUICK['epochs']} with --quick)")
     ap.add_argument("--analyze-only", action="store_true", help="rank the runs already under --logdir")
-    ap.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
+    ap.add_argument("--boot", type=int, default=None, help=f"bootstrap replicates (default 2000; --quick {QUICK['boot']})")
     args = ap.parse_args()
+    q = args.quick
+    args.configs = args.configs or (QUICK["configs"] if q else 24)
+    args.seeds = args.seeds or (QUICK["seeds"] if q else 3)
+    args.boot = args.boot or (QUICK["boot"] if q else 2000)
     print(f"hparam_selection.py: {one_thread()}")
     quiet_lightning()
     grid = GRID_WIDE if args.grid == "wide" else GRID
-    epochs = args.epochs or (20 if args.grid == "wide" else 25)
+    epochs = args.epochs or (20 if args.grid == "wide" else QUICK["epochs"] if q else 25)
     n_configs, n_seeds, epochs = (3, 1, 2) if args.smoke else (args.configs, args.seeds, epochs)
+    t0 = time.perf_counter()
     if not args.analyze_only:
-        train_sweep(args, sample_configs(n_configs, grid), list(range(n_seeds)), epochs)
+        train_sweep(args, sample_configs(n_configs, grid, seed=args.seed_offset), run_seeds(n_seeds, args.seed_offset), epochs)
     analyze(args)
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s (seed offset {args.seed_offset})")
 
 
 def read_runs(logdir: str) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, str]], Dict[str, str]]:
@@ -282,6 +309,18 @@ def cluster_bootstrap(sig: Dict[str, np.ndarray], ref: np.ndarray, clusters: np.
     return out
 
 
+def config_means(osig: Dict[str, np.ndarray], ref: np.ndarray, configs: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+    """The configuration level: ``(config ids (sorted), (C,) mean reference, {signal: (C,) mean over the
+    seeds that have it, NaN when none})``. A cross-validated choice over these ``C`` values splits
+    configurations, so no configuration has seeds on both sides."""
+    ids = np.unique(configs)
+    cref = np.array([ref[configs == c].mean() for c in ids])
+    csig = {s: np.array([np.nanmean(v[configs == c]) if np.isfinite(v[configs == c]).any() else math.nan
+                         for c in ids]) for s, v in osig.items()}
+    return ids, cref, csig
+
+
 def interval(draws: np.ndarray, level: float = 0.95) -> Tuple[float, float]:
     d = draws[np.isfinite(draws)]
     if len(d) < 10:
@@ -328,7 +367,8 @@ def analyze(args) -> None:
     # 1. the library's multi-signal table (bootstrap over runs), exactly as the command prints it
     m = max(2, n // 3)
     argv = [args.logdir, "--against", "test/acc"] + [a for s in SIGNALS for a in ("--signals", s)] \
-        + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"]
+        + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"] \
+        + (["--seed", str(args.seed_offset)] if getattr(args, "seed_offset", 0) else [])
     if n >= 6:
         argv += ["--subset-size", str(m), "--top-k", ",".join(str(k) for k in (1, 5) if k < m)]
     print("\n== 1. netprobe rank (intervals: bootstrap over RUNS, which treats the seeds of a configuration as "
@@ -338,12 +378,10 @@ def analyze(args) -> None:
 
     # 2. Kendall tau over runs, with intervals from a bootstrap over configurations
     osig = {s: oriented(v, d) for s, (v, d) in sig.items()}
-    boot = cluster_bootstrap(osig, ref, configs, n_boot=n_boot)
-    cfg_ids = np.unique(configs)
-    cfg_ref = np.array([ref[configs == c].mean() for c in cfg_ids])
-    cfg_sig = {s: np.array([np.nanmean(v[configs == c]) if np.isfinite(v[configs == c]).any() else math.nan
-                            for c in cfg_ids]) for s, v in osig.items()}
-    cfg_boot = cluster_bootstrap(cfg_sig, cfg_ref, cfg_ids, n_boot=n_boot, seed=1)
+    so = getattr(args, "seed_offset", 0)
+    boot = cluster_bootstrap(osig, ref, configs, n_boot=n_boot, seed=so)
+    cfg_ids, cfg_ref, cfg_sig = config_means(osig, ref, configs)
+    cfg_boot = cluster_bootstrap(cfg_sig, cfg_ref, cfg_ids, n_boot=n_boot, seed=so + 1)
     print(f"\n== 2. Kendall tau with test accuracy, 95% intervals from {n_boot} bootstrap resamples of the "
           f"{n_cfg} CONFIGURATIONS (all seeds of a resampled configuration together) ==")
     print("runs: each run ranked by its own last values; configs: each configuration by its signals averaged "
@@ -372,7 +410,7 @@ def analyze(args) -> None:
     other = np.array([ref[(configs == c) & (np.arange(n) != i)].mean() if ((configs == c).sum() > 1) else math.nan
                       for i, c in enumerate(configs)])
     if np.isfinite(other).sum() >= 3:
-        b_other = cluster_bootstrap({"other": other}, ref, configs, n_boot=n_boot, seed=3)["other"]
+        b_other = cluster_bootstrap({"other": other}, ref, configs, n_boot=n_boot, seed=so + 3)["other"]
         print(f"(for scale: the mean test accuracy of the OTHER seeds of a run's configuration, a signal that knows the "
               f"configuration perfectly but not the seed, has Kendall tau {tau_on(other, ref):+.3f} "
               f"{fmt_ci(interval(b_other))} with the run's own test accuracy)")
@@ -385,7 +423,7 @@ def analyze(args) -> None:
                              ("reliance keys only", [s for s in every if s.startswith("netprobe/reliance")])):
             if not cands:
                 continue
-            cv = cross_validate_choice({s: cfg_sig[s] for s in cands}, cfg_ref, n_splits=200,
+            cv = cross_validate_choice({s: cfg_sig[s] for s in cands}, cfg_ref, n_splits=200, seed=so,
                                        baselines={s: cfg_sig[s] for s in ("train/loss", "val100/acc")})
             chosen = sorted(((c, s) for s, c in cv["chosen"].items() if c), reverse=True)
             ht = cv["heldout_tau"]
@@ -430,7 +468,7 @@ def conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_bo
             print(f"  - {label}: {n_sub} runs of {c_sub} configurations, fewer than {MIN_CONFIGS}: not resolved")
             continue
         sub = {s: osig[s][mask] for s in (auc, deep, area, pa_key, loss, val)}
-        b = cluster_bootstrap(sub, ref[mask], configs[mask], n_boot=n_boot, seed=2)
+        b = cluster_bootstrap(sub, ref[mask], configs[mask], n_boot=n_boot, seed=getattr(args, "seed_offset", 0) + 2)
         print(f"  - {label}, {n_sub} runs of {c_sub} configurations, test accuracy {ref[mask].min():.3f}-{ref[mask].max():.3f}: "
               + "; ".join(f"{s.replace('netprobe/', '')} {tau_on(v, ref[mask]):+.2f} {fmt_ci(interval(b[s]))}" for s, v in sub.items()))
         for s in (auc, deep, area):
