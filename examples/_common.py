@@ -7,11 +7,13 @@ never used here).
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -165,3 +167,26 @@ def trainer_kwargs(**kw):
                 accelerator="cpu", devices=1)
     base.update(kw)
     return base
+
+
+# ---------------------------------------------------------------- findings with intervals
+def t_interval(values: Sequence[float], *, level: float = 0.95) -> Tuple[float, float, float]:
+    """Mean and t-based confidence interval of the mean; NaN bounds for fewer than 2 values."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return mean, mean - half, mean + half
+
+
+def verdict(lo: float, hi: float, *, margin: float, n: int) -> str:
+    """'yes' if the interval lies above 0 by more than `margin`, 'no' if below by more, else unresolved."""
+    if math.isfinite(lo) and math.isfinite(hi):
+        if lo > margin:
+            return "yes"
+        if hi < -margin:
+            return "no"
+    return f"not resolved at {n} seeds"

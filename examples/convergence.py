@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from _common import lightning_mlp, loader, mnist1d, one_thread, quiet_lightning, trainer_kwargs
+from _common import lightning_mlp, loader, mnist1d, one_thread, quiet_lightning, trainer_kwargs, t_interval, verdict
 from netprobe.lightning import ConvergenceMonitor
 
 LAYERS = [f"net.relu{i}" for i in range(1, 5)]
@@ -40,28 +40,6 @@ SHORT = [l.split(".")[-1] for l in LAYERS]
 METHODS = ("pwcca", "cka")
 #: margins (in units of 1 - similarity per epoch) by which an interval must clear 0 for a verdict
 MARGIN = {"pwcca": 0.001, "cka": 0.0005}
-
-
-def t_interval(values: Sequence[float], *, level: float = 0.95) -> Tuple[float, float, float]:
-    """Mean and t-based confidence interval of the mean; NaN bounds for fewer than 2 values."""
-    from scipy.stats import t
-
-    v = np.asarray(values, dtype=np.float64)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return mean, mean - half, mean + half
-
-
-def verdict(lo: float, hi: float, *, margin: float, n: int) -> str:
-    """'yes' if the interval lies above 0 by more than `margin`, 'no' if below by more, else unresolved."""
-    if math.isfinite(lo) and math.isfinite(hi):
-        if lo > margin:
-            return "yes"
-        if hi < -margin:
-            return "no"
-    return f"not resolved at {n} seeds"
 
 
 class Recorder(pl.Callback):

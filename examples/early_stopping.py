@@ -46,7 +46,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from _common import accuracy, corrupt_labels, digits, lightning_mlp, loader, one_thread, quiet_lightning, trainer_kwargs
+from _common import accuracy, corrupt_labels, digits, lightning_mlp, loader, one_thread, quiet_lightning, trainer_kwargs, t_interval, verdict
 from netprobe.lightning import RelianceMonitor
 
 ORDERS = ("fixed", "per_epoch")
@@ -68,28 +68,6 @@ MIN_EQUIVALENCE_SEEDS = 5
 
 def rule_name(orders: str, smoothing: float, warmup: int = 0) -> str:
     return f"{orders}{'+EMA' if smoothing else ''}{f'+wu{warmup}' if warmup else ''}"
-
-
-def t_interval(values: Sequence[float], *, level: float = 0.95) -> Tuple[float, float, float]:
-    """Mean and t-based confidence interval of the mean; NaN bounds for fewer than 2 values."""
-    from scipy.stats import t
-
-    v = np.asarray(values, dtype=np.float64)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return mean, mean - half, mean + half
-
-
-def verdict(lo: float, hi: float, *, margin: float, n: int) -> str:
-    """'yes' if the interval lies above 0 by more than `margin`, 'no' if below by more, else unresolved."""
-    if math.isfinite(lo) and math.isfinite(hi):
-        if lo > margin:
-            return "yes"
-        if hi < -margin:
-            return "no"
-    return f"not resolved at {n} seeds"
 
 
 def equivalence(lo: float, hi: float, *, delta: float, n: int) -> str:
@@ -261,7 +239,7 @@ def main() -> None:
             m, lo, hi = t_interval(jit[o])
             cells.append(f"{o} orders {m:.4f} [{lo:.4f}, {hi:.4f}]")
         m, lo, hi = t_interval([p - f for p, f in zip(jit["per_epoch"], jit["fixed"])])
-        print(f"epoch-to-epoch sd of reliance_auc (first differences over the run), mean and 95% CI over seeds: "
+        print("epoch-to-epoch sd of reliance_auc (first differences over the run), mean and 95% CI over seeds: "
               + ", ".join(cells) + f"; per_epoch minus fixed {m:+.4f} [{lo:+.4f}, {hi:+.4f}]  (descriptor)")
 
     early = {rule_name(*rule): sum(epoch_of[s][rule_name(*rule)] < 3 for s in seeds) for rule in RULES}

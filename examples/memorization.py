@@ -37,14 +37,13 @@ otherwise: never a bare comparison of two means.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from _common import accuracy, corrupt_labels, digits, mlp, one_thread, train
+from _common import accuracy, corrupt_labels, digits, mlp, one_thread, train, t_interval, verdict
 from netprobe import probe
 from netprobe.metrics import ablation_curve, class_selectivity, pwcca
 
@@ -57,28 +56,6 @@ RHO_MARGIN = 0.3  # Spearman rho
 BOOTSTRAP = 2000
 #: fewer runs per level than this and a percentile bootstrap interval is too narrow to trust: no verdict
 MIN_BOOTSTRAP_SEEDS = 5
-
-
-def t_interval(values: Sequence[float], *, level: float = 0.95) -> Tuple[float, float, float]:
-    """Mean and t-based confidence interval of the mean; NaN bounds for fewer than 2 values."""
-    from scipy.stats import t
-
-    v = np.asarray(values, dtype=np.float64)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return mean, mean - half, mean + half
-
-
-def verdict(lo: float, hi: float, *, margin: float, n: int) -> str:
-    """'yes' if the interval lies above 0 by more than `margin`, 'no' if below by more, else unresolved."""
-    if math.isfinite(lo) and math.isfinite(hi):
-        if lo > margin:
-            return "yes"
-        if hi < -margin:
-            return "no"
-    return f"not resolved at {n} seeds"
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
