@@ -545,6 +545,7 @@ def top_k_hits(
     by the reference (module docstring). Ties are broken at random, in expectation: a tie for the
     best signal averages over the tied runs, and a run tied with ``e`` others by the reference, with
     ``b`` runs strictly better, is in the top ``k`` with probability ``clip((k - b) / (e + 1), 0, 1)``."""
+    _check_directions(mode, reference_mode)
     sig = np.asarray(signal, float) * (1 if mode == "max" else -1)
     ref = np.asarray(reference, float) * (1 if reference_mode == "max" else -1)
     n = len(sig)
@@ -606,20 +607,28 @@ def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _hit_credit_rows(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+def _check_directions(mode: str, reference_mode: str) -> None:
+    if mode not in ("max", "min") or reference_mode not in ("max", "min"):
+        raise SelectionError(f"Expected `mode` and `reference_mode` to be 'max' or 'min', but got {mode!r}, {reference_mode!r}.")
+
+
+def _first_copies(ids: np.ndarray) -> np.ndarray:
+    """``(rows, L)`` bool: the first entry of each run id in its row (a bootstrap draws runs with
+    replacement: copies of one run are one run, not a tie)."""
+    first = np.ones(ids.shape, dtype=bool)
+    for sl in _chunks(len(ids), ids.shape[1]):
+        a = ids[sl]
+        earlier = np.tril(np.ones((a.shape[1], a.shape[1]), dtype=bool), -1)  # [j, l]: l < j
+        first[sl] = ~((a[:, :, None] == a[:, None, :]) & earlier[None]).any(-1)
+    return first
+
+
+def _hit_credit_rows(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int], ids: Optional[np.ndarray] = None) -> np.ndarray:
     """``(rows, len(ks))``: for each row (a set of runs, both sides oriented so that higher is
     better), the chance that the best-signal run is in the row's top ``k`` by the reference, ties
-    broken at random in expectation (as :func:`top_k_hits`)."""
-    out = np.empty((len(sig), len(ks)))
-    for sl in _chunks(len(sig), sig.shape[1]):
-        s, r = sig[sl], ref[sl]
-        picks = s == s.max(1, keepdims=True)
-        better = (r[:, None, :] > r[:, :, None]).sum(-1)  # [row, j]: runs strictly better than j
-        equal = (r[:, None, :] == r[:, :, None]).sum(-1) - 1  # tied with j, j excluded
-        for i, k in enumerate(ks):
-            credit = np.clip((k - better) / (equal + 1.0), 0.0, 1.0)
-            out[sl, i] = (credit * picks).sum(1) / picks.sum(1)
-    return out
+    broken at random in expectation (as :func:`top_k_hits`). ``ids`` ``(rows, L)``: which run each
+    entry is (bootstrap copies of one run count once, and are never a tie with each other)."""
+    return _hit_credit_masked(sig, ref, np.ones(sig.shape, dtype=bool), ks, ids)
 
 
 def _group_codes(groups: Optional[Sequence[Any]], n: int) -> Optional[np.ndarray]:
@@ -700,15 +709,21 @@ def _spearman_rows_masked(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np
     return out
 
 
-def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: Sequence[int]) -> np.ndarray:
-    """As :func:`_hit_credit_rows` over each row's ``valid`` entries only."""
+def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: Sequence[int],
+                       ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """As :func:`_hit_credit_rows` over each row's ``valid`` entries only; with ``ids``, each run
+    counts once however many copies of it the row holds."""
     out = np.empty((len(sig), len(ks)))
+    if ids is None:
+        ids = np.broadcast_to(np.arange(sig.shape[1]), sig.shape)
+    first = _first_copies(ids) & valid
     for sl in _chunks(len(sig), sig.shape[1]):
-        s, r, v = sig[sl], ref[sl], valid[sl]
+        s, r, v, f, a = sig[sl], ref[sl], valid[sl], first[sl], ids[sl]
         smax = np.where(v, s, -np.inf).max(1, keepdims=True)
-        picks = v & (s == smax)
-        better = ((r[:, None, :] > r[:, :, None]) & v[:, None, :]).sum(-1)
-        equal = np.maximum(((r[:, None, :] == r[:, :, None]) & v[:, None, :]).sum(-1) - 1, 0)  # padding: 0, never picked
+        picks = f & (s == smax)  # the runs with the best signal, each once
+        other = a[:, None, :] != a[:, :, None]  # [row, j, l]: l is another run than j
+        better = ((r[:, None, :] > r[:, :, None]) & f[:, None, :]).sum(-1)  # distinct runs strictly better than j
+        equal = ((r[:, None, :] == r[:, :, None]) & f[:, None, :] & other).sum(-1)  # distinct other runs tied with j
         for i, k in enumerate(ks):
             credit = np.clip((k - better) / (equal + 1.0), 0.0, 1.0)
             out[sl, i] = np.where(picks, credit, 0.0).sum(1) / picks.sum(1)
@@ -797,6 +812,7 @@ def bootstrap_intervals(
         >>> ci["resampled"], ci["n_groups"]
         ('groups', 3)
     """
+    _check_directions(mode, reference_mode)
     sig = np.asarray(signal, dtype=np.float64) * (1 if mode == "max" else -1)
     ref = np.asarray(reference, dtype=np.float64) * (1 if reference_mode == "max" else -1)
     if sig.ndim != 1 or sig.shape != ref.shape or len(sig) < 2:
@@ -819,24 +835,24 @@ def bootstrap_intervals(
         bs, br = sig[idx], ref[idx]
         taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
         if ks and m == n:
-            hits = _hit_credit_rows(bs, br, ks)
+            hits = _hit_credit_rows(bs, br, ks, idx)
         elif ks:
             for b in range(n_boot):
                 sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
-                hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks).mean(0)
+                hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks, idx[b][sub]).mean(0)
     else:
         idx, draw, valid = _cluster_draws(codes, n_boot, rng)
         bs, br = sig[idx], ref[idx]
         taus = _kendall_rows_grouped(bs, br, codes[idx], draw, valid)
         rhos = _spearman_rows_masked(bs, br, valid)
         if ks and m == n:
-            hits = _hit_credit_masked(bs, br, valid, ks)
+            hits = _hit_credit_masked(bs, br, valid, ks, idx)
         elif ks:
             for b in range(n_boot):
                 real = idx[b][valid[b]]
                 m_b = min(m, len(real))
                 sub = np.argsort(rng.random((boot_draws, len(real))), axis=1)[:, :m_b]
-                hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks).mean(0)
+                hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks, real[sub]).mean(0)
     return {
         "kendall_tau": _interval(taus, level), "spearman_rho": _interval(rhos, level),
         "top_k": {k: _interval(hits[:, i], level) for i, k in enumerate(ks)},

@@ -38,10 +38,18 @@ def ref_rho(x, y):
         return float(stats.spearmanr(x, y).statistic)
 
 
-def ref_hit(sig, ref, k):
+def ref_hit(sig, ref, k, ids=None):
     """Chance that the best-signal run is in the top k by the reference (both higher = better):
     a tie for the best signal averages over the tied runs; a run with `better` runs strictly above it
-    and `equal` others tied with it is in the top k with probability clip((k - better) / (equal + 1))."""
+    and `equal` others tied with it is in the top k with probability clip((k - better) / (equal + 1)).
+    `ids`: which run each entry is; copies of one run (a bootstrap draws with replacement) are one run."""
+    if ids is not None:
+        seen, keep = set(), []
+        for j, i in enumerate(ids):
+            if i not in seen:
+                seen.add(i)
+                keep.append(j)
+        sig, ref = [sig[j] for j in keep], [ref[j] for j in keep]
     n = len(sig)
     best = max(sig)
     picks = [i for i in range(n) if sig[i] == best]
@@ -75,11 +83,12 @@ def ref_bootstrap(sig, ref, ks, *, n_boot, level, seed, subset_size=None, boot_d
         r = [ref[i] for i in idx[b]]
         if m == n:
             for k in ks:
-                hits[k].append(ref_hit(s, r, k))
+                hits[k].append(ref_hit(s, r, k, list(idx[b])))
         else:
             order = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
             for k in ks:
-                hits[k].append(np.mean([ref_hit([s[j] for j in row], [r[j] for j in row], k) for row in order]))
+                hits[k].append(np.mean([ref_hit([s[j] for j in row], [r[j] for j in row], k, [idx[b][j] for j in row])
+                                        for row in order]))
     return {"kendall_tau": ref_percentile(taus, level), "spearman_rho": ref_percentile(rhos, level),
             "top_k": {k: ref_percentile(hits[k], level) for k in ks}}
 
@@ -539,7 +548,7 @@ def ref_cluster_replicates(sig, ref, groups, n_boot, seed, ks=()):
         taus.append(ref_tau_pairs(x, y, lambda i, j: not (grp[i] == grp[j] and draw_of[i] != draw_of[j])))
         rhos.append(ref_rho(x, y))
         for k in ks:
-            hits[k].append(ref_hit(x, y, k))
+            hits[k].append(ref_hit(x, y, k, runs))
     return taus, rhos, hits
 
 
@@ -590,7 +599,8 @@ def test_cluster_bootstrap_with_subsets_and_refusals():
     for row in draws:
         runs = [i for g in row for i in members[g]]
         subs = np.argsort(gen.random((10, len(runs))), axis=1)[:, :5]
-        hits.append(np.mean([ref_hit([sig[runs[j]] for j in sub], [ref[runs[j]] for j in sub], 2) for sub in subs]))
+        hits.append(np.mean([ref_hit([sig[runs[j]] for j in sub], [ref[runs[j]] for j in sub], 2, [runs[j] for j in sub])
+                             for sub in subs]))
     assert got["top_k"][2] == pytest.approx(ref_percentile(hits, 0.95), abs=1e-9)
     with pytest.raises(SelectionError, match="one group label per run"):
         bootstrap_intervals(sig, ref, groups=groups[:-1])
@@ -832,3 +842,25 @@ def test_cli_groups_and_compare_end_to_end(seed_sweep, tmp_path, capsys):
     assert "--compare A,B with the table" in capsys.readouterr().err
     assert main(args + ["--group-by", "depth"]) == 2
     assert "No run has the hyperparameter 'depth'" in capsys.readouterr().err
+
+
+def test_bootstrap_copies_of_one_run_are_not_a_tie():
+    # a perfect signal: every replicate's pick is its best run, however many copies of it were drawn
+    sig = list(np.linspace(0.1, 0.9, 10))
+    got = bootstrap_intervals(sig, sig, ks=[1, 3], n_boot=300, seed=0)
+    assert got["top_k"][1] == [1.0, 1.0] and got["top_k"][3] == [1.0, 1.0]
+    got = bootstrap_intervals(sig, sig, ks=[1], n_boot=300, seed=0, groups=[i // 2 for i in range(10)])
+    assert got["top_k"][1] == [1.0, 1.0]
+    got = bootstrap_intervals(sig, sig, ks=[1], subset_size=4, n_boot=50, boot_draws=20, seed=0)
+    assert got["top_k"][1] == [1.0, 1.0]
+
+
+def test_public_statistics_refuse_a_misspelled_direction():
+    from netprobe.select import top_k_hits
+
+    with pytest.raises(SelectionError, match="'max' or 'min'"):
+        bootstrap_intervals([1, 2, 3], [1, 2, 3], mode="Max")
+    with pytest.raises(SelectionError, match="'max' or 'min'"):
+        top_k_hits([1, 2, 3], [1, 2, 3], [1], mode="maximize")
+    with pytest.raises(SelectionError, match="'max' or 'min'"):
+        top_k_hits([1, 2, 3], [1, 2, 3], [1], reference_mode="up")
