@@ -566,6 +566,18 @@ NESTED_MESSAGE = (
 )
 
 
+class _Cleanup:
+    """A handle whose ``remove()`` calls ``fn`` once."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Optional[Callable[[], None]] = fn
+
+    def remove(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
 class AmbiguousLayoutError(ValueError):
     """A layer's batch axis cannot be told from this forward call (a 3-D output whose first two
     axes both have the batch size): another call with another batch size may tell it."""
@@ -634,13 +646,30 @@ class Layouts:
                 handles.append(m.register_forward_pre_hook(eager_hook(self._enter), with_kwargs=True))
                 handles.append(m.register_forward_hook(eager_hook(self._leave), always_call=True))
             handles += track_layouts(self.model, [self.modules[n] for n in self._needs]) if self._needs else []
+            handles.append(_Cleanup(self._reset_forward))  # removed last: no mode left pushed
         except BaseException:
             for h in handles:
                 h.remove()
             raise
         return handles
 
+    def _reset_forward(self) -> None:
+        """Forget a forward pass that did not end (a KeyboardInterrupt skips even ``always_call``
+        hooks): depth 0, and the function mode it pushed popped."""
+        self._depth = 0
+        if self._tracking_now:
+            self._tracking_now = False
+            _TRACKING[0] -= 1
+            mode, self._mode = self._mode, None
+            if mode is not None:
+                try:
+                    mode.__exit__(None, None, None)
+                except Exception:  # pragma: no cover - the mode stack was changed under it
+                    pass
+
     def _enter(self, mod: nn.Module, args: Any, kwargs: Any) -> None:
+        if mod is self.model and self._depth:
+            self._reset_forward()  # a new call of the model while an interrupted one is still counted
         if self._depth == 0:
             self.batch = None
             first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -660,12 +689,8 @@ class Layouts:
 
     def _leave(self, mod: nn.Module, args: Any, out: Any) -> None:
         self._depth = max(0, self._depth - 1)
-        if self._depth == 0 and self._tracking_now:
-            self._tracking_now = False
-            _TRACKING[0] -= 1
-            mode, self._mode = self._mode, None
-            if mode is not None:
-                mode.__exit__(None, None, None)
+        if self._depth == 0:
+            self._reset_forward()
 
     # -- the decision ------------------------------------------------------------------
     def dims(self, name: str, module: nn.Module, out: torch.Tensor, *, primary: bool = True) -> Tuple[int, int]:

@@ -520,3 +520,32 @@ def test_a_2d_layer_is_followed_once_only():
             assert _modules._TRACKING[0] == 0
     finally:
         _modules._follow = orig
+
+
+def test_an_interrupted_forward_leaves_no_mode_and_the_probe_works_on():
+    # a KeyboardInterrupt skips even always_call forward hooks: the mode netprobe pushed for the
+    # undecided layer must not stay pushed, and the next call must see its own batch size
+    from torch.overrides import _get_current_function_mode_stack
+
+    from netprobe import _modules
+
+    class Interrupt(nn.Module):
+        armed = True
+
+        def forward(self, x):
+            if self.armed:
+                raise KeyboardInterrupt
+            return x
+
+    stop = Interrupt()
+    net = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), stop, nn.Flatten(), nn.Linear(4 * 7, 3))
+    with netprobe.probe(net, ["1"]) as p:
+        with pytest.raises(KeyboardInterrupt):
+            net(torch.randn(4, 2, 7))
+        stop.armed = False
+        net(torch.randn(10, 2, 7))  # another batch size: read afresh
+        assert p["1"].shape[1] == 4 and len(_get_current_function_mode_stack()) == 0
+        stop.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            net(torch.randn(4, 2, 7))
+    assert len(_get_current_function_mode_stack()) == 0 and _modules._TRACKING[0] == 0
