@@ -5,51 +5,14 @@ the ones that came out with a wide margin in the quick run at several seed offse
 full run (README, "Findings reproduced"); those that may legitimately stay unresolved are only
 required not to come out the other way."""
 
-import importlib.util
 import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NUM = r"[+-]?(?:\d+\.\d+|nan)"
-LINE = re.compile(rf"^  (?P<claim>.+?): (?P<verdict>yes|no|not resolved at \d+ seeds)   \((?:rho )?(?P<mean>{NUM}) "
-                  rf"\[(?P<lo>{NUM}), (?P<hi>{NUM})\].*margin (?P<margin>\d+\.\d+)\)$", re.M)
-
-
-def _run(script, tmp, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, str(EXAMPLES / script), "--quick", "--logdir", str(tmp / "runs"), *extra],
-                         cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "torch threads = 1" in out.stdout
-    return out.stdout
-
-
-def _conclusions(stdout):
-    found = {m["claim"]: m for m in LINE.finditer(stdout)}
-    for claim, m in found.items():  # the verdict is the one its own printed interval and margin give
-        mean, lo, hi, margin = (float(m[k]) for k in ("mean", "lo", "hi", "margin"))
-        if math.isnan(lo) or math.isnan(hi):
-            assert m["verdict"].startswith("not resolved"), (claim, m.group(0))
-            continue
-        assert lo <= mean <= hi, (claim, m.group(0))
-        tol = 10.0 ** -len(m["lo"].split(".")[-1]) if "." in m["lo"] else 0.0  # printed values are rounded
-        if lo > margin + tol:
-            expected = "yes"
-        elif hi < -margin - tol:
-            expected = "no"
-        elif lo < margin - tol and hi > -margin + tol:
-            expected = "not resolved"
-        else:
-            continue  # at the margin to the printed precision
-        assert m["verdict"].startswith(expected), (claim, m.group(0))
-    return {claim: m["verdict"] for claim, m in found.items()}
+from findings_helpers import conclusions as _conclusions
+from findings_helpers import load_example as _load
+from findings_helpers import run_quick as _run
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +49,6 @@ def test_convergence_findings(convergence):
         assert v[f"{upper} travels farther per epoch than {lower} (pwcca)"] == "yes"
     assert "bottom-up by pwcca (each layer travels less per epoch than the one above it): yes" in convergence
     # CKA (reported beside PWCCA) is not part of the stated finding: over 10 epochs it does not order the layers
-
-
-def _load(name):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.mark.parametrize("name", ["memorization", "convergence"])

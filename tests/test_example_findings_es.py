@@ -6,77 +6,22 @@ ones that came out the same in the quick run at several seed offsets and in the 
 "Findings reproduced"); those that may legitimately stay unresolved are only required not to come
 out the other way. The helpers are checked against independent implementations written here."""
 
-import importlib.util
 import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NUM = r"[+-]?(?:\d+\.\d+|nan)"
-LINE = re.compile(rf"^  (?P<claim>.+?): (?P<verdict>yes|no|not resolved at \d+ seeds)   \((?P<mean>{NUM}) "
-                  rf"\[(?P<lo>{NUM}), (?P<hi>{NUM})\], margin (?P<margin>\d+\.\d+)\)$", re.M)
+from findings_helpers import conclusions as _conclusions
+from findings_helpers import load_example, run_quick
 
 
 def _load():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location("_example_early_stopping", EXAMPLES / "early_stopping.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
-def _expected(claim, lo, hi, margin, tol):
-    """The verdict the printed interval gives, or None when it sits at a bound to the printed precision."""
-    if " is within +-" in claim or " are within +-" in claim:
-        if lo > -margin + tol and hi < margin - tol:
-            return "yes"
-        if lo > margin + tol or hi < -margin - tol:
-            return "no"
-        if (lo < -margin - tol or hi > margin + tol) and lo < margin - tol and hi > -margin + tol:
-            return "not resolved"
-        return None
-    if lo > margin + tol:
-        return "yes"
-    if hi < -margin - tol:
-        return "no"
-    if lo < margin - tol and hi > -margin + tol:
-        return "not resolved"
-    return None
-
-
-def _conclusions(stdout):
-    found = {m["claim"]: m for m in LINE.finditer(stdout)}
-    for claim, m in found.items():  # the verdict is the one its own printed interval and margin give
-        mean, lo, hi, margin = (float(m[k]) for k in ("mean", "lo", "hi", "margin"))
-        if math.isnan(lo) or math.isnan(hi):
-            assert m["verdict"].startswith("not resolved"), (claim, m.group(0))
-            continue
-        assert lo <= mean <= hi, (claim, m.group(0))
-        tol = 10.0 ** -len(m["lo"].split(".")[-1])  # printed values are rounded
-        expected = _expected(claim, lo, hi, margin, tol)
-        if expected is not None:
-            assert m["verdict"].startswith(expected), (claim, m.group(0))
-    return {claim: m["verdict"] for claim, m in found.items()}
+    return load_example("early_stopping")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("early_stopping")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, str(EXAMPLES / "early_stopping.py"), "--quick", "--logdir", str(tmp / "runs")],
-                         cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "torch threads = 1" in out.stdout
-    return out.stdout
+    return run_quick("early_stopping.py", tmp_path_factory.mktemp("early_stopping"))
 
 
 @pytest.mark.slow
