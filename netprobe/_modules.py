@@ -418,10 +418,10 @@ if _TorchFunctionMode is not None:
             return out
 
 
-def _compiled(model: nn.Module) -> bool:
-    """Whether ``model`` or a submodule is compiled (torch.compile / nn.Module.compile): function
-    modes are not used there, only module hooks."""
-    for m in model.modules():
+def _compiled(modules: Iterable[nn.Module]) -> bool:
+    """Whether one of ``modules`` (a model's) is compiled (torch.compile / nn.Module.compile):
+    function modes are not used there, only module hooks."""
+    for m in modules:
         if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
             return True
     return False
@@ -625,7 +625,7 @@ class Layouts:
         # has been decided once
         self._needs = [n for n, m in self.modules.items()
                        if self.layout[n] is None and self.context[n] is None and not isinstance(m, _TYPED)]
-        self._compiled = _compiled(model)
+        self._compiled = _compiled(self._named.values())
         self._mode: Any = None
         self._tracking_now = False
 

@@ -486,6 +486,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         sl = slice(r * n // ws, (r + 1) * n // ws)
         return x[sl], y[sl], sl
 
+    def _batched(self, x: torch.Tensor, y: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` in batches of ``batch_size`` (the data the metric functions take)."""
+        return [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+
     # ------------------------------------------------------------------ evaluation helpers
     def _frozen(self, pl_module: nn.Module) -> ContextManager[None]:
         return evaluating(pl_module, restore_rng=True)
@@ -578,7 +582,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if self._probe is None:
             self.on_train_start(trainer, pl_module)
         self._last_epoch = epoch
-        self._media_due = ((epoch + 1) // self.every_n_epochs - 1) % self.media_every == 0 or _last_epoch(trainer, epoch)
+        self._media_due = ((epoch + 1) // self.every_n_epochs - 1) % self.media_every == 0 or _final_epoch(trainer, epoch)
         t0 = time.perf_counter()
         with self._frozen(pl_module):
             scalars, media = self.compute(trainer, pl_module)
@@ -667,9 +671,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         loggers = list(getattr(trainer, "loggers", []) or [])
         if _dist.rank() != 0 or not loggers:
             return
-        # the step of Lightning's own epoch-level scalars of this epoch (one before the optimizer
-        # step count at the epoch's end), so that TensorBoard shows both at the same x
-        step = max(int(trainer.global_step) - 1, 0)
+        step = _log_step(trainer)
         for logger in loggers:
             logger.log_metrics({**scalars, "epoch": float(trainer.current_epoch)}, step=step)
         if self._media_due:
@@ -679,7 +681,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         writer = _tensorboard_writer(list(getattr(trainer, "loggers", []) or []))
         if writer is None or _dist.rank() != 0:
             return
-        step = max(int(trainer.global_step) - 1, 0)
+        step = _log_step(trainer)
         for tag, values in media.get("histograms", {}).items():
             if values.numel():
                 writer.add_histogram(tag, values.detach().cpu().float(), step)
@@ -688,7 +690,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 writer.add_figure(tag, fig, step, close=True)
 
 
-def _last_epoch(trainer: Any, epoch: int) -> bool:
+def _log_step(trainer: Any) -> int:
+    """The step of Lightning's own epoch-level scalars of this epoch (one before the optimizer step
+    count at the epoch's end), so that TensorBoard shows netprobe's at the same x."""
+    return max(int(trainer.global_step) - 1, 0)
+
+
+def _final_epoch(trainer: Any, epoch: int) -> bool:
     """Whether ``epoch`` is the run's last (``max_epochs`` reached, or a callback stopping it)."""
     max_epochs = getattr(trainer, "max_epochs", None)
     if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:

@@ -191,7 +191,7 @@ class SelectivityMonitor(NetprobeMonitor):
         (over live units), and the (selectivity, importance) points of the scatter."""
         assert model_out is not None  # checked before the first step
         base = self._agreed(lambda: score(model_out, y.to(model_out.device)), model_out.device)
-        data = [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        data = self._batched(x, y)
         fwd = _ForwardAdapter(self, pl_module)
         rho_sel: Dict[str, float] = {}
         rho_mi: Dict[str, float] = {}
@@ -372,7 +372,7 @@ class RelianceMonitor(NetprobeMonitor):
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, y, sl = self._shard()
         epoch = int(trainer.current_epoch)
-        data = [(x[i : i + self.batch_size], y[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        data = self._batched(x, y)
         acts, out = self._probe_pass(trainer, pl_module, x)
         assert out is not None  # checked before the first step (_check)
         base = self._agreed(lambda: score(out, y.to(out.device)), out.device)  # this shard's unablated point
