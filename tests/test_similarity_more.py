@@ -298,7 +298,7 @@ def _spy_routes(monkeypatch):
 def test_linear_cka_raw_and_centred_routes_against_references(n, dx, dy, offset, route, monkeypatch):
     import netprobe.metrics.similarity as S
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)  # the opt-in numpy BLAS route (NETPROBE_NUMPY_BLAS=1)
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)  # the numpy BLAS route (the CPU default; NETPROBE_NUMPY_BLAS=0 turns it off)
     x, y = _pair(n, dx, dy, 7)
     x, y = x + offset, y + 2.0 - offset  # _pair puts y near -2
     ref, ref_d = _centred_refs(x, y)
@@ -384,15 +384,50 @@ def test_linear_cka_numpy_scratch_stays_far_below_a_copy(n, d, dtype, monkeypatc
         assert peak < n * d * 8 // 4  # a float64 copy of x would be n d 8 bytes
 
 
-def test_numpy_blas_is_opt_in(monkeypatch):
-    # pure torch by default (numpy's BLAS threads do not follow torch.set_num_threads)
+def test_numpy_blas_is_the_cpu_default_and_can_be_switched_off():
     import subprocess
     import sys
 
     code = "import netprobe.metrics.similarity as S; print(S._NUMPY_CPU)"
     env = {k: v for k, v in __import__("os").environ.items() if k != "NETPROBE_NUMPY_BLAS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "NETPROBE_NUMPY_BLAS": "1"}, capture_output=True,
-                         text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "NETPROBE_NUMPY_BLAS": "0"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2])
+@pytest.mark.parametrize("n,d", [(300, 20), (40, 150)])  # moments and Gram routes
+def test_numpy_blas_threads_follow_torch_during_linear_cka(torch_threads, n, d, monkeypatch):
+    # numpy's BLAS is set to another thread count outside; inside linear_cka's products it runs
+    # torch.get_num_threads() threads, and the outside setting is back afterwards
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import netprobe.metrics.similarity as S
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    seen = []
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["internal_api"] != "mkl"}
+
+    for name in ("_raw_products", "_raw_gram", "_np_gram_into", "_cross_into"):  # every numpy product
+        real = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _r=real, _n=name, **k: (seen.append((_n, blas_threads())), _r(*a, **k))[1])
+    outside = 3 - torch_threads
+    x, y = (T(a) for a in _pair(n, d, d + 1, 5))
+    strided = T(np.repeat(x.numpy(), 2, axis=1))[:, ::2]  # the centred (blockwise) route
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        with threadpool_limits(limits=outside, user_api="blas"):
+            linear_cka(x, y)
+            linear_cka(strided, y, debiased=True)
+            after = blas_threads()
+    finally:
+        torch.set_num_threads(before)
+    names = {name for name, _ in seen}
+    assert ("_raw_products" in names or "_raw_gram" in names) and names & {"_np_gram_into", "_cross_into"}, names
+    assert after == {outside}
+    assert all(t == {torch_threads} for _, t in seen), seen

@@ -33,6 +33,7 @@ alone, and which one a metric uses depends only on the metrics asked for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -78,14 +79,31 @@ def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> No
 #: width below which a Gram block is one full product (and above which it is split in halves)
 _GRAM_BASE = 64
 
-#: Opt-in (environment variable ``NETPROBE_NUMPY_BLAS=1``): on CPU, linear CKA's products of
-#: float64 blocks go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a block times its own
-#: transpose, half the work of a general product), measured faster than torch's on our benchmark
-#: machine (one thread, AMD EPYC, torch's MKL vs numpy's OpenBLAS: a ``(10000, 512)`` Gram 0.09 s vs
-#: 0.13 s). Same float64 numbers, same rounding model. Off by default: the metrics stay pure torch,
-#: and numpy's BLAS threads follow ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``, not
-#: ``torch.set_num_threads`` (several ranks on one host could oversubscribe its cores).
-_NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "0") == "1"
+#: On CPU, linear CKA's float64 products go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a
+#: block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
+#: MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
+#: the best pure-torch route is 1.15-1.25x the numpy recipe of Kornblith et al., this one
+#: 0.93-0.99x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
+#: the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
+#: so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
+#: (read at import) keeps every product in torch; so does a missing threadpoolctl.
+_NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "1") != "0"
+_BLAS_CONTROLLER: Any = None
+
+
+def _blas_threads() -> Any:
+    """Context in which numpy's BLAS runs ``torch.get_num_threads()`` threads (restored on exit).
+    Disables the numpy route (:data:`_NUMPY_CPU`) when threadpoolctl is not installed."""
+    global _BLAS_CONTROLLER, _NUMPY_CPU
+    if _BLAS_CONTROLLER is None:
+        try:
+            import numpy  # noqa: F401  (its BLAS must be loaded for the controller to see it)
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _NUMPY_CPU = False
+            return contextlib.nullcontext()
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas")
 
 
 def _np_ok(t: torch.Tensor) -> bool:
@@ -984,7 +1002,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     a float64, contiguous CPU input whose column means are small next to its spread (error bound
     grown at most 16x, checked exactly) is multiplied as it is (numpy's ``syrk``/``gemm``) and
     centred afterwards; any other input (float32, float16, large offsets, strided, GPU) is
-    converted and centred block by block, accumulating in float64.
+    converted and centred block by block, accumulating in float64. On CPU the float64 products go
+    through numpy's BLAS (it has ``syrk``; torch does not), its threads set to
+    ``torch.get_num_threads()`` for the call; ``NETPROBE_NUMPY_BLAS=0`` keeps them in torch.
 
     Returns:
         0-d float64 tensor in ``[0, 1]`` (``debiased=True``: in ``[-1, 1]``, near 0 or slightly
@@ -1007,24 +1027,26 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     # Neither makes an (n, d) float64 copy: both accumulate over blocks converted on the fly.
     # A float64 input whose means are small next to its spread (:func:`_raw_candidate`) is used as
     # it is (no copy at all): one syrk per side (and one gemm), centred afterwards.
-    raw = _raw_candidate(x) and _raw_candidate(y)
-    if _use_gram(n, dx, dy):
-        kx = ky = None
-        if raw and (kx := _raw_gram(x)) is not None:
-            ky = _raw_gram(y)
-        if ky is None:
-            kx, ky = _centred_gram(x, "x", True), _centred_gram(y, "y", True)
-        sxy, sxx, syy = _flat_dot(kx, ky), _flat_dot(kx, kx), _flat_dot(ky, ky)  # ||A^T B||_F^2 = <A A^T, B B^T>
-        rx, ry = kx.diagonal(), ky.diagonal()  # squared row norms of the centred data
-    else:
-        prods = _raw_products(x, y) if raw else None
-        if prods is None:
-            mom = _Moments.of(x, y, blas=True)
-            prods = mom.cxx, mom.cyy, mom.cxy, mom.mx, mom.my
-        cxx, cyy, cxy, mx, my = prods
-        sxy, sxx, syy = _flat_dot(cxy, cxy), _flat_dot(cxx, cxx), _flat_dot(cyy, cyy)
-        if debiased:
-            rx, ry = _row_sq_norms(x, mx), _row_sq_norms(y, my)
+    # numpy's BLAS (CPU, :data:`_NUMPY_CPU`) runs torch.get_num_threads() threads meanwhile
+    with _blas_threads() if _NUMPY_CPU and x.device.type == "cpu" else contextlib.nullcontext():
+        raw = _raw_candidate(x) and _raw_candidate(y)
+        if _use_gram(n, dx, dy):
+            kx = ky = None
+            if raw and (kx := _raw_gram(x)) is not None:
+                ky = _raw_gram(y)
+            if ky is None:
+                kx, ky = _centred_gram(x, "x", True), _centred_gram(y, "y", True)
+            sxy, sxx, syy = _flat_dot(kx, ky), _flat_dot(kx, kx), _flat_dot(ky, ky)  # ||A^T B||_F^2 = <A A^T, B B^T>
+            rx, ry = kx.diagonal(), ky.diagonal()  # squared row norms of the centred data
+        else:
+            prods = _raw_products(x, y) if raw else None
+            if prods is None:
+                mom = _Moments.of(x, y, blas=True)
+                prods = mom.cxx, mom.cyy, mom.cxy, mom.mx, mom.my
+            cxx, cyy, cxy, mx, my = prods
+            sxy, sxx, syy = _flat_dot(cxy, cxy), _flat_dot(cxx, cxx), _flat_dot(cyy, cyy)
+            if debiased:
+                rx, ry = _row_sq_norms(x, mx), _row_sq_norms(y, my)
     if not debiased:
         return _cka_ratio(sxy, sxx, syy)
     return _debiased_ratio(_hsic_u(sxy, rx, ry, n), _hsic_u(sxx, rx, rx, n), _hsic_u(syy, ry, ry, n))
