@@ -82,8 +82,8 @@ _GRAM_BASE = 64
 #: On CPU, linear CKA's float64 products go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a
 #: block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
 #: MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
-#: the best pure-torch route is 1.15-1.25x the numpy recipe of Kornblith et al., this one
-#: 0.93-0.99x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
+#: the best pure-torch route is 1.16-1.30x the numpy recipe of Kornblith et al., this one
+#: 0.91-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
 #: the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
 #: so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
 #: (read at import) keeps every product in torch; so does a missing threadpoolctl.
