@@ -412,9 +412,12 @@ def test_numpy_blas_threads_follow_torch_during_linear_cka(torch_threads, n, d, 
     def blas_threads():
         return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["internal_api"] != "mkl"}
 
-    for name in ("_raw_products", "_raw_gram", "_np_gram_into", "_cross_into"):  # every numpy product
+    for name in ("_raw_products", "_raw_gram", "_np_gram_into"):  # every route of numpy products
         real = getattr(S, name)
         monkeypatch.setattr(S, name, lambda *a, _r=real, _n=name, **k: (seen.append((_n, blas_threads())), _r(*a, **k))[1])
+    real_of = S._Moments._of_numpy
+    monkeypatch.setattr(S._Moments, "_of_numpy", staticmethod(
+        lambda *a, **k: (seen.append(("_of_numpy", blas_threads())), real_of(*a, **k))[1]))
     outside = 3 - torch_threads
     x, y = (T(a) for a in _pair(n, d, d + 1, 5))
     strided = T(np.repeat(x.numpy(), 2, axis=1))[:, ::2]  # the centred (blockwise) route
@@ -428,6 +431,6 @@ def test_numpy_blas_threads_follow_torch_during_linear_cka(torch_threads, n, d, 
     finally:
         torch.set_num_threads(before)
     names = {name for name, _ in seen}
-    assert ("_raw_products" in names or "_raw_gram" in names) and names & {"_np_gram_into", "_cross_into"}, names
+    assert ("_raw_products" in names or "_raw_gram" in names) and names & {"_np_gram_into", "_of_numpy"}, names
     assert after == {outside}
     assert all(t == {torch_threads} for _, t in seen), seen

@@ -158,11 +158,8 @@ def _gram_into(at: torch.Tensor, out: torch.Tensor, base: int = _GRAM_BASE, blas
     out[:h, h:].addmm_(at[:h], at[h:].T)
 
 
-def _cross_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blas: bool = False) -> None:
-    """``out += a @ b.T`` (``blas=True``: through numpy's BLAS on CPU, like :func:`_gram_into`)."""
-    if blas and _np_ok(a) and _np_ok(b) and _np_ok(out):
-        out.numpy().__iadd__(a.numpy() @ b.numpy().T)
-        return
+def _cross_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += a @ b.T``."""
     out.addmm_(a, b.T)
 
 
@@ -211,7 +208,7 @@ class _Moments:
         as accurate as centering by the mean itself: the correction's relative size is
         ``(delta/sigma)^2``, and a block's mean lies within ``sigma sqrt(n/b)`` of the overall one.
 
-        ``blas=True`` takes the products through numpy's BLAS on CPU (:func:`_gram_into`; linear
+        ``blas=True`` takes the products through numpy's BLAS on CPU (:meth:`_of_numpy`; linear
         CKA). ``yy=False`` skips ``y``'s co-moment (``cyy = None``). Nothing computed for ``x`` depends on
         ``y`` beyond its width (through the block size), so ``x``'s moments are bit for bit those
         that any ``y`` of the same width gives, and those that the same rows give as ``y``:
@@ -219,9 +216,9 @@ class _Moments:
         """
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
         _need_rows(n)
+        if blas and _NUMPY_CPU and x.device.type == "cpu":
+            return _Moments._of_numpy(x, y, yy)
         rows, piece = _chunk_rows(x, y)
-        if blas and _NUMPY_CPU and x.device.type == "cpu":  # numpy's BLAS: larger blocks (8 MiB a side)
-            rows = max(rows, 2**20 // max(dx, dy, 1))
         rows = min(rows, max(n, 1))
         # a block mean as the shift; summed blockwise, mean(dtype=float64) would copy all of x
         first = max(min(rows, n), 1)
@@ -243,25 +240,58 @@ class _Moments:
                 torch.sub(y[i + j : i + min(j + piece, r)].T, sy[:, None], out=b[:, j : j + piece])
             tx += a.sum(1)
             ty += b.sum(1)
-            if blas:
-                _gram_into(a, cxx, _GRAM_BASE, True)
-                if cyy is not None:
-                    _gram_into(b, cyy, _GRAM_BASE, True)
-            else:  # (two-argument calls: a test counts them)
-                _gram_into(a, cxx)
-                if cyy is not None:
-                    _gram_into(b, cyy)
-            _cross_into(a, b, cxy, blas)
-        ex, ey = tx / n, ty / n  # mean - shift (NaN for n = 0, like a mean of nothing)
-        cxx = _mirror_blocks(cxx)
+            _gram_into(a, cxx)  # (two-argument calls: a test counts them)
+            if cyy is not None:
+                _gram_into(b, cyy)
+            _cross_into(a, b, cxy)
+        return _Moments._finish(x, y, sx, sy, tx, ty, _mirror_blocks(cxx),
+                                None if cyy is None else _mirror_blocks(cyy), cxy)
+
+    @staticmethod
+    def _finish(x: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, tx: torch.Tensor,
+                ty: torch.Tensor, cxx: torch.Tensor, cyy: Optional[torch.Tensor], cxy: torch.Tensor) -> "_Moments":
+        """The moments from the shifted sums (``tx``, ``ty``: sums of ``x - sx``, ``y - sy``) and
+        products: corrected to the exact mean (``C -= n delta delta^T``), checked finite."""
+        n = x.shape[0]
+        ex, ey = tx / n, ty / n  # mean - shift
         cxx.sub_(torch.outer(ex, ex), alpha=n)
         if cyy is not None:
-            cyy = _mirror_blocks(cyy)
             cyy.sub_(torch.outer(ey, ey), alpha=n)
         cxy.sub_(torch.outer(ex, ey), alpha=n)
         m = _Moments(n, sx + ex, sy + ey, cxx, cyy, cxy)
         _check_moments_finite(m, x, y)
         return m
+
+    @staticmethod
+    def _of_numpy(x: torch.Tensor, y: torch.Tensor, yy: bool) -> "_Moments":
+        """:meth:`of` with the products through numpy's BLAS (CPU, :data:`_NUMPY_CPU`; linear CKA):
+        row blocks converted and shifted into reused ``(rows, d)`` float64 buffers (no transposed
+        writes; 4 MiB a side, at least 512 rows), then ``b^T b`` by ``syrk`` (numpy takes it for a
+        matrix times its own transpose) and ``a^T b`` by ``gemm``, each added to the float64 sums.
+        Extra memory: the ``d x d`` sums, one block a side and one product's temporary."""
+        import numpy as np
+
+        n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+        rows = min(max(512, 2**19 // max(dx, dy, 1)), n)
+        sx, sy = x[:rows].sum(0, dtype=_F64) / rows, y[:rows].sum(0, dtype=_F64) / rows
+        cxx, cxy = np.zeros((dx, dx)), np.zeros((dx, dy))
+        cyy = np.zeros((dy, dy)) if yy else None
+        tx, ty = torch.zeros(dx, dtype=_F64), torch.zeros(dy, dtype=_F64)
+        bx, by = torch.empty((rows, dx), dtype=_F64), torch.empty((rows, dy), dtype=_F64)
+        for i in range(0, n, rows):
+            r = min(rows, n - i)
+            a, b = bx[:r], by[:r]
+            torch.sub(x[i : i + r], sx, out=a)
+            torch.sub(y[i : i + r], sy, out=b)
+            tx += a.sum(0)
+            ty += b.sum(0)
+            an, bn = a.numpy(), b.numpy()
+            cxx += an.T @ an
+            if cyy is not None:
+                cyy += bn.T @ bn
+            cxy += an.T @ bn
+        return _Moments._finish(x, y, sx, sy, tx, ty, torch.from_numpy(cxx),
+                                None if cyy is None else torch.from_numpy(cyy), torch.from_numpy(cxy))
 
     def merge(self, o: "_Moments") -> "_Moments":
         """Chan et al.'s pairwise update: exact, order-independent up to rounding. Each co-moment
