@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -61,7 +62,20 @@ def _prep(x: Any, y: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     check_same_n(x, y)
     if x.device != y.device:
         raise ValueError(f"Expected `x` and `y` on the same device, but got {x.device} and {y.device}.")
-    return x.detach(), y.detach()  # the metrics are not differentiable; activations often still require grad
+    _warn_if_grad(x, y)
+    return x.detach(), y.detach()
+
+
+def _warn_if_grad(*ts: torch.Tensor) -> None:
+    """The similarities are measurements, not differentiable losses: inputs are detached. Say so
+    when gradients are being recorded through an input (a term ``1 - cka`` added to a loss would
+    otherwise contribute a silent zero gradient)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        warnings.warn(
+            "netprobe's similarity metrics are not differentiable: the inputs are detached and the result "
+            "carries no gradient (a term built from it adds nothing to a loss's gradient). To measure, "
+            "call it under torch.no_grad() or pass `.detach()`ed tensors to silence this warning.",
+            UserWarning, stacklevel=4)
 
 
 def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> None:
@@ -91,19 +105,25 @@ _NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "1") != "0"
 _BLAS_CONTROLLER: Any = None
 
 
+@contextlib.contextmanager
 def _blas_threads() -> Any:
-    """Context in which numpy's BLAS runs ``torch.get_num_threads()`` threads (restored on exit).
-    Disables the numpy route (:data:`_NUMPY_CPU`) when threadpoolctl is not installed."""
+    """Context for numpy's products: its BLAS runs ``torch.get_num_threads()`` threads (restored on
+    exit), and its floating-point warnings are silenced (a NaN/Inf input is refused afterwards with
+    netprobe's own message). Disables the numpy route (:data:`_NUMPY_CPU`) when threadpoolctl is
+    not installed."""
     global _BLAS_CONTROLLER, _NUMPY_CPU
+    import numpy as np
+
     if _BLAS_CONTROLLER is None:
         try:
-            import numpy  # noqa: F401  (its BLAS must be loaded for the controller to see it)
             from threadpoolctl import ThreadpoolController
         except ImportError:
             _NUMPY_CPU = False
-            return contextlib.nullcontext()
+            yield
+            return
         _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas")
+    with _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas"), np.errstate(all="ignore"):
+        yield
 
 
 def _np_ok(t: torch.Tensor) -> bool:
@@ -645,6 +665,7 @@ def _cca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, *, rank_
     singular vectors of the smaller side (:func:`_gram_vectors`), else the correlations only
     (:func:`_gram_values`)."""
     kx_mask, ky_mask = fx.mask(), fy.mask()
+    _need_two(n, what)
     if not bool(kx_mask.any()) or not bool(ky_mask.any()):
         side = "x" if not bool(kx_mask.any()) else "y"
         raise ValueError(
@@ -765,8 +786,17 @@ def _check_method(method: str) -> str:
 
 
 # ----------------------------------------------------------------------------- from factors
+def _need_two(n: int, what: str) -> None:
+    if n < 2:
+        raise ValueError(
+            f"{what} needs samples to vary over, but got n={n} sample: with one row every unit is constant "
+            f"and {what} is undefined. Pass activations of more inputs (n > d_x + d_y for the CCA family)."
+        )
+
+
 def _svcca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, keep: Union[float, int],
                    rank_tol: float) -> torch.Tensor:
+    _need_two(n, "SVCCA")
     # on the kept units, like CCA (constant ones have no principal direction; nearly constant
     # ones, below VAR_TOL of the largest variance, hold no fraction of the variance worth keeping)
     (px, lx), (py, ly) = fx.principal(keep, rank_tol), fy.principal(keep, rank_tol)
@@ -1332,12 +1362,15 @@ def _check_reps(reps: Any) -> Tuple[Tuple[Any, ...], list]:
                     f"Expected every representation on one device, but got {out[0].device} for reps[{labels[0]!r}] "
                     f"and {t.device} for reps[{label!r}]."
                 )
-        out.append(t.detach())
+        out.append(t)
+    _warn_if_grad(*out)
+    out = [t.detach() for t in out]
     _need_rows(out[0].shape[0])
     return labels, out
 
 
-def _joint_comoments(reps: Sequence[torch.Tensor]) -> Tuple[int, list, Dict[Tuple[int, int], torch.Tensor]]:
+def _joint_comoments(reps: Sequence[torch.Tensor], labels: Optional[Sequence[Any]] = None
+                     ) -> Tuple[int, list, Dict[Tuple[int, int], torch.Tensor]]:
     """``(n, means, C)``: every representation's mean and the centred co-moment blocks ``C[i, j] =
     X_i,c^T X_j,c`` for ``i <= j`` (float64), in one pass over row blocks converted and shifted on
     the fly as :meth:`_Moments.of` does (no float64 copy of the data; extra memory the blocks,
@@ -1375,7 +1408,7 @@ def _joint_comoments(reps: Sequence[torch.Tensor]) -> Tuple[int, list, Dict[Tupl
     means = [s + e for s, e in zip(shifts, deltas)]
     for k in range(m):
         if not bool(torch.isfinite(cs[k, k].diagonal()).all() & torch.isfinite(means[k]).all()):
-            check_finite(reps[k], f"reps[{k}]")
+            check_finite(reps[k], f"reps[{(k if labels is None else labels[k])!r}]")
             raise ValueError("Expected finite inputs, but their sums overflowed float64; rescale the activations.")
     return n, means, cs
 
@@ -1496,7 +1529,7 @@ def _matrix_moment_pairs(xs: list, labels: Tuple[Any, ...], method: str, *, keep
                          pwcca_method: str) -> Callable[[int, int], torch.Tensor]:
     """The joint co-moments, one :class:`_Factors` per representation (its factorizations computed
     once, on first use, for all its pairs), and the function that gives a pair's value."""
-    n, means, cs = _joint_comoments(xs)
+    n, means, cs = _joint_comoments(xs, labels)
     if method == "cka_debiased":
         if n < 4:
             raise ValueError(f"Debiased linear CKA needs at least 4 samples, but got n={n}.")

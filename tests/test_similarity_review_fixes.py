@@ -1,0 +1,79 @@
+"""Fixes from a new user's report on the similarity metrics: numpy's floating-point warnings are not
+printed before netprobe's own error for a non-finite input (CPU numpy BLAS route), inputs that
+record gradients get a warning that the value is detached, similarity_matrix names a bad entry by
+its key, and the CCA family says n=1 is the problem."""
+
+import warnings
+
+import pytest
+import torch
+
+import netprobe.metrics.similarity as S
+from netprobe.metrics import cca, linear_cka, procrustes, pwcca, rbf_cka, similarity_matrix, svcca
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d", [(300, 8), (20, 60)])  # moments and Gram routes
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_input_gives_our_error_and_no_numpy_warning(dtype, n, d, bad, monkeypatch):
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
+    x[3, 5] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would surface as an exception here
+        for debiased in (False, True):
+            with pytest.raises(ValueError, match="to be finite"):
+                linear_cka(x, y, debiased=debiased)
+            with pytest.raises(ValueError, match="to be finite"):
+                linear_cka(y, x, debiased=debiased)
+
+
+def test_numpy_errstate_is_restored_after_the_call(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    before = np.geterr()
+    x = torch.randn(100, 4, dtype=torch.float64)
+    x[0, 0] = float("inf")
+    with pytest.raises(ValueError):
+        linear_cka(x, torch.randn(100, 4, dtype=torch.float64))
+    linear_cka(torch.randn(100, 4), torch.randn(100, 4))
+    assert np.geterr() == before
+
+
+@pytest.mark.parametrize("fn", [linear_cka, procrustes, rbf_cka, cca, svcca, pwcca,
+                                lambda a, b: similarity_matrix([a, b])])
+def test_inputs_recording_gradients_warn_that_the_value_is_detached(fn):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(80, 4, generator=g).requires_grad_()
+    other = torch.randn(80, 3, generator=g)
+    with pytest.warns(UserWarning, match="not differentiable"):
+        fn(h, other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            fn(h, other)  # measuring under no_grad: silent
+        fn(h.detach(), other)  # or detached: silent
+
+
+def test_the_warning_points_at_the_caller():
+    h = torch.randn(30, 3).requires_grad_()
+    with pytest.warns(UserWarning) as rec:
+        linear_cka(h, torch.randn(30, 2))
+    assert rec[0].filename == __file__
+
+
+@pytest.mark.parametrize("method", ["cka", "pwcca", "procrustes", "cca", "svcca", "rbf_cka"])
+def test_similarity_matrix_names_a_non_finite_entry_by_its_key(method):
+    g = torch.Generator().manual_seed(2)
+    bad = torch.randn(50, 4, generator=g)
+    bad[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"reps\['fc2'\]"):
+        similarity_matrix({"fc1": torch.randn(50, 4, generator=g), "fc2": bad}, method=method)
+
+
+@pytest.mark.parametrize("fn", [cca, svcca, pwcca])
+def test_cca_family_says_one_sample_is_the_problem(fn):
+    with pytest.raises(ValueError, match="n=1"):
+        fn(torch.randn(1, 3), torch.randn(1, 2))
