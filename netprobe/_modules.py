@@ -617,6 +617,8 @@ class Layouts:
         self.context = {n: _sequence_context(self._named, n) for n in self.modules}
         self.batch: Optional[int] = None
         self._depth = 0
+        # forward passes begun (entries at depth 0): what shares one draw of sampled positions
+        self.passes = 0
         self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in self._named.values())
         self._seqfirst = any(batch_first_of(m) is False for m in self._named.values())
         self._decided: Dict[Tuple[str, bool, int], Tuple[int, int]] = {}  # established by an unambiguous call
@@ -671,6 +673,7 @@ class Layouts:
         if mod is self.model and self._depth:
             self._reset_forward()  # a new call of the model while an interrupted one is still counted
         if self._depth == 0:
+            self.passes += 1
             self.batch = None
             first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if first is not None and first.ndim >= 1:

@@ -36,6 +36,15 @@ class Probe:
     A module called several times in one forward (weight sharing, recurrence) records one block of
     rows per call, in call order.
 
+    With ``reduce="sample"``, the positions are drawn once per forward pass of the model for each
+    grid size (inputs ``N``, positions per input ``P``) and shared by every sampled layer (and call)
+    of that size: rows line up across layers only when the layers have the same spatial size, where
+    row ``i`` is the same input and the same position in each of them. Layers of different spatial
+    sizes get unrelated positions (the same inputs, in the same order): compare those with
+    ``reduce="mean"`` (or your own resampling, as a callable ``reduce``), not row by row. Each new
+    forward pass draws new positions; two probes with equally seeded generators on networks of the
+    same architecture draw the same ones.
+
     Args:
         model: the model to probe.
         layers: what to capture, mixed freely: qualified names (``"encoder.0.fc"``), glob patterns
@@ -47,7 +56,8 @@ class Probe:
             ``output -> (n, d)``, or a dict ``{layer_name: reduce}`` (layers not in it use ``"mean"``).
         dtype: storage dtype, ``torch.float32`` (default), ``torch.float16``, ``torch.bfloat16`` or
             ``torch.float64``.
-        positions: for ``reduce="sample"``, positions drawn per input (each a row).
+        positions: for ``reduce="sample"``, positions drawn per input (each a row); the same
+            positions in every sampled layer of the same spatial size within a forward pass.
         generator: ``torch.Generator`` for ``"sample"`` (never the global RNG); a probe-owned one
             seeded with 0 when ``None``.
         select: which tensor of a non-tensor output to capture: an index into a tuple/list
@@ -125,6 +135,10 @@ class Probe:
         self._targets: Optional[torch.Tensor] = None
         self._target_problems: Dict[str, str] = {}
         self._overflow: Dict[str, torch.Tensor] = {}  # float16 storage: a finite value above its range was written
+        # "sample": the positions drawn in the forward pass numbered `_draws_pass` (Layouts.passes), per
+        # (N, P, positions) and per device, shared by the layers of that size in that pass
+        self._draws: Dict[tuple, torch.Tensor] = {}
+        self._draws_pass = -1
         self.enabled = True
 
     def _per_layer(self, value: Any, what: str, check: Callable[[Any, str], Any], default: Any) -> Dict[str, Any]:
@@ -221,6 +235,7 @@ class Probe:
 
         layouts = self._layouts
         f16 = self.dtype == torch.float16
+        sample = isinstance(reduce, str) and reduce == "sample"
 
         def capture(mod: nn.Module, args: Any, output: Any) -> None:
             if not self.enabled:
@@ -229,9 +244,15 @@ class Probe:
             dims = None
             if not callable(reduce) or isinstance(reduce, str):
                 dims = layouts.dims(name, module, out, primary=primary)
+            draws = None
+            if sample:
+                if self._draws_pass != layouts.passes:  # a new forward pass: new positions
+                    self._draws, self._draws_pass = {}, layouts.passes
+                draws = self._draws
             with torch.no_grad():
                 rows = reduce_output(
-                    module, out, reduce, positions=self.positions, generator=self.generator, layer=name, dims=dims
+                    module, out, reduce, positions=self.positions, generator=self.generator, layer=name, dims=dims,
+                    draws=draws,
                 )
                 targets = None
                 if self.store_targets:
@@ -379,6 +400,11 @@ def probe(
 
     Returns a :class:`Probe` (not yet attached); entering the block attaches its hooks, leaving it
     (also by an exception) removes them. See :class:`Probe` for the arguments.
+
+    With ``reduce="sample"``, rows line up across layers only when the layers have the same spatial
+    size: within one forward pass, all sampled layers of one size use the same drawn positions (row
+    ``i`` = the same input and position in each). Layers of different spatial sizes get unrelated
+    positions, so compare them with ``reduce="mean"`` (or your own resampling), not row by row.
 
     Example:
         >>> import netprobe

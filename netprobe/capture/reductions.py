@@ -7,6 +7,16 @@
 * ``"sample"``: ``positions`` positions drawn per input (spatial positions of a conv output, time
   steps of a sequence), each a row: ``(N * positions, C or D)``, rows of one input adjacent. The
   positions are distinct within an input and drawn from the probe's ``torch.Generator``.
+
+  **Rows line up across layers only between layers of the same spatial size.** Within one forward
+  pass of the model, a probe draws the positions once for each grid size ``(N, P)`` (``N`` inputs,
+  ``P`` positions per input) and every ``"sample"`` layer with that size uses the same draw: row
+  ``i`` is the same input and the same position in each of them (two 8x8 conv layers, a layer and
+  the activation after it), so comparing them row by row (CKA, CCA) is meaningful. The next forward
+  pass draws anew. Layers of different spatial sizes (an 8x8 and a 4x4 layer) get independent
+  draws: their rows are the same inputs but unrelated positions, and a row-wise similarity between
+  them measures nothing; compare such layers with ``reduce="mean"`` (or resample them to one size
+  yourself, with a callable reduction).
 * a callable ``f(output) -> (n, d)``.
 
 Which dimension holds the batch and which the units is decided by :class:`netprobe._modules.Layouts`
@@ -17,7 +27,7 @@ A sequence-first ``(T, N, D)`` output (``layout="LNC"``, or an RNN/transformer w
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -50,11 +60,17 @@ def reduce_output(
     generator: Optional[torch.Generator] = None,
     layer: str = "?",
     dims: Optional[Tuple[int, int]] = None,
+    draws: Optional[Dict[tuple, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Reduce one layer output to ``(n, d)`` rows (detached; no autograd graph).
 
     ``dims``: ``(batch_dim, unit_dim)`` of ``out`` (from :class:`netprobe._modules.Layouts`);
     ``None``: batch first, units by :func:`netprobe._modules.unit_dim`.
+
+    ``draws``: for ``"sample"``, the position indices already drawn for this forward pass, keyed by
+    ``(N, P, positions)`` (and by the device for their copies there); a grid size found in it reuses
+    those positions (the rows line up with the layers that drew them), one not found is drawn from
+    ``generator`` and added. ``None``: every call draws anew.
     """
     out = out.detach()
     if out.is_nested:
@@ -106,9 +122,33 @@ def reduce_output(
             f"Reduction 'sample' asks for {k} positions per input, but layer {layer!r} has only {p} "
             f"(output {tuple(out.shape)}); lower `positions` to at most {p}."
         )
-    # k distinct positions per input: the k smallest of P uniform keys (CPU generator, then moved).
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    keys = torch.rand((n, p), generator=generator, device=gdev)
-    idx = keys.topk(k, dim=1, largest=False).indices.to(seq.device, non_blocking=True)  # (N, k)
+    idx = _positions(n, p, k, generator, seq.device, draws)  # (N, k)
     picked = torch.gather(seq, 1, idx[:, :, None].expand(n, k, u))  # (N, k, U)
     return picked.reshape(n * k, u)
+
+
+def _positions(
+    n: int, p: int, k: int, generator: Optional[torch.Generator], device: torch.device,
+    draws: Optional[Dict[tuple, torch.Tensor]],
+) -> torch.Tensor:
+    """``(n, k)`` position indices on ``device``: k distinct positions of ``p`` per input, the k
+    smallest of ``p`` uniform keys drawn on the generator's device (the CPU for a probe's own), then
+    moved. Reused from ``draws`` when this grid size was drawn already (same pass), so every layer
+    of one size samples the same positions; added to it otherwise."""
+    key = (n, p, k)
+    there = (n, p, k, device)
+    if draws is not None:
+        hit = draws.get(there)
+        if hit is not None:
+            return hit
+    idx = draws.get(key) if draws is not None else None
+    if idx is None:
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        keys = torch.rand((n, p), generator=generator, device=gdev)
+        idx = keys.topk(k, dim=1, largest=False).indices
+        if draws is not None:
+            draws[key] = idx
+    moved = idx.to(device, non_blocking=True)
+    if draws is not None:
+        draws[there] = moved
+    return moved
