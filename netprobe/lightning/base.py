@@ -26,7 +26,9 @@ What every monitor does, in one place:
 * **Failures.** Misconfiguration fails fast (unknown layers with close names in ``setup``; layers
   not reached, classes not inferable, a probe set too small for CCA at ``on_train_start``). A
   metric that cannot be computed for a layer at some epoch (e.g. every unit dead) is skipped with
-  a warning; the training run goes on.
+  a warning, once per layer and metric in a fit, that says why and which layers the mean
+  ``netprobe/<metric>`` then covers (it averages the layers that have a value); the training run
+  goes on.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class _SharedProbePass:
         # share key -> (step key, inputs, activations, outputs, ids of the monitors yet to take theirs)
         self._passes: Dict[Any, Tuple[Any, torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
         self.tensorboard_written: Any = None  # (writer id, keys) of the last layout/HParams written
+        self.fewer_told: set = set()  # (source, num_samples, examples there) warned about (NetprobeMonitor._warn_fewer)
         self._order: Optional[Tuple[int, Dict[str, int]]] = None  # (id of the model, {module name: position})
 
     def forward_order(self, mon: "NetprobeMonitor", pl_module: nn.Module, x: torch.Tensor) -> Dict[str, int]:
@@ -198,7 +201,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             that of ``cka_prev`` unchanged, at about half the cost (``benchmarks/probe_precision.py``),
             and ``reliance_auc``'s defaults were chosen at 256 (``benchmarks/reliance_precision.py``).
             PWCCA (``ConvergenceMonitor(methods=("pwcca", ...))``) needs more than twice a layer's
-            width: it says so before the first step.
+            width: it says so before the first step. A dataset (or ``probe_data`` DataLoader) with
+            fewer examples gives a probe set of all of them, with a warning naming both sizes.
         every_n_epochs: measure every ``n`` epochs (epochs ``n-1, 2n-1, ...``, 0-based).
         probe_data: ``(inputs, targets)`` tensors or a DataLoader to use instead of the default
             (at most ``num_samples`` examples are taken from a DataLoader).
@@ -285,6 +289,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
         self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
+        # values skipped at the running measurement: (layer, what, error, this rank says why, metrics
+        # left without that layer's value or None for all); told at its end (_warn_skipped)
+        self._skips: List[Tuple[str, str, Exception, bool, Optional[Tuple[str, ...]]]] = []
+        self._coverage: Dict[str, Tuple[List[str], List[str]]] = {}  # metric -> (layers with a value, layers expected)
+        self._warned: set = set()  # (layer, metric) and (layer, what) already warned about in this fit
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -384,6 +393,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._order_logged = False
+        self._warned = set()  # a skipped value is told once per layer and metric in each fit
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
         # of a run), so the HParams tab lists the netprobe metrics
         _register_tensorboard(trainer, pl_module)
@@ -414,7 +424,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._media_due = True
         try:
             with self._frozen(pl_module):
-                _, media = self.compute(trainer, pl_module)
+                _, media = self._measure(trainer, pl_module)
         except Exception as err:  # the run is over: a figure is not worth failing it
             warnings.warn(f"{type(self).__name__}: the last measurement's figures were not drawn: {err}", RuntimeWarning)
             return
@@ -434,6 +444,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                     x, y = self.probe_data
                 else:
                     x, y = self._take(iter(self.probe_data), self.num_samples)
+                    self._warn_fewer(trainer, "the `probe_data` DataLoader", x.shape[0])
             else:
                 loader = trainer.train_dataloader
                 while isinstance(loader, (Mapping, list, tuple)) and loader:
@@ -448,12 +459,14 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                     if self._probe_indices is None:
                         g = torch.Generator().manual_seed(self.seed)
                         k = min(self.num_samples, len(ds))
+                        self._warn_fewer(trainer, "the training dataset", k)
                         self._probe_indices = torch.randperm(len(ds), generator=g)[:k].sort().values
                     items = [ds[int(i)] for i in self._probe_indices]
                     collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
                     x, y = self.batch_to_inputs_targets(collate(items))
                 else:  # iterable dataset: the first num_samples examples
                     x, y = self._take(iter(loader), self.num_samples)
+                    self._warn_fewer(trainer, "the training DataLoader", x.shape[0])
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: the probe set must be tensors (inputs, targets).")
         if x.shape[0] != y.shape[0]:
@@ -464,6 +477,22 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 f"dtype {y.dtype} and shape {tuple(y.shape)}. Override `batch_to_inputs_targets` to return class indices."
             )
         return x.detach().cpu(), y.detach().cpu().long()
+
+    def _warn_fewer(self, trainer: Any, source: str, got: int) -> None:
+        """Warn (rank zero, once per Trainer and sizes) when ``source`` gave fewer probe examples than
+        ``num_samples``: the probe set is then all of them, and every value is measured on ``got``."""
+        if got >= self.num_samples or _dist.rank() != 0:
+            return
+        told = _shared_pass(trainer).fewer_told
+        if (source, self.num_samples, got) in told:  # another monitor of this Trainer said it already
+            return
+        told.add((source, self.num_samples, got))
+        warnings.warn(
+            f"{type(self).__name__}: `num_samples`={self.num_samples}, but {source} has only {got} examples, so the probe "
+            f"set is all {got} of them: every value is measured on {got} examples, not {self.num_samples}. Pass "
+            f"`num_samples={got}` (or fewer) to ask for what is there and silence this warning.",
+            RuntimeWarning, stacklevel=2,
+        )
 
     def _take(self, it: Iterator[Any], n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         xs, ys, got = [], [], 0
@@ -585,7 +614,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._media_due = ((epoch + 1) // self.every_n_epochs - 1) % self.media_every == 0 or _final_epoch(trainer, epoch)
         t0 = time.perf_counter()
         with self._frozen(pl_module):
-            scalars, media = self.compute(trainer, pl_module)
+            scalars, media = self._measure(trainer, pl_module)
         scalars[self._time_key] = time.perf_counter() - t0
         if self._media_due:
             self._media_epoch = epoch
@@ -608,6 +637,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Subclass hook: ``({key: value}, {media})`` for this epoch. Runs frozen (eval, no_grad)."""
         raise NotImplementedError
+
+    def _measure(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """:meth:`compute`, then the warnings for the values it skipped (:meth:`_warn_skipped`)."""
+        self._skips, self._coverage = [], {}
+        result = self.compute(trainer, pl_module)
+        self._warn_skipped()
+        return result
 
     @property
     def _time_key(self) -> str:
@@ -634,13 +670,21 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         keys.extend(f"netprobe/layer_index/{layer}" for layer in layers)
         return keys
 
-    def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float]) -> None:
-        """Add ``netprobe/<metric>/<layer>`` and their mean ``netprobe/<metric>`` to ``out``."""
+    def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float], *,
+                      expected: Optional[Sequence[str]] = None, coverage: bool = True) -> None:
+        """Add ``netprobe/<metric>/<layer>`` and their mean ``netprobe/<metric>`` to ``out``.
+
+        The mean is over the layers that have a finite value. With ``coverage``, the layers that
+        should have one (``expected``; every monitored layer when ``None``) are noted, so that the
+        measurement's warnings say which layers a mean left out (:meth:`_warn_skipped`)."""
         finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
         for layer, v in finite.items():
             out[f"netprobe/{metric}/{layer}"] = v
         if finite:
             out[f"netprobe/{metric}"] = sum(finite.values()) / len(finite)
+        if coverage:
+            exp = list(self.layers if expected is None else expected)
+            self._coverage[metric] = ([k for k in exp if k in finite], exp)
 
     def _agreed(self, fn: Callable[[], Any], device: Optional[torch.device]) -> Any:
         """Run a rank-local step that may raise ValueError (input checks on this rank's shard)
@@ -656,9 +700,62 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             raise err if err is not None else _OtherRankFailed("it failed on another rank (see that rank's warning)")
         return result
 
-    def _warn_skip(self, layer: str, metric: str, err: Exception) -> None:
-        if _dist.rank() == 0 or not isinstance(err, _OtherRankFailed):  # the rank with the cause says why
-            warnings.warn(f"{type(self).__name__}: {metric} for layer {layer!r} skipped this epoch: {err}", RuntimeWarning, stacklevel=3)
+    def _warn_skip(self, layer: str, what: str, err: Exception, metrics: Optional[Sequence[str]] = None) -> None:
+        """Note that ``what`` could not be computed for ``layer`` at this measurement (``err`` says
+        why); ``metrics``: the logged metrics this leaves without a value for the layer (``None``:
+        any of them). The warning comes at the end of the measurement (:meth:`_warn_skipped`)."""
+        loud = _dist.rank() == 0 or not isinstance(err, _OtherRankFailed)  # the rank with the cause says why
+        self._skips.append((layer, what, err, loud, None if metrics is None else tuple(metrics)))
+
+    def _warn_skipped(self) -> None:
+        """Warn about the values this measurement skipped, once per layer and metric in a fit.
+
+        One warning per layer: why its values were skipped and, for each mean ``netprobe/<metric>``
+        that lacks the layer, how many of the expected layers that mean covers and which it left
+        out (the mean is over the layers with a value, so it can jump when one drops out). A layer
+        whose every metric was already told about in this fit is not told again."""
+        skips, coverage = self._skips, self._coverage
+        self._skips, self._coverage = [], {}
+        name = type(self).__name__
+        lacking = {m: [k for k in exp if k not in have] for m, (have, exp) in coverage.items()}
+        layers = list(dict.fromkeys([s[0] for s in skips] + [k for miss in lacking.values() for k in miss]))
+        for layer in layers:
+            causes = [s for s in skips if s[0] == layer]
+            new = [m for m, miss in lacking.items() if layer in miss and (layer, m) not in self._warned]
+            # a cause whose metrics all kept the layer's value (or whose means are not covered, e.g. NaN
+            # after a divergence) is told on its own, once per layer and cause
+            alone = [s for s in causes if not any(layer in miss and (s[4] is None or m in s[4]) for m, miss in lacking.items())
+                     and (layer, s[1]) not in self._warned]
+            loud = _dist.rank() == 0 or any(s[3] for s in causes)
+            for s in alone:
+                self._warned.add((layer, s[1]))
+                if s[3]:
+                    warnings.warn(f"{name}: {s[1]} for layer {layer!r} skipped this epoch: {s[2]}", RuntimeWarning, stacklevel=2)
+            if not new:
+                continue
+            self._warned.update((layer, m) for m in new)
+            if not loud:
+                continue
+            why = [f"{s[1]} for layer {layer!r} skipped this epoch: {str(s[2]).rstrip('. ')}" for s in causes
+                   if s not in alone and (s[4] is None or any(m in s[4] for m in new))]
+            text = "; ".join(why) if why else f"no value for layer {layer!r} this epoch"
+            # the metrics that lack the same layers share one sentence
+            groups: Dict[Tuple[Tuple[str, ...], int], List[str]] = {}
+            for m in new:
+                groups.setdefault((tuple(lacking[m]), len(coverage[m][1])), []).append(m)
+            said = []
+            for (miss, total), ms in groups.items():
+                keys, one = ", ".join(f"`netprobe/{m}`" for m in ms), len(ms) == 1
+                if len(miss) < total:
+                    said.append(f"the mean{'' if one else 's'} {keys} cover{'s' if one else ''} {total - len(miss)} of {total} layers "
+                                f"this epoch (without {', '.join(repr(k) for k in miss)}): {'it averages' if one else 'they average'} "
+                                "the other layers only, so a value can jump when a layer drops out or comes back "
+                                "(`netprobe/<metric>/<layer>` shows each layer)")
+                else:
+                    said.append(f"{keys} {'is' if one else 'are'} not logged this epoch: no layer has a value (an EarlyStopping "
+                                f"monitoring {'it' if one else 'one of them'} with strict=True raises; give it strict=False)")
+            warnings.warn(f"{name}: {text}. So {'; and '.join(said)}. Said once per layer and metric in this fit.",
+                          RuntimeWarning, stacklevel=2)
 
     def _publish(self, trainer: Any, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
         self.last_values = dict(scalars)

@@ -21,8 +21,8 @@ from netprobe.metrics.ablation import (DEFAULT_SCALES, MaxElements, NonFiniteErr
 from netprobe.metrics.importance import spearman, unit_importance
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.selectivity import SelectivityAccumulator, SelectivityResult
-from netprobe.metrics.similarity import (SideStats, SimilarityAccumulator, _check_keep, linear_cka, procrustes, rbf_cka,
-                                         similarity_matrix)
+from netprobe.metrics.similarity import (RBF_MAX_SAMPLES, SideStats, SimilarityAccumulator, _check_keep, linear_cka, procrustes,
+                                         rbf_cka, similarity_matrix)
 
 __all__ = ["SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor"]
 
@@ -45,6 +45,10 @@ def _check_class_scores(who: str, mon: NetprobeMonitor, out: Optional[torch.Tens
     top = int(mon._probe[1].max()) if mon._probe[1].numel() else 0
     if top >= out.shape[1]:
         raise ValueError(f"{who}: probe targets reach class {top}, but the model returns {out.shape[1]} scores.")
+
+
+#: the metrics a failed selectivity leaves without the layer's value (importance's rho needs it too)
+_SELECTIVITY_SKIP = ("selectivity_mean", "dead_fraction", "importance_selectivity_rho", "importance_mi_rho")
 
 
 def _probe_selectivity(mon: NetprobeMonitor, acts: torch.Tensor, labels: torch.Tensor) -> SelectivityResult:
@@ -156,7 +160,7 @@ class SelectivityMonitor(NetprobeMonitor):
                 if self.histograms and self._media_due:
                     hists[f"netprobe/selectivity/{layer}"] = res.values[~res.dead]
             except ValueError as err:
-                self._warn_skip(layer, "selectivity", err)
+                self._warn_skip(layer, "selectivity", err, _SELECTIVITY_SKIP)
             if self.mutual_info:  # any sign is fine here; only finiteness is checked first
                 try:
                     self._agreed(lambda: check_finite(a, f"activations of {layer!r}"), a.device)
@@ -166,7 +170,7 @@ class SelectivityMonitor(NetprobeMonitor):
                     per_unit_mi[layer] = mi_acc.update(a, ya).all_reduce().compute()
                     mi[layer] = float(per_unit_mi[layer].mean())
                 except ValueError as err:
-                    self._warn_skip(layer, "mutual information", err)
+                    self._warn_skip(layer, "mutual information", err, ("mutual_info_mean", "importance_mi_rho"))
         out: Dict[str, float] = {}
         self._layer_values("selectivity_mean", sel, out)
         self._layer_values("dead_fraction", dead, out)
@@ -218,7 +222,7 @@ class SelectivityMonitor(NetprobeMonitor):
                 if r_mi is not None and r_mi == r_mi:
                     rho_mi[layer] = r_mi
             except ValueError as err:
-                self._warn_skip(layer, "importance", err)
+                self._warn_skip(layer, "importance", err, ("importance_selectivity_rho", "importance_mi_rho"))
         return rho_sel, rho_mi, points
 
 
@@ -412,12 +416,13 @@ class RelianceMonitor(NetprobeMonitor):
             except ValueError as err:
                 self._warn_skip(layer, "reliance", err)
         out_vals: Dict[str, float] = {}
-        self._layer_values("reliance_auc", aucs, out_vals)
+        cover = not diverged  # diverged: every mean is NaN below (the skip warning says why), not a mean over fewer layers
+        self._layer_values("reliance_auc", aucs, out_vals, coverage=cover)
         # the unnormalized area (= auc x unablated accuracy): does not reward a network for having
         # little to lose, as the normalized one does for an underfit network
-        self._layer_values("reliance_area", {k: aucs[k] * float(curves[k].accuracy[0]) for k in aucs}, out_vals)
+        self._layer_values("reliance_area", {k: aucs[k] * float(curves[k].accuracy[0]) for k in aucs}, out_vals, coverage=cover)
         if self.noise:
-            self._layer_values("noise_auc", noise_aucs, out_vals)
+            self._layer_values("noise_auc", noise_aucs, out_vals, coverage=cover)
         # the model's own accuracy on the probe set: the curves' unablated point
         out_vals["netprobe/probe_accuracy"] = float(total[0] / total[1])
         if diverged:
@@ -446,9 +451,10 @@ class _ForwardAdapter(nn.Module):
         return self._monitor.forward(self.module, x)  # type: ignore[attr-defined]
 
 
-_METHODS = ("pwcca", "svcca", "cka", "procrustes", "rbf_cka")
-# methods computed from the whole probe set's activations in n x n form (never d x d moments)
-_WHOLE_SET = ("rbf_cka",)
+_METHODS = ("pwcca", "svcca", "cka", "procrustes", "rbf_cka", "cka_debiased")
+# methods computed by their function from the whole probe set's activations (never streamed d x d
+# moments): RBF CKA's n x n kernels; debiased CKA's unbiased HSIC, which needs per-row norms
+_WHOLE_SET = ("rbf_cka", "cka_debiased")
 # methods that also have an n x n (Gram) form, used for layers wider than 2/3 of the probe set
 _GRAM_FORM = ("cka", "procrustes")
 
@@ -458,8 +464,9 @@ class ConvergenceMonitor(NetprobeMonitor):
     on the probe set to those of the previous measurement (``<method>_prev``; the previous epoch
     with ``every_n_epochs=1``, else ``every_n_epochs`` epochs earlier) and, optionally, to a reference
     model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``,
-    ``procrustes`` (:func:`~netprobe.metrics.procrustes`, Ding et al. 2021) and ``rbf_cka``
-    (:func:`~netprobe.metrics.rbf_cka`, Gaussian kernels at the median distance).
+    ``procrustes`` (:func:`~netprobe.metrics.procrustes`, Ding et al. 2021), ``rbf_cka``
+    (:func:`~netprobe.metrics.rbf_cka`, Gaussian kernels at the median distance) and
+    ``cka_debiased`` (``linear_cka(debiased=True)``, the unbiased HSIC estimator).
 
     The default is linear CKA alone: it is defined for any width and probe size, and costs one
     pass over the probe activations plus ``O(d^2)`` (PWCCA and SVCCA add eigendecompositions:
@@ -481,17 +488,28 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     Args:
         layers: see the base.
-        methods: any of ``"pwcca"``, ``"svcca"``, ``"cka"``, ``"procrustes"``, ``"rbf_cka"`` (default
-            ``("cka",)``). ``procrustes`` streams like the others (``O(d^2)``; for a layer wider than
-            2/3 of the probe set, with CKA alone or beside it, from ``n x n`` Gram matrices);
-            ``rbf_cka`` takes ``n x n`` kernel matrices of the whole probe set (``O(n^2)`` memory,
-            ``n`` up to 10000).
+        methods: one name or a sequence of names among ``"pwcca"``, ``"svcca"``, ``"cka"``,
+            ``"procrustes"``, ``"rbf_cka"``, ``"cka_debiased"`` (default ``("cka",)``; ``"cka"`` is
+            the same as ``("cka",)``). ``procrustes`` streams like the others (``O(d^2)``; for a
+            layer wider than 2/3 of the probe set, with CKA alone or beside it, from ``n x n`` Gram
+            matrices); ``rbf_cka`` takes ``n x n`` kernel matrices of the whole probe set (about
+            ``24 n^2`` bytes at peak, ``n`` up to ``rbf_max_samples``: a larger probe set is refused
+            before the first step); ``cka_debiased`` (``linear_cka(debiased=True)``: less upward
+            bias than ``cka`` for a layer wide next to the probe set; needs 4 probe examples) is
+            computed from the whole probe set's activations, and, being an unbiased estimate, can
+            fall slightly below 0 for unrelated representations.
         reference: an ``nn.Module`` with the same layer names, or a checkpoint path whose
             ``state_dict`` loads into a copy of the LightningModule. Treated as fixed: its
             activations on the probe set are computed once, when training starts (a reference
             that changes during training, e.g. an EMA copy, is compared as that snapshot).
         keep: SVCCA's variance fraction (or int number of directions).
         heatmap: log the layer-by-layer CKA heatmap.
+        rbf_threshold: ``rbf_cka``'s kernel bandwidth as a multiple of the median distance (the
+            ``threshold`` of :func:`~netprobe.metrics.rbf_cka`; positive, default 1.0; Kornblith et
+            al. use 0.2 to 1.0).
+        rbf_max_samples: the largest probe set ``rbf_cka`` accepts (the ``max_samples`` of
+            :func:`~netprobe.metrics.rbf_cka`, default 10000, about 2.4 GB at peak); a larger probe set
+            is refused before the first step. Raise it if the memory is there.
         **kwargs: see the base.
 
     Example:
@@ -499,6 +517,8 @@ class ConvergenceMonitor(NetprobeMonitor):
         ('cka_prev',)
         >>> ConvergenceMonitor(layers=["relu1"], methods=("pwcca", "cka")).metrics
         ('pwcca_prev', 'cka_prev')
+        >>> ConvergenceMonitor(layers=["relu1"], methods="cka_debiased").metrics
+        ('cka_debiased_prev',)
     """
 
     def __init__(
@@ -509,13 +529,28 @@ class ConvergenceMonitor(NetprobeMonitor):
         reference: Optional[Union[nn.Module, str]] = None,
         keep: Union[float, int] = 0.99,
         heatmap: bool = False,
+        rbf_threshold: float = 1.0,
+        rbf_max_samples: int = RBF_MAX_SAMPLES,
         **kwargs: Any,
     ) -> None:
         super().__init__(layers, **kwargs)
-        methods = tuple(methods)
+        if isinstance(methods, str):  # one name, as SimilarityAccumulator.compute takes it (not its letters)
+            methods = (methods,)
+        try:
+            methods = tuple(dict.fromkeys(methods))  # unique, in the order given
+        except TypeError:
+            raise TypeError(f"Expected `methods` to be a method name or a sequence of names, but got {methods!r}.") from None
         bad = [m for m in methods if m not in _METHODS]
         if not methods or bad:
-            raise ValueError(f"Expected `methods` among {list(_METHODS)}, but got {list(methods)}.")
+            raise ValueError(f"Expected `methods` to be one name or a sequence of names among {list(_METHODS)}, but got {list(methods)}.")
+        if isinstance(rbf_threshold, bool) or not isinstance(rbf_threshold, (int, float)) or not 0.0 < float(rbf_threshold) < float("inf"):
+            raise ValueError(
+                "Expected `rbf_threshold` to be a positive finite number (rbf_cka's bandwidth as a multiple of the median "
+                f"distance; Kornblith et al. use 0.2 to 1.0), but got {rbf_threshold!r}."
+            )
+        if isinstance(rbf_max_samples, bool) or not isinstance(rbf_max_samples, int) or rbf_max_samples < 4:
+            raise ValueError(f"Expected `rbf_max_samples` to be an int >= 4, but got {rbf_max_samples!r}.")
+        self.rbf_threshold, self.rbf_max_samples = float(rbf_threshold), rbf_max_samples
         if reference is not None and not isinstance(reference, (nn.Module, str)):
             raise TypeError(f"Expected `reference` to be an nn.Module or a checkpoint path, but got {type(reference).__name__}.")
         _check_keep(keep)  # here, not at every epoch's SVCCA
@@ -528,7 +563,25 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._ref_side: Dict[str, SideStats] = {}
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
 
+    def _rbf_too_many(self, n: int) -> str:
+        """Why a probe set of ``n`` examples is too large for ``rbf_cka``, naming the fixes."""
+        fewer = ("pass fewer `probe_data` rows" if isinstance(self.probe_data, (tuple, list))
+                 else f"lower `num_samples` to {self.rbf_max_samples} or fewer")
+        return (
+            f"ConvergenceMonitor: expected at most `rbf_max_samples`={self.rbf_max_samples} probe examples for rbf_cka, whose "
+            f"n x n kernel matrices of the whole probe set take about 24 n^2 bytes at peak ({24 * n * n / 2**30:.1f} GiB "
+            f"for n={n}), but the probe set has n={n}. {fewer[0].upper() + fewer[1:]}, or pass `rbf_max_samples={n}` "
+            "if the memory is there, or leave 'rbf_cka' out of `methods`."
+        )
+
     def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
+        if "rbf_cka" in self.methods and n > self.rbf_max_samples:
+            raise ValueError(self._rbf_too_many(n))
+        if "cka_debiased" in self.methods and n < 4:
+            raise ValueError(
+                f"ConvergenceMonitor: expected at least 4 probe examples for cka_debiased (the unbiased HSIC estimator), "
+                f"but the probe set has n={n}. Use num_samples >= 4 (or more `probe_data` rows), or methods=('cka',)."
+            )
         if "pwcca" in self.methods:
             small = {k: d for k, d in widths.items() if 2 * d >= n}
             if small:
@@ -553,23 +606,33 @@ class ConvergenceMonitor(NetprobeMonitor):
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._prev, self._prev_side = dict(state.get("prev", {})), {}
 
+    def _whole_set(self, method: str, cur_full: torch.Tensor, other_full: torch.Tensor) -> torch.Tensor:
+        """A method of :data:`_WHOLE_SET`, by its function, on the whole probe set's activations."""
+        if method == "cka_debiased":
+            return linear_cka(cur_full, other_full, debiased=True)
+        if cur_full.shape[0] > self.rbf_max_samples:  # refused before the first step; named by the monitor's options
+            raise ValueError(self._rbf_too_many(cur_full.shape[0]))
+        return rbf_cka(cur_full, other_full, threshold=self.rbf_threshold, max_samples=self.rbf_max_samples)
+
     def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice, layer: str, what: str,
-                      other_side: Optional[SideStats], cur_full: torch.Tensor) -> Tuple[Dict[str, float], Optional[SimilarityAccumulator]]:
+                      other_side: Optional[SideStats], cur_full: torch.Tensor, key: str
+                      ) -> Tuple[Dict[str, float], Optional[SimilarityAccumulator]]:
         """The methods' values for this rank's shard ``cur`` against the same rows of ``other_full``
         (reduced across ranks), each covariance factorized once; ``other_side``: the other side's
         statistics from an earlier comparison, reused instead of recomputed. A layer wider than
         2/3 of the probe set with CKA alone takes the exact linear CKA from the ``n x n`` Gram
         matrices of the whole probe set (``cur_full``, every rank alike) instead of ``d x d``
         moments: the same value, ``O(n^2)`` memory and ``n^2 d`` work instead of ``O(d^2)`` and
-        ``n d^2`` (returns no accumulator then)."""
+        ``n d^2`` (returns no accumulator then). ``key``: ``"prev"`` or ``"ref"``, the logged
+        metrics' suffix."""
         n, d = cur_full.shape[0], cur_full.shape[1]
         out: Dict[str, float] = {}
         for m in self.methods:
             if m in _WHOLE_SET:  # the whole probe set on every rank: the same value everywhere
                 try:
-                    out[m] = float(rbf_cka(cur_full, other_full))
+                    out[m] = float(self._whole_set(m, cur_full, other_full))
                 except ValueError as err:
-                    self._warn_skip(layer, f"{m} ({what})", err)
+                    self._warn_skip(layer, f"{m} ({what})", err, (f"{m}_{key}",))
         streamed = [m for m in self.methods if m not in _WHOLE_SET]
         if not streamed:
             return out, None
@@ -583,7 +646,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         # after the reduce every rank holds the same moments: same outcome everywhere
         values, errors = acc.compute(streamed, keep=self.keep)
         for m, err in errors.items():  # e.g. SVCCA keeping more directions than the samples allow
-            self._warn_skip(layer, f"{m} ({what})", err)
+            self._warn_skip(layer, f"{m} ({what})", err, (f"{m}_{key}",))
         out.update({m: float(v) for m, v in values.items()})
         return out, acc
 
@@ -631,18 +694,20 @@ class ConvergenceMonitor(NetprobeMonitor):
         ref = self._reference_acts(pl_module) if self.reference is not None else {}
         sides: Dict[str, SideStats] = {}
         full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}  # the whole probe set, every rank
+        # the layers that should have a value this time (the means' coverage): a first measurement has no previous one
+        prev_expected, ref_expected = [k for k in acts if k in self._prev], [k for k in acts if k in ref]
         for layer, a in acts.items():
             try:
                 if layer in self._prev:
                     vals, acc = self._similarities(a, self._prev[layer], sl, layer, "to the previous measurement",
-                                                   self._prev_side.get(layer), full[layer])
+                                                   self._prev_side.get(layer), full[layer], "prev")
                     for m, v in vals.items():
                         prev_vals[m][layer] = v
                     if acc is not None:
                         sides[layer] = acc.side("x")  # this epoch's side: the previous one at the next measurement
                 if layer in ref:
                     vals, acc = self._similarities(a, ref[layer], sl, layer, "to the reference", self._ref_side.get(layer),
-                                                   full[layer])
+                                                   full[layer], "ref")
                     for m, v in vals.items():
                         ref_vals[m][layer] = v
                     if acc is not None:
@@ -652,9 +717,9 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._prev, self._prev_side = full, sides
         out: Dict[str, float] = {}
         for m in self.methods:
-            self._layer_values(f"{m}_prev", prev_vals[m], out)
+            self._layer_values(f"{m}_prev", prev_vals[m], out, expected=prev_expected)
             if self.reference is not None:
-                self._layer_values(f"{m}_ref", ref_vals[m], out)
+                self._layer_values(f"{m}_ref", ref_vals[m], out, expected=ref_expected)
         figs: Dict[str, Any] = {}
         if self.heatmap and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer) and len(full) > 1:
             sm = similarity_matrix(full, method="cka")  # each layer's statistics computed once
