@@ -392,9 +392,10 @@ def test_numpy_blas_is_the_cpu_default_and_can_be_switched_off():
     env = {k: v for k, v in __import__("os").environ.items() if k != "NETPROBE_NUMPY_BLAS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "NETPROBE_NUMPY_BLAS": "0"}, capture_output=True,
-                         text=True, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr
+    for off in ("0", "off", "False"):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "NETPROBE_NUMPY_BLAS": off}, capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.strip() == "False", (off, out.stderr)
 
 
 @pytest.mark.parametrize("torch_threads", [1, 2])

@@ -77,3 +77,69 @@ def test_similarity_matrix_names_a_non_finite_entry_by_its_key(method):
 def test_cca_family_says_one_sample_is_the_problem(fn):
     with pytest.raises(ValueError, match="n=1"):
         fn(torch.randn(1, 3), torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_numpy_moments_over_several_row_blocks_match_a_float64_reference(dtype, offset, monkeypatch):
+    # d=1024 makes the numpy route's blocks 512 rows: n=1300 is 3 blocks, the last a partial one;
+    # strided input (every other column of a wider tensor); against numpy on the float64 image
+    import numpy as np
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(1300, 2 * 1024, generator=g) * 2.0 + offset
+    x = wide[:, ::2].to(dtype)
+    y = (torch.randn(1300, 40, generator=g) - offset).to(dtype)
+    m = S._Moments.of(x, y, blas=True)
+    xr, yr = x.double().numpy(), y.double().numpy()
+    xc, yc = xr - xr.mean(0), yr - yr.mean(0)
+    scale = np.abs(xc).max() * np.abs(yc).max() * 1300
+    np.testing.assert_allclose(m.mx.numpy(), xr.mean(0), rtol=0, atol=1e-12 * max(1.0, offset))
+    np.testing.assert_allclose(m.cxx.numpy(), xc.T @ xc, rtol=0, atol=1e-11 * np.abs(xc).max() ** 2 * 1300)
+    np.testing.assert_allclose(m.cyy.numpy(), yc.T @ yc, rtol=0, atol=1e-11 * np.abs(yc).max() ** 2 * 1300)
+    np.testing.assert_allclose(m.cxy.numpy(), xc.T @ yc, rtol=0, atol=1e-11 * scale)
+    ref = np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    assert float(linear_cka(x, y)) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+def test_concurrent_calls_restore_numpy_blas_threads(monkeypatch):
+    # numpy's BLAS thread count is process-wide: calls overlapping from two Python threads must
+    # leave the setting from before the first of them, and run with torch's count meanwhile
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+
+    def blas():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["internal_api"] != "mkl"}
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4000, 64, generator=g), torch.randn(4000, 64, generator=g)
+    start = threading.Barrier(2)
+    errors = []
+
+    def work():
+        try:
+            start.wait()
+            for _ in range(8):
+                linear_cka(x, y)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            ts = [threading.Thread(target=work) for _ in range(2)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            after = blas()
+    finally:
+        torch.set_num_threads(before)
+    assert not errors
+    assert after == {2}
+    assert S._BLAS_USERS == 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -97,43 +98,54 @@ _GRAM_BASE = 64
 #: block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
 #: MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
 #: the best pure-torch route is 1.16-1.30x the numpy recipe of Kornblith et al., this one
-#: 0.91-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
+#: 0.87-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
 #: the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
 #: so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
 #: (read at import) keeps every product in torch; so does a missing threadpoolctl.
-_NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "1") != "0"
+_NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "1").strip().lower() not in ("0", "false", "off", "no")
 _BLAS_CONTROLLER: Any = None
+# numpy's BLAS thread count is process-wide: the first of concurrent linear_cka calls (from several
+# Python threads) sets it, the last one out restores it (not each call what it saw on entry)
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMITER: Any = None
 
 
 @contextlib.contextmanager
 def _blas_threads() -> Any:
-    """Context for numpy's products: its BLAS runs ``torch.get_num_threads()`` threads (restored on
-    exit), and its floating-point warnings are silenced (a NaN/Inf input is refused afterwards with
-    netprobe's own message). Disables the numpy route (:data:`_NUMPY_CPU`) when threadpoolctl is
-    not installed."""
-    global _BLAS_CONTROLLER, _NUMPY_CPU
+    """Context for numpy's products: its BLAS runs ``torch.get_num_threads()`` threads (the
+    setting before the first of concurrent calls is restored when the last one leaves), and its
+    floating-point warnings are silenced (a NaN/Inf input is refused afterwards with netprobe's own
+    message). Disables the numpy route (:data:`_NUMPY_CPU`) when threadpoolctl is not installed."""
+    global _BLAS_CONTROLLER, _NUMPY_CPU, _BLAS_USERS, _BLAS_LIMITER
     import numpy as np
 
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _NUMPY_CPU = False
+    with _BLAS_LOCK:
+        if _BLAS_CONTROLLER is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                _NUMPY_CPU = False
+            else:
+                _BLAS_CONTROLLER = ThreadpoolController()
+        if _BLAS_CONTROLLER is not None:
+            if _BLAS_USERS == 0:
+                _BLAS_LIMITER = _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas")
+            _BLAS_USERS += 1
+    try:
+        with np.errstate(all="ignore"):
             yield
-            return
-        _BLAS_CONTROLLER = ThreadpoolController()
-    with _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas"), np.errstate(all="ignore"):
-        yield
+    finally:
+        if _BLAS_CONTROLLER is not None:
+            with _BLAS_LOCK:
+                _BLAS_USERS -= 1
+                if _BLAS_USERS == 0:
+                    _BLAS_LIMITER.restore_original_limits()
+                    _BLAS_LIMITER = None
 
 
 def _np_ok(t: torch.Tensor) -> bool:
     return _NUMPY_CPU and t.device.type == "cpu" and t.dtype == _F64
-
-
-def _np_scratch(shape: Tuple[int, int]) -> Any:
-    import numpy as np
-
-    return np.empty(shape, dtype=np.float64)
 
 
 def _np_gram_into(a: Any, out: Any, base: int) -> None:
@@ -288,7 +300,7 @@ class _Moments:
         row blocks converted and shifted into reused ``(rows, d)`` float64 buffers (no transposed
         writes; 4 MiB a side, at least 512 rows), then ``b^T b`` by ``syrk`` (numpy takes it for a
         matrix times its own transpose) and ``a^T b`` by ``gemm``, each added to the float64 sums.
-        Extra memory: the ``d x d`` sums, one block a side and one product's temporary."""
+        Extra memory: the ``d x d`` sums, one block a side and one product's (reused) result."""
         import numpy as np
 
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
@@ -296,6 +308,7 @@ class _Moments:
         sx, sy = x[:rows].sum(0, dtype=_F64) / rows, y[:rows].sum(0, dtype=_F64) / rows
         cxx, cxy = np.zeros((dx, dx)), np.zeros((dx, dy))
         cyy = np.zeros((dy, dy)) if yy else None
+        tmp = np.empty(max(dx * dx, dx * dy, dy * dy if yy else 0))  # one product's result, reused
         tx, ty = torch.zeros(dx, dtype=_F64), torch.zeros(dy, dtype=_F64)
         bx, by = torch.empty((rows, dx), dtype=_F64), torch.empty((rows, dy), dtype=_F64)
         for i in range(0, n, rows):
@@ -306,10 +319,11 @@ class _Moments:
             tx += a.sum(0)
             ty += b.sum(0)
             an, bn = a.numpy(), b.numpy()
-            cxx += an.T @ an
-            if cyy is not None:
-                cyy += bn.T @ bn
-            cxy += an.T @ bn
+            for acc, p, q in ((cxx, an, an), (cyy, bn, bn), (cxy, an, bn)):
+                if acc is not None:
+                    out = tmp[: acc.size].reshape(acc.shape)
+                    np.matmul(p.T, q, out=out)  # syrk when p is q
+                    acc += out
         return _Moments._finish(x, y, sx, sy, tx, ty, torch.from_numpy(cxx),
                                 None if cyy is None else torch.from_numpy(cyy), torch.from_numpy(cxy))
 
