@@ -98,7 +98,7 @@ _GRAM_BASE = 64
 #: block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
 #: MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
 #: the best pure-torch route is 1.16-1.30x the numpy recipe of Kornblith et al., this one
-#: 0.87-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
+#: 0.73-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
 #: the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
 #: so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
 #: (read at import) keeps every product in torch; so does a missing threadpoolctl.
