@@ -9,7 +9,7 @@ PWCCA's weights from the QR of the (unwhitened) projected activations. float64, 
 
 Target: netprobe >= 2x faster. Also checks both give the same CCA correlations.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/similarity.py --cka [--quick] [--reps 3] [--no-memory]
+    .venv/bin/python benchmarks/similarity.py --cka [--quick] [--reps 3] [--no-memory] [--threads N]
 
 Linear CKA (biased and debiased) against peers' recipes written here from their formulas
 (Kornblith et al.'s numpy code, anatome, torch-cka/ckatorch, pytorch-cka, cka-pytorch), at (10000,
@@ -25,9 +25,11 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+# --cka --threads N (default 1): both sides' BLAS threads, set before numpy and torch load
+_THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "1"
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", _THREADS)
+os.environ.setdefault("MKL_NUM_THREADS", _THREADS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -281,15 +283,17 @@ def _memory(n, d, dtype_name, name):
                          capture_output=True, text=True,
                          # large blocks from mmap, returned at free: RSS follows live memory (else memory
                          # freed while making the inputs is reused unseen, e.g. ~0 MiB for float32 peers)
-                         env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                                  MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0"))
     if out.returncode:
         raise RuntimeError(out.stderr)
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def cka_main(sizes, reps, dtypes, memory=True):
-    torch.set_num_threads(1)
-    print(f"CKA benchmark: cpu, ONE thread (torch.set_num_threads(1), OMP/OPENBLAS/MKL = 1), torch {torch.__version__}, "
+def cka_main(sizes, reps, dtypes, memory=True, threads=1):
+    torch.set_num_threads(threads)
+    print(f"CKA benchmark: cpu, {threads} thread(s) (torch.set_num_threads({threads}), OMP/OPENBLAS/MKL = "
+          f"{os.environ.get('OMP_NUM_THREADS')}; memory children: 1 thread), torch {torch.__version__}, "
           f"numpy {np.__version__}; best of {reps} alternating runs; memory = peak RSS during the call minus RSS before "
           "(fresh subprocess per candidate, inputs allocated and a small warm-up call done, /proc/self/clear_refs); "
           "|err| = distance to the float64 value of the same inputs")
@@ -355,6 +359,7 @@ def main():
     ap.add_argument("--cka", action="store_true", help="the CKA comparison instead (sizes (10000, 512), (2000, 8192))")
     ap.add_argument("--reps", type=int, default=3, help="CKA: alternating rounds")
     ap.add_argument("--no-memory", action="store_true", help="CKA: skip the memory subprocesses")
+    ap.add_argument("--threads", type=int, default=1, help="CKA: torch and BLAS threads on both sides (default 1)")
     ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -362,7 +367,7 @@ def main():
         return _memory_child(int(n), int(d), dt, name)
     if args.cka:
         sizes = [(1000, 128), (300, 2048)] if args.quick else [(10000, 512), (2000, 8192)]
-        return cka_main(sizes, args.reps, (torch.float64, torch.float32), memory=not args.no_memory)
+        return cka_main(sizes, args.reps, (torch.float64, torch.float32), memory=not args.no_memory, threads=args.threads)
     torch.set_num_threads(1)
     sizes = [(2000, 128, 128)] if args.quick else [(10000, 512, 512)] if args.small else [(10000, 512, 512), (20000, 2048, 2048)]
     print(f"similarity benchmark: cpu, float64, torch {torch.__version__} threads = {torch.get_num_threads()}, "

@@ -143,3 +143,24 @@ def test_concurrent_calls_restore_numpy_blas_threads(monkeypatch):
     assert not errors
     assert after == {2}
     assert S._BLAS_USERS == 0
+
+
+@pytest.mark.parametrize("n,d", [(8000, 600), (300, 2500)])  # several row blocks; column blocks
+def test_numpy_route_with_several_threads_matches_the_reference(n, d, monkeypatch):
+    # more threads take larger blocks on the numpy route: the value must not move
+    import numpy as np
+
+    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, d, generator=g) + 3.0
+    y = torch.tanh(x[:, : d // 2] @ torch.randn(d // 2, 40, generator=g) / 10) + torch.randn(n, 40, generator=g)
+    xr, yr = x.double().numpy(), y.double().numpy()
+    xc, yc = xr - xr.mean(0), yr - yr.mean(0)
+    ref = np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert float(linear_cka(x, y)) == pytest.approx(ref, rel=1e-11)
+    finally:
+        torch.set_num_threads(before)
