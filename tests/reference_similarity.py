@@ -148,3 +148,13 @@ def procrustes_ref(x, y):
     u, _, vt = np.linalg.svd(yp.T @ xp)
     dist = np.linalg.norm(xp - yp @ (u @ vt)) ** 2
     return 1.0 - dist / 2.0
+
+
+def related_pair(n, dx, dy, seed, shared=3, noise=0.5):
+    """Test data, not a reference: ``(x, y)`` numpy ``(n, dx)``, ``(n, dy)`` sharing ``shared`` latent
+    directions (``y`` through a tanh) plus noise, with column offsets (``y`` near -2)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, shared))
+    x = z @ rng.normal(size=(shared, dx)) + noise * rng.normal(size=(n, dx)) + rng.normal(size=dx)
+    y = np.tanh(z @ rng.normal(size=(shared, dy))) + noise * rng.normal(size=(n, dy)) - 2.0
+    return x, y

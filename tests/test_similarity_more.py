@@ -11,16 +11,9 @@ from hypothesis import strategies as st
 from netprobe.metrics import (SimilarityAccumulator, SimilarityMatrix, cca, linear_cka, procrustes, pwcca, rbf_cka,
                               similarity_matrix, svcca)
 from reference_similarity import cka_debiased_ref, cka_ref, procrustes_ref, rbf_cka_ref
+from reference_similarity import related_pair as _pair
 
 T = lambda a: torch.tensor(a)  # noqa: E731
-
-
-def _pair(n, dx, dy, seed, shared=3, noise=0.5):
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, shared))
-    x = z @ rng.normal(size=(shared, dx)) + noise * rng.normal(size=(n, dx)) + rng.normal(size=dx)
-    y = np.tanh(z @ rng.normal(size=(shared, dy))) + noise * rng.normal(size=(n, dy)) - 2.0
-    return x, y
 
 
 def _orthogonal(d, seed):
