@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from reference_rank import tau_b_pairs_loop
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -32,21 +34,6 @@ def mod():
 def _tied(rng, n):
     """Values with many ties (a few levels), as accuracies on a small set have."""
     return rng.integers(0, 4, n).astype(float), rng.integers(0, 5, n).astype(float)
-
-
-def _loop_tau_b(x, y, keep):
-    """Kendall's tau-b over the pairs (i, j), i < j, with keep(i, j): concordant minus discordant over
-    sqrt(pairs untied in x * pairs untied in y), a plain double loop."""
-    s = nx = ny = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            if not keep(i, j):
-                continue
-            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-            s += dx * dy
-            nx += dx != 0
-            ny += dy != 0
-    return s / math.sqrt(nx * ny) if nx and ny else math.nan
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -72,7 +59,7 @@ def test_tau_b_pairs_on_a_subset_of_pairs_and_degenerate_cases(mod):
         x, y = _tied(rng, n)
         keep = np.triu(rng.random((n, n)) < 0.6, 1)
         got = mod.tau_b_pairs(x, y, keep)
-        ref = _loop_tau_b(x, y, lambda i, j: keep[i, j])
+        ref = tau_b_pairs_loop(x, y, lambda i, j: keep[i, j])
         assert (math.isnan(got) and math.isnan(ref)) or got == pytest.approx(ref, abs=1e-12)
     const = np.ones(6)
     assert math.isnan(mod.tau_b_pairs(const, np.arange(6.0), np.triu(np.ones((6, 6), bool), 1)))
@@ -104,7 +91,7 @@ def _loop_cluster_bootstrap(sig, ref, clusters, n_boot, seed):
                 (ia, da), (ib, db) = kept[a], kept[b]
                 return not (clusters[ia] == clusters[ib] and da != db)
 
-            out[s].append(_loop_tau_b(x, y, keep))
+            out[s].append(tau_b_pairs_loop(x, y, keep))
     return {s: np.array(v) for s, v in out.items()}
 
 
@@ -137,7 +124,7 @@ def test_cluster_bootstrap_with_one_run_per_cluster_is_the_ordinary_bootstrap(mo
     for b in range(30):
         idx = r.integers(0, 12, 12)
         # a run drawn twice: the pair of its copies is left out (same cluster, two draws)
-        want = _loop_tau_b(x[idx], y[idx], lambda i, j: idx[i] != idx[j])
+        want = tau_b_pairs_loop(x[idx], y[idx], lambda i, j: idx[i] != idx[j])
         assert got[b] == pytest.approx(want, abs=1e-12), b
 
 

@@ -18,6 +18,7 @@ from netprobe.select import (
     Run, SelectionError, bootstrap_intervals, cross_validate_choice, group_labels, key_direction, layer_order, load_run,
     parse_signal, rank_runs, rank_signals, tau_difference, top_k_hits,
 )
+from reference_rank import tau_b_pairs_loop
 
 
 def f32(x):
@@ -513,20 +514,6 @@ def test_cli_output_into_a_closed_pipe_has_no_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------- groups (several seeds per configuration)
-def ref_tau_pairs(x, y, keep):
-    """Kendall's tau-b over the pairs (i, j), i < j, with keep(i, j): a plain double loop."""
-    s = nx = ny = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            if not keep(i, j):
-                continue
-            sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-            s += sx * sy
-            nx += sx != 0
-            ny += sy != 0
-    return s / math.sqrt(nx * ny) if nx and ny else float("nan")
-
-
 def ref_cluster_replicates(sig, ref, groups, n_boot, seed, ks=()):
     """A cluster bootstrap, replicate by replicate: the groups (sorted labels) drawn with
     replacement by `default_rng(seed).integers(0, G, size=(n_boot, G))`, each drawn group with all
@@ -545,7 +532,7 @@ def ref_cluster_replicates(sig, ref, groups, n_boot, seed, ks=()):
         x = [sig[i] for i in runs]
         y = [ref[i] for i in runs]
         grp = [groups[i] for i in runs]
-        taus.append(ref_tau_pairs(x, y, lambda i, j: not (grp[i] == grp[j] and draw_of[i] != draw_of[j])))
+        taus.append(tau_b_pairs_loop(x, y, lambda i, j: not (grp[i] == grp[j] and draw_of[i] != draw_of[j])))
         rhos.append(ref_rho(x, y))
         for k in ks:
             hits[k].append(ref_hit(x, y, k, runs))
