@@ -55,7 +55,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from _common import accuracy, mnist1d, one_thread, quiet_lightning, trainer_kwargs
+from _common import accuracy, mnist1d, one_thread, quiet_lightning, trainer_kwargs, verdict
 from netprobe.lightning import RelianceMonitor
 from netprobe.select import cross_validate_choice, kendall_tau, layer_order, load_runs
 
@@ -333,20 +333,25 @@ def fmt_ci(ci: Tuple[float, float]) -> str:
     return "[   -,    -]" if not all(map(math.isfinite, ci)) else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def sign_of(ci: Tuple[float, float]) -> str:
+    """'yes' / 'no' when the interval clears 0 by more than MARGIN above / below (``_common.verdict``)."""
+    return verdict(ci[0], ci[1], margin=MARGIN, n=0)
+
+
 def verdict_sign(what: str, ci: Tuple[float, float], n: int) -> str:
-    lo, hi = ci
-    if math.isfinite(lo) and lo > MARGIN:
+    v = sign_of(ci)
+    if v == "yes":
         return f"{what} agrees with test accuracy (tau interval {fmt_ci(ci)} above 0 by more than {MARGIN})"
-    if math.isfinite(hi) and hi < -MARGIN:
+    if v == "no":
         return f"{what} points the WRONG way (tau interval {fmt_ci(ci)} below 0 by more than {MARGIN})"
     return f"{what}: agreement with test accuracy not resolved with {n} runs (tau interval {fmt_ci(ci)})"
 
 
 def verdict_diff(a: str, b: str, ci: Tuple[float, float], n: int) -> str:
-    lo, hi = ci
-    if math.isfinite(lo) and lo > MARGIN:
+    v = sign_of(ci)
+    if v == "yes":
         return f"{a} ranks better than {b} (tau difference {fmt_ci(ci)})"
-    if math.isfinite(hi) and hi < -MARGIN:
+    if v == "no":
         return f"{b} ranks better than {a} (tau difference of {a} minus {b}: {fmt_ci(ci)})"
     return f"{a} vs {b}: not resolved with {n} runs (tau difference {fmt_ci(ci)})"
 
@@ -472,10 +477,10 @@ def conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_bo
         print(f"  - {label}, {n_sub} runs of {c_sub} configurations, test accuracy {ref[mask].min():.3f}-{ref[mask].max():.3f}: "
               + "; ".join(f"{s.replace('netprobe/', '')} {tau_on(v, ref[mask]):+.2f} {fmt_ci(interval(b[s]))}" for s, v in sub.items()))
         for s in (auc, deep, area):
-            lo_, hi_ = interval(b[s])
-            if math.isfinite(hi_) and hi_ < -MARGIN:
+            v = sign_of(interval(b[s]))
+            if v == "no":
                 print(f"    -> here {s} points the WRONG way")
-            elif math.isfinite(lo_) and lo_ > MARGIN:
+            elif v == "yes":
                 print(f"    -> here {s} agrees with test accuracy")
             else:
                 print(f"    -> here {s}: not resolved with {n_sub} runs")
@@ -489,7 +494,7 @@ def conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_bo
     lo_, hi_ = ci(best_rel)
     print(f"  - with no labelled hold-out at all: the best reliance key here, {best_rel} (chosen on these runs, so "
           f"optimistic), has Kendall tau {taus[best_rel]:+.3f} {fmt_ci((lo_, hi_))}; "
-          + ("better than a random ranking" if math.isfinite(lo_) and lo_ > MARGIN else "not resolved against a random ranking")
+          + ("better than a random ranking" if sign_of((lo_, hi_)) == "yes" else "not resolved against a random ranking")
           + f"; the training loss, also free of held-out labels: {taus[loss]:+.3f} {fmt_ci(ci(loss))}; the training "
           f"accuracy on the probe set: {taus[pa_key]:+.3f} {fmt_ci(ci(pa_key))}")
 
