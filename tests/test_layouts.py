@@ -177,33 +177,41 @@ def test_residual_1d_block_relu_followed_through_the_sum():
     noise_curve(net, "1.act", (x, y), scales=[0, 1.0])
 
 
-class StackBlock(nn.Module):
-    """A sum computed through torch.stack(...).sum(0): not followed."""
+class StackSum(nn.Module):
+    """A sum computed through torch.stack(...).sum(0): not followed (``conv``: a 1-D or 2-D conv)."""
 
-    def __init__(self):
+    def __init__(self, conv):
         super().__init__()
-        self.conv, self.act = nn.Conv1d(6, 6, 3, padding=1), nn.ReLU()
+        self.conv, self.act = conv, nn.ReLU()
 
     def forward(self, x):
         return self.act(torch.stack([self.conv(x), x]).sum(0))
 
 
-def test_unfollowable_1d_output_refused_then_right_with_layout():
+@pytest.mark.parametrize("nd", [1, 2])
+def test_unfollowable_output_refused_then_right_with_layout(nd):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), StackBlock(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
-                        nn.Linear(6, 3)).eval()
-    x, y = torch.randn(8, 2, 11), torch.randint(0, 3, (8,))
-    with netprobe.probe(net, ["1.act"]), pytest.raises(ValueError, match="layout='NCL'"):
+    if nd == 1:
+        net = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), StackSum(nn.Conv1d(6, 6, 3, padding=1)), nn.AdaptiveAvgPool1d(1),
+                            nn.Flatten(), nn.Linear(6, 3)).eval()
+        x, y, units = torch.randn(8, 2, 11), torch.randint(0, 3, (8,)), 6
+        told, layout, spatial = "layout='NCL'", "NCL", (2,)
+    else:
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), StackSum(nn.Conv2d(4, 4, 3, padding=1)), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(4, 3)).eval()
+        x, y, units = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,)), 4
+        told, layout, spatial = "layout='NCHW' or 'NHWC'", "NCHW", (2, 3)
+    with netprobe.probe(net, ["1.act"]), pytest.raises(ValueError, match=told):
         net(x)
-    with netprobe.probe(net, ["1.act"], layout="NCL") as p:
+    with netprobe.probe(net, ["1.act"], layout=layout) as p:
         net(x)
-    torch.testing.assert_close(p["1.act"], net[1](net[0](x)).detach().mean(2))
-    with pytest.raises(ValueError, match="layout='NCL'"):
+    torch.testing.assert_close(p["1.act"], net[1](net[0](x)).detach().mean(spatial))
+    with pytest.raises(ValueError, match=told):
         ablation_curve(net, "1.act", (x, y))
-    assert ablation_curve(net, "1.act", (x, y), layout="NCL").order.shape == (3, 6)
-    with pytest.raises(ValueError, match="layout='NCL'"):
+    assert ablation_curve(net, "1.act", (x, y), layout=layout).order.shape == (3, units)
+    with pytest.raises(ValueError, match=told):
         noise_curve(net, "1.act", (x, y))
-    noise_curve(net, "1.act", (x, y), layout="NCL", scales=[0, 1.0])
+    noise_curve(net, "1.act", (x, y), layout=layout, scales=[0, 1.0])
 
 
 def test_ambiguous_t_equals_n_raises():
@@ -388,29 +396,6 @@ def test_layer_norm_over_chw_keeps_channels_first():
     with torch.no_grad():
         h = net[1](net[0](x))
     torch.testing.assert_close(p["1"], h.mean((2, 3)))  # 4 channels, not the 5 columns
-
-
-class StackSum4d(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
-
-    def forward(self, x):
-        return self.act(torch.stack([self.conv(x), x]).sum(0))
-
-
-def test_unfollowable_4d_output_refused_then_right_with_layout():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), StackSum4d(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(4, 3)).eval()
-    x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,))
-    with netprobe.probe(net, ["1.act"]), pytest.raises(ValueError, match="layout='NCHW' or 'NHWC'"):
-        net(x)
-    with pytest.raises(ValueError, match="layout='NCHW' or 'NHWC'"):
-        ablation_curve(net, "1.act", (x, y))
-    with netprobe.probe(net, ["1.act"], layout="NCHW") as p:
-        net(x)
-    torch.testing.assert_close(p["1.act"], net[1](net[0](x)).detach().mean((2, 3)))
 
 
 def test_model_input_refused_in_4d():
