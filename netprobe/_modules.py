@@ -8,21 +8,63 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
-import weakref
+import re
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from netprobe import _observe
 from netprobe._validation import close_names
 
 LayerSpec = Union[str, type, nn.Module]
 
-__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating", "Layouts", "AmbiguousLayoutError", "LAYOUTS", "check_layout",
+__all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluating", "Layouts", "observing", "LAYOUTS", "check_layout",
            "batch_first_of", "select_output"]
 
 _GLOB_CHARS = set("*?[")
+
+
+def glob_regex(pattern: str) -> "re.Pattern[str]":
+    """The compiled regular expression of a layer glob over dotted names, as :mod:`pathlib` globs
+    paths: ``*`` matches within one dotted segment, ``?`` one character of a segment, ``[...]`` a
+    character class, and ``**`` any number of whole segments (zero included: ``a.**.b`` matches
+    ``a.b`` and ``a.x.y.b``; within a segment, ``**`` matches across dots)."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            start = i == 0 or pattern[i - 1] == "."
+            end = i + 2 == n or pattern[i + 2] == "."
+            if start and end and i + 2 < n:  # "**." : zero or more whole segments, each with its dot
+                out.append(r"(?:[^.]+\.)*")
+                i += 3
+            elif start and end and i > 0:  # ".**" at the end: the dot before it is optional
+                out[-1] = r"(?:\..*)?"
+                i += 2
+            else:
+                out.append(".*")
+                i += 2
+        elif c == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif c == "?":
+            out.append(r"[^.]")
+            i += 1
+        elif c == "[":
+            j = pattern.find("]", i + 2 if pattern.startswith("[!", i) or pattern.startswith("[]", i) else i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+                i += 1
+            else:
+                body = pattern[i + 1:j]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def _named(model: nn.Module) -> Dict[str, nn.Module]:
@@ -37,7 +79,8 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Iterable[LayerSpec
         layers: a selector or a list of selectors, mixed freely:
 
             * an exact qualified name from ``model.named_modules()`` (``"encoder.0.fc"``);
-            * a glob pattern (``"encoder.*.fc"``; ``*`` also crosses dots, as in :mod:`fnmatch`);
+            * a glob pattern (``"encoder.*.fc"``): ``*`` matches within one dotted segment and
+              ``**`` across segments, as in :mod:`pathlib` (see :func:`glob_regex`);
             * a module class (``nn.Conv2d``): every submodule that is an instance of it;
             * a module object that is a submodule of ``model``.
 
@@ -81,11 +124,12 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Iterable[LayerSpec
             if spec in named:
                 selected.add(spec)
             elif _GLOB_CHARS & set(spec):
-                hits = [n for n in named if fnmatch.fnmatchcase(n, spec)]
+                rx = glob_regex(spec)
+                hits = [n for n in named if rx.match(n)]
                 if not hits:
                     raise ValueError(
                         f"Layer pattern {spec!r} matches no module of {type(model).__name__}. "
-                        f"Closest names: {close_names(spec.replace('*', ''), named)}."
+                        f"Closest names: {close_names(spec.replace('*', ''), named)}. (`*` matches within one dotted segment, `**` across segments.)"
                     )
                 selected.update(hits)
             else:
@@ -149,8 +193,6 @@ _CHANNELS_FIRST_3D = (
     nn.modules.padding.ReplicationPad1d,
     nn.modules.padding.ConstantPad1d,
 )
-# Of those, the ones that make a model "1-D convolutional" (a reason to follow layouts at all).
-_CONV_LIKE_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d)
 
 # Modules whose output of any rank >= 3 is channels first, (N, C, ...) (2-D/3-D pooling too).
 _CHANNELS_FIRST = _CHANNELS_FIRST_3D + (
@@ -204,110 +246,119 @@ def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Modules whose output has its units on the last axis (a Linear's out_features), whatever its rank.
+# Modules whose output has its units on the last axis (a Linear's out_features), whatever its rank.
 _UNITS_LAST = (nn.Linear, nn.Bilinear, nn.Embedding)
 # Normalizations over trailing axes: their output has their input's layout; a LayerNorm over one
 # axis of an input whose layout is unknown normalizes the features: units last.
 _NORM_LAST = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-# (a layout is known by the module's type alone)
-_TYPED = _CHANNELS_FIRST + _UNITS_LAST
+# Modules applied elementwise (their output has their input's shape and layout): the only modules
+# whose output inherits their input's layout when their forward itself is not followed (compiled).
+_ELEMENTWISE = tuple(
+    c for c in vars(nn.modules.activation).values()
+    if isinstance(c, type) and issubclass(c, nn.Module) and c is not nn.Module and c is not nn.MultiheadAttention
+    and c.__module__ == nn.modules.activation.__name__
+) + (nn.modules.dropout._DropoutNd, nn.Identity)
 
-# Tensors (rank >= 3) whose layout is known in the forward pass running now: "C" channels first
-# (N, C, ...) (outputs of the modules above and of the functions in _FN_CHANNELS_FIRST), "L" units
-# last (outputs of Linear-like modules and functions), and what follows from them: outputs of
-# elementwise modules and functions (activations, dropout, a residual sum of two tensors of one
+
+def _units_last_module(module: nn.Module) -> bool:
+    """A Linear-like module (units on the last axis): ``nn.Linear``, ``nn.Bilinear``,
+    ``nn.Embedding``, and Hugging Face's ``Conv1D`` (GPT-2's transposed Linear)."""
+    if isinstance(module, _UNITS_LAST):
+        return True
+    cls = type(module)
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in cls.__mro__)
+
+
+def _typed_unit(module: nn.Module, nd: int) -> Optional[int]:
+    """The units axis of a rank-``nd`` batch-first output that ``module``'s type gives, or ``None``."""
+    if nd <= 2:
+        return nd - 1
+    if isinstance(module, _CHANNELS_FIRST if nd > 3 else _CHANNELS_FIRST_3D):
+        return 1
+    if _units_last_module(module):
+        return nd - 1
+    return None
+
+
+# Units axes of the tensors (rank >= 3) of the forward pass being observed: outputs of the modules
+# above and of the functions in _FN_CHANNELS_FIRST / _FN_UNITS_LAST, and what follows from them:
+# outputs of elementwise functions (activations, dropout, a residual sum of two tensors of one
 # layout), of slices, padding and concatenations, and permuted views (followed by their strides).
-# Keyed by memory and layout (so a detached alias matches too), holding a weak reference to the
-# tensor: a key only counts while that tensor lives, so its memory cannot have been reused meanwhile.
-_MARKS: Dict[Any, Tuple["weakref.ref[torch.Tensor]", str]] = {}
-_PURGE_AT = [512]
-_ACTIVE = [0]  # layout trackers attached now
-_C3_SEEN = [False]  # a 3-D channels-first tensor was marked since the marks were last cleared
-
-
-class _Tracking:
-    """The hooks of one :func:`track_layouts` call; ``remove()`` removes them, and the last
-    tracker to go clears the marks (so no tensor kept from one model is read for another)."""
-
-    def __init__(self, handles: List[Any]) -> None:
-        self.handles = handles
-        _ACTIVE[0] += 1
-
-    def remove(self) -> None:
-        handles, self.handles = self.handles, []
-        if handles:
-            for h in handles:
-                h.remove()
-            _ACTIVE[0] -= 1
-            if _ACTIVE[0] == 0:
-                _MARKS.clear()
-                _C3_SEEN[0] = False
+# Keyed by memory and layout, holding the tensor itself: every marked tensor stays alive until the
+# observed pass ends (then the marks are cleared), so no key can meet reused memory, and a lookup
+# depends on nothing but the forward pass.
+_MARKS: Dict[Any, Tuple[torch.Tensor, int]] = {}
+_TRACKING = [0]  # observed forward passes now followed (their tensors marked)
 
 
 def _layout_key(t: torch.Tensor) -> Any:
     return (t.data_ptr(), t.device, tuple(t.shape), tuple(t.stride()))
 
 
-def _mark(t: torch.Tensor, kind: str) -> None:
-    if len(_MARKS) > _PURGE_AT[0]:
-        for k, (r, _) in list(_MARKS.items()):
-            if r() is None:
-                _MARKS.pop(k, None)
-        _PURGE_AT[0] = max(512, 2 * len(_MARKS))  # many live entries: purge less often
-    _MARKS[_layout_key(t)] = (weakref.ref(t), kind)
-    if kind == "C" and t.ndim == 3:
-        _C3_SEEN[0] = True  # (N, C, L) tensors exist in this model (a functional conv1d, say)
+def _mark(t: torch.Tensor, unit: int) -> None:
+    _MARKS[_layout_key(t)] = (t, unit)
 
 
-def _mark_of(t: torch.Tensor) -> Optional[str]:
-    """"C" (channels first), "L" (units last) or None, for a tensor (rank >= 3) of the running forward.
+def _clear_marks() -> None:
+    _MARKS.clear()
+
+
+def _mark_of(t: torch.Tensor) -> Optional[int]:
+    """The units axis of a tensor (rank >= 3) of the forward pass being followed, or ``None``.
 
     A permuted view of a marked tensor (``conv(x).transpose(1, 2)``, ``x.permute(0, 2, 3, 1)``: same
     memory, its axes' sizes and strides a permutation of the marked tensor's) is followed: its unit
-    axis is the one with the marked unit axis's size and stride. Only if the batch axis stays first,
-    the pairs are distinct and the unit axis lands second or last."""
-    if not _ACTIVE[0] or not _MARKS or t.ndim < 3 or t.is_nested:  # marks count only while some tracking is on
+    axis is the one with the marked unit axis's size and stride, when those pairs are distinct."""
+    if not _TRACKING[0] or not _MARKS or t.ndim < 3 or t.is_nested:
         return None
     e = _MARKS.get(_layout_key(t))
     if e is not None:
-        return e[1] if e[0]() is not None else None
+        return e[1]
     nd = t.ndim
     pairs = list(zip(t.shape, t.stride()))
     if len(set(pairs)) != nd:
         return None
     ptr, dev = t.data_ptr(), t.device
-    for (kptr, kdev, kshape, kstride), (r, kind) in list(_MARKS.items()):
-        if kptr != ptr or kdev != dev or len(kshape) != nd or r() is None:
+    for (kptr, kdev, kshape, kstride), (_, unit) in list(_MARKS.items()):
+        if kptr != ptr or kdev != dev or len(kshape) != nd:
             continue
         base = list(zip(kshape, kstride))
         if sorted(base) != sorted(pairs):
             continue
-        unit = pairs.index(base[1 if kind == "C" else nd - 1])
-        if pairs.index(base[0]) != 0:
-            return None
-        return "C" if unit == 1 else "L" if unit == nd - 1 else None
+        return pairs.index(base[unit])
     return None
 
 
-def _is_channels_first(t: torch.Tensor) -> bool:
-    return _mark_of(t) == "C"
+def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
 
 
 def _layout_hook_impl(mod: nn.Module, args: Any, out: Any) -> None:
-    if isinstance(out, torch.Tensor) and out.ndim >= 3 and not out.is_nested and _TRACKING[0]:
-        if isinstance(mod, _CHANNELS_FIRST if out.ndim > 3 else _CHANNELS_FIRST_3D):
-            _mark(out, "C")
-        elif isinstance(mod, _UNITS_LAST):
-            _mark(out, "L")
-        elif _mark_of(out) is None and args and isinstance(args[0], torch.Tensor):
-            kind = _mark_of(args[0])
-            if kind is not None and (args[0].shape == out.shape or isinstance(mod, _NORM_LAST)):
-                _mark(out, kind)
-            elif kind is None and isinstance(mod, _NORM_LAST) and len(mod.normalized_shape) == 1:
-                _mark(out, "L")
+    if not _TRACKING[0]:
+        return
+    if batch_first_of(mod) is not None:  # RNN, attention, transformer: the (first) output has its features last
+        t = _first_tensor(out)
+        if t is not None and t.ndim == 3 and not t.is_nested:
+            _mark(t, 2)
+        return
+    if not isinstance(out, torch.Tensor) or out.ndim < 3 or out.is_nested:
+        return
+    unit = _typed_unit(mod, out.ndim)
+    if unit is not None:
+        _mark(out, unit)
+    elif _mark_of(out) is None and args and isinstance(args[0], torch.Tensor):
+        given = _mark_of(args[0])
+        if given is not None and args[0].shape == out.shape and isinstance(mod, _ELEMENTWISE + _NORM_LAST):
+            _mark(out, given)
+        elif given is None and isinstance(mod, _NORM_LAST) and len(mod.normalized_shape) == 1:
+            _mark(out, out.ndim - 1)
 
 
 _layout_hook = eager_hook(_layout_hook_impl)
-_TRACKING = [0]  # forward passes now followed (their tensors marked)
 
 F = torch.nn.functional
 # Functions whose output (rank >= 3) is channels first by definition.
@@ -344,6 +395,7 @@ _FN_NO_INHERIT = {
     torch.Tensor.unflatten, torch.Tensor.unfold, torch.as_strided, torch.Tensor.as_strided, torch.einsum,
     torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.tensordot, torch.t, torch.Tensor.t, torch.Tensor.mT,
     torch.Tensor.T, torch.Tensor.mH, torch.Tensor.H, torch.adjoint, torch.Tensor.adjoint,
+    torch.Tensor.contiguous, torch.Tensor.clone, torch.clone,
 }
 _FN_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
 
@@ -355,47 +407,61 @@ def _slice_keeps_axes(args: Any) -> bool:
     return all(isinstance(i, slice) or i is Ellipsis for i in items)
 
 
+def _copy_of_view(func: Any, args: Any, out: Any) -> Optional[int]:
+    """``x.contiguous()`` / ``x.clone()`` of a followed tensor (a permuted view made contiguous):
+    the copy has the view's axes, so its units axis."""
+    if func in (torch.Tensor.contiguous, torch.Tensor.clone, torch.clone) and args and isinstance(args[0], torch.Tensor):
+        if isinstance(out, torch.Tensor) and out.shape == args[0].shape:
+            return _mark_of(args[0])
+    return None
+
+
 def _follow(func: Any, args: Any, kwargs: Any, out: Any) -> None:
     """Mark ``out`` (a function's result) from the function and the marks of its inputs."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    outs = [o for o in outs if type(o) is torch.Tensor or isinstance(o, torch.Tensor)]
-    outs = [o for o in outs if o.ndim >= 3 and not o.is_nested]
+    outs = [o for o in outs if isinstance(o, torch.Tensor) and o.ndim >= 3 and not o.is_nested]
     if not outs:
         return
     if func in _FN_CHANNELS_FIRST:
-        kinds = {"C"}
-    elif func in _FN_UNITS_LAST:
-        kinds = {"L"}
-    elif func in _FN_NO_INHERIT:
-        return  # views: followed by their strides when read
-    else:
-        ins: List[torch.Tensor] = []
-        for a in list(args) + list(kwargs.values() if kwargs else ()):
-            if isinstance(a, torch.Tensor):
-                ins.append(a)
-            elif isinstance(a, (list, tuple)):
-                ins += [t for t in a if isinstance(t, torch.Tensor)]
-        if func in _FN_MATMUL:
-            # (..., D) @ (D, K): the first operand's layout, for a weight matrix on the right only
-            if len(ins) != 2 or ins[1].ndim != 2 or func is torch.Tensor.__rmatmul__:
-                return
-            ins = ins[:1]
-        same = func in _FN_SAME_LAYOUT
-        if func is torch.Tensor.__getitem__ and not _slice_keeps_axes(args):
-            return
-        kinds = set()
         for o in outs:
-            for t in ins:
-                if t.ndim == o.ndim and (same or t.shape == o.shape) and not t.is_nested:
-                    kinds.add(_mark_of(t))
-        if None in kinds and len(kinds) > 1:  # an unknown input beside a known one: only if all known agree
-            kinds.discard(None)
-        if len(kinds) != 1 or None in kinds:
+            _mark(o, 1)
+        return
+    if func in _FN_UNITS_LAST:
+        for o in outs:
+            _mark(o, o.ndim - 1)
+        return
+    if func in _FN_NO_INHERIT:
+        unit = _copy_of_view(func, args, out)
+        if unit is not None:
+            _mark(outs[0], unit)
+        return  # views: followed by their strides when read
+    ins: List[torch.Tensor] = []
+    for a in list(args) + list(kwargs.values() if kwargs else ()):
+        if isinstance(a, torch.Tensor):
+            ins.append(a)
+        elif isinstance(a, (list, tuple)):
+            ins += [t for t in a if isinstance(t, torch.Tensor)]
+    if func in _FN_MATMUL:
+        # (..., D) @ (D, K): the first operand's layout, for a weight matrix on the right only
+        if len(ins) != 2 or ins[1].ndim != 2 or func is torch.Tensor.__rmatmul__:
             return
-    (kind,) = kinds
+        ins = ins[:1]
+    same = func in _FN_SAME_LAYOUT
+    if func is torch.Tensor.__getitem__ and not _slice_keeps_axes(args):
+        return
+    units = set()
+    for o in outs:
+        for t in ins:
+            if t.ndim == o.ndim and (same or t.shape == o.shape) and not t.is_nested:
+                units.add(_mark_of(t))
+    if None in units and len(units) > 1:  # an unknown input beside a known one: only if all known agree
+        units.discard(None)
+    if len(units) != 1 or None in units:
+        return
+    (unit,) = units
     for o in outs:
         if _mark_of(o) is None:
-            _mark(o, kind)
+            _mark(o, unit)
 
 
 try:
@@ -405,8 +471,8 @@ except ImportError:  # pragma: no cover - torch < 1.13
 
 if _TorchFunctionMode is not None:
     class _FollowLayouts(_TorchFunctionMode):
-        """Follows layouts through every torch function of a forward pass (a residual sum, a
-        permute, a functional convolution), beside the module hooks. Changes no result."""
+        """Follows layouts through every torch function of an observed forward pass (a residual
+        sum, a permute, a functional convolution), beside the module hooks. Changes no result."""
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
@@ -427,45 +493,36 @@ def _compiled(modules: Iterable[nn.Module]) -> bool:
     return False
 
 
-def track_layouts(model: nn.Module, modules: Iterable[nn.Module]) -> List[Any]:
-    """Hooks (a list of handles; ``.remove()`` each) that let :class:`Layouts` tell the layout of a
-    rank >= 3 output that its module's type does not give (a ReLU after a Conv1d is ``(N, C, L)``, a
-    GELU after a Linear on ``(N, H, W, C)`` has its units last), by following the tensors of each
-    forward pass through every module of ``model``; :class:`Layouts` also follows them through torch
-    functions (sums, permutes) while it needs to. Registered only when one of ``modules`` does not
-    have its layout by type; they run before any other forward hook of their module."""
-    mods = list(modules)
-    if all(isinstance(m, _TYPED) for m in mods):
-        return []
-    return [_Tracking([m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()])]
+def track_layouts(model: nn.Module) -> List[Any]:
+    """Hooks (handles; ``.remove()`` each) on every module of ``model`` that mark, while a forward
+    pass is observed (``_TRACKING``), each rank >= 3 output whose units axis its module's type
+    gives or its input's layout passes on (see :class:`Layouts`, which registers them for its
+    observed passes only). They run before any other forward hook of their module."""
+    return [m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()]
 
 
 def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
-    """The dimension of ``output`` that indexes units, for a batch-first output whose layout its
-    module's type gives (see :class:`Layouts` for the full decision, which also follows layouts
-    through the forward pass, finds the batch axis and refuses what it cannot establish).
+    """The dimension of a batch-first ``output`` that indexes units, as its module's type gives it
+    (see :class:`Layouts` for the full decision, which observes the batch axis and follows layouts
+    through the forward pass).
 
     * 2-D ``(N, D)``: dim 1.
     * ``(N, C, ...)`` of convolution, pooling and normalization modules: dim 1, the channel.
     * Linear, Embedding (and LayerNorm over one axis) outputs: the last.
 
     Raises:
-        ValueError: the output has 3 or more axes and neither its module's type nor the forward
-            pass (while :class:`Layouts` follows it) tells its layout; pass the layout explicitly.
+        ValueError: the output has 3 or more axes and its module's type does not tell its layout.
     """
     nd = output.ndim
-    if nd <= 2:
-        return nd - 1
-    mark = _mark_of(output)
-    if isinstance(module, _CHANNELS_FIRST if nd > 3 else _CHANNELS_FIRST_3D) or mark == "C":
-        return 1
-    if (isinstance(module, _UNITS_LAST) or mark == "L"
-            or (isinstance(module, _NORM_LAST) and len(module.normalized_shape) == 1)):
-        return nd - 1
-    raise ValueError(
-        f"The {type(module).__name__} output {tuple(output.shape)} has {nd} axes, and its module's type does not tell "
-        "which holds the units; pass `dims=(batch_dim, unit_dim)` (or use netprobe.probe with `layout=`)."
-    )
+    unit = _typed_unit(module, nd)
+    if unit is None and isinstance(module, _NORM_LAST) and len(module.normalized_shape) == 1:
+        unit = nd - 1
+    if unit is None:
+        raise ValueError(
+            f"The {type(module).__name__} output {tuple(output.shape)} has {nd} axes, and its module's type does not tell "
+            "which holds the units; pass `dims=(batch_dim, unit_dim)` (or use netprobe.probe with `layout=`)."
+        )
+    return unit
 
 
 @contextlib.contextmanager
@@ -578,62 +635,100 @@ class _Cleanup:
             fn()
 
 
-class AmbiguousLayoutError(ValueError):
-    """A layer's batch axis cannot be told from this forward call (a 3-D output whose first two
-    axes both have the batch size): another call with another batch size may tell it."""
+#: global count of observed forward passes running now: every netprobe hook (capture, statistics,
+#: other :class:`Layouts`) ignores the forward passes that observation runs
+_OBSERVING = [0]
+
+
+def observing() -> bool:
+    """Whether the forward pass running now is one netprobe runs to observe batch axes (hooks
+    that capture or count must ignore it)."""
+    return bool(_OBSERVING[0])
+
+
+_OPT_OUT = (
+    "If the model cannot be run again on resized inputs, pass `observe=False`: the batch axis is then the `layout=`'s "
+    "N (default: the first axis, or what `batch_first` says), checked only against the number of input rows."
+)
 
 
 class Layouts:
-    """The one place that decides, for every selected layer, which axis of its output holds the
-    batch and which the units (used by the probe's reductions, ablation masks and noise).
+    """The one place that decides, for every call site (layer and call index within a forward) of
+    every selected layer, which axis of its output holds the batch and which the units (used by the
+    probe's reductions, ablation masks and noise).
 
-    From, in this order:
+    **The batch axis is observed.** At the first forward pass that enters the model (or a probed
+    module) after :meth:`attach`, the same inputs, resized on their batch axis (the first axis of
+    every tensor argument; the second of a 3-D input to a module whose own ``batch_first`` is
+    ``False``) to two batch sizes that equal no other axis length of the inputs, are run first under
+    ``no_grad`` in eval mode, RNG state restored (:func:`evaluating`); other netprobe hooks ignore
+    those passes (other hooks on the model see them). The batch axis of a call site's output is the
+    one axis whose length is the batch size in both runs. An output with no such axis (attention
+    windows ``(N * k, ...)``, rows per token ``(N * T, D)``) or with several is refused: capture the
+    enclosing block, or give a ``reduce=`` callable. Every later call is checked against it (same
+    rank, the batch axis as long as the input's batch), so a sequence length equal to the batch size
+    changes nothing.
+
+    **The units axis** comes from, in this order:
 
     1. an explicit ``layout=`` of the layer (``"NC"``, ``"NCL"``, ``"NLC"``, ``"LNC"``, ``"NCHW"``,
-       ``"NHWC"``, ``"NCDHW"``, ...; ``N`` batch, ``C`` units, ``L/T/H/W/D`` positions);
-    2. the ``batch_first`` of the module (``nn.RNN/LSTM/GRU``, ``nn.MultiheadAttention``,
-       transformer layers and stacks) or of its nearest ancestor that has one (``layers.0.linear1``
-       inside a ``TransformerEncoderLayer``), for the first tensor of its output:
-       ``(N, T, D)`` or ``(T, N, D)``;
-    3. the module's type and the tensors it was applied to: 1-D conv/pool/norm outputs are
-       ``(N, C, L)``, ``nn.Linear``/``LayerNorm``/``Embedding`` outputs have their units last, and an
-       elementwise module (activation, dropout, any module whose output has its input's shape) keeps
-       its input's layout; a sum or a concatenation (a residual connection) starts an unknown one;
-    4. the batch size at the model's entry (the first dimension of the first tensor argument of the
-       outermost probed-or-ancestor module called; the second for a sequence-first module): the
-       batch axis must be dim 0 (dim 0 or 1 for units-last 3-D outputs) and be the only one of
-       those of that size.
+       ``"NHWC"``, ``"NCDHW"``, ...; ``N`` batch, ``C`` units, ``L/T/H/W/D`` positions), whose ``N``
+       must be the observed batch axis and whose ``C`` must agree with the module's type;
+    2. the ``batch_first`` of the module (``nn.RNN/LSTM/GRU``, ``nn.MultiheadAttention``, transformer
+       layers and stacks) or of its nearest ancestor that has one, for the first tensor of its
+       output: ``(N, T, D)`` or ``(T, N, D)``, units last (checked against the observed batch axis);
+    3. the module's type: 2-D outputs ``(N, D)``; conv/pool/norm outputs ``(N, C, ...)``;
+       ``nn.Linear``/``Embedding``/Hugging Face ``Conv1D`` outputs have their units last;
+    4. the operations of the observed forward pass, followed from 3.: an elementwise module or
+       function (activation, dropout, a residual sum of two tensors of one layout), slices,
+       padding, concatenations, normalizations over trailing axes, and permuted views (by their
+       strides). Marked tensors are held until the pass ends, so this depends on nothing but the
+       forward pass.
 
-    3-D outputs in a model with 1-D convolutions whose layout 3. cannot follow (``relu(conv(x) + x)``)
-    and outputs whose batch axis 4. cannot establish raise ``ValueError`` naming the ``layout=`` to
-    pass: a layout is never guessed.
+    What none of these establishes raises ``ValueError`` naming the ``layout=`` to pass (with ``N``
+    where the batch was observed): a layout is never guessed.
+
+    Args:
+        model: the model whose forward passes are run.
+        modules: ``{name: module}`` of the selected layers.
+        layout: ``layout=`` as documented above (a string for every layer, or a dict per layer).
+        select: ``{name: selector}`` (see :func:`select_output`): which tensor of each layer's
+            output the callers read.
+        observe: ``False`` runs nothing again: the batch axis is then the ``layout=``'s ``N``
+            (default: the first axis, or what ``batch_first`` says), checked only against the input
+            batch size, and units come from 1.-3. only.
     """
 
-    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], layout: LayoutSpec = None) -> None:
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], layout: LayoutSpec = None, *,
+                 select: Optional[Mapping[str, Any]] = None, observe: bool = True) -> None:
+        if not isinstance(observe, bool):
+            raise TypeError(f"Expected `observe` to be True or False, but got {observe!r}.")
         self.model = model
         self.modules = dict(modules)
         self.layout = per_layer_layout(layout, self.modules)
+        self.select = {n: (select or {}).get(n) for n in self.modules}
+        self.observe_enabled = observe
         self._named = dict(model.named_modules())
         self.context = {n: _sequence_context(self._named, n) for n in self.modules}
-        self.batch: Optional[int] = None
+        # batch-axis lengths of the tensor inputs of the forward pass running now (its entry)
+        self.batch_lengths: set = set()
+        self.batch: Optional[int] = None  # the first of them (kept for callers that need one number)
         self._depth = 0
         # forward passes begun (entries at depth 0): what shares one draw of sampled positions
         self.passes = 0
-        self._conv1d = any(isinstance(m, _CONV_LIKE_1D) for m in self._named.values())
-        self._seqfirst = any(batch_first_of(m) is False for m in self._named.values())
-        self._decided: Dict[Tuple[str, bool, int], Tuple[int, int]] = {}  # established by an unambiguous call
-        # layers whose layout neither `layout=`, their type nor a batch_first context gives: the
-        # forward passes are followed (module hooks, and a function mode in eager mode) until each
-        # has been decided once
-        self._needs = [n for n, m in self.modules.items()
-                       if self.layout[n] is None and self.context[n] is None and not isinstance(m, _TYPED)]
+        self._calls: Dict[str, int] = {n: 0 for n in self.modules}  # calls of each layer in this pass
+        self._entry: Optional[int] = None  # id of the module entered at depth 0 now
+        # (entry module id, layer, call index) -> what observation established
+        self._sites: Dict[Tuple[int, str, int], _observe.Site] = {}
+        self._observed: Dict[int, Optional[str]] = {}  # entry module id -> None, or why observation failed
+        self._seq_first: Dict[int, bool] = {}  # entry module id -> its 3-D inputs are (T, N, ...)
+        self._recording: Optional[Dict[str, List[Tuple[Tuple[int, ...], Optional[int]]]]] = None
         self._compiled = _compiled(self._named.values())
-        self._mode: Any = None
-        self._tracking_now = False
 
     # -- hooks -------------------------------------------------------------------------
     def attach(self) -> List[Any]:
-        """Register the hooks (entry batch size, layout tracking); returns handles to ``.remove()``."""
+        """Register the hooks (entries, call counts, observation); returns handles to ``.remove()``.
+        Register them after the callers' own forward hooks on the layers: they run first."""
         named = self._named
         entries: Dict[int, nn.Module] = {id(self.model): self.model}
         for n in self.modules:
@@ -647,8 +742,9 @@ class Layouts:
             for m in entries.values():
                 handles.append(m.register_forward_pre_hook(eager_hook(self._enter), with_kwargs=True))
                 handles.append(m.register_forward_hook(eager_hook(self._leave), always_call=True))
-            handles += track_layouts(self.model, [self.modules[n] for n in self._needs]) if self._needs else []
-            handles.append(_Cleanup(self._reset_forward))  # removed last: no mode left pushed
+            for n, m in self.modules.items():
+                handles.append(m.register_forward_hook(eager_hook(self._counter(n)), prepend=True))
+            handles.append(_Cleanup(self._reset_forward))
         except BaseException:
             for h in handles:
                 h.remove()
@@ -656,142 +752,263 @@ class Layouts:
         return handles
 
     def _reset_forward(self) -> None:
-        """Forget a forward pass that did not end (a KeyboardInterrupt skips even ``always_call``
-        hooks): depth 0, and the function mode it pushed popped."""
+        """Forget a forward pass that did not end (a KeyboardInterrupt skips even ``always_call`` hooks)."""
         self._depth = 0
-        if self._tracking_now:
-            self._tracking_now = False
-            _TRACKING[0] -= 1
-            mode, self._mode = self._mode, None
-            if mode is not None:
+        self._entry = None
+
+    def _counter(self, name: str) -> Callable[..., None]:
+        select = self.select[name]
+
+        def count(mod: nn.Module, args: Any, output: Any) -> None:
+            rec = self._recording
+            if rec is not None:  # a pass this instance observes
                 try:
-                    mode.__exit__(None, None, None)
-                except Exception:  # pragma: no cover - the mode stack was changed under it
-                    pass
+                    t, _, _ = select_output(output, select, name)  # (the callers raise what this raises)
+                except (TypeError, ValueError, KeyError, IndexError):
+                    rec[name].append(((), None, False))
+                    return
+                primary = select_output(output, select, name)[1]
+                rec[name].append((tuple(t.shape) if not t.is_nested else (), _mark_of(t), primary))
+                return
+            if _OBSERVING[0]:
+                return
+            self._calls[name] += 1
+
+        return count
 
     def _enter(self, mod: nn.Module, args: Any, kwargs: Any) -> None:
+        if _OBSERVING[0]:
+            return
         if mod is self.model and self._depth:
             self._reset_forward()  # a new call of the model while an interrupted one is still counted
         if self._depth == 0:
             self.passes += 1
-            self.batch = None
-            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            if first is not None and first.ndim >= 1:
-                dim = 1 if (first.ndim == 3 and not first.is_nested and batch_first_of(mod) is False) else 0
-                self.batch = int(first.size(dim))
-            known = {k[0] for k in self._decided}
-            if any(n not in known for n in self._needs):
-                self._tracking_now = True
-                _TRACKING[0] += 1
-                # not from compiled code: a mode pushed there changes what the compiled frames were
-                # guarded on (recompiles, up to the limit); module hooks alone follow layouts then
-                if _TorchFunctionMode is not None and not self._compiled and not _is_compiling() and not _IN_COMPILED[0]:
-                    self._mode = _FollowLayouts()
-                    self._mode.__enter__()
+            self._entry = id(mod)
+            self._calls = {n: 0 for n in self.modules}
+            seq_first = self._seq_first.get(id(mod), batch_first_of(mod) is False)
+            self.batch_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=seq_first)
+            first = next((t for t in _observe._tensors((args, kwargs)) if t.ndim >= 1 and not t.is_nested), None)
+            self.batch = None if first is None else int(first.shape[_observe._batch_dim(first, seq_first)])
+            if self.observe_enabled and id(mod) not in self._observed and self.batch_lengths - {0}:
+                self._observed[id(mod)] = self._observe(mod, args, kwargs, seq_first)
+                if self._seq_first.get(id(mod), seq_first) != seq_first:  # the inputs were (T, N, ...) after all
+                    seq_first = True
+                    self.batch_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=True)
+                    first = next((t for t in _observe._tensors((args, kwargs)) if t.ndim >= 1 and not t.is_nested), None)
+                    self.batch = None if first is None else int(first.shape[_observe._batch_dim(first, True)])
         self._depth += 1
 
     def _leave(self, mod: nn.Module, args: Any, out: Any) -> None:
+        if _OBSERVING[0]:
+            return
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
             self._reset_forward()
 
+    def _observe(self, mod: nn.Module, args: Any, kwargs: Any, seq_first: bool) -> Optional[str]:
+        """Run ``mod`` on ``args``/``kwargs`` resized to two batch sizes and record every call
+        site's output; returns ``None``, or why the model could not be run so.
+
+        The inputs' batch axis is the first (the second of 3-D inputs to a sequence-first module).
+        When that contradicts the ``batch_first=False`` of modules inside (a plain container around
+        an RNN called with ``(T, N, D)``), the second axis of 3-D inputs is tried, and kept only if
+        every such module then agrees."""
+        sites, failed = self._observe_at(mod, args, kwargs, seq_first)
+        if failed is None and not seq_first and self._contradicts_context(sites):
+            retry, failed2 = self._observe_at(mod, args, kwargs, True)
+            if failed2 is None and not self._contradicts_context(retry):
+                sites, seq_first = retry, True
+        if failed is not None:
+            return failed
+        self._seq_first[id(mod)] = seq_first
+        for (name, k), site in sites.items():
+            self._sites[(id(mod), name, k)] = site
+        return None
+
+    def _contradicts_context(self, sites: Mapping[Tuple[str, int], _observe.Site]) -> bool:
+        for (name, _), site in sites.items():
+            bf = self.context.get(name)
+            if bf is not None and site.primary and site.ndim == 3 and site.batch != (0 if bf else 1):
+                return True
+        return False
+
+    def _observe_at(self, mod: nn.Module, args: Any, kwargs: Any,
+                    seq_first: bool) -> Tuple[Dict[Tuple[str, int], _observe.Site], Optional[str]]:
+        sizes = _observe.observation_sizes(args, kwargs, seq_first=seq_first)
+        runs: List[Dict[str, List[Tuple[Tuple[int, ...], Optional[int], bool]]]] = []
+        # the observed passes run eagerly (from an eager hook, under torch.compile too), so functions are
+        # followed there; not in a model with compiled submodules, whose frames a mode would re-guard
+        follow = _TorchFunctionMode is not None and not self._compiled
+        # a lazy module initializes its parameters at the first forward, drawing from the global RNG as
+        # the user's own first call would have: the RNG is then left as that initialization leaves it
+        lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.model.parameters())
+        _OBSERVING[0] += 1
+        tracking: List[Any] = []
+        try:
+            tracking = track_layouts(self.model)  # for the observed passes only; prepended: before the counters
+            with evaluating(self.model, restore_rng=not lazy):
+                for n in sizes:
+                    a = _observe.resize_batch(args, n, seq_first=seq_first)
+                    kw = _observe.resize_batch(kwargs, n, seq_first=seq_first)
+                    self._recording = {name: [] for name in self.modules}
+                    _TRACKING[0] += 1
+                    mode = _FollowLayouts() if follow else None
+                    try:
+                        if mode is not None:
+                            with mode:
+                                mod(*a, **kw)
+                        else:
+                            mod(*a, **kw)
+                    except Exception as e:  # noqa: BLE001 - reported at the layer, with the way out
+                        return {}, (f"running {type(mod).__name__} on its inputs resized to batch size {n} (every "
+                                    f"tensor argument's batch axis, rows repeated) failed with {type(e).__name__}: {e}")
+                    finally:
+                        _TRACKING[0] -= 1
+                        _clear_marks()
+                        runs.append(self._recording)
+                        self._recording = None
+        finally:
+            for h in tracking:
+                h.remove()
+            _OBSERVING[0] -= 1
+        sites: Dict[Tuple[str, int], _observe.Site] = {}
+        for name in self.modules:
+            for k, ((sa, _, _), (sb, unit, primary)) in enumerate(zip(runs[0][name], runs[1][name])):
+                sites[(name, k)] = _observe.read_site((sa, sb), sizes, unit, primary)
+        return sites, None
+
     # -- the decision ------------------------------------------------------------------
+    def _refuse(self, name: str, module: nn.Module, shape: Tuple[int, ...], why: str, advice: str) -> ValueError:
+        return ValueError(f"Layer {name!r} ({type(module).__name__}) returned {shape}: {why}. {advice}")
+
     def dims(self, name: str, module: nn.Module, out: torch.Tensor, *, primary: bool = True) -> Tuple[int, int]:
-        """``(batch_dim, unit_dim)`` of ``out``, the output of layer ``name`` (``primary``: the first
-        tensor of the module's output, the one ``batch_first`` describes)."""
-        shape = tuple(out.shape) if not out.is_nested else None
+        """``(batch_dim, unit_dim)`` of ``out``, the output of layer ``name`` at its current call
+        (``primary``: the first tensor of the module's output, the one ``batch_first`` describes)."""
         if out.is_nested:
             raise ValueError(NESTED_MESSAGE.format(name=name))
-        lay = self.layout.get(name)
-        nd = out.ndim
-        if lay is not None:
-            if len(lay) != nd:
-                raise ValueError(
-                    f"`layout={lay!r}` for layer {name!r} names {len(lay)} axes, but the layer's output {shape} has {nd}."
-                )
-            return lay.index("N"), lay.index("C")
+        shape, nd = tuple(out.shape), out.ndim
         if nd == 0:
             raise ValueError(f"Layer {name!r} returned a scalar; there are no units to capture.")
-        n = self.batch
-        key = (name, primary, nd)
-        hit = self._decided.get(key)
-        if hit is not None and (n is None or shape[hit[0]] == n):  # type: ignore[index]
-            return hit  # told by an earlier call of this layer (its forward is no longer followed)
+        lay = self.layout.get(name)
+        if lay is not None and len(lay) != nd:
+            raise ValueError(
+                f"`layout={lay!r}` for layer {name!r} names {len(lay)} axes, but the layer's output {shape} has {nd}."
+            )
+        if not self.observe_enabled or not self.batch_lengths - {0}:  # (no rows: nothing to observe)
+            return self._trusted(name, module, out, primary)
+        call = max(self._calls.get(name, 0) - 1, 0)
+        failed = self._observed.get(self._entry) if self._entry is not None else None
+        if failed is not None:
+            raise ValueError(
+                f"netprobe establishes the batch axis of layer {name!r} by running the model again on the same inputs "
+                f"at two other batch sizes, but {failed}. Call the model with every tensor argument batched on its first "
+                f"axis. {_OPT_OUT}"
+            )
+        site = self._sites.get((self._entry, name, call)) if self._entry is not None else None
+        if site is None:
+            raise ValueError(
+                f"Layer {name!r} ({type(module).__name__}) ran a {call + 1}-th time in this forward pass, which it did "
+                "not when netprobe observed the model's batch axes at other batch sizes (a forward whose control flow "
+                f"depends on the batch size?). Probe a module that runs the same way at every batch size. {_OPT_OUT}"
+            )
+        sizes = " and ".join(f"{s} at batch size {n}" for s, n in zip(site.shapes, site.sizes))
+        if site.batch is None:
+            raise self._refuse(
+                name, module, shape, f"{site.problem} (observed: {sizes}), so its rows are not one per input",
+                "A `layout=` cannot fix this: capture the enclosing block (a module whose output has one row per "
+                "input), or pass `reduce=` a callable that maps this output to (batch, units) rows.")
+        b = site.batch
+        if nd != site.ndim or (self.batch_lengths and shape[b] not in self.batch_lengths):
+            raise self._refuse(
+                name, module, shape, f"observed at other batch sizes, its batch axis is axis {b} ({sizes}), which here "
+                f"has {shape[b] if nd > b else 'no'} rows for inputs of {sorted(self.batch_lengths)} rows",
+                "Probe a layer whose output has one row per input at every batch size.")
+        typed = _typed_unit(module, nd) if nd >= 3 else None
+        if lay is not None:
+            if lay.index("N") != b:
+                raise self._refuse(
+                    name, module, shape, f"`layout={lay!r}` puts the batch on axis {lay.index('N')}, but observed at "
+                    f"other batch sizes the batch is axis {b} ({sizes})",
+                    f"Pass a layout with N at position {b}, e.g. {_layout_suggestions(nd, b)}, or leave `layout=` out.")
+            u = lay.index("C")
+            if typed is not None and b == 0 and u != typed:
+                raise self._refuse(
+                    name, module, shape, f"`layout={lay!r}` puts the units on axis {u}, but a {type(module).__name__}'s "
+                    f"units are on axis {typed}", "Leave `layout=` out for this layer, or name its units axis there.")
+            return b, u
+        if nd == 1:
+            return b, 0
+        if nd == 2:
+            return b, 1 - b
         bf = self.context.get(name) if primary else None
         if nd == 3 and bf is not None:
-            return (0, 2) if bf else (1, 2)
-        suggest = {1: "'NC' after a reshape", 2: "'NC'", 3: "'NCL', 'NLC' or 'LNC'", 4: "'NCHW' or 'NHWC'",
-                   5: "'NCDHW' or 'NDHWC'"}.get(nd, "a string naming each axis")
-        seen = f"the batch size at the model's entry is {n}" if n is not None else "no batch size was seen at the model's entry"
-        if nd == 3:
-            mark = _mark_of(out)
-            if isinstance(module, _CHANNELS_FIRST_3D) or mark == "C":
-                if n is None or shape[0] == n:  # type: ignore[index]
-                    self._decided[key] = (0, 1)
-                    return 0, 1
-            elif self._seqfirst:
-                # a model with sequence-first modules, outside their context: its entry may be (T, N)
-                # as well as (N, T) (an embedding before a batch_first=False encoder), so the batch size
-                # seen there proves nothing
-                raise ValueError(
-                    f"Layer {name!r} ({type(module).__name__}) returned {shape} in a model with sequence-first modules "
-                    "(batch_first=False), outside them: (N, T, D) and (T, N, D) are both possible. Pass `layout='LNC'` "
-                    "(sequence first) or `layout='NLC'` (batch first) for this layer."
-                )
-            elif isinstance(module, _UNITS_LAST) or mark == "L":
-                if n is not None and shape[0] == n and shape[1] != n:  # type: ignore[index]
-                    self._decided[key] = (0, 2)
-                    return 0, 2
-                if n is not None and shape[0] == n and shape[1] == n:  # type: ignore[index]
-                    if key in self._decided:  # an earlier call of this layer told it
-                        return self._decided[key]
-                    raise AmbiguousLayoutError(
-                        f"Layer {name!r} ({type(module).__name__}) returned {shape}: both of its first two axes have the "
-                        f"batch size {n}, so it may be (N, T, D) or (T, N, D). Pass `layout='NLC'` (batch first) or "
-                        f"`layout='LNC'` (sequence first) for this layer."
-                    )
-                if n is not None and shape[1] == n:  # type: ignore[index]
-                    raise ValueError(
-                        f"Layer {name!r} ({type(module).__name__}) returned {shape}, whose second axis has the batch size "
-                        f"{n}: a sequence-first (T, N, D) output? Pass `layout='LNC'` for this layer (or 'NLC' if the "
-                        "batch is first after all)."
-                    )
-            else:
-                where = ("in a model with 1-D convolutions" if (self._conv1d or _C3_SEEN[0])
-                         else "computed by no module or function that tells its layout (a Linear, an embedding, a "
-                              "LayerNorm, a 1-D convolution, or what follows them)")
-                raise ValueError(
-                    f"Layer {name!r} ({type(module).__name__}) returned {shape} {where}, and its layout cannot be followed "
-                    "(e.g. the model's input itself, or a function netprobe does not follow): (N, C, L) and (N, L, C) are "
-                    "both possible. Pass `layout='NCL'` (channels are the units) or `layout='NLC'` (a sequence, features "
-                    "last) for this layer."
-                )
+            if b != (0 if bf else 1):
+                raise self._refuse(
+                    name, module, shape, f"it runs with batch_first={bf}, so its batch should be axis {0 if bf else 1}, "
+                    f"but observed at other batch sizes it is axis {b} ({sizes})",
+                    "Call the model with batch-first inputs (or its batch on the axis its `batch_first` says), or pass "
+                    f"`layout=` for this layer. {_OPT_OUT}")
+            return b, 2
+        unit = nd - 1 if _units_last_module(module) else (typed if b == 0 else None)
+        unit = site.unit if unit is None else unit
+        if unit is None and isinstance(module, _NORM_LAST) and len(module.normalized_shape) == 1:
+            unit = nd - 1
+        if unit is None or unit == b:
+            how = ("the model runs compiled, so only module hooks follow it: a residual sum is not followed"
+                   if self._compiled or _IN_COMPILED[0]
+                   else "it is computed from the model's input or by an operation netprobe does not follow "
+                        "(a scripted or compiled function, numpy, a module of unknown type)")
+            raise self._refuse(
+                name, module, shape, f"its batch is axis {b} (observed: {sizes}), but which axis holds the units cannot "
+                f"be established ({how})",
+                f"Pass the layer's layout, e.g. `layout={_layout_suggestions(nd, b)}` (N = batch, C = units).")
+        return b, unit
+
+    def _trusted(self, name: str, module: nn.Module, out: torch.Tensor, primary: bool) -> Tuple[int, int]:
+        """``dims`` with ``observe=False``: the declared or conventional batch axis, checked against
+        the input batch size; units from ``layout=``, ``batch_first`` or the module's type."""
+        shape, nd = tuple(out.shape), out.ndim
+        lay = self.layout.get(name)
+        bf = self.context.get(name) if primary else None
+        if lay is not None:
+            b, u = lay.index("N"), lay.index("C")
         elif nd <= 2:
-            if n is None or shape[0] == n:  # type: ignore[index]
-                self._decided[key] = (0, nd - 1)  # decided: later forwards are not followed
-                return 0, nd - 1
+            b, u = 0, nd - 1
+        elif nd == 3 and bf is not None:
+            b, u = (0 if bf else 1), 2
         else:
-            mark = _mark_of(out)
-            if isinstance(module, _CHANNELS_FIRST) or mark == "C":
-                ud = 1
-            elif isinstance(module, _UNITS_LAST) or mark == "L":
-                ud = nd - 1  # a Linear applied to (N, H, W, C), and what follows from it
-            else:
-                how = ("the model runs compiled, so only module hooks follow it: a residual sum is not followed"
-                       if self._compiled or _IN_COMPILED[0]
-                       else "it is computed by a function netprobe does not follow, or from the model's input")
-                raise ValueError(
-                    f"Layer {name!r} ({type(module).__name__}) returned {shape}, and its layout cannot be established "
-                    f"({how}): channels first and channels last are both possible. Pass `layout={suggest}` "
-                    "(N = batch, C = units) for this layer."
-                )
-            if n is None or shape[0] == n:  # type: ignore[index]
-                self._decided[key] = (0, ud)
-                return 0, ud
-        raise ValueError(
-            f"Layer {name!r} ({type(module).__name__}) returned {shape}, and netprobe cannot tell its batch axis ({seen}). "
-            f"Pass the layer's layout, e.g. `layout={suggest}` (N = batch, C = units), for this layer."
-        )
+            b, u = 0, _typed_unit(module, nd)
+            if u is None and isinstance(module, _NORM_LAST) and len(module.normalized_shape) == 1:
+                u = nd - 1
+            if u is None:
+                raise self._refuse(
+                    name, module, shape, "with `observe=False` nothing is followed, and its module's type does not "
+                    "tell which axis holds the units", f"Pass `layout=` for this layer, e.g. {_layout_suggestions(nd, 0)}.")
+        if self.batch_lengths and shape[b] not in self.batch_lengths:
+            raise self._refuse(
+                name, module, shape, f"its batch axis {b} has {shape[b]} rows, but the model's inputs have "
+                f"{sorted(self.batch_lengths)}", "Pass the layer's `layout=` with N on its batch axis.")
+        return b, u
+
+
+def _layout_suggestions(nd: int, b: int) -> str:
+    """Layout strings of rank ``nd`` with the batch on axis ``b`` (for messages)."""
+    usual = {(2, 0): "'NC'", (3, 0): "'NCL' or 'NLC'", (3, 1): "'LNC'", (4, 0): "'NCHW' or 'NHWC'",
+             (5, 0): "'NCDHW' or 'NDHWC'"}
+    if (nd, b) in usual:
+        return usual[(nd, b)]
+    if nd == 1:
+        return "'N'"
+    pos = "LHWDT"[: max(nd - 2, 0)]
+    out = []
+    for u in range(nd):
+        if u == b:
+            continue
+        letters, it = [], iter(pos)
+        for i in range(nd):
+            letters.append("N" if i == b else "C" if i == u else next(it))
+        out.append("'" + "".join(letters) + "'")
+    return " or ".join(out[:3])
 
 
 def select_output(output: Any, select: Any, name: str, *, require: bool = False) -> Tuple[torch.Tensor, bool, Callable[[torch.Tensor], Any]]:

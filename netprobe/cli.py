@@ -71,6 +71,16 @@ def _count(value: str) -> int:
     return v
 
 
+def _seed(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed, an integer in [0, 2**32), got {value!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed, an integer in [0, 2**32), got {value!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netprobe", description="netprobe: representation signals for training runs.")
     p.add_argument("--version", action="version", version=f"netprobe {_version()}")
@@ -120,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compare", action="append", default=[], metavar="A,B",
                    help="with the table: tau(A) - tau(B) with a paired bootstrap interval (the same resamples for "
                         "both), for two of its signals or baselines (repeatable)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0, help="seed of the bootstrap and cross-validation draws (default 0)")
     r.add_argument("--where", action="append", default=[], metavar="COND",
                    help="keep runs meeting KEY OP NUMBER, e.g. 'netprobe/probe_accuracy>=0.99' (repeatable)")
     r.add_argument("--json", action="store_true", help="print one JSON document instead of a table")

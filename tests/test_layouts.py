@@ -214,7 +214,7 @@ def test_unfollowable_output_refused_then_right_with_layout(nd):
     noise_curve(net, "1.act", (x, y), layout=layout, scales=[0, 1.0])
 
 
-def test_ambiguous_t_equals_n_raises():
+def test_sequence_length_equal_to_batch_size_is_decided_by_observation():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -224,15 +224,16 @@ def test_ambiguous_t_equals_n_raises():
             return self.act(self.fc(x))
 
     m = M()
-    x = torch.randn(6, 6, 4)  # N == T: nothing says which axis is the batch
-    with netprobe.probe(m, ["act"]) as p, pytest.raises(ValueError, match="layout='NLC'.*layout='LNC'"):
+    x = torch.randn(6, 6, 4)  # N == T: one call cannot tell the axes apart; two other batch sizes do
+    with netprobe.probe(m, ["act"]) as p:
         m(x)
+    torch.testing.assert_close(p["act"], m(x).detach().mean(1))
     with netprobe.probe(m, ["act"], layout="NLC") as p:
         m(x)
     torch.testing.assert_close(p["act"], m(x).detach().mean(1))
-    with netprobe.probe(m, ["act"], layout="LNC") as p:
+    # a declared sequence-first layout contradicts the observed batch axis: refused, naming the right one
+    with netprobe.probe(m, ["act"], layout="LNC"), pytest.raises(ValueError, match="observed.*batch is axis 0.*'NCL' or 'NLC'"):
         m(x)
-    torch.testing.assert_close(p["act"], m(x).detach().mean(0))
 
 
 def test_no_axis_of_the_batch_size_raises():

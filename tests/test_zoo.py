@@ -394,15 +394,19 @@ def test_fsdp_cpu_values_equal_single_process(tmp_path):
         assert fsdp[k] == pytest.approx(single[k], abs=1e-6), k
 
 
-def test_compiled_model_residual_layout_refused_without_layout():
-    # compiled, the residual sum is not followed (no function mode inside compiled code): refused, not guessed
+def test_compiled_model_residual_layout_is_followed_in_the_observed_passes():
+    # compiled, the residual sum is followed in the passes that observe the layout (they run eagerly):
+    # the same rows as in eager mode
     torch._dynamo.reset()
     m = _seeded(ResNet2d)
     x, _ = digits_images(N)
+    with netprobe.probe(m, ["block1.relu"]) as eager, torch.no_grad():
+        m(x)
     try:
-        with netprobe.probe(m, ["block1.relu"]):
+        with netprobe.probe(m, ["block1.relu"]) as p:
             cm = torch.compile(m, backend="eager")
-            with pytest.raises(ValueError, match="layout='NCHW' or 'NHWC'"), torch.no_grad():
+            with torch.no_grad():
                 cm(x)
     finally:
         torch._dynamo.reset()
+    torch.testing.assert_close(p["block1.relu"], eager["block1.relu"])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from netprobe._modules import LayerSpec, Layouts, LayoutSpec, eager_hook, resolve_layers, select_output
+from netprobe._modules import LayerSpec, Layouts, LayoutSpec, eager_hook, observing, resolve_layers, select_output
 from netprobe._validation import close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
@@ -68,11 +68,17 @@ class Probe:
         layout: which axis of a layer's output is the batch (``N``) and which the units (``C``),
             the others being positions (``L``/``T``/``H``/``W``/``D``): ``"NC"``, ``"NCL"``,
             ``"NLC"``, ``"LNC"``, ``"NCHW"``, ``"NHWC"``, ``"NCDHW"``, ...; one string for every
-            layer or a dict ``{layer_name: layout}``. Without it the layout is established from the
-            module (``batch_first`` of RNNs, attention and transformer layers and of their
-            submodules, 1-D conv outputs, ...) and checked against the batch size at the model's
-            entry; where it cannot be, the forward raises ``ValueError`` naming the ``layout=`` to
-            pass (see :class:`netprobe._modules.Layouts`). Rows are always one per batch item.
+            layer or a dict ``{layer_name: layout}``. Its ``N`` is checked against the observed
+            batch axis. Without it the units axis is established from the module (its type,
+            ``batch_first`` of RNNs, attention and transformer layers and of their submodules, the
+            operations followed from a known layout); where it cannot be, the forward raises
+            ``ValueError`` naming the ``layout=`` to pass (see :class:`netprobe._modules.Layouts`).
+            Rows are always one per batch item.
+        observe: at the first forward pass after :meth:`attach`, the model is first run on the same
+            inputs resized to two other batch sizes (no grad, eval mode, RNG restored; this probe
+            captures nothing from those runs) to observe each layer's batch axis. ``False`` runs
+            nothing again: the batch axis is then ``layout=``'s ``N`` (default: the first axis, or
+            what ``batch_first`` says), checked only against the number of input rows.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -95,9 +101,11 @@ class Probe:
         select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
         store_targets: bool = False,
         layout: LayoutSpec = None,
+        observe: bool = True,
     ) -> None:
         self._modules: Dict[str, nn.Module] = resolve_layers(model, layers)
-        self._layouts = Layouts(model, self._modules, layout)
+        select_map = select if isinstance(select, Mapping) else {n: select for n in self._modules}
+        self._layouts = Layouts(model, self._modules, layout, select=select_map, observe=observe)
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"Expected `capacity` to be a positive int (rows kept per layer), but got {capacity!r}.")
         if dtype not in STORAGE_DTYPES:
@@ -238,7 +246,7 @@ class Probe:
         sample = isinstance(reduce, str) and reduce == "sample"
 
         def capture(mod: nn.Module, args: Any, output: Any) -> None:
-            if not self.enabled:
+            if not self.enabled or observing():
                 return None
             out, primary, _ = select_output(output, select, name)
             dims = None
@@ -395,6 +403,7 @@ def probe(
     select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
     store_targets: bool = False,
     layout: LayoutSpec = None,
+    observe: bool = True,
 ) -> Probe:
     """Capture layers' activations inside a ``with`` block: ``with netprobe.probe(model, layers) as p``.
 
@@ -425,4 +434,5 @@ def probe(
         select=select,
         store_targets=store_targets,
         layout=layout,
+        observe=observe,
     )

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, AmbiguousLayoutError, LayerSpec, check_layout, evaluating, resolve_layers
+from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
 
 try:
     import pytorch_lightning as _pl
@@ -286,6 +286,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self.last_values: Dict[str, float] = {}
         self._published: set = set()  # keys written at the last measurement
         self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
+        self._fingerprint: Optional[str] = None  # of the probe set measured (kept in checkpoints)
+        self._resumed_fingerprint: Optional[str] = None  # of the checkpoint's probe set, until compared
         self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
         self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
@@ -326,9 +328,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"probe_indices": self._probe_indices, "last_epoch": self._last_epoch, "extra": self._extra_state(),
-                "best": dict(self._best)}
+                "best": dict(self._best), "probe_fingerprint": self._fingerprint}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._resumed_fingerprint = state_dict.get("probe_fingerprint")
         self._probe_indices = state_dict.get("probe_indices")
         self._last_epoch = int(state_dict.get("last_epoch", -1))
         self._best = {str(k): float(v) for k, v in dict(state_dict.get("best", {})).items()}
@@ -382,14 +385,49 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             unknown = [k for k in spec if k not in self.layers] if isinstance(spec, Mapping) else []
             if unknown:
                 raise ValueError(f"{type(self).__name__}: `{what}` names layers that are not monitored: {unknown}. Monitored: {self.layers}.")
+        self._refuse_shared_keys(trainer, pl_module)
         _shared_pass(trainer).monitors.add(self)
         # a monitor reused for another Trainer or model starts afresh (its probe set and previous
         # activations belong to the old run); a second fit of the same pair goes on where it was.
         # A checkpoint being resumed is loaded after this, so its state wins.
         if self._run.begins(trainer, pl_module, stage):
             self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
+            self._fingerprint = self._resumed_fingerprint = None
             self._published, self.num_classes, self._best = set(), self._num_classes_arg, {}
             self._reset_extra_state()
+
+    def _refuse_shared_keys(self, trainer: Any, pl_module: nn.Module) -> None:
+        """A key has one writer: refuse, naming both monitors, when another netprobe monitor of this
+        Trainer would log one of this monitor's keys (``EarlyStopping``, ``ModelCheckpoint`` and
+        ``netprobe rank`` read them; two writers would alternate and ``best/*`` would not be monotone).
+        ``netprobe/layer_index/<layer>`` is a fact of the model, the same from every monitor."""
+        mine = {k for k in self.logged_keys(pl_module) if not k.startswith("netprobe/layer_index/")}
+        for other in getattr(trainer, "callbacks", None) or []:
+            if other is self or not isinstance(other, NetprobeMonitor):
+                continue
+            shared = sorted(mine & set(other.logged_keys(pl_module)))
+            if not shared:
+                continue
+            same = type(other) is type(self)
+            advice = (f"Monitor all of their layers with one {type(self).__name__}, e.g. "
+                      f"{type(self).__name__}({list(dict.fromkeys(self._specs() + other._specs()))!r}): "
+                      "its netprobe/<metric> is then the mean over every layer"
+                      if same else
+                      "Keep one monitor per metric: drop the metric from one of them, or monitor with one of the two")
+            raise ValueError(
+                f"{self._describe()} and {other._describe()} would both log {shared[:4]}"
+                f"{' and %d more' % (len(shared) - 4) if len(shared) > 4 else ''}: a key has one writer (EarlyStopping, "
+                f"ModelCheckpoint and `netprobe rank` read these keys, and two writers would overwrite each other). {advice}."
+            )
+
+    def _specs(self) -> List[Any]:
+        spec = self.layer_specs
+        return [spec] if isinstance(spec, (str, type, nn.Module)) else list(spec)
+
+    def _describe(self) -> str:
+        """``ClassName([layers], every_n_epochs=k)`` for messages."""
+        every = f", every_n_epochs={self.every_n_epochs}" if self.every_n_epochs != 1 else ""
+        return f"{type(self).__name__}({self._specs()!r}{every})"
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._order_logged = False
@@ -403,6 +441,15 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             # rank 0's probe set on every rank: a user DataLoader that shuffles, or an iterable
             # dataset split by rank, would otherwise give each rank different examples
             self._probe = _dist.broadcast_object(self._draw_probe_set(trainer))
+            self._fingerprint = _probe_fingerprint(*self._probe)
+            resumed, self._resumed_fingerprint = self._resumed_fingerprint, None
+            if resumed is not None and resumed != self._fingerprint:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint being resumed was measured on another probe set than the one "
+                    "drawn now (same size, other examples or values): values such as `<method>_prev` would compare "
+                    "different inputs across the resume. Resume with the same `probe_data=`/`seed=`/`num_samples` and "
+                    "training data, or start a fresh run."
+                )
             self._validate(pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -476,7 +523,42 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 f"{type(self).__name__}: no classes can be inferred: expected 1-D integer class targets, but got "
                 f"dtype {y.dtype} and shape {tuple(y.shape)}. Override `batch_to_inputs_targets` to return class indices."
             )
-        return x.detach().cpu(), y.detach().cpu().long()
+        x, y = x.detach().cpu(), y.detach().cpu().long()
+        self._check_probe_set(x, y)
+        return x, y
+
+    def _check_probe_set(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The one policy for bad probe data, the same in every monitor, before the first step:
+        non-finite inputs, targets that are not classes (negative, an ignore index such as -100) and
+        a probe set of one class are refused, naming the offending examples and the fix."""
+        name = type(self).__name__
+
+        def rows(mask: torch.Tensor) -> str:
+            idx = mask.nonzero().flatten().tolist()
+            return f"{idx[:8]}{' ...' if len(idx) > 8 else ''} ({len(idx)} of {mask.numel()})"
+
+        if x.is_floating_point() or x.is_complex():
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1) if x.ndim else ~torch.isfinite(x).reshape(1)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{name}: probe examples {rows(bad)} have NaN or infinite inputs, so every value measured on them "
+                    "would be NaN. Use a probe set without them: clean the dataset, or pass `probe_data=(inputs, targets)` "
+                    "with finite inputs."
+                )
+        neg = y < 0
+        if bool(neg.any()):
+            vals = sorted(set(y[neg].tolist()))[:4]
+            raise ValueError(
+                f"{name}: probe examples {rows(neg)} have targets {vals}, which are not classes (a negative label, or an "
+                "ignore index such as -100 that cross_entropy skips). Every probe example needs its class: pass "
+                "`probe_data=(inputs, targets)` without them, or override `batch_to_inputs_targets`."
+            )
+        if y.numel() and int(y.unique().numel()) < 2:
+            raise ValueError(
+                f"{name}: all {y.numel()} probe examples are of class {int(y[0])}: selectivity, accuracy, reliance and "
+                "the class-balanced values need at least two classes. Draw another probe set (`seed=`, a larger "
+                "`num_samples`) or pass `probe_data=(inputs, targets)` with several classes."
+            )
 
     def _warn_fewer(self, trainer: Any, source: str, got: int) -> None:
         """Warn (rank zero, once per Trainer and sizes) when ``source`` gave fewer probe examples than
@@ -570,8 +652,12 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         with self._frozen(pl_module):
             try:
                 acts, out = self._capture(pl_module, x[: min(len(x), 16)])
-            except AmbiguousLayoutError:  # 16 rows happened to equal a sequence length: all of them may tell
-                acts, out = self._capture(pl_module, x)
+            except RuntimeError as err:  # a shape or dtype torch cannot take: the probe set, not the training
+                raise ValueError(
+                    f"{type(self).__name__}: the model cannot run on the probe inputs (shape {tuple(x.shape)}, dtype "
+                    f"{x.dtype}): {type(err).__name__}: {err}. The probe set must be inputs the model takes, as in a "
+                    "training batch: check `probe_data=`, `batch_to_inputs_targets`, or override `forward(pl_module, x)`."
+                ) from err
         self._widths = {n: a.shape[1] for n, a in acts.items()}
         if self.num_classes is None:
             if out is not None and out.ndim == 2 and out.shape[1] >= 2:
@@ -869,6 +955,18 @@ def _register_tensorboard(trainer: Any, pl_module: nn.Module) -> None:
     fw = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         fw.add_summary(summary)
+
+
+def _probe_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A digest of a probe set's shapes, dtypes and values (equal probe sets, equal digests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _frozen_spec(spec: Any) -> Any:

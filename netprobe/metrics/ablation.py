@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import (INPUT_KEYS, TARGET_KEYS, AmbiguousLayoutError, Layouts, check_layout, evaluating, resolve_layer,
+from netprobe._modules import (INPUT_KEYS, TARGET_KEYS, Layouts, observing, check_layout, evaluating, resolve_layer,
                                select_output)
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "score", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES",
@@ -361,9 +361,11 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
     row and the one-call check, when no statistic over all the data is needed)."""
     st = _LayerStats()
 
-    layouts = Layouts(model, {name: module}, layout)
+    layouts = Layouts(model, {name: module}, layout, select={name: select})
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
+        if observing():
+            return
         out, primary, _ = select_output(output, select, name, require=True)
         st.calls += 1
         bd, ud0 = layouts.dims(name, mod, out, primary=primary)
@@ -386,6 +388,8 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
     rows = [0]
 
     def size_hook(mod: nn.Module, args: Any, out: Any) -> None:
+        if observing():
+            return
         # the stacked passes hold every module output at m * b rows: their memory is bounded by
         # the largest output per input row (a tuple's tensors together)
         elems = sum(t.numel() for t in _tensors_in(out))
@@ -398,21 +402,11 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
         layouts_h = layouts.attach()
         sizes = [m.register_forward_hook(size_hook) for m in model.modules()]
         for x, y in _batches(data):
-            full, full_y = x, y
             if first_only and x.shape[0]:
                 x, y = x[:_SHAPE_ROWS], y[:_SHAPE_ROWS]
             x = x.to(device) if device is not None else x
             rows[0] = x.shape[0]
-            try:
-                model(x)
-            except AmbiguousLayoutError:
-                if x.shape[0] == full.shape[0]:
-                    raise
-                # the few rows happened to equal a sequence length: the whole batch may tell
-                st.calls, st.s1, st.s2, st.cnt, st.ud, st.d = 0, None, None, 0, None, 0
-                x, y = (full.to(device) if device is not None else full), full_y
-                rows[0] = x.shape[0]
-                model(x)
+            model(x)
             if x.shape[0] and sizes:
                 for handle in sizes:
                     handle.remove()
@@ -808,6 +802,10 @@ def noise_curve(
         raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+    if not isinstance(index_offset, int) or isinstance(index_offset, bool) or index_offset < 0:
+        raise ValueError(
+            f"Expected `index_offset` to be an int >= 0 (the global index of the first sample of `data`), but got {index_offset!r}."
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     _check_reiterable(data)

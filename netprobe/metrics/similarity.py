@@ -1249,7 +1249,15 @@ def _rbf_kernel(x: torch.Tensor, threshold: float, name: str) -> torch.Tensor:
             "more than half of the rows identical), so the kernel bandwidth would be 0. Check the layer (dead units?) "
             "or the probe inputs (duplicated rows?)."
         )
-    return k.mul_(-1.0 / (2.0 * threshold * threshold * float(med))).exp_()
+    scale = 1.0 / (2.0 * threshold * threshold * float(med))
+    top = float(k.max()) * scale
+    if top < 1e-8:  # exp(-d^2 / 2 sigma^2) = 1 - O(top): the kernel's variation is below float64's resolution
+        raise ValueError(
+            f"RBF CKA cannot be computed at threshold={threshold:g} for `{name}`: the bandwidth is so far above the "
+            f"pairwise distances that the kernel is constant to within {top:.1e}, below float64's precision. Use a "
+            "threshold of order 0.1-10 (as the threshold grows, RBF CKA tends to linear CKA: use `linear_cka`)."
+        )
+    return k.mul_(-scale).exp_()
 
 
 def _double_centre_(k: torch.Tensor) -> torch.Tensor:
@@ -2010,6 +2018,7 @@ class MinibatchCKA:
     def __init__(self) -> None:
         self._sums: Optional[torch.Tensor] = None  # (hsic_xy, hsic_xx, hsic_yy) summed over batches
         self.batches = 0
+        self.widths: Optional[Tuple[int, int]] = None  # (d_x, d_y) of the first minibatch: every one must have them
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> "MinibatchCKA":
         """Add one minibatch of paired rows ``x`` ``(b, d_x)``, ``y`` ``(b, d_y)``, ``b >= 4``."""
@@ -2017,6 +2026,7 @@ class MinibatchCKA:
         b = x.shape[0]
         if b < 4:
             raise ValueError(f"Expected minibatches of at least 4 rows (the unbiased HSIC needs them), but got {b}.")
+        self._check_widths((int(x.shape[1]), int(y.shape[1])))
         check_finite(x, "x")
         check_finite(y, "y")
         # the unbiased HSIC is invariant to constant shifts of the features; centering first keeps
@@ -2031,10 +2041,22 @@ class MinibatchCKA:
         self.batches += 1
         return self
 
+    def _check_widths(self, widths: Tuple[int, int]) -> None:
+        """Every minibatch holds rows of the same two representations: the same widths."""
+        if self.widths is None:
+            self.widths = widths
+        elif widths != self.widths:
+            raise ValueError(
+                f"Expected every minibatch to have the widths of the first, (d_x, d_y) = {self.widths} (rows of the same two "
+                f"representations), but got {widths}. Use one MinibatchCKA per pair of layers."
+            )
+
     def merge(self, other: "MinibatchCKA") -> "MinibatchCKA":
         """Add another accumulator's batches (in place); returns ``self``."""
         if not isinstance(other, MinibatchCKA):
             raise TypeError(f"Expected a MinibatchCKA, but got {type(other).__name__}.")
+        if other.widths is not None:
+            self._check_widths(other.widths)
         if other._sums is not None:
             self._sums = other._sums.clone() if self._sums is None else self._sums + other._sums.to(self._sums.device)
             self.batches += other.batches

@@ -1,0 +1,134 @@
+"""Observing which axis of a layer's output holds the batch.
+
+The model is run (by :class:`netprobe._modules.Layouts`, under ``no_grad``, in eval mode, RNG
+restored) on the same inputs resized to two batch sizes that equal no other axis length of the
+inputs; the batch axis of an output is the one axis whose length is the batch size in both runs.
+This module holds the pure parts of that: resizing inputs, choosing the sizes, and reading the
+two shapes. Knows nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+
+__all__ = ["Site", "observation_sizes", "resize_batch", "read_site", "input_batch_lengths"]
+
+# Batch sizes tried, in order; the first two that equal no non-batch axis length of the inputs are used.
+_CANDIDATES = (5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """What observation established for one call site of a layer (its ``call``-th call in a forward).
+
+    Attributes:
+        batch: the axis whose length followed the batch size, or ``None`` when no single axis did.
+        ndim: the output's rank.
+        shapes: the output's shape at the two observed batch sizes.
+        sizes: the two batch sizes.
+        unit: the units axis followed through the forward pass (module types and operations), or
+            ``None`` when it could not be followed.
+        problem: why there is no batch axis (``None`` when ``batch`` is set).
+        primary: the tensor read is the first of the module's output (the one ``batch_first``
+            describes).
+    """
+
+    batch: Optional[int]
+    ndim: int
+    shapes: Tuple[Tuple[int, ...], Tuple[int, ...]]
+    sizes: Tuple[int, int]
+    unit: Optional[int]
+    problem: Optional[str]
+    primary: bool = True
+
+
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _batch_dim(t: torch.Tensor, seq_first: bool) -> int:
+    """The batch axis of an input tensor: the first, or the second of a 3-D input to a module
+    whose own ``batch_first`` is ``False``."""
+    return 1 if (seq_first and t.ndim == 3) else 0
+
+
+def input_batch_lengths(args: Any, kwargs: Any, *, seq_first: bool = False) -> Set[int]:
+    """The batch-axis lengths of the tensors among ``args`` and ``kwargs`` (nested in lists,
+    tuples and dicts), each read on :func:`_batch_dim`."""
+    out: Set[int] = set()
+    for t in list(_tensors(args)) + list(_tensors(kwargs)):
+        if t.ndim >= 1 and not t.is_nested:
+            out.add(int(t.shape[_batch_dim(t, seq_first)]))
+    return out
+
+
+def observation_sizes(args: Any, kwargs: Any, *, seq_first: bool = False) -> Tuple[int, int]:
+    """Two batch sizes that equal no length of a non-batch axis of any input tensor."""
+    taken: Set[int] = set()
+    for t in list(_tensors(args)) + list(_tensors(kwargs)):
+        if t.is_nested:
+            continue
+        bd = _batch_dim(t, seq_first) if t.ndim else -1
+        taken.update(int(s) for i, s in enumerate(t.shape) if i != bd)
+    free = [c for c in _CANDIDATES if c not in taken]
+    return free[0], free[1]
+
+
+def resize_batch(obj: Any, n: int, *, seq_first: bool = False) -> Any:
+    """``obj`` (a tensor, or lists, tuples and dicts of them; anything else is kept) with every
+    tensor's batch axis resized to ``n`` by repeating its rows in order (row ``i`` is input row
+    ``i mod N``). A tensor with no rows, or of rank 0, is kept."""
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim == 0 or obj.is_nested:
+            return obj
+        bd = _batch_dim(obj, seq_first)
+        rows = obj.shape[bd]
+        if rows == 0:
+            return obj
+        idx = torch.arange(n, device=obj.device) % rows
+        return obj.index_select(bd, idx)
+    if isinstance(obj, tuple):
+        items = [resize_batch(o, n, seq_first=seq_first) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [resize_batch(o, n, seq_first=seq_first) for o in obj]
+    if isinstance(obj, dict):
+        resized = {k: resize_batch(v, n, seq_first=seq_first) for k, v in obj.items()}
+        if type(obj) is dict:
+            return resized
+        try:
+            return type(obj)(resized)
+        except Exception:
+            return resized
+    return obj
+
+
+def read_site(shapes: Sequence[Tuple[int, ...]], sizes: Tuple[int, int], unit: Optional[int], primary: bool = True) -> Site:
+    """The :class:`Site` of one call site from its output shapes at the two batch sizes."""
+    (a, b), (na, nb) = shapes, sizes
+    if len(a) != len(b):
+        return Site(None, len(b), (a, b), sizes, unit,
+                    f"its output has {len(a)} axes at batch size {na} and {len(b)} at {nb}", primary)
+    follows: List[int] = [i for i in range(len(a)) if a[i] == na and b[i] == nb]
+    grows = [i for i in range(len(a)) if a[i] != b[i] and i not in follows]
+    if len(follows) == 1 and not grows:
+        return Site(follows[0], len(a), (a, b), sizes, unit, None, primary)
+    if not follows:
+        why = "no axis of its output has the batch size" + (
+            f" (axis {grows[0]} grows with it but is not one row per input: windows or positions folded into it)"
+            if grows else "")
+    elif len(follows) > 1:
+        why = f"axes {follows} all follow the batch size (an input-by-input output)"
+    else:
+        why = f"besides axis {follows[0]}, axis {grows[0]} also changes with the batch size"
+    return Site(None, len(a), (a, b), sizes, unit, why, primary)
