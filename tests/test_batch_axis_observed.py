@@ -162,51 +162,65 @@ def _scripted_swap(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-class SquareSwap(nn.Module):
-    """conv (N, C, C) -> a transpose netprobe cannot see -> ReLU: the ReLU's units are not known."""
+class Swap(nn.Module):
+    """Swaps the last two axes of a square (N, C, C) tensor where netprobe cannot see it."""
 
     def __init__(self, how):
         super().__init__()
-        self.how, self.conv, self.act, self.head = how, nn.Conv1d(2, 6, 3, padding=1), nn.ReLU(), nn.Linear(36, 3)
+        self.how = how
+
+    def forward(self, h):
+        if self.how == "script":
+            return _scripted_swap(h)
+        return torch.from_numpy(np.ascontiguousarray(h.detach().numpy().transpose(0, 2, 1)))
+
+
+class SquareSwap(nn.Module):
+    """conv (N, C, C) -> an unseen transpose (same shape) -> ReLU: the units are not known after it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.swap, self.act, self.head = nn.Conv1d(2, 6, 3, padding=1), Swap(how), nn.ReLU(), nn.Linear(36, 3)
 
     def forward(self, x):
-        h = self.conv(x)
-        if self.how == "script":
-            h = _scripted_swap(h)
-        else:  # numpy
-            h = torch.from_numpy(np.ascontiguousarray(h.detach().numpy().transpose(0, 2, 1)))
-        return self.head(self.act(h).flatten(1))
+        return self.head(self.act(self.swap(self.conv(x))).flatten(1))
 
 
 @pytest.mark.parametrize("how", ["script", "numpy"])
-def test_an_unseen_square_transpose_is_refused_not_read_channels_first(how):
+@pytest.mark.parametrize("layer", ["swap", "act"])
+def test_an_unseen_square_transpose_is_refused_not_read_channels_first(how, layer):
     m = SquareSwap(how).eval()
     x = torch.randn(4, 2, 6)
-    with netprobe.probe(m, ["act"]), pytest.raises(ValueError, match="layout="):
+    with netprobe.probe(m, [layer]), pytest.raises(ValueError, match="layout="):
         m(x)
 
 
 class ConvNeXtBlock(nn.Module):
-    """The ConvNeXt block: depthwise conv -> NHWC -> LayerNorm -> Linear -> GELU -> Linear -> NCHW."""
+    """The ConvNeXt block's layout changes, as its code writes them (each step rebinds ``x``):
+    depthwise conv -> NHWC -> LayerNorm -> Linear -> GELU -> Linear -> NCHW (here to another
+    width, as at a stage's end, so that nothing but the followed permutes can tell the layout)."""
 
-    def __init__(self, c=8):
+    def __init__(self, c=8, out=12):
         super().__init__()
         self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
-        self.norm, self.pw1, self.act, self.pw2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.norm, self.pw1, self.act, self.pw2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, out)
 
     def forward(self, x):
-        h = self.dw(x)
-        h = h.permute(0, 2, 3, 1)
-        h = self.pw2(self.act(self.pw1(self.norm(h))))
-        h = h.permute(0, 3, 1, 2)
-        return x + h
+        x = self.dw(x)
+        x = x.permute(0, 2, 3, 1)
+        x = self.norm(x)
+        x = self.pw1(x)
+        x = self.act(x)
+        x = self.pw2(x)
+        x = x.permute(0, 3, 1, 2)
+        return x
 
 
 class ConvNeXtNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem, self.block, self.out_act = nn.Conv2d(1, 8, 2, stride=2), ConvNeXtBlock(), nn.Identity()
-        self.head = nn.Linear(8, 3)
+        self.stem, self.block, self.out_act = nn.Conv2d(1, 8, 2, stride=2), ConvNeXtBlock(), nn.GELU()
+        self.head = nn.Linear(12, 3)
 
     def forward(self, x):
         return self.head(self.out_act(self.block(self.stem(x))).mean((2, 3)))
@@ -232,7 +246,7 @@ def test_convnext_block_is_followed_through_its_permutes():
         blk = m.block(s)
     torch.testing.assert_close(rows["block.act"], act.mean((1, 2)))  # units last (NHWC)
     torch.testing.assert_close(rows["block"], blk.mean((2, 3)))  # back to NCHW: channels
-    torch.testing.assert_close(rows["out_act"], blk.mean((2, 3)))
+    torch.testing.assert_close(rows["out_act"], m.out_act(blk).mean((2, 3)))
 
 
 _CONVNEXT_SCRIPT = textwrap.dedent("""
