@@ -694,21 +694,26 @@ class Layouts:
         layout: ``layout=`` as documented above (a string for every layer, or a dict per layer).
         select: ``{name: selector}`` (see :func:`select_output`): which tensor of each layer's
             output the callers read.
-        observe: ``False`` runs nothing again: the batch axis is then the ``layout=``'s ``N``
-            (default: the first axis, or what ``batch_first`` says), checked only against the input
-            batch size, and units come from 1.-3. only.
+        observe: ``True`` observes at the first forward pass; a :class:`~netprobe._observe.LayoutDecisions`
+            also keeps what it observes there and reuses what it holds (a monitor carries one from
+            measurement to measurement); ``False`` runs nothing again: the batch axis is then the
+            ``layout=``'s ``N`` (default: the first axis, or what ``batch_first`` says), checked
+            only against the input batch size, and units come from 1.-3. only.
     """
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], layout: LayoutSpec = None, *,
-                 select: Optional[Mapping[str, Any]] = None, observe: bool = True) -> None:
-        if not isinstance(observe, bool):
-            raise TypeError(f"Expected `observe` to be True or False, but got {observe!r}.")
+                 select: Optional[Mapping[str, Any]] = None,
+                 observe: Union[bool, _observe.LayoutDecisions] = True) -> None:
+        if not isinstance(observe, (bool, _observe.LayoutDecisions)):
+            raise TypeError(f"Expected `observe` to be True, False or a LayoutDecisions, but got {observe!r}.")
         self.model = model
         self.modules = dict(modules)
         self.layout = per_layer_layout(layout, self.modules)
         self.select = {n: (select or {}).get(n) for n in self.modules}
-        self.observe_enabled = observe
+        self.observe_enabled = observe is not False
+        self.decisions = observe if isinstance(observe, _observe.LayoutDecisions) else _observe.LayoutDecisions()
         self._named = dict(model.named_modules())
+        self._names = {id(m): n for n, m in self._named.items()}
         self.context = {n: _sequence_context(self._named, n) for n in self.modules}
         # batch-axis lengths of the tensor inputs of the forward pass running now (its entry)
         self.batch_lengths: set = set()
@@ -717,11 +722,7 @@ class Layouts:
         # forward passes begun (entries at depth 0): what shares one draw of sampled positions
         self.passes = 0
         self._calls: Dict[str, int] = {n: 0 for n in self.modules}  # calls of each layer in this pass
-        self._entry: Optional[int] = None  # id of the module entered at depth 0 now
-        # (entry module id, layer, call index) -> what observation established
-        self._sites: Dict[Tuple[int, str, int], _observe.Site] = {}
-        self._observed: Dict[int, Optional[str]] = {}  # entry module id -> None, or why observation failed
-        self._seq_first: Dict[int, bool] = {}  # entry module id -> its 3-D inputs are (T, N, ...)
+        self._entry: Optional[Tuple[str, Any]] = None  # (name of the module entered at depth 0, its inputs' signature)
         self._recording: Optional[Dict[str, List[Tuple[Tuple[int, ...], Optional[int]]]]] = None
         self._compiled = _compiled(self._named.values())
 
@@ -783,19 +784,20 @@ class Layouts:
             self._reset_forward()  # a new call of the model while an interrupted one is still counted
         if self._depth == 0:
             self.passes += 1
-            self._entry = id(mod)
             self._calls = {n: 0 for n in self.modules}
-            seq_first = self._seq_first.get(id(mod), batch_first_of(mod) is False)
+            d = self.decisions
+            default = batch_first_of(mod) is False
+            name = self._names.get(id(mod), "?")
+            key = (name, _observe.input_signature(args, kwargs, seq_first=default))
+            self._entry = key
+            seq_first = d.seq_first.get(key, default)
             self.batch_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=seq_first)
+            if self.observe_enabled and self.batch_lengths - {0} and not d.covers(key, self._layer_keys()):
+                d.failed[key] = self._observe(mod, args, kwargs, default, key)
+                seq_first = d.seq_first.get(key, default)  # the inputs may have been (T, N, ...) after all
+                self.batch_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=seq_first)
             first = next((t for t in _observe._tensors((args, kwargs)) if t.ndim >= 1 and not t.is_nested), None)
             self.batch = None if first is None else int(first.shape[_observe._batch_dim(first, seq_first)])
-            if self.observe_enabled and id(mod) not in self._observed and self.batch_lengths - {0}:
-                self._observed[id(mod)] = self._observe(mod, args, kwargs, seq_first)
-                if self._seq_first.get(id(mod), seq_first) != seq_first:  # the inputs were (T, N, ...) after all
-                    seq_first = True
-                    self.batch_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=True)
-                    first = next((t for t in _observe._tensors((args, kwargs)) if t.ndim >= 1 and not t.is_nested), None)
-                    self.batch = None if first is None else int(first.shape[_observe._batch_dim(first, True)])
         self._depth += 1
 
     def _leave(self, mod: nn.Module, args: Any, out: Any) -> None:
@@ -805,7 +807,10 @@ class Layouts:
         if self._depth == 0:
             self._reset_forward()
 
-    def _observe(self, mod: nn.Module, args: Any, kwargs: Any, seq_first: bool) -> Optional[str]:
+    def _layer_keys(self) -> List[Tuple[str, Any]]:
+        return [(n, _select_key(self.select[n])) for n in self.modules]
+
+    def _observe(self, mod: nn.Module, args: Any, kwargs: Any, seq_first: bool, key: Tuple[str, Any]) -> Optional[str]:
         """Run ``mod`` on ``args``/``kwargs`` resized to two batch sizes and record every call
         site's output; returns ``None``, or why the model could not be run so.
 
@@ -820,9 +825,11 @@ class Layouts:
                 sites, seq_first = retry, True
         if failed is not None:
             return failed
-        self._seq_first[id(mod)] = seq_first
+        d = self.decisions
+        d.seq_first[key] = seq_first
         for (name, k), site in sites.items():
-            self._sites[(id(mod), name, k)] = site
+            d.sites[key + (name, _select_key(self.select[name]), k)] = site
+        d.layers.setdefault(key, set()).update(self._layer_keys())
         return None
 
     def _contradicts_context(self, sites: Mapping[Tuple[str, int], _observe.Site]) -> bool:
@@ -897,14 +904,15 @@ class Layouts:
         if not self.observe_enabled or not self.batch_lengths - {0}:  # (no rows: nothing to observe)
             return self._trusted(name, module, out, primary)
         call = max(self._calls.get(name, 0) - 1, 0)
-        failed = self._observed.get(self._entry) if self._entry is not None else None
+        failed = self.decisions.failed.get(self._entry) if self._entry is not None else None
         if failed is not None:
             raise ValueError(
                 f"netprobe establishes the batch axis of layer {name!r} by running the model again on the same inputs "
                 f"at two other batch sizes, but {failed}. Call the model with every tensor argument batched on its first "
                 f"axis. {_OPT_OUT}"
             )
-        site = self._sites.get((self._entry, name, call)) if self._entry is not None else None
+        site = (self.decisions.sites.get(self._entry + (name, _select_key(self.select.get(name)), call))
+                if self._entry is not None else None)
         if site is None:
             raise ValueError(
                 f"Layer {name!r} ({type(module).__name__}) ran a {call + 1}-th time in this forward pass, which it did "
@@ -989,6 +997,11 @@ class Layouts:
                 name, module, shape, f"its batch axis {b} has {shape[b]} rows, but the model's inputs have "
                 f"{sorted(self.batch_lengths)}", "Pass the layer's `layout=` with N on its batch axis.")
         return b, u
+
+
+def _select_key(select: Any) -> Any:
+    """A hashable stand-in for a ``select=`` value (a callable by identity)."""
+    return select if isinstance(select, (int, str, type(None))) else ("callable", id(select))
 
 
 def _layout_suggestions(nd: int, b: int) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
-__all__ = ["Site", "observation_sizes", "resize_batch", "read_site", "input_batch_lengths"]
+__all__ = ["Site", "LayoutDecisions", "observation_sizes", "resize_batch", "read_site", "input_batch_lengths", "input_signature"]
 
 # Batch sizes tried, in order; the first two that equal no non-batch axis length of the inputs are used.
 _CANDIDATES = (5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
@@ -132,3 +132,42 @@ def read_site(shapes: Sequence[Tuple[int, ...]], sizes: Tuple[int, int], unit: O
     else:
         why = f"besides axis {follows[0]}, axis {grows[0]} also changes with the batch size"
     return Site(None, len(a), (a, b), sizes, unit, why, primary)
+
+
+def input_signature(args: Any, kwargs: Any, *, seq_first: bool = False) -> Tuple[Any, ...]:
+    """What of a forward call's inputs a layout decision may depend on: each tensor's rank, its
+    non-batch axis lengths and dtype (in argument order), batch sizes left out."""
+    sig = []
+    for t in list(_tensors(args)) + list(_tensors(kwargs)):
+        if t.is_nested or t.ndim == 0:
+            sig.append((t.ndim, str(t.dtype)))
+            continue
+        bd = _batch_dim(t, seq_first)
+        sig.append(tuple(-1 if i == bd else int(s) for i, s in enumerate(t.shape)) + (str(t.dtype),))
+    return tuple(sig)
+
+
+class LayoutDecisions:
+    """What observation established, to be carried to later forward passes: a monitor keeps one
+    per fit, so each layer is observed once, at its first measurement, and every later measurement
+    reuses the decision (and checks it). Keyed by the module entered (its qualified name), the
+    inputs' :func:`input_signature` and the layer, so inputs of another shape (another sequence
+    length) are observed afresh.
+
+    Pass it as ``observe=`` to :func:`netprobe.probe`, :func:`~netprobe.metrics.ablation_curve`,
+    :func:`~netprobe.metrics.noise_curve` or :func:`~netprobe.metrics.unit_importance`.
+    """
+
+    def __init__(self) -> None:
+        # (entry name, signature) -> None when observed, else why the model could not be run again
+        self.failed: dict = {}
+        self.seq_first: dict = {}  # (entry name, signature) -> the 3-D inputs are (T, N, ...)
+        self.sites: dict = {}  # (entry name, signature, layer, selector key, call index) -> Site
+        self.layers: dict = {}  # (entry name, signature) -> {(layer, selector key)} observed
+
+    def covers(self, key: Tuple[Any, Any], layers: Iterable[Tuple[str, Any]]) -> bool:
+        """Whether every ``(layer, selector key)`` was observed for ``key`` (or observation failed there)."""
+        if key in self.failed and self.failed[key] is not None:
+            return True
+        seen = self.layers.get(key, set())
+        return all(lk in seen for lk in layers)

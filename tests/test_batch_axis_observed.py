@@ -317,3 +317,29 @@ def test_sequence_length_equal_to_the_probe_set_never_stops_a_fit():
     tr.fit(lit_class(pl)(SeqNet()), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16))
     for key in ("netprobe/selectivity_mean", "netprobe/reliance_auc", "netprobe/cka_prev"):
         assert key in tr.callback_metrics, sorted(tr.callback_metrics)
+
+
+def test_a_monitor_observes_each_layer_once_and_carries_the_decision(monkeypatch):
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_helpers import digits, loader, make_module, trainer
+
+    from netprobe import _modules
+    from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor
+
+    calls = []
+    real = _modules.Layouts._observe
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(_modules.Layouts, "_observe", counted)
+    x, y = digits(200)
+    counts = []
+    for epochs in (1, 3):
+        calls.clear()
+        mons = [SelectivityMonitor(["relu1"], num_samples=32), RelianceMonitor(["relu1", "relu2"], num_samples=32, repeats=1),
+                ConvergenceMonitor(["relu2"], num_samples=32)]
+        trainer(pl, max_epochs=epochs, callbacks=mons).fit(make_module(pl), loader(x, y))
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0  # the later epochs' measurements observe nothing again

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from netprobe._modules import LayerSpec, Layouts, LayoutSpec, eager_hook, observing, resolve_layers, select_output
+from netprobe._observe import LayoutDecisions
 from netprobe._validation import close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
@@ -78,7 +79,9 @@ class Probe:
             inputs resized to two other batch sizes (no grad, eval mode, RNG restored; this probe
             captures nothing from those runs) to observe each layer's batch axis. ``False`` runs
             nothing again: the batch axis is then ``layout=``'s ``N`` (default: the first axis, or
-            what ``batch_first`` says), checked only against the number of input rows.
+            what ``batch_first`` says), checked only against the number of input rows. A
+            :class:`~netprobe._observe.LayoutDecisions` keeps what is observed and reuses it (pass
+            the same one to later probes of the model: each layer is then observed once).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -101,7 +104,7 @@ class Probe:
         select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
         store_targets: bool = False,
         layout: LayoutSpec = None,
-        observe: bool = True,
+        observe: Union[bool, LayoutDecisions] = True,
     ) -> None:
         self._modules: Dict[str, nn.Module] = resolve_layers(model, layers)
         select_map = select if isinstance(select, Mapping) else {n: select for n in self._modules}
@@ -403,7 +406,7 @@ def probe(
     select: Union[OutputSelector, Mapping[str, OutputSelector], None] = None,
     store_targets: bool = False,
     layout: LayoutSpec = None,
-    observe: bool = True,
+    observe: Union[bool, LayoutDecisions] = True,
 ) -> Probe:
     """Capture layers' activations inside a ``with`` block: ``with netprobe.probe(model, layers) as p``.
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
+from netprobe._observe import LayoutDecisions
 
 try:
     import pytorch_lightning as _pl
@@ -287,6 +288,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._published: set = set()  # keys written at the last measurement
         self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
         self._fingerprint: Optional[str] = None  # of the probe set measured (kept in checkpoints)
+        # each layer's batch axis, observed at its first measurement and carried to the later ones
+        self._layout_decisions = LayoutDecisions()
         self._resumed_fingerprint: Optional[str] = None  # of the checkpoint's probe set, until compared
         self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
         self._media_epoch = -1  # the last epoch whose measurement drew the media
@@ -393,6 +396,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if self._run.begins(trainer, pl_module, stage):
             self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
             self._fingerprint = self._resumed_fingerprint = None
+            self._layout_decisions = LayoutDecisions()
             self._published, self.num_classes, self._best = set(), self._num_classes_arg, {}
             self._reset_extra_state()
 
@@ -622,7 +626,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         sel = {n: self._per_layer(self.select, n) for n in layers}
         lay = {n: self._per_layer(self.layout, n) for n in layers}
         with probe(pl_module, layers, capacity=max(1, x.shape[0]), select={n: v for n, v in sel.items() if v is not None} or None,
-                   layout={n: v for n, v in lay.items() if v is not None} or None) as p:
+                   layout={n: v for n, v in lay.items() if v is not None} or None, observe=self._layout_decisions) as p:
             for i in range(0, x.shape[0], self.batch_size):
                 outs.append(self.forward(pl_module, x[i : i + self.batch_size].to(device)))
         missing = [n for n in layers if not p.buffers[n].allocated]

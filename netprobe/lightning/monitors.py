@@ -138,7 +138,8 @@ class SelectivityMonitor(NetprobeMonitor):
             for layer in self.layers:
                 try:
                     unit_importance(fwd, f"module.{layer}", [(x[:8], y[:8])], mode=self.importance_mode,
-                                    layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
+                                    layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer),
+                                    observe=self._layout_decisions)
                 except (ValueError, TypeError) as err:
                     raise type(err)(f"SelectivityMonitor: layer {layer!r} cannot be ablated unit by unit: {err}") from err
 
@@ -206,7 +207,8 @@ class SelectivityMonitor(NetprobeMonitor):
                 continue
             try:
                 imp = unit_importance(fwd, f"module.{layer}", data, mode=self.importance_mode, distributed=True, unablated=base,
-                                      layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
+                                      layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer),
+                                    observe=self._layout_decisions)
                 values = getattr(imp, self.importance_by).cpu()
                 live = ~res.dead.cpu()
                 with warnings.catch_warnings():
@@ -337,7 +339,8 @@ class RelianceMonitor(NetprobeMonitor):
             try:
                 # on the probe set in one batch: its size is the batch size the layers see in the curves
                 ablation_curve(fwd, f"module.{layer}", [(x[: self.batch_size], y[: self.batch_size])], fractions=self.fractions,
-                               repeats=1, layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
+                               repeats=1, layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer),
+                                    observe=self._layout_decisions)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"RelianceMonitor: layer {layer!r} cannot be ablated: {err}") from err
 
@@ -398,7 +401,8 @@ class RelianceMonitor(NetprobeMonitor):
             if orders[layer] is None:
                 continue
             try:
-                where = dict(layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer))
+                where = dict(layout=self._per_layer(self.layout, layer), select=self._per_layer(self.select, layer),
+                                    observe=self._layout_decisions)
                 c = ablation_curve(
                     fwd, f"module.{layer}", data, fractions=self.fractions, order=orders[layer], mode=self.mode,
                     max_batch=self.max_batch, max_elements=self.max_elements, distributed=True, unablated=base, **where,

@@ -32,6 +32,11 @@ from torch import nn
 from netprobe import distributed as _dist
 from netprobe._modules import (INPUT_KEYS, TARGET_KEYS, Layouts, observing, check_layout, evaluating, resolve_layer,
                                select_output)
+from netprobe._observe import LayoutDecisions
+
+#: ``observe=``: True (observe each call site's batch axis), False (trust ``layout=``), or the
+#: decisions to carry from an earlier call (see :class:`netprobe._modules.Layouts`)
+Observe = Union[bool, LayoutDecisions]
 
 __all__ = ["ablation_curve", "noise_curve", "CurveResult", "score", "selectivity_order", "DEFAULT_FRACTIONS", "DEFAULT_SCALES",
            "DEFAULT_MAX_ELEMENTS"]
@@ -355,13 +360,13 @@ class _LayerStats:
 
 
 def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False, *,
-                name: str = "?", layout: Optional[str] = None, select: Any = None) -> _LayerStats:
+                name: str = "?", layout: Optional[str] = None, select: Any = None, observe: Observe = True) -> _LayerStats:
     """Unit count and layout, per-unit statistics; with ``first_only``, from the first
     ``_SHAPE_ROWS`` rows of the first non-empty batch (enough for the shape, the largest output per
     row and the one-call check, when no statistic over all the data is needed)."""
     st = _LayerStats()
 
-    layouts = Layouts(model, {name: module}, layout, select={name: select})
+    layouts = Layouts(model, {name: module}, layout, select={name: select}, observe=observe)
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
         if observing():
@@ -605,6 +610,7 @@ def ablation_curve(
     unablated: Optional[Tuple[float, float]] = None,
     layout: Optional[str] = None,
     select: Union[int, str, None] = None,
+    observe: Observe = True,
 ) -> CurveResult:
     """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
 
@@ -661,6 +667,10 @@ def ablation_curve(
         select: for a layer whose output is not one tensor (``nn.LSTM``, ``nn.MultiheadAttention``:
             a tuple; a dict or dataclass): the int index or key of the tensor to ablate; the rest
             of the output passes through unchanged. Required for such layers.
+        observe: the layer's batch axis is observed by first running the model on a few rows at two
+            batch sizes (see :class:`netprobe._modules.Layouts`); pass a
+            :class:`~netprobe._observe.LayoutDecisions` to keep and reuse that decision across
+            calls, or ``False`` to trust ``layout=`` (default: batch first) without running again.
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
@@ -698,7 +708,7 @@ def ablation_curve(
         by_selectivity = isinstance(order, str) and order != "random"
         # statistics over all the data only for per-unit means or a selectivity order
         st = _layer_pass(model, module, data, device, keep_rows=by_selectivity, first_only=not (mode == "mean" or by_selectivity),
-                         name=name, layout=layout, select=select)
+                         name=name, layout=layout, select=select, observe=observe)
         if distributed:
             _reduce_stats(st)
             if st.unit_means:
@@ -764,6 +774,7 @@ def noise_curve(
     expand: str = "auto",
     layout: Optional[str] = None,
     select: Union[int, str, None] = None,
+    observe: Observe = True,
 ) -> CurveResult:
     """Noise-robustness curve of one layer: Gaussian noise of std ``scale * per-unit std`` added to
     its output, accuracy and loss recorded per scale (Morcos et al. 2018).
@@ -782,7 +793,7 @@ def noise_curve(
         scales: ascending, ``>= 0``, starting at 0.
         index_offset: global index of the first sample of ``data`` (for sharded evaluation).
         distributed: as in :func:`ablation_curve` (the per-unit std is taken over all ranks).
-        expand, layout, select: as in :func:`ablation_curve`.
+        expand, layout, select, observe: as in :func:`ablation_curve`.
 
     Returns:
         :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).
@@ -813,7 +824,8 @@ def noise_curve(
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = _model_device(model)
     with evaluating(model, restore_rng=True):
-        st = _layer_pass(model, module, data, device, keep_rows=False, name=name, layout=layout, select=select)
+        st = _layer_pass(model, module, data, device, keep_rows=False, name=name, layout=layout, select=select,
+                         observe=observe)
         if distributed:
             _reduce_stats(st)
         d, ud = st.d, int(st.ud or 0)

@@ -29,7 +29,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe._modules import check_layout, evaluating, resolve_layer
-from netprobe.metrics.ablation import (Data, LossFn, MaxElements, NonFiniteError, _check_budget, _check_reiterable, _layer_pass,
+from netprobe.metrics.ablation import (Data, LossFn, MaxElements, NonFiniteError, Observe, _check_budget, _check_reiterable, _layer_pass,
                                        _mask_perturb, _max_elements, _model_device, _reduce_stats, _run)
 
 __all__ = ["unit_importance", "ImportanceResult", "spearman"]
@@ -155,6 +155,7 @@ def unit_importance(
     unablated: Optional[Tuple[float, float]] = None,
     layout: Optional[str] = None,
     select: Union[int, str, None] = None,
+    observe: Observe = True,
 ) -> ImportanceResult:
     """Importance of every unit of one layer: the accuracy drop and loss rise when it alone is ablated.
 
@@ -182,6 +183,7 @@ def unit_importance(
             ``"NCHW"``, ...), where netprobe cannot establish it; see ``ablation_curve``.
         select: the int index or key of the tensor to ablate in a tuple/dict output (``nn.LSTM``:
             ``select=0``).
+        observe: as in :func:`~netprobe.metrics.ablation_curve`.
 
     Returns:
         :class:`ImportanceResult`: ``accuracy_drop`` ``(d,)``, ``loss_rise`` ``(d,)``,
@@ -210,7 +212,7 @@ def unit_importance(
     device = _model_device(model)
     with evaluating(model, restore_rng=True):
         st = _layer_pass(model, module, data, device, keep_rows=False, first_only=mode != "mean", name=name, layout=layout,
-                         select=select)
+                         select=select, observe=observe)
         if distributed:
             _reduce_stats(st)
         d, ud = st.d, int(st.ud or 0)
