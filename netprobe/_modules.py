@@ -694,7 +694,7 @@ class Layouts:
         layout: ``layout=`` as documented above (a string for every layer, or a dict per layer).
         select: ``{name: selector}`` (see :func:`select_output`): which tensor of each layer's
             output the callers read.
-        observe: ``True`` observes at the first forward pass; a :class:`~netprobe._observe.LayoutDecisions`
+        observe: ``True`` observes at the first forward pass; a :class:`netprobe.LayoutDecisions`
             also keeps what it observes there and reuses what it holds (a monitor carries one from
             measurement to measurement); ``False`` runs nothing again: the batch axis is then the
             ``layout=``'s ``N`` (default: the first axis, or what ``batch_first`` says), checked

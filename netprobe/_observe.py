@@ -156,6 +156,17 @@ class LayoutDecisions:
 
     Pass it as ``observe=`` to :func:`netprobe.probe`, :func:`~netprobe.metrics.ablation_curve`,
     :func:`~netprobe.metrics.noise_curve` or :func:`~netprobe.metrics.unit_importance`.
+
+    Example:
+        >>> import netprobe
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        >>> seen = netprobe.LayoutDecisions()
+        >>> for _ in range(3):
+        ...     with netprobe.probe(m, ["1"], observe=seen) as p:
+        ...         _ = m(torch.randn(6, 4))
+        >>> len(seen.layers)  # observed once: one entry module, one input signature
+        1
     """
 
     def __init__(self) -> None:

@@ -462,8 +462,9 @@ def test_tied_correlations_make_pwcca_depend_on_rounding_with_any_factorization(
     z, w = rng.normal(size=(400, 32)), rng.normal(size=(400, 32))
     q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
     x, y = z, np.concatenate([z[:, :16] @ q, w[:, 16:]], axis=1)
+    # 16 unit orders sample how far the basis moves the SVD's value (a few orders underestimate it)
     refs = []
-    for seed in range(4):
+    for seed in range(16):
         p = np.random.default_rng(seed).permutation(32) if seed else np.arange(32)
         refs.append(_pwcca_by_numpy_svd(**_same_whitening(x[:, p], y, eigvecs=False)))
     ours = float(pwcca(T(x), T(y)))

@@ -80,7 +80,7 @@ class Probe:
             captures nothing from those runs) to observe each layer's batch axis. ``False`` runs
             nothing again: the batch axis is then ``layout=``'s ``N`` (default: the first axis, or
             what ``batch_first`` says), checked only against the number of input rows. A
-            :class:`~netprobe._observe.LayoutDecisions` keeps what is observed and reuses it (pass
+            :class:`netprobe.LayoutDecisions` keeps what is observed and reuses it (pass
             the same one to later probes of the model: each layer is then observed once).
 
     Example:

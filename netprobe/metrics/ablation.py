@@ -669,7 +669,7 @@ def ablation_curve(
             of the output passes through unchanged. Required for such layers.
         observe: the layer's batch axis is observed by first running the model on a few rows at two
             batch sizes (see :class:`netprobe._modules.Layouts`); pass a
-            :class:`~netprobe._observe.LayoutDecisions` to keep and reuse that decision across
+            :class:`netprobe.LayoutDecisions` to keep and reuse that decision across
             calls, or ``False`` to trust ``layout=`` (default: batch first) without running again.
 
     Returns:
