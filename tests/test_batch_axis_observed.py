@@ -343,3 +343,20 @@ def test_a_monitor_observes_each_layer_once_and_carries_the_decision(monkeypatch
         trainer(pl, max_epochs=epochs, callbacks=mons).fit(make_module(pl), loader(x, y))
         counts.append(len(calls))
     assert counts[0] == counts[1] > 0  # the later epochs' measurements observe nothing again
+
+
+def test_a_module_used_at_two_call_sites_of_other_widths_is_refused_naming_why():
+    class TwoWidths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.act = nn.Conv1d(6, 6, 3, padding=1), nn.Linear(6, 4), nn.GELU()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):  # x (N, 6, L)
+            a = self.act(self.conv(x))  # 6 units
+            b = self.act(self.fc(a.transpose(1, 2)))  # 4 units
+            return self.head(b.mean(1))
+
+    m = TwoWidths().eval()
+    with netprobe.probe(m, ["act"]), pytest.raises(ValueError, match="4 units at this call, but 6 at an earlier one.*own module"):
+        m(torch.randn(5, 6, 9))

@@ -273,6 +273,13 @@ class Probe:
                     over = ((rows.abs() > 65504.0) & torch.isfinite(rows)).any()  # no host sync: read when the rows are
                     prev = self._overflow.get(name)
                     self._overflow[name] = over if prev is None else (prev | over.to(prev.device))
+                if buf.allocated and rows.ndim == 2 and rows.shape[1] != buf.dim:
+                    raise ValueError(
+                        f"Layer {name!r} ({type(module).__name__}) gave rows of {rows.shape[1]} units at this call, but "
+                        f"{buf.dim} at an earlier one: one module used at several places of the model (a shared "
+                        "activation, say) with outputs of different widths cannot fill one layer's rows. Give each "
+                        "place its own module instance, or probe the modules around it."
+                    )
                 buf.write(rows, targets)
             return None
 
