@@ -34,7 +34,7 @@ intervals over configurations, the runs' values read with `netprobe.select.load_
         --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max
 
 ``--quick`` (about a minute and a half at one thread: QUICK's configurations, seeds, epochs and data
-sizes) is the reduced form tests/test_hparam_selection_quick.py runs to check the conclusions that
+sizes) is the reduced form tests/example_scripts/test_hparam_selection_quick.py runs to check the conclusions that
 hold at that size; ``--seed-offset K`` shifts every seed (data generation, configuration sampling,
 training, bootstrap), so that a conclusion can be checked not to depend on one draw.
 """

@@ -5,6 +5,7 @@ This machine has 2 cores and torch's intra-op threads contend badly on it (small
 """
 
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -13,6 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# the shared references, models and fit helpers (tests/_helpers) import as top-level modules
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_helpers"))
 
 
 def pytest_report_header(config):

@@ -1,4 +1,4 @@
-"""Issue #11: every bad input ends in the right value or a clear error naming the problem and the fix."""
+"""Every bad input ends in the right value or a clear error naming the problem and the fix."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Issue #11: layouts are known or refused, never guessed (sequence-first outputs, tuple outputs,
+"""Layouts are known or refused, never guessed (sequence-first outputs, tuple outputs,
 nested tensors, residual 1-D blocks) and the small "no silent wrong value" cases."""
 
 import math

@@ -1,5 +1,5 @@
 """FSDP2 on the CPU: Lightning's ModelParallelStrategy with torch's ``fully_shard`` in
-``configure_model``, 2 processes over gloo (tests/fsdp2_run.py): the three monitors log the
+``configure_model``, 2 processes over gloo (tests/_helpers/fsdp2_run.py): the three monitors log the
 single-process values, also at an odd probe-set size (unequal shards), and a rank that fails
 ends the run on every rank instead of leaving the other waiting."""
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 pytest.importorskip("pytorch_lightning")
-HERE = os.path.dirname(__file__)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_helpers")
 
 
 def _run(tmp_path, *args):

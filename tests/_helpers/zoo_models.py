@@ -1,10 +1,10 @@
-"""Small models of common architectures for tests/test_zoo.py (issue #11 item 6, "a model zoo").
+"""Small models of common architectures for tests/models/test_zoo.py (a model zoo).
 
 Every model takes batch-first inputs and, unless said otherwise, returns class scores
 ``(batch, num_classes)``. Each is a few thousand parameters at most, so that the zoo runs in
 seconds on 2 CPU cores with one torch thread.
 
-Run as a script (``python tests/zoo_models.py fsdp OUT.json``) it trains the ResNet under
+Run as a script (``python tests/_helpers/zoo_models.py fsdp OUT.json``) it trains the ResNet under
 Lightning's FSDP strategy on the CPU with 2 processes (Lightning's subprocess launcher re-runs
 this script for rank 1, which is why it lives here and not inside pytest).
 """

@@ -1,10 +1,10 @@
 """Trains a small net under Lightning's ``ModelParallelStrategy`` with torch's FSDP2
 (``fully_shard`` in ``configure_model``) on 2 CPU processes over gloo, with the three monitors,
-and writes rank 0's logged netprobe values as JSON (``python tests/fsdp2_run.py OUT.json N
+and writes rank 0's logged netprobe values as JSON (``python tests/_helpers/fsdp2_run.py OUT.json N
 [fail]``; N: the probe-set size; ``fail``: rank 1's model raises at the first measurement).
 
 Lightning's subprocess launcher re-runs this script for rank 1, which is why it is a script and
-not a pytest function (tests/test_fsdp2.py runs it). With 1 as the number of devices (``single``
+not a pytest function (tests/lightning/test_fsdp2.py runs it). With 1 as the number of devices (``single``
 as a fourth argument) it runs the same model in one process without sharding.
 """
 

@@ -4,7 +4,6 @@ naming both, and ``netprobe/best/<metric>`` is monotone."""
 import math
 
 import pytest
-import torch
 
 from lightning_helpers import digits, loader, make_module, trainer
 

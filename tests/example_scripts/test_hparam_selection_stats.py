@@ -16,7 +16,7 @@ from scipy import stats
 
 from reference_rank import tau_b_pairs_loop
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")

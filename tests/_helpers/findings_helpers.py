@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NUM = r"[+-]?(?:\d+\.\d+|nan)"
 #: "  <claim>: <verdict>   (<mean> [<lo>, <hi>] ..., margin <m>)", the mean optionally after "rho "
 LINE = re.compile(rf"^  (?P<claim>.+?): (?P<verdict>yes|no|not resolved at \d+ seeds)   \((?:rho )?(?P<mean>{NUM}) "

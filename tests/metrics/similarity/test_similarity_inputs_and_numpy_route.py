@@ -1,4 +1,4 @@
-"""Fixes from a new user's report on the similarity metrics: numpy's floating-point warnings are not
+"""The similarity metrics' inputs and their numpy BLAS route: numpy's floating-point warnings are not
 printed before netprobe's own error for a non-finite input (CPU numpy BLAS route), inputs that
 record gradients get a warning that the value is detached, similarity_matrix names a bad entry by
 its key, and the CCA family says n=1 is the problem."""

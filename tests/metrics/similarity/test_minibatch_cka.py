@@ -104,9 +104,9 @@ def _worker(rank, world, port, outdir):
 @pytest.mark.slow
 def test_ranks_merge_exactly(tmp_path):
     import torch.multiprocessing as mp
-    from test_distributed import _free_port
+    from free_port import free_port
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 50, generator=g)
     y = x @ torch.randn(50, 20, generator=g) + torch.randn(300, 20, generator=g)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CI = r"\[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\]"
 SIGN = re.compile(rf"^  - (?P<what>.+?)(?: (?P<v>agrees with test accuracy|points the WRONG way)|: agreement with test "
                   rf"accuracy (?P<nr>not resolved) with \d+ runs) \(tau interval {CI}", re.M)

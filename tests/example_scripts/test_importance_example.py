@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "importance.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "importance.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Four traps of the Lightning monitors, on real (tiny, CPU) Trainers: a single method name for
+"""Monitor options and warnings, on real (tiny, CPU) Trainers: a single method name for
 ConvergenceMonitor, and ``cka_debiased``; RBF CKA's probe-set bound checked before the first step,
 with its options (``rbf_threshold``, ``rbf_max_samples``); a skipped layer's warning saying which
 layers the mean covers, once per layer and metric; and a probe set smaller than ``num_samples``."""

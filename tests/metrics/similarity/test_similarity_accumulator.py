@@ -308,7 +308,7 @@ def test_merge_and_state_dict_with_y_stats():
 
 
 # ----------------------------------------------------------------------------- two ranks
-from test_distributed import _free_port  # noqa: E402  (one helper for the two-rank tests)
+from free_port import free_port  # noqa: E402  (one helper for the two-rank tests)
 
 
 def _worker(rank, world, port, outdir):
@@ -334,7 +334,7 @@ def _worker(rank, world, port, outdir):
 
 
 def test_all_reduce_with_y_stats_equals_no_reuse_on_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     e = _epochs(500, 16, 3, 14)
     plain, _ = _acc(e[2], e[1], cuts=(320,)).compute(("pwcca", "svcca", "cka"))
     for rank in range(2):

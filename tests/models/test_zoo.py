@@ -1,6 +1,6 @@
-"""Issue #11 item 6: a model zoo. For each common architecture (small): the probe's rows equal a
+"""A model zoo. For each common architecture (small): the probe's rows equal a
 hand computation, the metric functions run on it, and the three monitors log finite values in
-range on a real Trainer. Models are in zoo_models.py."""
+range on a real Trainer. Models are in tests/_helpers/zoo_models.py."""
 
 import math
 import os
@@ -22,7 +22,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor  # noqa: E402
 
 N = 60  # examples for the probe and metric checks
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_helpers")
 
 
 # --------------------------------------------------------------------------- helpers

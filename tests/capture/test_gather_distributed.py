@@ -1,7 +1,6 @@
 """netprobe.distributed and netprobe.capture.gather with two gloo processes on CPU."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,11 +12,7 @@ import netprobe
 from netprobe import distributed as nd
 from netprobe.capture import gather
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from free_port import free_port  # noqa: E402  (tests/_helpers)
 
 
 def _worker(rank, world, port, outdir):
@@ -83,7 +78,7 @@ def test_noop_without_distributed():
 
 @pytest.mark.slow
 def test_two_process_gather(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     x = torch.randn(10, 4)
