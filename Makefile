@@ -8,7 +8,7 @@ STAMP := $(VENV)/.netprobe-installed
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint docs bench clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,19 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+lint: setup
+	$(BIN)/ruff check netprobe tests examples benchmarks
+
+# the docs site (docs/ + the API from the docstrings), warnings as errors; open site/index.html
+docs: $(VENV)/.netprobe-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+$(VENV)/.netprobe-docs: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[docs]" --config-settings editable_mode=compat
+	touch $(VENV)/.netprobe-docs
+
 bench: setup
 	$(BIN)/python benchmarks/capture_overhead.py
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) runs lightning_logs .pytest_cache site

@@ -1578,8 +1578,10 @@ def rank_signals(
         ...         w.add_scalar("netprobe/reliance_auc", acc + 0.01, 1); w.add_scalar("train/loss", 1 - acc, 1)
         ...         w.add_scalar("test/acc", acc, 1)
         >>> res = rank_signals(d, "test/acc", baselines=["train/loss:min"], n_boot=100, cv=0)
-        >>> [(row["signal"], row["kendall_tau"]) for row in res["signals"]]
-        [('netprobe/reliance_auc', 1.0), ('train/loss', 1.0)]
+        >>> for row in res["signals"]:
+        ...     print(row["signal"], row["kendall_tau"])
+        netprobe/reliance_auc 1.0
+        train/loss 1.0
     """
     conds = _check_common("max", against_mode, at, where, underfit_below)
     n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")

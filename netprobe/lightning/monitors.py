@@ -276,14 +276,23 @@ class RelianceMonitor(NetprobeMonitor):
 
     Args:
         layers: see the base.
-        fractions, order, mode, repeats: as in :func:`netprobe.metrics.ablation_curve` (a
-            selectivity order is computed over the whole probe set, across ranks).
+        fractions: as in :func:`netprobe.metrics.ablation_curve` (a selectivity order is computed over the
+            whole probe set, across ranks).
+        order: as in :func:`netprobe.metrics.ablation_curve` (a selectivity order is computed over the
+            whole probe set, across ranks).
+        mode: as in :func:`netprobe.metrics.ablation_curve` (a selectivity order is computed over the
+            whole probe set, across ranks).
+        repeats: as in :func:`netprobe.metrics.ablation_curve` (a selectivity order is computed over the
+            whole probe set, across ranks).
         orders: ``"fixed"`` (common random numbers, the default) or ``"per_epoch"``; see above.
         noise: also compute the noise-robustness curve (``scales``).
         figures: log the curves as a figure to TensorBoard.
-        max_batch, max_elements: bound the rows and the elements of any module output in a
-            stacked forward pass (as in :func:`~netprobe.metrics.ablation_curve`; the default
-            keeps each module output under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
+        max_batch: bound the rows and the elements of any module output in a stacked forward pass
+            (as in :func:`~netprobe.metrics.ablation_curve`; the default keeps each module output
+            under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
+        max_elements: bound the rows and the elements of any module output in a stacked forward pass
+            (as in :func:`~netprobe.metrics.ablation_curve`; the default keeps each module output
+            under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
         **kwargs: see the base.
 
     Example:

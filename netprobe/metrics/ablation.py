@@ -788,12 +788,22 @@ def noise_curve(
     curve. Without ``distributed=True`` each call scales the noise by its own data's std.
 
     Args:
-        model, layer, data, repeats, generator, loss_fn, max_batch, max_elements, vectorize: as in
-            :func:`ablation_curve`.
+        model: as in :func:`ablation_curve`.
+        layer: as in :func:`ablation_curve`.
+        data: as in :func:`ablation_curve`.
+        repeats: as in :func:`ablation_curve`.
+        generator: as in :func:`ablation_curve`.
+        loss_fn: as in :func:`ablation_curve`.
+        max_batch: as in :func:`ablation_curve`.
+        max_elements: as in :func:`ablation_curve`.
+        vectorize: as in :func:`ablation_curve`.
         scales: ascending, ``>= 0``, starting at 0.
         index_offset: global index of the first sample of ``data`` (for sharded evaluation).
         distributed: as in :func:`ablation_curve` (the per-unit std is taken over all ranks).
-        expand, layout, select, observe: as in :func:`ablation_curve`.
+        expand: as in :func:`ablation_curve`.
+        layout: as in :func:`ablation_curve`.
+        select: as in :func:`ablation_curve`.
+        observe: as in :func:`ablation_curve`.
 
     Returns:
         :class:`CurveResult` (``x`` are the scales; ``auc`` is normalized by the span of scales).

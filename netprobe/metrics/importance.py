@@ -171,8 +171,14 @@ def unit_importance(
         mode: ``"zero"`` (set the unit to 0) or ``"mean"`` (to its mean over ``data``, and over
             positions for conv/sequence outputs), as in ``ablation_curve``.
         loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses; default cross-entropy.
-        max_batch, max_elements, vectorize, expand: the budget and stacking of the forward passes,
-            as in ``ablation_curve`` (same numbers whatever they are).
+        max_batch: the budget and stacking of the forward passes, as in ``ablation_curve`` (same numbers
+            whatever they are).
+        max_elements: the budget and stacking of the forward passes, as in ``ablation_curve`` (same numbers
+            whatever they are).
+        vectorize: the budget and stacking of the forward passes, as in ``ablation_curve`` (same numbers
+            whatever they are).
+        expand: the budget and stacking of the forward passes, as in ``ablation_curve`` (same numbers
+            whatever they are).
         distributed: ``data`` is this rank's shard: the per-unit means (``mode="mean"``) and the
             result are reduced across ranks of ``torch.distributed``, so every rank gets the
             importance over the whole data. Ignored when not distributed.
