@@ -660,7 +660,8 @@ class Layouts:
     **The batch axis is observed.** At the first forward pass that enters the model (or a probed
     module) after :meth:`attach`, the same inputs, resized on their batch axis (the first axis of
     every tensor argument; the second of a 3-D input to a module whose own ``batch_first`` is
-    ``False``) to two batch sizes that equal no other axis length of the inputs, are run first under
+    ``False``, or when the ``batch_first=False`` of a module inside says so) to two batch sizes that equal no other axis length of the inputs (arguments
+    that are not tensors or plain values deep-copied), are run first under
     ``no_grad`` in eval mode, RNG state restored (:func:`evaluating`); other netprobe hooks ignore
     those passes (other hooks on the model see them). The batch axis of a call site's output is the
     one axis whose length is the batch size in both runs. An output with no such axis (attention
@@ -717,6 +718,7 @@ class Layouts:
         self.context = {n: _sequence_context(self._named, n) for n in self.modules}
         # batch-axis lengths of the tensor inputs of the forward pass running now (its entry)
         self.batch_lengths: set = set()
+        self.second_axis_lengths: set = set()  # the lengths of the second axis of its 3-D tensor inputs
         self.batch: Optional[int] = None  # the first of them (kept for callers that need one number)
         self._depth = 0
         # forward passes begun (entries at depth 0): what shares one draw of sampled positions
@@ -796,6 +798,8 @@ class Layouts:
                 d.failed[key] = self._observe(mod, args, kwargs, default, key)
                 seq_first = d.seq_first.get(key, default)  # the inputs may have been (T, N, ...) after all
                 self.batch_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=seq_first)
+            # with observe=False, a declared (T, N, ...) layout is checked against the inputs' second axis
+            self.second_axis_lengths = _observe.input_batch_lengths(args, kwargs, seq_first=True)
             first = next((t for t in _observe._tensors((args, kwargs)) if t.ndim >= 1 and not t.is_nested), None)
             self.batch = None if first is None else int(first.shape[_observe._batch_dim(first, seq_first)])
         self._depth += 1
@@ -855,8 +859,11 @@ class Layouts:
             tracking = track_layouts(self.model)  # for the observed passes only; prepended: before the counters
             with evaluating(self.model, restore_rng=not lazy):
                 for n in sizes:
-                    a = _observe.resize_batch(args, n, seq_first=seq_first)
-                    kw = _observe.resize_batch(kwargs, n, seq_first=seq_first)
+                    try:
+                        a = _observe.resize_batch(args, n, seq_first=seq_first)
+                        kw = _observe.resize_batch(kwargs, n, seq_first=seq_first)
+                    except _observe.UncopiableInput as e:
+                        return {}, str(e)
                     self._recording = {name: [] for name in self.modules}
                     _TRACKING[0] += 1
                     mode = _FollowLayouts() if follow else None
@@ -937,7 +944,9 @@ class Layouts:
                 raise self._refuse(
                     name, module, shape, f"`layout={lay!r}` puts the batch on axis {lay.index('N')}, but observed at "
                     f"other batch sizes the batch is axis {b} ({sizes})",
-                    f"Pass a layout with N at position {b}, e.g. {_layout_suggestions(nd, b)}, or leave `layout=` out.")
+                    f"Pass a layout with N at position {b}, e.g. {_layout_suggestions(nd, b)}, or leave `layout=` out. "
+                    "If the model takes its inputs batch-second (T, N, ...) with no `batch_first=False` module inside, "
+                    "netprobe cannot tell that from batch-first inputs: keep this layout and pass `observe=False`.")
             u = lay.index("C")
             if typed is not None and b == 0 and u != typed:
                 raise self._refuse(
@@ -992,16 +1001,34 @@ class Layouts:
                 raise self._refuse(
                     name, module, shape, "with `observe=False` nothing is followed, and its module's type does not "
                     "tell which axis holds the units", f"Pass `layout=` for this layer, e.g. {_layout_suggestions(nd, 0)}.")
-        if self.batch_lengths and shape[b] not in self.batch_lengths:
+        rows = self.batch_lengths | (self.second_axis_lengths if lay is not None and b == 1 else set())
+        if rows and shape[b] not in rows:
             raise self._refuse(
                 name, module, shape, f"its batch axis {b} has {shape[b]} rows, but the model's inputs have "
-                f"{sorted(self.batch_lengths)}", "Pass the layer's `layout=` with N on its batch axis.")
+                f"{sorted(rows)}", "Pass the layer's `layout=` with N on its batch axis.")
         return b, u
 
 
+class _Identity:
+    """A key that compares by identity and holds its object, so the identity cannot be reused by
+    another object while a decision keyed by it is kept."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
 def _select_key(select: Any) -> Any:
-    """A hashable stand-in for a ``select=`` value (a callable by identity)."""
-    return select if isinstance(select, (int, str, type(None))) else ("callable", id(select))
+    """A hashable stand-in for a ``select=`` value: the value itself, or a callable by identity
+    (held by the key, so a decision never passes to another callable that reuses its address)."""
+    return select if isinstance(select, (int, str, type(None))) else ("callable", _Identity(select))
 
 
 def _layout_suggestions(nd: int, b: int) -> str:

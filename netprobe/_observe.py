@@ -9,7 +9,9 @@ two shapes. Knows nothing of Lightning.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
@@ -85,9 +87,11 @@ def observation_sizes(args: Any, kwargs: Any, *, seq_first: bool = False) -> Tup
 
 
 def resize_batch(obj: Any, n: int, *, seq_first: bool = False) -> Any:
-    """``obj`` (a tensor, or lists, tuples and dicts of them; anything else is kept) with every
-    tensor's batch axis resized to ``n`` by repeating its rows in order (row ``i`` is input row
-    ``i mod N``). A tensor with no rows, or of rank 0, is kept."""
+    """``obj`` (a tensor, or lists, tuples and dicts of them) with every tensor's batch axis resized
+    to ``n`` by repeating its rows in order (row ``i`` is input row ``i mod N``). A tensor with no
+    rows, or of rank 0, is kept; so are plain values, types and callables. Any other object (a
+    key/value cache, a config) is deep-copied, so the observed passes cannot change the one the
+    user's call receives; :class:`UncopiableInput` when it cannot be copied."""
     if isinstance(obj, torch.Tensor):
         if obj.ndim == 0 or obj.is_nested:
             return obj
@@ -110,7 +114,18 @@ def resize_batch(obj: Any, n: int, *, seq_first: bool = False) -> Any:
             return type(obj)(resized)
         except Exception:
             return resized
-    return obj
+    if isinstance(obj, _PLAIN) or isinstance(obj, (enum.Enum, type)) or callable(obj):
+        return obj
+    try:  # an object the forward may change (a key/value cache): the observed passes get a copy
+        return copy.deepcopy(obj)
+    except Exception as e:  # noqa: BLE001 - reported at the layer, with the way out
+        raise UncopiableInput(
+            f"an argument of type {type(obj).__name__} cannot be copied ({type(e).__name__}: {e}), and running the "
+            "model again on the argument itself could change it") from e
+
+
+class UncopiableInput(Exception):
+    """A forward argument that the observed passes would have to share with the user's call."""
 
 
 def read_site(shapes: Sequence[Tuple[int, ...]], sizes: Tuple[int, int], unit: Optional[int], primary: bool = True) -> Site:
@@ -134,17 +149,30 @@ def read_site(shapes: Sequence[Tuple[int, ...]], sizes: Tuple[int, int], unit: O
     return Site(None, len(a), (a, b), sizes, unit, why, primary)
 
 
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _arg_signature(obj: Any, seq_first: bool) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_nested or obj.ndim == 0:
+            return (obj.ndim, str(obj.dtype))
+        bd = _batch_dim(obj, seq_first)
+        return tuple(-1 if i == bd else int(s) for i, s in enumerate(obj.shape)) + (str(obj.dtype),)
+    if isinstance(obj, _PLAIN) or isinstance(obj, enum.Enum):
+        return ("value", type(obj).__name__, obj)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__,) + tuple(_arg_signature(o, seq_first) for o in obj)
+    if isinstance(obj, Mapping):
+        return ("mapping",) + tuple((repr(k), _arg_signature(v, seq_first)) for k, v in obj.items())
+    return ("object", type(obj).__module__, type(obj).__qualname__)
+
+
 def input_signature(args: Any, kwargs: Any, *, seq_first: bool = False) -> Tuple[Any, ...]:
-    """What of a forward call's inputs a layout decision may depend on: each tensor's rank, its
-    non-batch axis lengths and dtype (in argument order), batch sizes left out."""
-    sig = []
-    for t in list(_tensors(args)) + list(_tensors(kwargs)):
-        if t.is_nested or t.ndim == 0:
-            sig.append((t.ndim, str(t.dtype)))
-            continue
-        bd = _batch_dim(t, seq_first)
-        sig.append(tuple(-1 if i == bd else int(s) for i, s in enumerate(t.shape)) + (str(t.dtype),))
-    return tuple(sig)
+    """What of a forward call's inputs a layout decision may depend on: the structure of the
+    arguments (keyword names included), each tensor's rank, non-batch axis lengths and dtype, the
+    value of every plain argument (numbers, strings, flags, ``None``) and the type of every other
+    object; batch sizes left out. Inputs that differ here are observed afresh."""
+    return (_arg_signature(tuple(args), seq_first), _arg_signature(dict(kwargs or {}), seq_first))
 
 
 class LayoutDecisions:

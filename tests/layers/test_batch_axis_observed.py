@@ -2,11 +2,13 @@
 explicit layouts are checked against it, and what has no batch axis is refused with advice that
 works (``netprobe._modules.Layouts``)."""
 
+import gc
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -360,3 +362,112 @@ def test_a_module_used_at_two_call_sites_of_other_widths_is_refused_naming_why()
     m = TwoWidths().eval()
     with netprobe.probe(m, ["act"]), pytest.raises(ValueError, match="4 units at this call, but 6 at an earlier one.*own module"):
         m(torch.randn(5, 6, 9))
+
+
+class _Flip(nn.Module):
+    """(N, D) rows, or their transpose when called with ``flip=True``."""
+
+    def forward(self, x, flip=False):
+        return x.t() if flip else x
+
+
+class _FlipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.flip = _Flip()
+
+    def forward(self, x, flip=False):
+        return self.flip(self.lin(x), flip=flip)
+
+
+def test_a_plain_argument_that_changes_the_layout_is_observed_afresh():
+    """The decision for ``flip=False`` is not carried to ``flip=True`` (the same tensor shapes, a
+    square output): each is observed, and the rows read are one per input in both."""
+    torch.manual_seed(0)
+    net, x = _FlipNet().eval(), torch.randn(8, 8)
+    seen = netprobe.LayoutDecisions()
+    for flip in (False, True):
+        with netprobe.probe(net, ["flip"], capacity=8, observe=seen) as p:
+            with torch.no_grad():
+                out = net(x, flip=flip)
+        rows = p["flip"]
+        torch.testing.assert_close(rows, out.t() if flip else out)
+
+
+def test_a_callable_selector_is_never_confused_with_a_later_one():
+    """Selectors made and dropped one after another (CPython reuses their addresses): each one's
+    decision is its own, so every capture reads rows one per input."""
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x.t().contiguous()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.pair(x)
+
+    net, x = Net(), torch.randn(6, 6)
+    seen = netprobe.LayoutDecisions()
+    for i in range(6):
+        want_first = i % 2 == 0
+        select = (lambda out: out[0]) if want_first else (lambda out: out[1])
+        with netprobe.probe(net, ["pair"], capacity=6, select=select, observe=seen) as p:
+            a, b = net(x)
+        torch.testing.assert_close(p["pair"], a if want_first else b.t())
+        del select, p
+        gc.collect()
+
+
+def test_an_object_argument_the_forward_changes_is_not_shared_with_the_observed_passes():
+    """A forward that appends to a list-like state object: the observed passes run on copies, so
+    the user's object sees exactly the user's calls."""
+
+    class Log:
+        def __init__(self):
+            self.calls = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x, log):
+            log.calls.append(x.shape[0])
+            return self.lin(x)
+
+    net, log = Net(), Log()
+    with netprobe.probe(net, ["lin"], capacity=10) as p:
+        net(torch.randn(10, 4), log)
+    assert log.calls == [10]
+    assert p["lin"].shape == (10, 3)
+
+
+class _TimeFirst(nn.Module):
+    """A sequence model written for ``(T, N, D)`` inputs with no ``batch_first`` module inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.proj(x))
+
+
+def test_a_time_first_model_is_refused_with_advice_that_works():
+    """``(T, N, D)`` inputs with no ``batch_first`` module look batch-first to observation: the
+    declared ``"LNC"`` is refused naming ``observe=False``, and with it the rows read are one per
+    input (the mean over time), not one per time step."""
+    torch.manual_seed(0)
+    net, x = _TimeFirst(), torch.randn(9, 5, 4)  # T = 9, N = 5
+    with pytest.raises(ValueError, match="observe=False"):
+        with netprobe.probe(net, ["act"], capacity=5, layout="LNC"):
+            net(x)
+    with netprobe.probe(net, ["act"], capacity=5, layout="LNC", observe=False) as p:
+        out = net(x)
+    torch.testing.assert_close(p["act"], out.mean(0))

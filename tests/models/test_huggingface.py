@@ -200,3 +200,28 @@ def test_two_epoch_fit_with_three_monitors_logs_every_key(name):
                 if not k.startswith(("netprobe/time/", "netprobe/layer_index/"))]
     missing = [k for k in expected if k not in tr.callback_metrics]
     assert not missing, missing
+
+
+def test_a_key_value_cache_passed_to_the_model_is_left_as_the_users_calls_leave_it():
+    """GPT-2 called with a ``DynamicCache`` under a probe: the observed passes run on copies of the
+    cache, so the next step's logits (which read it) equal an unprobed run's."""
+    cfg = T.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, activation_function="relu",
+                       bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    lm = T.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 40, (3, 5))
+
+    def two_steps(probed):
+        cache = T.DynamicCache()
+        with torch.no_grad():
+            if probed:
+                with netprobe.probe(lm, ["transformer.h.0.mlp"], capacity=64) as p:
+                    first = lm(ids, past_key_values=cache, use_cache=True)
+                assert p["transformer.h.0.mlp"].shape == (3, 16)
+            else:
+                first = lm(ids, past_key_values=cache, use_cache=True)
+            second = lm(ids[:, :1], past_key_values=first.past_key_values, use_cache=True)
+        return first.logits, second.logits
+
+    for plain, probed in zip(two_steps(False), two_steps(True)):
+        torch.testing.assert_close(probed, plain, rtol=0, atol=0)
