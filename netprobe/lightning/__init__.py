@@ -6,6 +6,8 @@ hand to ``EarlyStopping`` / ``ModelCheckpoint``); see the README's table.
 
 from netprobe.lightning.base import NetprobeMonitor
 from netprobe.lightning.early_stopping import RelianceEarlyStopping
-from netprobe.lightning.monitors import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor
+from netprobe.lightning.convergence import ConvergenceMonitor
+from netprobe.lightning.reliance import RelianceMonitor
+from netprobe.lightning.selectivity import SelectivityMonitor
 
 __all__ = ["NetprobeMonitor", "SelectivityMonitor", "RelianceMonitor", "ConvergenceMonitor", "RelianceEarlyStopping"]

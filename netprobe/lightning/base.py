@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-import weakref
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,7 +43,11 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
+from netprobe._keys import BEST_TRACKED as _BEST
+from netprobe._keys import MODEL_LEVEL as _MODEL_LEVEL
 from netprobe._observe import LayoutDecisions
+from netprobe.lightning._shared_pass import (_frozen_spec, _OtherRankFailed, _probe_fingerprint, _RunIdentity, _shared_pass)
+from netprobe.lightning._tensorboard import _register_tensorboard, _tensorboard_writer
 
 try:
     import pytorch_lightning as _pl
@@ -65,127 +68,16 @@ Batch = Any
 ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 
-#: metrics of the whole model, logged as ``netprobe/<metric>`` only (no per-layer key)
-_MODEL_LEVEL = ("probe_accuracy",)
-#: metrics with a better direction (higher), whose best value so far over the run's measurements
-#: is also logged, as ``netprobe/best/<metric>`` (the HParams tab shows it beside the final value)
-_BEST = ("reliance_auc", "reliance_area", "noise_auc", "probe_accuracy")
 
 
-class _OtherRankFailed(ValueError):
-    """A rank-local check failed on another rank; this rank skips the same step."""
 
 
-class _RunIdentity:
-    """The Trainer and module a callback last set up a fit with, held by weak reference (dropped
-    when the callback is pickled, e.g. for ``ddp_spawn``: they belong to this process)."""
-
-    def __init__(self) -> None:
-        self._refs: Optional[Tuple[Any, Any]] = None
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return {"_refs": None}
-
-    def begins(self, trainer: Any, pl_module: Any, stage: str) -> Optional[str]:
-        """``"first"`` or ``"other"`` when a fit with a new Trainer or module begins (the callback's
-        first, or one after a fit with another pair), else ``None`` (not a fit, or the same pair)."""
-        refs = self._refs
-        if stage != "fit" or (refs is not None and refs[0]() is trainer and refs[1]() is pl_module):
-            return None
-        self._refs = (weakref.ref(trainer), weakref.ref(pl_module))
-        return "first" if refs is None else "other"
 
 
-class _SharedProbePass:
-    """The forward passes over the probe sets shared by the monitors of one Trainer at one step.
-
-    Each monitor joins at ``setup``. The first monitor to measure at a step captures the layers
-    of every joined monitor with the same probe set (:meth:`NetprobeMonitor._share_key`) that is
-    due at this epoch; the others take their layers from it. A pass is dropped once every monitor
-    it was made for has taken its own layers, so activations are held only while the step's
-    measurements run (one entry per probe set: monitors with other probe sets, measured in
-    between, do not evict it).
-    """
-
-    def __init__(self) -> None:
-        self.monitors: "weakref.WeakSet[NetprobeMonitor]" = weakref.WeakSet()
-        # share key -> (step key, inputs, activations, outputs, ids of the monitors yet to take theirs)
-        self._passes: Dict[Any, Tuple[Any, torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
-        self.tensorboard_written: Any = None  # (writer id, keys) of the last layout/HParams written
-        self.fewer_told: set = set()  # (source, num_samples, examples there) warned about (NetprobeMonitor._warn_fewer)
-        self._order: Optional[Tuple[int, Dict[str, int]]] = None  # (id of the model, {module name: position})
-
-    def forward_order(self, mon: "NetprobeMonitor", pl_module: nn.Module, x: torch.Tensor) -> Dict[str, int]:
-        """``{module name: position}`` of every module of ``pl_module`` in the order their forward
-        calls finish (so a block comes after its layers), from one forward pass of one probe example
-        under ``mon.forward``, once per model."""
-        if self._order is not None and self._order[0] == id(pl_module):
-            return self._order[1]
-        order: Dict[str, int] = {}
-        handles = []
-
-        def hook_for(name: str) -> Callable[..., None]:
-            def hook(mod: nn.Module, args: Any, out: Any) -> None:
-                order.setdefault(name, len(order))
-            return hook
-
-        try:
-            for name, m in pl_module.named_modules():
-                handles.append(m.register_forward_hook(hook_for(name)))
-            device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-            with evaluating(pl_module, restore_rng=True):
-                mon.forward(pl_module, x[:2].to(device))
-        except Exception as err:  # never a failed run for an order: then no layer_index keys
-            warnings.warn(f"netprobe: the layers' forward order could not be read ({type(err).__name__}: {err}); "
-                          "netprobe/layer_index/<layer> is not logged.", RuntimeWarning, stacklevel=2)
-            order = {}
-        finally:
-            for h in handles:
-                h.remove()
-        self._order = (id(pl_module), order)
-        return order
-
-    def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
-                x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        share = mon._share_key()
-        key = (id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
-        entry = self._passes.get(share)
-        # the inputs themselves must be the same (the same settings can still draw other examples,
-        # e.g. from a shuffling DataLoader with its own generator): equal, else a pass of its own
-        same_x = entry is not None and (entry[1] is x or (entry[1].shape == x.shape and torch.equal(entry[1], x)))
-        if entry is not None and entry[0] == key and id(mon) in entry[4] and not same_x:
-            return mon._capture(pl_module, x)
-        if entry is None or entry[0] != key or id(mon) not in entry[4]:
-            epoch = int(trainer.current_epoch)
-            peers = [m for m in list(self.monitors) if m is mon or (m._share_key() == share and m._due(epoch))]
-            wanted = set(l for m in peers for l in m.layers)
-            layers = [n for n, _ in pl_module.named_modules() if n in wanted]
-            try:
-                acts, out = mon._capture(pl_module, x, layers)
-            except ValueError:  # a peer's layer failed: this monitor's own layers alone say what is wrong
-                self._passes.pop(share, None)
-                return mon._capture(pl_module, x)
-            entry = (key, x, acts, out, {id(m) for m in peers})
-            self._passes[share] = entry
-        entry[4].discard(id(mon))
-        if not entry[4]:
-            del self._passes[share]
-        return {n: entry[2][n] for n in mon.layers}, entry[3]
-
-    def clear(self) -> None:
-        """Drop every pass (at the end of a step's measurements: a peer that did not take its
-        share, e.g. one whose measurement failed, must not keep activations alive)."""
-        self._passes = {}
 
 
-_SHARED: "weakref.WeakKeyDictionary[Any, _SharedProbePass]" = weakref.WeakKeyDictionary()
 
 
-def _shared_pass(trainer: Any) -> _SharedProbePass:
-    try:
-        return _SHARED.setdefault(trainer, _SharedProbePass())
-    except TypeError:  # not weak-referenceable (a stand-in Trainer): a pass of its own
-        return _SharedProbePass()
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -438,7 +330,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._warned = set()  # a skipped value is told once per layer and metric in each fit
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
         # of a run), so the HParams tab lists the netprobe metrics
-        _register_tensorboard(trainer, pl_module)
+        _register_tensorboard(trainer, pl_module, [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)])
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._probe is None:
@@ -891,96 +783,13 @@ def _final_epoch(trainer: Any, epoch: int) -> bool:
     return bool(getattr(trainer, "should_stop", False))
 
 
-def _hparams_of(trainer: Any, pl_module: nn.Module) -> Dict[str, Any]:
-    """The module's (and datamodule's) hyperparameters, flattened (``a/b``) to the scalar types
-    TensorBoard's HParams plugin takes (others as their ``str``)."""
-    params: Dict[str, Any] = {}
-    for src in (getattr(pl_module, "hparams", None), getattr(getattr(trainer, "datamodule", None), "hparams", None)):
-        if isinstance(src, Mapping):
-            params.update(src)
-    flat: Dict[str, Any] = {}
-
-    def walk(prefix: str, v: Any) -> None:
-        if isinstance(v, Mapping):
-            for k, w in v.items():
-                walk(f"{prefix}/{k}" if prefix else str(k), w)
-        elif isinstance(v, (bool, int, float, str)):
-            flat[prefix] = v
-        elif isinstance(v, torch.Tensor) and v.numel() == 1:
-            flat[prefix] = v.item()
-        else:
-            flat[prefix] = str(v)
-
-    walk("", params)
-    return flat
 
 
-def custom_scalars_layout(metrics: Sequence[str]) -> Dict[str, Dict[str, List[Any]]]:
-    """TensorBoard custom-scalars layout: one chart per metric with a line per layer, the mean and
-    the best so far (``netprobe/<metric>``, ``netprobe/<metric>/<layer>``, ``netprobe/best/<metric>``),
-    and one chart of the monitors' seconds per measurement."""
-    import re
-
-    charts = {m: ["Multiline", [rf"^netprobe/(best/)?{re.escape(m)}(/.*)?$"]] for m in dict.fromkeys(metrics)}
-    return {"netprobe": charts, "netprobe time": {"seconds per measurement": ["Multiline", [r"^netprobe/time/"]]}}
 
 
-def _register_tensorboard(trainer: Any, pl_module: nn.Module) -> None:
-    """Write, once per run and writer, the custom-scalars layout of every netprobe monitor of the
-    Trainer and an HParams experiment whose metrics are their keys (rank zero, TensorBoardLogger)."""
-    if _dist.rank() != 0:
-        return
-    writer = _tensorboard_writer(list(getattr(trainer, "loggers", []) or []))
-    if writer is None or not hasattr(writer, "_get_file_writer"):
-        return
-    mons = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)]
-    keys = [k for m in mons for k in m.logged_keys(pl_module) if not k.startswith(("netprobe/time/", "netprobe/layer_index/"))]
-    shared = _shared_pass(trainer)
-    sig = (id(writer), tuple(keys))
-    if shared.tensorboard_written == sig:
-        return
-    shared.tensorboard_written = sig
-    try:
-        from torch.utils.tensorboard.summary import hparams
-    except ImportError:  # pragma: no cover - tensorboardX-only writers
-        return
-    writer.add_custom_scalars(custom_scalars_layout([m for c in mons for m in c.metrics]))
-    # TensorBoard shows the first few metrics: the means and bests first, reliance leading
-    family = {m: i for i, m in enumerate(_BEST)}
-
-    def order(key: str) -> Tuple[int, int, str]:
-        parts = key.split("/")
-        metric = parts[2] if parts[1] == "best" else parts[1]
-        per_layer = int(parts[1] != "best" and len(parts) > 2)
-        return per_layer, family.get(metric, len(family)), key
-
-    metric_keys = sorted(dict.fromkeys(keys), key=order)
-    exp, ssi, sei = hparams(_hparams_of(trainer, pl_module), {k: 0.0 for k in metric_keys})
-    fw = writer._get_file_writer()
-    for summary in (exp, ssi, sei):
-        fw.add_summary(summary)
 
 
-def _probe_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    """A digest of a probe set's shapes, dtypes and values (equal probe sets, equal digests)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
-def _frozen_spec(spec: Any) -> Any:
-    return tuple(sorted(spec.items())) if isinstance(spec, Mapping) else spec
 
 
-def _tensorboard_writer(loggers: Sequence[Any]) -> Optional[Any]:
-    for logger in loggers:
-        if type(logger).__name__ == "TensorBoardLogger":
-            exp = logger.experiment
-            if hasattr(exp, "add_histogram") and hasattr(exp, "add_figure"):
-                return exp
-    return None

@@ -47,7 +47,7 @@ try:  # the netprobe dependency
 except ImportError:  # pragma: no cover - only the unified package installed
     from lightning.pytorch.callbacks import EarlyStopping as _EarlyStopping
 
-from netprobe.lightning.base import _RunIdentity  # noqa: E402
+from netprobe.lightning._shared_pass import _RunIdentity  # noqa: E402
 
 __all__ = ["RelianceEarlyStopping"]
 

@@ -1,0 +1,308 @@
+"""``ConvergenceMonitor``: how much each layer's representation still changes (similarity to the
+previous measurement and to a reference: PWCCA, SVCCA, CKA, Procrustes, RBF CKA, debiased CKA).
+Composes :mod:`netprobe.metrics`; re-implements none."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from netprobe import distributed as _dist
+from netprobe import viz
+from netprobe._modules import evaluating
+from netprobe.lightning._tensorboard import _has_tensorboard
+from netprobe.lightning.base import NetprobeMonitor
+from netprobe.metrics.similarity import (
+    RBF_MAX_SAMPLES,
+    SideStats,
+    SimilarityAccumulator,
+    _check_keep,
+    linear_cka,
+    procrustes,
+    rbf_cka,
+    similarity_matrix,
+)
+
+__all__ = ["ConvergenceMonitor"]
+
+
+_METHODS = ("pwcca", "svcca", "cka", "procrustes", "rbf_cka", "cka_debiased")
+
+# methods computed by their function from the whole probe set's activations (never streamed d x d
+# moments): RBF CKA's n x n kernels; debiased CKA's unbiased HSIC, which needs per-row norms
+_WHOLE_SET = ("rbf_cka", "cka_debiased")
+
+# methods that also have an n x n (Gram) form, used for layers wider than 2/3 of the probe set
+_GRAM_FORM = ("cka", "procrustes")
+
+
+class ConvergenceMonitor(NetprobeMonitor):
+    """How much each layer's representation still changes: similarity of this epoch's activations
+    on the probe set to those of the previous measurement (``<method>_prev``; the previous epoch
+    with ``every_n_epochs=1``, else ``every_n_epochs`` epochs earlier) and, optionally, to a reference
+    model or checkpoint (``<method>_ref``), for ``methods`` among ``pwcca``, ``svcca``, ``cka``,
+    ``procrustes`` (:func:`~netprobe.metrics.procrustes`, Ding et al. 2021), ``rbf_cka``
+    (:func:`~netprobe.metrics.rbf_cka`, Gaussian kernels at the median distance) and
+    ``cka_debiased`` (``linear_cka(debiased=True)``, the unbiased HSIC estimator).
+
+    The default is linear CKA alone: it is defined for any width and probe size, and costs one
+    pass over the probe activations plus ``O(d^2)`` (PWCCA and SVCCA add eigendecompositions:
+    on the demo's two 128-unit layers ~2x the cost of CKA each, see the README's cost table) and
+    PWCCA needs ``num_samples > 2 d``. Ask for ``methods=("pwcca", "svcca", "cka")`` to follow
+    Morcos et al. / Raghu et al.; the methods then share each covariance's factorization, and the
+    previous measurement's statistics are reused.
+
+    Logs ``netprobe/<method>_prev/<layer>`` and the mean ``netprobe/<method>_prev`` (1 = the layer
+    did not change up to the method's invariances), likewise ``*_ref``; with ``heatmap=True`` and a
+    TensorBoardLogger, a layer-by-layer linear-CKA heatmap of the current epoch
+    (``netprobe/cka_layers``). Lower layers typically converge first (Raghu et al. 2017).
+
+    Memory: the previous measurement's activations of the whole probe set are kept, per layer
+    ``num_samples x d x 4`` bytes (CPU), and saved in the callback's state for resuming; the
+    similarity itself streams paired shards through :class:`~netprobe.metrics.SimilarityAccumulator`
+    (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > 2 d`` per layer (checked
+    before training starts); SVCCA reduces to ``keep`` of the variance first.
+
+    Args:
+        layers: see the base.
+        methods: one name or a sequence of names among ``"pwcca"``, ``"svcca"``, ``"cka"``,
+            ``"procrustes"``, ``"rbf_cka"``, ``"cka_debiased"`` (default ``("cka",)``; ``"cka"`` is
+            the same as ``("cka",)``). ``procrustes`` streams like the others (``O(d^2)``; for a
+            layer wider than 2/3 of the probe set, with CKA alone or beside it, from ``n x n`` Gram
+            matrices); ``rbf_cka`` takes ``n x n`` kernel matrices of the whole probe set (about
+            ``24 n^2`` bytes at peak, ``n`` up to ``rbf_max_samples``: a larger probe set is refused
+            before the first step); ``cka_debiased`` (``linear_cka(debiased=True)``: less upward
+            bias than ``cka`` for a layer wide next to the probe set; needs 4 probe examples) is
+            computed from the whole probe set's activations, and, being an unbiased estimate, can
+            fall slightly below 0 for unrelated representations.
+        reference: an ``nn.Module`` with the same layer names, or a checkpoint path whose
+            ``state_dict`` loads into a copy of the LightningModule. Treated as fixed: its
+            activations on the probe set are computed once, when training starts (a reference
+            that changes during training, e.g. an EMA copy, is compared as that snapshot).
+        keep: SVCCA's variance fraction (or int number of directions).
+        heatmap: log the layer-by-layer CKA heatmap.
+        rbf_threshold: ``rbf_cka``'s kernel bandwidth as a multiple of the median distance (the
+            ``threshold`` of :func:`~netprobe.metrics.rbf_cka`; positive, default 1.0; Kornblith et
+            al. use 0.2 to 1.0).
+        rbf_max_samples: the largest probe set ``rbf_cka`` accepts (the ``max_samples`` of
+            :func:`~netprobe.metrics.rbf_cka`, default 10000, about 2.4 GB at peak); a larger probe set
+            is refused before the first step. Raise it if the memory is there.
+        **kwargs: see the base.
+
+    Example:
+        >>> ConvergenceMonitor(layers=["relu1"]).metrics
+        ('cka_prev',)
+        >>> ConvergenceMonitor(layers=["relu1"], methods=("pwcca", "cka")).metrics
+        ('pwcca_prev', 'cka_prev')
+        >>> ConvergenceMonitor(layers=["relu1"], methods="cka_debiased").metrics
+        ('cka_debiased_prev',)
+    """
+
+    def __init__(
+        self,
+        layers: Any,
+        *,
+        methods: Sequence[str] = ("cka",),
+        reference: Optional[Union[nn.Module, str]] = None,
+        keep: Union[float, int] = 0.99,
+        heatmap: bool = False,
+        rbf_threshold: float = 1.0,
+        rbf_max_samples: int = RBF_MAX_SAMPLES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(layers, **kwargs)
+        if isinstance(methods, str):  # one name, as SimilarityAccumulator.compute takes it (not its letters)
+            methods = (methods,)
+        try:
+            methods = tuple(dict.fromkeys(methods))  # unique, in the order given
+        except TypeError:
+            raise TypeError(f"Expected `methods` to be a method name or a sequence of names, but got {methods!r}.") from None
+        bad = [m for m in methods if m not in _METHODS]
+        if not methods or bad:
+            raise ValueError(f"Expected `methods` to be one name or a sequence of names among {list(_METHODS)}, but got {list(methods)}.")
+        if isinstance(rbf_threshold, bool) or not isinstance(rbf_threshold, (int, float)) or not 0.0 < float(rbf_threshold) < float("inf"):
+            raise ValueError(
+                "Expected `rbf_threshold` to be a positive finite number (rbf_cka's bandwidth as a multiple of the median "
+                f"distance; Kornblith et al. use 0.2 to 1.0), but got {rbf_threshold!r}."
+            )
+        if isinstance(rbf_max_samples, bool) or not isinstance(rbf_max_samples, int) or rbf_max_samples < 4:
+            raise ValueError(f"Expected `rbf_max_samples` to be an int >= 4, but got {rbf_max_samples!r}.")
+        self.rbf_threshold, self.rbf_max_samples = float(rbf_threshold), rbf_max_samples
+        if reference is not None and not isinstance(reference, (nn.Module, str)):
+            raise TypeError(f"Expected `reference` to be an nn.Module or a checkpoint path, but got {type(reference).__name__}.")
+        _check_keep(keep)  # here, not at every epoch's SVCCA
+        self.methods, self.reference, self.keep, self.heatmap = methods, reference, keep, bool(heatmap)
+        self._prev: Dict[str, torch.Tensor] = {}
+        self._ref: Dict[str, torch.Tensor] = {}
+        # the statistics and factorizations of those activations, computed when they were compared
+        # last: reused, not recomputed (derived from _prev/_ref, so not part of the saved state)
+        self._prev_side: Dict[str, SideStats] = {}
+        self._ref_side: Dict[str, SideStats] = {}
+        self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
+
+    def _rbf_too_many(self, n: int) -> str:
+        """Why a probe set of ``n`` examples is too large for ``rbf_cka``, naming the fixes."""
+        fewer = ("pass fewer `probe_data` rows" if isinstance(self.probe_data, (tuple, list))
+                 else f"lower `num_samples` to {self.rbf_max_samples} or fewer")
+        return (
+            f"ConvergenceMonitor: expected at most `rbf_max_samples`={self.rbf_max_samples} probe examples for rbf_cka, whose "
+            f"n x n kernel matrices of the whole probe set take about 24 n^2 bytes at peak ({24 * n * n / 2**30:.1f} GiB "
+            f"for n={n}), but the probe set has n={n}. {fewer[0].upper() + fewer[1:]}, or pass `rbf_max_samples={n}` "
+            "if the memory is there, or leave 'rbf_cka' out of `methods`."
+        )
+
+    def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
+        if "rbf_cka" in self.methods and n > self.rbf_max_samples:
+            raise ValueError(self._rbf_too_many(n))
+        if "cka_debiased" in self.methods and n < 4:
+            raise ValueError(
+                f"ConvergenceMonitor: expected at least 4 probe examples for cka_debiased (the unbiased HSIC estimator), "
+                f"but the probe set has n={n}. Use num_samples >= 4 (or more `probe_data` rows), or methods=('cka',)."
+            )
+        if "pwcca" in self.methods:
+            small = {k: d for k, d in widths.items() if 2 * d >= n}
+            if small:
+                raise ValueError(
+                    f"ConvergenceMonitor: PWCCA compares a layer with itself at another epoch, so it needs more probe "
+                    f"samples than twice the layer's units, but the probe set has n={n} and layers {small} have "
+                    f"n/2 units or more. Use num_samples > {2 * max(small.values())} (several times that is safer), "
+                    "or methods=('cka',), or ('svcca', 'cka') with an int `keep` below n/2."
+                )
+
+    def _validate(self, pl_module: nn.Module) -> None:
+        super()._validate(pl_module)
+        if self.reference is not None:  # a missing checkpoint or mismatched layers fail now, not after an epoch
+            self._reference_acts(pl_module)
+
+    def _reset_extra_state(self) -> None:
+        self._prev, self._ref, self._prev_side, self._ref_side = {}, {}, {}, {}
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"prev": {k: v.clone() for k, v in self._prev.items()}}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._prev, self._prev_side = dict(state.get("prev", {})), {}
+
+    def _whole_set(self, method: str, cur_full: torch.Tensor, other_full: torch.Tensor) -> torch.Tensor:
+        """A method of :data:`_WHOLE_SET`, by its function, on the whole probe set's activations."""
+        if method == "cka_debiased":
+            return linear_cka(cur_full, other_full, debiased=True)
+        if cur_full.shape[0] > self.rbf_max_samples:  # refused before the first step; named by the monitor's options
+            raise ValueError(self._rbf_too_many(cur_full.shape[0]))
+        return rbf_cka(cur_full, other_full, threshold=self.rbf_threshold, max_samples=self.rbf_max_samples)
+
+    def _similarities(self, cur: torch.Tensor, other_full: torch.Tensor, sl: slice, layer: str, what: str,
+                      other_side: Optional[SideStats], cur_full: torch.Tensor, key: str
+                      ) -> Tuple[Dict[str, float], Optional[SimilarityAccumulator]]:
+        """The methods' values for this rank's shard ``cur`` against the same rows of ``other_full``
+        (reduced across ranks), each covariance factorized once; ``other_side``: the other side's
+        statistics from an earlier comparison, reused instead of recomputed. A layer wider than
+        2/3 of the probe set with CKA alone takes the exact linear CKA from the ``n x n`` Gram
+        matrices of the whole probe set (``cur_full``, every rank alike) instead of ``d x d``
+        moments: the same value, ``O(n^2)`` memory and ``n^2 d`` work instead of ``O(d^2)`` and
+        ``n d^2`` (returns no accumulator then). ``key``: ``"prev"`` or ``"ref"``, the logged
+        metrics' suffix."""
+        n, d = cur_full.shape[0], cur_full.shape[1]
+        out: Dict[str, float] = {}
+        for m in self.methods:
+            if m in _WHOLE_SET:  # the whole probe set on every rank: the same value everywhere
+                try:
+                    out[m] = float(self._whole_set(m, cur_full, other_full))
+                except ValueError as err:
+                    self._warn_skip(layer, f"{m} ({what})", err, (f"{m}_{key}",))
+        streamed = [m for m in self.methods if m not in _WHOLE_SET]
+        if not streamed:
+            return out, None
+        if all(m in _GRAM_FORM for m in streamed) and 3 * d > 2 * n:
+            for m in streamed:
+                fn = linear_cka if m == "cka" else procrustes
+                out[m] = float(fn(cur_full, other_full))
+            return out, None
+        other = other_full[sl].to(cur.device)
+        acc = self._agreed(lambda: SimilarityAccumulator().update(cur, other, y_stats=other_side), cur.device).all_reduce()
+        # after the reduce every rank holds the same moments: same outcome everywhere
+        values, errors = acc.compute(streamed, keep=self.keep)
+        for m, err in errors.items():  # e.g. SVCCA keeping more directions than the samples allow
+            self._warn_skip(layer, f"{m} ({what})", err, (f"{m}_{key}",))
+        out.update({m: float(v) for m, v in values.items()})
+        return out, acc
+
+    def _reference_acts(self, pl_module: nn.Module) -> Dict[str, torch.Tensor]:
+        if not self._ref and self.reference is not None:
+            ref = self.reference
+            if isinstance(ref, str):
+                path = ref
+
+                def load() -> nn.Module:
+                    model = copy.deepcopy(pl_module)
+                    try:
+                        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                    except Exception as err:  # a missing, truncated or foreign file: pickle, EOF, zip errors
+                        raise ValueError(
+                            f"ConvergenceMonitor: cannot load the reference checkpoint {path!r} ({type(err).__name__}: {err}). "
+                            "Pass the path of a Lightning checkpoint or of a saved state_dict, or an nn.Module."
+                        ) from err
+                    if isinstance(ckpt, nn.Module):  # a whole saved model
+                        ckpt = ckpt.state_dict()
+                    if not isinstance(ckpt, Mapping):
+                        raise ValueError(
+                            f"ConvergenceMonitor: the reference checkpoint {path!r} holds a {type(ckpt).__name__}, not a "
+                            "state_dict or a Lightning checkpoint (a dict with 'state_dict')."
+                        )
+                    try:
+                        model.load_state_dict(ckpt.get("state_dict", ckpt))
+                    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+                        raise ValueError(f"ConvergenceMonitor: cannot load the reference checkpoint {path!r}: {err}") from err
+                    return model
+
+                # agreed across ranks: one rank failing to read the file must not leave the others waiting
+                ref = self._agreed(load, next((p.device for p in pl_module.parameters()), None))
+            x, _, _ = self._shard()
+            with evaluating(ref, restore_rng=True):
+                acts, _ = self._capture(ref, x)
+            self._ref = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
+        return self._ref
+
+    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        x, _, sl = self._shard()
+        acts, _ = self._probe_pass(trainer, pl_module, x)
+        prev_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
+        ref_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
+        ref = self._reference_acts(pl_module) if self.reference is not None else {}
+        sides: Dict[str, SideStats] = {}
+        full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}  # the whole probe set, every rank
+        # the layers that should have a value this time (the means' coverage): a first measurement has no previous one
+        prev_expected, ref_expected = [k for k in acts if k in self._prev], [k for k in acts if k in ref]
+        for layer, a in acts.items():
+            try:
+                if layer in self._prev:
+                    vals, acc = self._similarities(a, self._prev[layer], sl, layer, "to the previous measurement",
+                                                   self._prev_side.get(layer), full[layer], "prev")
+                    for m, v in vals.items():
+                        prev_vals[m][layer] = v
+                    if acc is not None:
+                        sides[layer] = acc.side("x")  # this epoch's side: the previous one at the next measurement
+                if layer in ref:
+                    vals, acc = self._similarities(a, ref[layer], sl, layer, "to the reference", self._ref_side.get(layer),
+                                                   full[layer], "ref")
+                    for m, v in vals.items():
+                        ref_vals[m][layer] = v
+                    if acc is not None:
+                        self._ref_side[layer] = acc.side("y")
+            except ValueError as err:
+                self._warn_skip(layer, "similarity", err)
+        self._prev, self._prev_side = full, sides
+        out: Dict[str, float] = {}
+        for m in self.methods:
+            self._layer_values(f"{m}_prev", prev_vals[m], out, expected=prev_expected)
+            if self.reference is not None:
+                self._layer_values(f"{m}_ref", ref_vals[m], out, expected=ref_expected)
+        figs: Dict[str, Any] = {}
+        if self.heatmap and self._media_due and _dist.rank() == 0 and _has_tensorboard(trainer) and len(full) > 1:
+            sm = similarity_matrix(full, method="cka")  # each layer's statistics computed once
+            figs["netprobe/cka_layers"] = viz.heatmap_figure(sm.values, list(sm.labels),
+                                                             title=f"linear CKA between layers, epoch {trainer.current_epoch}")
+        return out, {"figures": figs}
