@@ -1,0 +1,565 @@
+"""Rank statistics between a signal and a reference, written in numpy: ranks, Spearman's rho,
+Kendall's tau-b, top-k hit probabilities, their row-wise (one row per bootstrap replicate) and
+masked/grouped forms, percentile bootstrap intervals (over runs or groups of runs), the paired
+tau difference and the cross-validated choice of a signal.
+
+Inputs are plain sequences or arrays; refusals raise :class:`~netprobe.select.SelectionError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from netprobe.select.errors import SelectionError, _plural
+
+
+def _rankdata(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a), dtype=float)
+    sa = a[order]
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and sa[j + 1] == sa[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson correlation of average ranks); NaN if a side is constant."""
+    ra, rb = _rankdata(np.asarray(a, float)), _rankdata(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a)(n0 - ties_b)), O(n^2)."""
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    iu = np.triu_indices(len(x), 1)
+    dx, dy = dx[iu], dy[iu]
+    s = float((dx * dy).sum())
+    den = np.sqrt(float((dx != 0).sum()) * float((dy != 0).sum()))
+    return float(s / den) if den > 0 else float("nan")
+
+
+def top_k_hits(
+    signal: Sequence[float], reference: Sequence[float], ks: Iterable[int], *, mode: str = "max",
+    reference_mode: str = "max", subset_size: Optional[int] = None, n_draws: int = 10_000, seed: int = 0,
+) -> Dict[int, float]:
+    """Probability that the run with the best signal in a random subset is in that subset's top ``k``
+    by the reference (module docstring). Ties are broken at random, in expectation: a tie for the
+    best signal averages over the tied runs, and a run tied with ``e`` others by the reference, with
+    ``b`` runs strictly better, is in the top ``k`` with probability ``clip((k - b) / (e + 1), 0, 1)``."""
+    _check_directions(mode, reference_mode)
+    sig = np.asarray(signal, float) * (1 if mode == "max" else -1)
+    ref = np.asarray(reference, float) * (1 if reference_mode == "max" else -1)
+    n = len(sig)
+    m = n if subset_size is None else int(subset_size)
+    if not 1 <= m <= n:
+        raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
+    if not isinstance(n_draws, int) or n_draws < 1:
+        raise SelectionError(f"Expected `n_draws` to be an int >= 1 (resampled subsets), but got {n_draws!r}.")
+    rng = np.random.default_rng(seed)
+    draws = 1 if m == n else n_draws
+    ks = sorted(set(int(k) for k in ks))
+    hits = {k: 0.0 for k in ks}
+    for _ in range(draws):
+        idx = np.arange(n) if m == n else np.sort(rng.choice(n, size=m, replace=False))
+        s = sig[idx]
+        picks = idx[s == s.max()]  # the runs tied for the best signal, each picked with equal chance
+        for pick in picks:
+            better = int((ref[idx] > ref[pick]).sum())  # strictly better by the reference
+            equal = int((ref[idx] == ref[pick]).sum()) - 1  # tied with it (itself excluded)
+            for k in ks:
+                hits[k] += min(1.0, max(0.0, (k - better) / (equal + 1))) / len(picks)
+    return {k: hits[k] / draws for k in ks}
+
+
+def _chunks(rows: int, n: int) -> Iterable[slice]:
+    step = max(1, 2_000_000 // max(1, n * n))  # bound the (rows, n, n) comparison arrays (~16 MB each)
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row pair of ``x``, ``y`` ``(rows, n)``; NaN where a row is constant."""
+    out = np.empty(len(x))
+    iu = np.triu_indices(x.shape[1], 1)
+    for sl in _chunks(len(x), x.shape[1]):
+        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
+        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
+        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
+    return out
+
+
+def _avg_ranks_rows(x: np.ndarray) -> np.ndarray:
+    less = (x[:, None, :] < x[:, :, None]).sum(-1)
+    equal = (x[:, None, :] == x[:, :, None]).sum(-1)  # itself included
+    return less + (equal + 1) / 2.0
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho (average ranks) of each row pair; NaN where a row is constant."""
+    out = np.empty(len(x))
+    for sl in _chunks(len(x), x.shape[1]):
+        rx, ry = _avg_ranks_rows(x[sl]), _avg_ranks_rows(y[sl])
+        rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+        den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (rx * ry).sum(1) / den, np.nan)
+    return out
+
+
+def _check_directions(mode: str, reference_mode: str) -> None:
+    if mode not in ("max", "min") or reference_mode not in ("max", "min"):
+        raise SelectionError(f"Expected `mode` and `reference_mode` to be 'max' or 'min', but got {mode!r}, {reference_mode!r}.")
+
+
+def _first_copies(ids: np.ndarray) -> np.ndarray:
+    """``(rows, L)`` bool: the first entry of each run id in its row (a bootstrap draws runs with
+    replacement: copies of one run are one run, not a tie)."""
+    first = np.ones(ids.shape, dtype=bool)
+    for sl in _chunks(len(ids), ids.shape[1]):
+        a = ids[sl]
+        earlier = np.tril(np.ones((a.shape[1], a.shape[1]), dtype=bool), -1)  # [j, l]: l < j
+        first[sl] = ~((a[:, :, None] == a[:, None, :]) & earlier[None]).any(-1)
+    return first
+
+
+def _hit_credit_rows(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int], ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(rows, len(ks))``: for each row (a set of runs, both sides oriented so that higher is
+    better), the chance that the best-signal run is in the row's top ``k`` by the reference, ties
+    broken at random in expectation (as :func:`top_k_hits`). ``ids`` ``(rows, L)``: which run each
+    entry is (bootstrap copies of one run count once, and are never a tie with each other)."""
+    return _hit_credit_masked(sig, ref, np.ones(sig.shape, dtype=bool), ks, ids)
+
+
+def _group_codes(groups: Optional[Sequence[Any]], n: int) -> Optional[np.ndarray]:
+    """Group labels -> integer codes ``0..G-1`` (in sorted order of the labels' strings); None stays None."""
+    if groups is None:
+        return None
+    labels = [str(g) for g in groups]
+    if len(labels) != n:
+        raise SelectionError(f"Expected one group label per run ({n}), but got {len(labels)}.")
+    uniq = sorted(set(labels))
+    code = {g: i for i, g in enumerate(uniq)}
+    return np.array([code[g] for g in labels], dtype=np.int64)
+
+
+def _cluster_draws(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cluster bootstrap: each replicate draws the ``G`` groups with replacement
+    (``rng.integers(0, G, size=(n_boot, G))``) and takes every run of each drawn group, in the
+    order drawn (a group's runs in their order). Returns ``(idx, draw, valid)``, each ``(n_boot, L)``
+    with ``L`` the largest replicate's size: the runs, which draw (0..G-1) each came from, and
+    which entries are real (the rest is padding)."""
+    n_groups = int(codes.max()) + 1
+    members = [np.flatnonzero(codes == g) for g in range(n_groups)]
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    sizes = np.array([len(m) for m in members])
+    lengths = sizes[draws].sum(1)
+    width = int(lengths.max())
+    idx = np.zeros((n_boot, width), dtype=np.int64)
+    draw = np.full((n_boot, width), -1, dtype=np.int64)
+    valid = np.zeros((n_boot, width), dtype=bool)
+    for b in range(n_boot):
+        parts = [members[g] for g in draws[b]]
+        cat = np.concatenate(parts)
+        idx[b, : len(cat)] = cat
+        draw[b, : len(cat)] = np.repeat(np.arange(n_groups), [len(q) for q in parts])
+        valid[b, : len(cat)] = True
+    return idx, draw, valid
+
+
+def _kendall_rows_grouped(x: np.ndarray, y: np.ndarray, codes: np.ndarray, draw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row of a cluster-bootstrap replicate (``x``, ``y``, ``codes``, ``draw``,
+    ``valid`` all ``(rows, L)``) over its pairs ``i < j`` of real entries, leaving out the pairs of two
+    runs of the same group that came from two different draws of it (kept, they would count each
+    within-group pair once per pair of copies, over-weighting the seed-to-seed pairs; a pair of
+    copies of one run is tied on both sides and never counts)."""
+    out = np.empty(len(x))
+    iu = np.triu_indices(x.shape[1], 1)
+    for sl in _chunks(len(x), x.shape[1]):
+        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
+        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
+        c, d, v = codes[sl], draw[sl], valid[sl]
+        keep = (v[:, :, None] & v[:, None, :]) & ~((c[:, :, None] == c[:, None, :]) & (d[:, :, None] != d[:, None, :]))
+        keep = keep[:, iu[0], iu[1]]
+        dx, dy = dx * keep, dy * keep
+        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
+    return out
+
+
+def _spearman_rows_masked(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Spearman's rho (average ranks) of each row over its ``valid`` entries; NaN where a side is constant."""
+    out = np.empty(len(x))
+    for sl in _chunks(len(x), x.shape[1]):
+        v = valid[sl]
+        cnt = v.sum(1, keepdims=True).astype(float)
+
+        def ranks(a: np.ndarray) -> np.ndarray:
+            less = ((a[:, None, :] < a[:, :, None]) & v[:, None, :]).sum(-1)
+            equal = ((a[:, None, :] == a[:, :, None]) & v[:, None, :]).sum(-1)
+            return np.where(v, less + (equal + 1) / 2.0, 0.0)
+
+        rx, ry = ranks(x[sl]), ranks(y[sl])
+        rx = np.where(v, rx - rx.sum(1, keepdims=True) / cnt, 0.0)
+        ry = np.where(v, ry - ry.sum(1, keepdims=True) / cnt, 0.0)
+        den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 1e-12, (rx * ry).sum(1) / den, np.nan)
+    return out
+
+
+def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: Sequence[int],
+                       ids: Optional[np.ndarray] = None) -> np.ndarray:
+    """As :func:`_hit_credit_rows` over each row's ``valid`` entries only; with ``ids``, each run
+    counts once however many copies of it the row holds."""
+    out = np.empty((len(sig), len(ks)))
+    if ids is None:
+        ids = np.broadcast_to(np.arange(sig.shape[1]), sig.shape)
+    first = _first_copies(ids) & valid
+    for sl in _chunks(len(sig), sig.shape[1]):
+        s, r, v, f, a = sig[sl], ref[sl], valid[sl], first[sl], ids[sl]
+        smax = np.where(v, s, -np.inf).max(1, keepdims=True)
+        picks = f & (s == smax)  # the runs with the best signal, each once
+        other = a[:, None, :] != a[:, :, None]  # [row, j, l]: l is another run than j
+        better = ((r[:, None, :] > r[:, :, None]) & f[:, None, :]).sum(-1)  # distinct runs strictly better than j
+        equal = ((r[:, None, :] == r[:, :, None]) & f[:, None, :] & other).sum(-1)  # distinct other runs tied with j
+        for i, k in enumerate(ks):
+            credit = np.clip((k - better) / (equal + 1.0), 0.0, 1.0)
+            out[sl, i] = np.where(picks, credit, 0.0).sum(1) / picks.sum(1)
+    return out
+
+
+def _interval(values: np.ndarray, level: float) -> Optional[List[float]]:
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return None
+    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def _check_level(level: float) -> float:
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise SelectionError(f"Expected `level` to be a float in (0, 1) (e.g. 0.95 for 95 % intervals), but got {level!r}.")
+    return float(level)
+
+
+def _check_count(value: Any, name: str, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SelectionError(f"Expected `{name}` to be an int >= {minimum} ({what}), but got {value!r}.")
+    return int(value)
+
+
+def bootstrap_intervals(
+    signal: Sequence[float], reference: Sequence[float], *, mode: str = "max", reference_mode: str = "max",
+    ks: Iterable[int] = (), subset_size: Optional[int] = None, n_boot: int = 1000, level: float = 0.95,
+    boot_draws: int = 100, seed: int = 0, groups: Optional[Sequence[Any]] = None,
+) -> Dict[str, Any]:
+    """Percentile bootstrap intervals over runs (or over groups of runs) for Kendall's tau-b,
+    Spearman's rho and the top-k hit rates of picking by ``signal``.
+
+    Each of ``n_boot`` replicates resamples the ``n`` runs with replacement (``idx =
+    np.random.default_rng(seed).integers(0, n, size=(n_boot, n))``, one row per replicate) and
+    recomputes each statistic on the resampled runs, oriented by ``mode`` and ``reference_mode`` so
+    that agreement is positive. A hit rate picks among all the resampled runs (``subset_size`` None
+    or ``n``), else averages over ``boot_draws`` random subsets of ``subset_size`` of them, drawn,
+    replicate after replicate, by the same Generator as ``np.argsort(rng.random((boot_draws, n)),
+    axis=1)[:, :subset_size]``. Ties (which resampling creates) are broken at random in expectation,
+    as in :func:`top_k_hits`. The interval is ``np.quantile`` of the replicates at ``(1 - level)/2``
+    and ``(1 + level)/2``; replicates where a correlation is undefined (a constant side) are left out
+    and counted.
+
+    **Groups** (``groups``: one label per run, e.g. the configuration, whose seeds are not
+    independent runs): a cluster bootstrap. Each replicate draws the ``G`` groups with replacement
+    (``rng.integers(0, G, size=(n_boot, G))``, the groups numbered in sorted order of their labels'
+    strings) and takes every run of each drawn group, so a replicate has as many runs as its drawn
+    groups hold. Kendall's tau-b of a replicate leaves out the pairs of runs of one group that come
+    from two different draws of it (kept, each within-group pair would count once per pair of
+    copies, over-weighting the seed-to-seed pairs and pulling tau toward the within-group
+    agreement); Spearman's rho and the hit rates use every run of the replicate; with
+    ``subset_size`` the subsets hold ``min(subset_size, runs of the replicate)`` runs.
+
+    What it covers: how much the statistic would vary over other sweeps of ``n`` runs drawn like
+    these from the same configurations (with ``groups``: of ``G`` groups drawn like these); not the
+    uncertainty of how these runs were scored. Without ``groups``, runs that share a configuration
+    are treated as independent and the intervals come out too narrow.
+
+    Args:
+        signal: ``(n,)`` the signal of each run.
+        reference: ``(n,)`` the reference of each run (e.g. test accuracy).
+        mode: ``"max"`` if a higher signal is better, else ``"min"``.
+        reference_mode: likewise for the reference.
+        ks: the ``k`` of the hit rates, each below the subset size.
+        subset_size: runs per subset for the hit rates (default: all).
+        n_boot: bootstrap replicates ``B``.
+        level: the intervals' level (0.95: 2.5th to 97.5th percentile).
+        boot_draws: subsets per replicate when ``subset_size < n``.
+        seed: seeds the numpy Generator.
+        groups: ``(n,)`` a label per run (any hashable; compared as strings) for a cluster
+            bootstrap over the groups, or None (the runs are resampled).
+
+    Returns:
+        ``{"kendall_tau": [lo, hi] or None, "spearman_rho": [lo, hi] or None, "top_k": {k: [lo, hi]},
+        "undefined": {"kendall_tau": count, "spearman_rho": count}, "n_boot", "level", "seed",
+        "resampled": "runs" | "groups", "n_groups"}``.
+
+    Example:
+        >>> ci = bootstrap_intervals([0.9, 0.5, 0.7, 0.2], [0.95, 0.6, 0.9, 0.3], ks=[1], n_boot=200)
+        >>> ci["kendall_tau"][1], sorted(ci["top_k"])
+        (1.0, [1])
+        >>> ci = bootstrap_intervals([0.9, 0.8, 0.5, 0.4, 0.2, 0.1], [0.9, 0.95, 0.6, 0.5, 0.3, 0.2],
+        ...                          groups=["a", "a", "b", "b", "c", "c"], n_boot=200)
+        >>> ci["resampled"], ci["n_groups"]
+        ('groups', 3)
+    """
+    _check_directions(mode, reference_mode)
+    sig = np.asarray(signal, dtype=np.float64) * (1 if mode == "max" else -1)
+    ref = np.asarray(reference, dtype=np.float64) * (1 if reference_mode == "max" else -1)
+    if sig.ndim != 1 or sig.shape != ref.shape or len(sig) < 2:
+        raise SelectionError(f"Expected `signal` and `reference` to be 1-D of the same length >= 2, but got shapes {sig.shape} and {ref.shape}.")
+    if not (np.isfinite(sig).all() and np.isfinite(ref).all()):
+        raise SelectionError("Expected `signal` and `reference` to be finite; drop the runs without a value first.")
+    n = len(sig)
+    n_boot = _check_count(n_boot, "n_boot", 1, "bootstrap replicates")
+    boot_draws = _check_count(boot_draws, "boot_draws", 1, "subsets per replicate")
+    level = _check_level(level)
+    m = n if subset_size is None else int(subset_size)
+    if not 1 <= m <= n:
+        raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
+    ks = sorted({int(k) for k in ks})
+    codes = _group_codes(groups, n)
+    rng = np.random.default_rng(seed)
+    hits = np.empty((n_boot, len(ks)))
+    if codes is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        bs, br = sig[idx], ref[idx]
+        taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
+        if ks and m == n:
+            hits = _hit_credit_rows(bs, br, ks, idx)
+        elif ks:
+            for b in range(n_boot):
+                sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
+                hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks, idx[b][sub]).mean(0)
+    else:
+        idx, draw, valid = _cluster_draws(codes, n_boot, rng)
+        bs, br = sig[idx], ref[idx]
+        taus = _kendall_rows_grouped(bs, br, codes[idx], draw, valid)
+        rhos = _spearman_rows_masked(bs, br, valid)
+        if ks and m == n:
+            hits = _hit_credit_masked(bs, br, valid, ks, idx)
+        elif ks:
+            for b in range(n_boot):
+                real = idx[b][valid[b]]
+                m_b = min(m, len(real))
+                sub = np.argsort(rng.random((boot_draws, len(real))), axis=1)[:, :m_b]
+                hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks, real[sub]).mean(0)
+    return {
+        "kendall_tau": _interval(taus, level), "spearman_rho": _interval(rhos, level),
+        "top_k": {k: _interval(hits[:, i], level) for i, k in enumerate(ks)},
+        "undefined": {"kendall_tau": int((~np.isfinite(taus)).sum()), "spearman_rho": int((~np.isfinite(rhos)).sum())},
+        "n_boot": n_boot, "level": level, "seed": seed,
+        "resampled": "runs" if codes is None else "groups", "n_groups": None if codes is None else int(codes.max()) + 1,
+    }
+
+
+def tau_difference(
+    signal_a: Sequence[float], signal_b: Sequence[float], reference: Sequence[float], *, mode_a: str = "max",
+    mode_b: str = "max", reference_mode: str = "max", n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+    groups: Optional[Sequence[Any]] = None,
+) -> Dict[str, Any]:
+    """Kendall's tau-b of signal A minus that of signal B (each oriented so that agreement with the
+    reference is positive), with a **paired** percentile bootstrap interval: both taus are computed
+    on the same resamples (the runs, or with ``groups`` the groups, drawn exactly as
+    :func:`bootstrap_intervals` draws them with the same ``seed``: the replicates of each tau are
+    those of its own interval over the same runs), and the interval is that of the replicate
+    differences. Pass only the runs that have both signals.
+
+    Args:
+        signal_a: ``(n,)`` signal A of each run.
+        signal_b: ``(n,)`` signal B of each run.
+        reference: ``(n,)`` the reference (e.g. test accuracy).
+        mode_a: ``"max"`` if a higher A is better, else ``"min"``; likewise ``mode_b``, ``reference_mode``.
+        n_boot: bootstrap replicates (0: the point values only).
+        level: the interval's level.
+        seed: seeds the numpy Generator.
+        groups: ``(n,)`` a label per run for a cluster bootstrap (see :func:`bootstrap_intervals`).
+
+    Returns:
+        ``{"difference", "interval": [lo, hi] or None, "kendall_tau_a", "kendall_tau_b", "n_runs",
+        "undefined": replicates where a tau was undefined (left out), "n_boot", "level", "seed",
+        "resampled": "runs" | "groups", "n_groups"}`` (``difference`` None when a tau is undefined).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> ref = np.arange(20.0)
+        >>> a, b = ref + rng.normal(0, 2, 20), rng.normal(size=20)  # A follows the reference, B is noise
+        >>> d = tau_difference(a, b, ref, n_boot=200)
+        >>> round(d["difference"], 2), d["interval"][0] > 0
+        (0.73, True)
+    """
+    a = np.asarray(signal_a, dtype=np.float64) * (1 if mode_a == "max" else -1)
+    b = np.asarray(signal_b, dtype=np.float64) * (1 if mode_b == "max" else -1)
+    ref = np.asarray(reference, dtype=np.float64) * (1 if reference_mode == "max" else -1)
+    if a.ndim != 1 or a.shape != b.shape or a.shape != ref.shape or len(a) < 2:
+        raise SelectionError(f"Expected `signal_a`, `signal_b` and `reference` to be 1-D of the same length >= 2, but got shapes "
+                             f"{a.shape}, {b.shape} and {ref.shape}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(ref).all()):
+        raise SelectionError("Expected finite values; pass only the runs that have both signals and the reference.")
+    for name, md in (("mode_a", mode_a), ("mode_b", mode_b), ("reference_mode", reference_mode)):
+        if md not in ("max", "min"):
+            raise SelectionError(f"Expected `{name}` to be 'max' or 'min', but got {md!r}.")
+    n = len(a)
+    n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
+    level = _check_level(level)
+    codes = _group_codes(groups, n)
+    ta, tb = kendall_tau(a, ref), kendall_tau(b, ref)
+    out: Dict[str, Any] = {
+        "difference": None if np.isnan(ta) or np.isnan(tb) else float(ta - tb),
+        "kendall_tau_a": None if np.isnan(ta) else ta, "kendall_tau_b": None if np.isnan(tb) else tb,
+        "n_runs": n, "interval": None, "undefined": 0, "n_boot": n_boot, "level": level, "seed": seed,
+        "resampled": "runs" if codes is None else "groups", "n_groups": None if codes is None else int(codes.max()) + 1,
+    }
+    if n_boot == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    if codes is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        diff = _kendall_rows(a[idx], ref[idx]) - _kendall_rows(b[idx], ref[idx])
+    else:
+        idx, draw, valid = _cluster_draws(codes, n_boot, rng)
+        diff = (_kendall_rows_grouped(a[idx], ref[idx], codes[idx], draw, valid)
+                - _kendall_rows_grouped(b[idx], ref[idx], codes[idx], draw, valid))
+    out["interval"], out["undefined"] = _interval(diff, level), int((~np.isfinite(diff)).sum())
+    return out
+
+
+def cross_validate_choice(
+    signals: Mapping[str, Sequence[float]], reference: Sequence[float], *, ks: Iterable[int] = (), n_splits: int = 200,
+    level: float = 0.95, seed: int = 0, baselines: Optional[Mapping[str, Sequence[float]]] = None, min_runs: int = 3,
+    groups: Optional[Sequence[Any]] = None,
+) -> Dict[str, Any]:
+    """How well the signal that looks best on some runs does on the others.
+
+    Choosing the signal with the best Kendall tau on the same runs it is then judged on overfits
+    (with many signals, one correlates by chance). Here, ``n_splits`` times: shuffle the ``n`` runs
+    (``perm = rng.permutation(n)`` with ``rng = np.random.default_rng([seed, 1])``, split after split),
+    take ``perm[:n // 2]`` as the choosing half and the rest as the held-out half; choose the signal
+    with the best tau on the choosing half (the first in ``signals``' order on a tie; a signal
+    counts on a half where at least ``min_runs`` runs have it), and report its tau and its top-k
+    hit on the held-out half (the pick among the held-out runs that have it, ties broken at random in
+    expectation; only for ``k`` below their number), beside a random pick's ``k / m``. A split on
+    which no signal has a tau is left out. ``baselines`` (e.g. the training loss) are not chosen
+    from; their held-out tau on the same halves is reported beside.
+
+    With ``groups`` (a label per run, e.g. the configuration) the *groups* are split instead: ``perm
+    = rng.permutation(G)`` over the groups numbered in sorted order of their labels' strings, the
+    runs of groups ``perm[:G // 2]`` choose and the runs of the others are held out, so no group has
+    runs on both sides (seeds of one configuration on both sides would let the choice see the
+    held-out configurations). Needs at least 4 groups.
+
+    Args:
+        signals: name -> ``(n,)`` values oriented so that higher is better; NaN = the run lacks it.
+        reference: ``(n,)`` reference values, oriented so that higher is better.
+        ks: the ``k`` of the held-out hit rates.
+        n_splits: random half splits ``R``.
+        level: the level of the spread reported over splits (percentiles of the held-out values:
+            the halves overlap from split to split, so it is a spread, not a confidence interval).
+        seed: seeds the numpy Generator (``default_rng([seed, 1])``).
+        baselines: name -> ``(n,)`` oriented values, reported but never chosen.
+        min_runs: the fewest runs with a value for a tau on a half.
+        groups: ``(n,)`` a label per run: split the groups, not the runs (None: the runs).
+
+    Returns:
+        ``{"n_splits", "used", "chosen": {name: count}, "heldout_tau": {"mean", "interval", "n"},
+        "heldout_top_k": {k: {"mean", "interval", "n", "random"}}, "baselines": {name: {"mean", "interval", "n"}},
+        "level", "seed", "per_split": [(chosen, tau) ...], "split": "runs" | "groups", "n_groups"}``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> ref = rng.normal(size=12)
+        >>> cv = cross_validate_choice({"good": ref + 0.1 * rng.normal(size=12), "noise": rng.normal(size=12)}, ref, n_splits=50)
+        >>> cv["chosen"]["good"] > cv["chosen"]["noise"], cv["heldout_tau"]["mean"] > 0.5
+        (True, True)
+    """
+    names = list(signals)
+    if not names:
+        raise SelectionError("Expected at least one signal to choose from, but got none.")
+    ref = np.asarray(reference, dtype=np.float64)
+    vals = [np.asarray(signals[s], dtype=np.float64) for s in names]
+    base_names = list(baselines or {})
+    base_vals = [np.asarray(baselines[s], dtype=np.float64) for s in base_names]  # type: ignore[index]
+    n = len(ref)
+    if any(v.shape != (n,) for v in vals + base_vals):
+        raise SelectionError(f"Expected every signal to have one value per run ({n}), but got shapes {[v.shape for v in vals + base_vals]}.")
+    n_splits = _check_count(n_splits, "n_splits", 1, "random half splits")
+    level = _check_level(level)
+    if n // 2 < min_runs:
+        raise SelectionError(f"Expected at least {2 * min_runs} runs to split in halves of {min_runs} or more, but got {_plural(n, 'run')}.")
+    codes = _group_codes(groups, n)
+    n_groups = None if codes is None else int(codes.max()) + 1
+    if n_groups is not None and n_groups < 4:
+        raise SelectionError(f"Expected at least 4 groups to split in halves of 2 or more, but got {_plural(n_groups, 'group')}. "
+                             "Group the runs more finely, or split the runs (groups=None).")
+    ks = sorted({int(k) for k in ks})
+    rng = np.random.default_rng([seed, 1])
+
+    def tau_on(v: np.ndarray, half: np.ndarray) -> float:
+        keep = half[np.isfinite(v[half])]
+        return kendall_tau(v[keep], ref[keep]) if len(keep) >= min_runs else float("nan")
+
+    chosen: Dict[str, int] = {s: 0 for s in names}
+    taus: List[float] = []
+    hits: Dict[int, List[float]] = {k: [] for k in ks}
+    rand: Dict[int, List[float]] = {k: [] for k in ks}
+    base: Dict[str, List[float]] = {s: [] for s in base_names}
+    per_split: List[Tuple[Optional[str], float]] = []
+    for _ in range(n_splits):
+        if codes is None:
+            perm = rng.permutation(n)
+            a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        else:
+            gperm = rng.permutation(n_groups)
+            choose = np.isin(codes, gperm[: n_groups // 2])
+            a, b = np.flatnonzero(choose), np.flatnonzero(~choose)
+        scores = np.array([tau_on(v, a) for v in vals])
+        if not np.isfinite(scores).any():
+            per_split.append((None, float("nan")))
+            continue
+        best = int(np.nanargmax(scores))  # the first of the best
+        chosen[names[best]] += 1
+        v = vals[best]
+        t = tau_on(v, b)
+        per_split.append((names[best], t))
+        taus.append(t)
+        keep = b[np.isfinite(v[b])]
+        for k in ks:
+            if k < len(keep):
+                hits[k].append(float(_hit_credit_rows(v[keep][None], ref[keep][None], [k])[0, 0]))
+                rand[k].append(k / len(keep))
+        for s, bv in zip(base_names, base_vals):
+            base[s].append(tau_on(bv, b))
+
+    def summary(xs: List[float]) -> Dict[str, Any]:
+        arr = np.asarray(xs, dtype=np.float64)
+        fin = arr[np.isfinite(arr)]
+        return {"mean": float(fin.mean()) if len(fin) else None, "interval": _interval(arr, level), "n": int(len(fin))}
+
+    return {
+        "n_splits": n_splits, "used": sum(chosen.values()), "chosen": chosen, "heldout_tau": summary(taus),
+        "heldout_top_k": {k: {**summary(hits[k]), "random": float(np.mean(rand[k])) if rand[k] else None} for k in ks},
+        "baselines": {s: summary(base[s]) for s in base_names}, "level": level, "seed": seed, "per_split": per_split,
+        "split": "runs" if codes is None else "groups", "n_groups": n_groups,
+    }
