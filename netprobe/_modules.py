@@ -25,6 +25,21 @@ __all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "unit_dim", "evaluati
 _GLOB_CHARS = set("*?[")
 
 
+@dataclasses.dataclass
+class _LayerState:
+    """What is running now, read by every netprobe hook: nesting depths of the forward passes
+    netprobe runs to observe batch axes (``observing``; other hooks ignore those) and of the ones
+    whose tensors are followed (``tracking``), and whether an eager hook was called from compiled
+    code (``in_compiled``). One instance, :data:`_state`."""
+
+    observing: int = 0
+    tracking: int = 0
+    in_compiled: bool = False
+
+
+_state = _LayerState()
+
+
 def glob_regex(pattern: str) -> "re.Pattern[str]":
     """The compiled regular expression of a layer glob over dotted names, as :mod:`pathlib` globs
     paths: ``*`` matches within one dotted segment, ``?`` one character of a segment, ``[...]`` a
@@ -219,15 +234,14 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 _call_eagerly = _compiler_disable(_call)  # made once: building a disabled wrapper costs ~20 us
-_IN_COMPILED = [False]  # an eager hook called from compiled code is running
 
 
 def _from_compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    _IN_COMPILED[0] = True
+    _state.in_compiled = True
     try:
         return fn(*args, **kwargs)
     finally:
-        _IN_COMPILED[0] = False
+        _state.in_compiled = False
 
 
 def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -288,7 +302,6 @@ def _typed_unit(module: nn.Module, nd: int) -> Optional[int]:
 # observed pass ends (then the marks are cleared), so no key can meet reused memory, and a lookup
 # depends on nothing but the forward pass.
 _MARKS: Dict[Any, Tuple[torch.Tensor, int]] = {}
-_TRACKING = [0]  # observed forward passes now followed (their tensors marked)
 
 
 def _layout_key(t: torch.Tensor) -> Any:
@@ -309,7 +322,7 @@ def _mark_of(t: torch.Tensor) -> Optional[int]:
     A permuted view of a marked tensor (``conv(x).transpose(1, 2)``, ``x.permute(0, 2, 3, 1)``: same
     memory, its axes' sizes and strides a permutation of the marked tensor's) is followed: its unit
     axis is the one with the marked unit axis's size and stride, when those pairs are distinct."""
-    if not _TRACKING[0] or not _MARKS or t.ndim < 3 or t.is_nested:
+    if not _state.tracking or not _MARKS or t.ndim < 3 or t.is_nested:
         return None
     e = _MARKS.get(_layout_key(t))
     if e is not None:
@@ -338,7 +351,7 @@ def _first_tensor(out: Any) -> Optional[torch.Tensor]:
 
 
 def _layout_hook_impl(mod: nn.Module, args: Any, out: Any) -> None:
-    if not _TRACKING[0]:
+    if not _state.tracking:
         return
     if batch_first_of(mod) is not None:  # RNN, attention, transformer: the (first) output has its features last
         t = _first_tensor(out)
@@ -476,7 +489,7 @@ if _TorchFunctionMode is not None:
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
-            if _TRACKING[0] and isinstance(out, (torch.Tensor, tuple, list)):
+            if _state.tracking and isinstance(out, (torch.Tensor, tuple, list)):
                 try:
                     _follow(func, args, kwargs, out)
                 except Exception:  # a tensor it cannot read (a subclass, no storage): left unmarked, never a failed forward
@@ -495,7 +508,7 @@ def _compiled(modules: Iterable[nn.Module]) -> bool:
 
 def track_layouts(model: nn.Module) -> List[Any]:
     """Hooks (handles; ``.remove()`` each) on every module of ``model`` that mark, while a forward
-    pass is observed (``_TRACKING``), each rank >= 3 output whose units axis its module's type
+    pass is observed (``_state.tracking``), each rank >= 3 output whose units axis its module's type
     gives or its input's layout passes on (see :class:`Layouts`, which registers them for its
     observed passes only). They run before any other forward hook of their module."""
     return [m.register_forward_hook(_layout_hook, prepend=True) for m in model.modules()]
@@ -527,8 +540,10 @@ def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module, *, restore_rng: bool = False) -> Iterator[None]:
-    """Eval mode under ``torch.no_grad()``; afterwards every submodule's ``training`` flag is what
-    it was (a model may mix modes), and with ``restore_rng`` the global CPU and CUDA RNG states too."""
+    """Eval mode under ``torch.no_grad()``; afterwards ``model.train(mode)`` with the mode it was
+    in (so a ``train()`` override undoes what its ``eval()`` did), then every submodule's
+    ``training`` flag is what it was (a model may mix modes), and with ``restore_rng`` the global
+    CPU and CUDA RNG states too."""
     flags = [(m, m.training) for m in model.modules()]
     cpu_rng = torch.random.get_rng_state() if restore_rng else None
     cuda_rng = (torch.cuda.get_rng_state_all()
@@ -538,8 +553,10 @@ def evaluating(model: nn.Module, *, restore_rng: bool = False) -> Iterator[None]
         with torch.no_grad():
             yield
     finally:
+        model.train(flags[0][1])
         for m, t in flags:
-            m.training = t
+            if m.training != t:
+                m.training = t
         if cpu_rng is not None:
             torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -637,13 +654,12 @@ class _Cleanup:
 
 #: global count of observed forward passes running now: every netprobe hook (capture, statistics,
 #: other :class:`Layouts`) ignores the forward passes that observation runs
-_OBSERVING = [0]
 
 
 def observing() -> bool:
     """Whether the forward pass running now is one netprobe runs to observe batch axes (hooks
     that capture or count must ignore it)."""
-    return bool(_OBSERVING[0])
+    return bool(_state.observing)
 
 
 _OPT_OUT = (
@@ -773,14 +789,14 @@ class Layouts:
                 primary = select_output(output, select, name)[1]
                 rec[name].append((tuple(t.shape) if not t.is_nested else (), _mark_of(t), primary))
                 return
-            if _OBSERVING[0]:
+            if _state.observing:
                 return
             self._calls[name] += 1
 
         return count
 
     def _enter(self, mod: nn.Module, args: Any, kwargs: Any) -> None:
-        if _OBSERVING[0]:
+        if _state.observing:
             return
         if mod is self.model and self._depth:
             self._reset_forward()  # a new call of the model while an interrupted one is still counted
@@ -805,7 +821,7 @@ class Layouts:
         self._depth += 1
 
     def _leave(self, mod: nn.Module, args: Any, out: Any) -> None:
-        if _OBSERVING[0]:
+        if _state.observing:
             return
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
@@ -853,7 +869,7 @@ class Layouts:
         # a lazy module initializes its parameters at the first forward, drawing from the global RNG as
         # the user's own first call would have: the RNG is then left as that initialization leaves it
         lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.model.parameters())
-        _OBSERVING[0] += 1
+        _state.observing += 1
         tracking: List[Any] = []
         try:
             tracking = track_layouts(self.model)  # for the observed passes only; prepended: before the counters
@@ -865,7 +881,7 @@ class Layouts:
                     except _observe.UncopiableInput as e:
                         return {}, str(e)
                     self._recording = {name: [] for name in self.modules}
-                    _TRACKING[0] += 1
+                    _state.tracking += 1
                     mode = _FollowLayouts() if follow else None
                     try:
                         if mode is not None:
@@ -877,14 +893,14 @@ class Layouts:
                         return {}, (f"running {type(mod).__name__} on its inputs resized to batch size {n} (every "
                                     f"tensor argument's batch axis, rows repeated) failed with {type(e).__name__}: {e}")
                     finally:
-                        _TRACKING[0] -= 1
+                        _state.tracking -= 1
                         _clear_marks()
                         runs.append(self._recording)
                         self._recording = None
         finally:
             for h in tracking:
                 h.remove()
-            _OBSERVING[0] -= 1
+            _state.observing -= 1
         sites: Dict[Tuple[str, int], _observe.Site] = {}
         for name in self.modules:
             for k, ((sa, _, _), (sb, unit, primary)) in enumerate(zip(runs[0][name], runs[1][name])):
@@ -972,7 +988,7 @@ class Layouts:
             unit = nd - 1
         if unit is None or unit == b:
             how = ("the model runs compiled, so only module hooks follow it: a residual sum is not followed"
-                   if self._compiled or _IN_COMPILED[0]
+                   if self._compiled or _state.in_compiled
                    else "it is computed from the model's input or by an operation netprobe does not follow "
                         "(a scripted or compiled function, numpy, a module of unknown type)")
             raise self._refuse(

@@ -471,3 +471,27 @@ def test_a_time_first_model_is_refused_with_advice_that_works():
     with netprobe.probe(net, ["act"], capacity=5, layout="LNC", observe=False) as p:
         out = net(x)
     torch.testing.assert_close(p["act"], out.mean(0))
+
+
+def test_observation_leaves_a_train_override_as_it_found_it():
+    """A module whose ``train()`` does more than set flags (here: freezes a parameter in eval):
+    after the observed passes, its ``train(True)`` has run again."""
+
+    class Freezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.lin.weight.requires_grad_(mode)
+            return self
+
+        def forward(self, x):
+            return self.lin(x)
+
+    net = Freezing().train()
+    with netprobe.probe(net, ["lin"], capacity=6) as p:
+        net(torch.randn(6, 4))
+    assert net.training and net.lin.weight.requires_grad
+    assert p["lin"].shape == (6, 3)

@@ -503,7 +503,7 @@ def test_a_2d_layer_is_followed_once_only():
             for _ in range(3):
                 net(torch.randn(5, 4))
             assert len(seen) == first
-            assert _modules._TRACKING[0] == 0
+            assert _modules._state.tracking == 0
     finally:
         _modules._follow = orig
 
@@ -534,4 +534,4 @@ def test_an_interrupted_forward_leaves_no_mode_and_the_probe_works_on():
         stop.armed = True
         with pytest.raises(KeyboardInterrupt):
             net(torch.randn(4, 2, 7))
-    assert len(_get_current_function_mode_stack()) == 0 and _modules._TRACKING[0] == 0
+    assert len(_get_current_function_mode_stack()) == 0 and _modules._state.tracking == 0
