@@ -94,15 +94,31 @@ def _check_moments_finite(m: "_Moments", x: torch.Tensor, y: torch.Tensor) -> No
 #: width below which a Gram block is one full product (and above which it is split in halves)
 _GRAM_BASE = 64
 
-#: On CPU, linear CKA's float64 products go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a
-#: block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
-#: MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
-#: the best pure-torch route is 1.16-1.30x the numpy recipe of Kornblith et al., this one
-#: 0.73-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
-#: the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
-#: so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
-#: (read at import) keeps every product in torch; so does a missing threadpoolctl.
-_NUMPY_CPU = os.environ.get("NETPROBE_NUMPY_BLAS", "1").strip().lower() not in ("0", "false", "off", "no")
+# On CPU, linear CKA's float64 products go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a
+# block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
+# MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
+# the best pure-torch route is 1.16-1.30x the numpy recipe of Kornblith et al., this one
+# 0.73-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
+# the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
+# so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
+# (read at import) keeps every product in torch; so does a missing threadpoolctl.
+@dataclass
+class _Config:
+    """Run-time switches of the similarity metrics: one instance, :data:`config`, read by every
+    function when it runs (never copied into a module at import), so setting an attribute
+    (``config.numpy_blas = False``) takes effect everywhere at once.
+
+    Attributes:
+        numpy_blas: on CPU, take linear CKA's float64 products through numpy's BLAS. Initialised
+            from ``NETPROBE_NUMPY_BLAS`` at import (``0``, ``false``, ``off`` or ``no`` turn it off);
+            set to ``False`` when threadpoolctl is missing.
+    """
+
+    numpy_blas: bool
+
+
+#: the switches every similarity function reads when it runs
+config = _Config(numpy_blas=os.environ.get("NETPROBE_NUMPY_BLAS", "1").strip().lower() not in ("0", "false", "off", "no"))
 _BLAS_CONTROLLER: Any = None
 # numpy's BLAS thread count is process-wide: the first of concurrent linear_cka calls (from several
 # Python threads) sets it, the last one out restores it (not each call what it saw on entry)
@@ -116,8 +132,8 @@ def _blas_threads() -> Any:
     """Context for numpy's products: its BLAS runs ``torch.get_num_threads()`` threads (the
     setting before the first of concurrent calls is restored when the last one leaves), and its
     floating-point warnings are silenced (a NaN/Inf input is refused afterwards with netprobe's own
-    message). Disables the numpy route (:data:`_NUMPY_CPU`) when threadpoolctl is not installed."""
-    global _BLAS_CONTROLLER, _NUMPY_CPU, _BLAS_USERS, _BLAS_LIMITER
+    message). Disables the numpy route (``config.numpy_blas``) when threadpoolctl is not installed."""
+    global _BLAS_CONTROLLER, _BLAS_USERS, _BLAS_LIMITER
     import numpy as np
 
     with _BLAS_LOCK:
@@ -125,7 +141,7 @@ def _blas_threads() -> Any:
             try:
                 from threadpoolctl import ThreadpoolController
             except ImportError:
-                _NUMPY_CPU = False
+                config.numpy_blas = False
             else:
                 _BLAS_CONTROLLER = ThreadpoolController()
         if _BLAS_CONTROLLER is not None:
@@ -145,7 +161,7 @@ def _blas_threads() -> Any:
 
 
 def _np_ok(t: torch.Tensor) -> bool:
-    return _NUMPY_CPU and t.device.type == "cpu" and t.dtype == _F64
+    return config.numpy_blas and t.device.type == "cpu" and t.dtype == _F64
 
 
 def _np_gram_into(a: Any, out: Any, base: int) -> None:
@@ -175,7 +191,7 @@ def _gram_into(at: torch.Tensor, out: torch.Tensor, base: int = _GRAM_BASE, blas
     """``out += at @ at.T`` for ``at`` ``(d, c)``, computing only the upper block triangle (about
     half the work): the diagonal blocks recursively, the off-diagonal one as one product. Blocks
     below the diagonal are left for :func:`_mirror_blocks`. ``blas=True``: on CPU through numpy's
-    BLAS (:data:`_NUMPY_CPU`), ``syrk`` for the diagonal halves (linear CKA only: the CCA family
+    BLAS (``config.numpy_blas``), ``syrk`` for the diagonal halves (linear CKA only: the CCA family
     keeps torch's products, whose rounding its tests pin where a value depends on it)."""
     if blas and _np_ok(at) and _np_ok(out):
         _np_gram_into(at.numpy(), out.numpy(), base)
@@ -248,7 +264,7 @@ class _Moments:
         """
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
         _need_rows(n)
-        if blas and _NUMPY_CPU and x.device.type == "cpu":
+        if blas and config.numpy_blas and x.device.type == "cpu":
             return _Moments._of_numpy(x, y, yy)
         rows, piece = _chunk_rows(x, y)
         rows = min(rows, max(n, 1))
@@ -296,7 +312,7 @@ class _Moments:
 
     @staticmethod
     def _of_numpy(x: torch.Tensor, y: torch.Tensor, yy: bool) -> "_Moments":
-        """:meth:`of` with the products through numpy's BLAS (CPU, :data:`_NUMPY_CPU`; linear CKA):
+        """:meth:`of` with the products through numpy's BLAS (CPU, ``config.numpy_blas``; linear CKA):
         row blocks converted and shifted into reused ``(rows, d)`` float64 buffers (no transposed
         writes; 8 MiB a side, 16 MiB with several threads, at least 512 rows), then ``b^T b`` by ``syrk`` (numpy takes it for a
         matrix times its own transpose) and ``a^T b`` by ``gemm``, each added to the float64 sums.
@@ -369,7 +385,7 @@ def _gram_cols(x: torch.Tensor, blas: bool = False) -> int:
     numpy's and several threads (a float32 (2000, 4096) pair, 2 threads: 0.51 s vs 0.70 s with 512,
     torch's route 0.52 s), on a GPU at most 2^23 elements (64 MiB)."""
     if x.device.type == "cpu":
-        if blas and _NUMPY_CPU:
+        if blas and config.numpy_blas:
             return 512 if torch.get_num_threads() == 1 else 1024
         return 256
     return max(1, 2**23 // max(x.shape[0], 1))
@@ -410,7 +426,7 @@ def _raw_candidate(x: torch.Tensor) -> bool:
     """Whether linear CKA's products may be taken from ``x`` ``(n, d)`` as it is (no copy, one BLAS
     call per product, centred afterwards) rather than from blocks converted and centred first.
 
-    Only a float64, C- or Fortran-contiguous CPU tensor qualifies (:data:`_NUMPY_CPU`); any other
+    Only a float64, C- or Fortran-contiguous CPU tensor qualifies (``config.numpy_blas``); any other
     input is converted and centred block by block. Centring after the product (``X^T X - n m m^T``,
     or ``H X X^T H``) cancels: the rounding error of each product entry is bounded by ``gamma
     |x_i| |x_j|``, so the bound on the error of the whole product grows from ``gamma ||X_c||_F^2``
@@ -423,7 +439,7 @@ def _raw_candidate(x: torch.Tensor) -> bool:
     guess from the first rows only avoids trying the raw product where it would surely fail.
     """
     n = x.shape[0]
-    if not (_NUMPY_CPU and x.device.type == "cpu" and x.dtype == _F64 and n >= 2 and x.shape[1] > 0):
+    if not (config.numpy_blas and x.device.type == "cpu" and x.dtype == _F64 and n >= 2 and x.shape[1] > 0):
         return False
     if not (x.is_contiguous() or x.T.is_contiguous()):
         return False
@@ -1106,8 +1122,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     # Neither makes an (n, d) float64 copy: both accumulate over blocks converted on the fly.
     # A float64 input whose means are small next to its spread (:func:`_raw_candidate`) is used as
     # it is (no copy at all): one syrk per side (and one gemm), centred afterwards.
-    # numpy's BLAS (CPU, :data:`_NUMPY_CPU`) runs torch.get_num_threads() threads meanwhile
-    with _blas_threads() if _NUMPY_CPU and x.device.type == "cpu" else contextlib.nullcontext():
+    # numpy's BLAS (CPU, ``config.numpy_blas``) runs torch.get_num_threads() threads meanwhile
+    with _blas_threads() if config.numpy_blas and x.device.type == "cpu" else contextlib.nullcontext():
         raw = _raw_candidate(x) and _raw_candidate(y)
         if _use_gram(n, dx, dy):
             kx = ky = None

@@ -291,7 +291,7 @@ def _spy_routes(monkeypatch):
 def test_linear_cka_raw_and_centred_routes_against_references(n, dx, dy, offset, route, monkeypatch):
     import netprobe.metrics.similarity as S
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)  # the numpy BLAS route (the CPU default; NETPROBE_NUMPY_BLAS=0 turns it off)
+    monkeypatch.setattr(S.config, "numpy_blas", True)  # the numpy BLAS route (the CPU default; NETPROBE_NUMPY_BLAS=0 turns it off)
     x, y = _pair(n, dx, dy, 7)
     x, y = x + offset, y + 2.0 - offset  # _pair puts y near -2
     ref, ref_d = _centred_refs(x, y)
@@ -309,7 +309,7 @@ def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_lar
     # n=5000 would need 5000 x 5000 products)
     import netprobe.metrics.similarity as S
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     x, y = _pair(5000, 6, 5, 3)
     x[256:] += 1e4
     y[256:] -= 3e3
@@ -331,7 +331,7 @@ def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_lar
 def test_linear_cka_layouts_and_blas_switch_agree(n, d, monkeypatch):
     import netprobe.metrics.similarity as S
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     x, y = _pair(n, d, d + 2, 11)
     ref, ref_d = _centred_refs(x, y)
     tx, ty = T(x), T(y)
@@ -340,7 +340,7 @@ def test_linear_cka_layouts_and_blas_switch_agree(n, d, monkeypatch):
     for a, b in ((tx, ty), fortran, strided):
         assert float(linear_cka(a, b)) == pytest.approx(ref, rel=1e-12, abs=1e-13)
         assert float(linear_cka(a, b, debiased=True)) == pytest.approx(ref_d, rel=1e-12, abs=1e-13)
-    monkeypatch.setattr(S, "_NUMPY_CPU", False)  # every product in torch
+    monkeypatch.setattr(S.config, "numpy_blas", False)  # every product in torch
     assert float(linear_cka(tx, ty)) == pytest.approx(ref, rel=1e-12, abs=1e-13)
     assert float(linear_cka(tx, ty, debiased=True)) == pytest.approx(ref_d, rel=1e-12, abs=1e-13)
 
@@ -365,7 +365,7 @@ def test_linear_cka_numpy_scratch_stays_far_below_a_copy(n, d, dtype, monkeypatc
 
     import netprobe.metrics.similarity as S
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
@@ -381,7 +381,7 @@ def test_numpy_blas_is_the_cpu_default_and_can_be_switched_off():
     import subprocess
     import sys
 
-    code = "import netprobe.metrics.similarity as S; print(S._NUMPY_CPU)"
+    code = "import netprobe.metrics.similarity as S; print(S.config.numpy_blas)"
     env = {k: v for k, v in __import__("os").environ.items() if k != "NETPROBE_NUMPY_BLAS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
@@ -400,7 +400,7 @@ def test_numpy_blas_threads_follow_torch_during_linear_cka(torch_threads, n, d, 
 
     import netprobe.metrics.similarity as S
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     seen = []
 
     def blas_threads():

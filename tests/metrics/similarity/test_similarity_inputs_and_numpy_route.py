@@ -16,7 +16,7 @@ from netprobe.metrics import cca, linear_cka, procrustes, pwcca, rbf_cka, simila
 @pytest.mark.parametrize("n,d", [(300, 8), (20, 60)])  # moments and Gram routes
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_input_gives_our_error_and_no_numpy_warning(dtype, n, d, bad, monkeypatch):
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
     x[3, 5] = bad
@@ -32,7 +32,7 @@ def test_non_finite_input_gives_our_error_and_no_numpy_warning(dtype, n, d, bad,
 def test_numpy_errstate_is_restored_after_the_call(monkeypatch):
     import numpy as np
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     before = np.geterr()
     x = torch.randn(100, 4, dtype=torch.float64)
     x[0, 0] = float("inf")
@@ -86,7 +86,7 @@ def test_numpy_moments_over_several_row_blocks_match_a_float64_reference(dtype, 
     # strided input (every other column of a wider tensor); against numpy on the float64 image
     import numpy as np
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     g = torch.Generator().manual_seed(3)
     wide = torch.randn(1300, 2 * 1024, generator=g) * 2.0 + offset
     x = wide[:, ::2].to(dtype)
@@ -110,7 +110,7 @@ def test_concurrent_calls_restore_numpy_blas_threads(monkeypatch):
 
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
 
     def blas():
         return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["internal_api"] != "mkl"}
@@ -150,7 +150,7 @@ def test_numpy_route_with_several_threads_matches_the_reference(n, d, monkeypatc
     # more threads take larger blocks on the numpy route: the value must not move
     import numpy as np
 
-    monkeypatch.setattr(S, "_NUMPY_CPU", True)
+    monkeypatch.setattr(S.config, "numpy_blas", True)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, d, generator=g) + 3.0
     y = torch.tanh(x[:, : d // 2] @ torch.randn(d // 2, 40, generator=g) / 10) + torch.randn(n, 40, generator=g)
