@@ -50,11 +50,12 @@ def test_procrustes_against_the_explicit_procrustes_problem(n, dx, dy, seed):
 
 @pytest.mark.parametrize("n,d", [(30, 200), (300, 20)])
 def test_procrustes_gram_and_feature_routes_agree(n, d, monkeypatch):
-    import netprobe.metrics.similarity as S
+    from netprobe.metrics.similarity import cka, orthogonal_procrustes
 
     x, y = _pair(n, d, d + 3, 5)
     a = float(procrustes(T(x), T(y)))
-    monkeypatch.setattr(S, "_use_gram", lambda n, dx, dy: not (n * (dx + dy) < dx * dx + dy * dy + 2 * dx * dy))
+    for module in (cka, orthogonal_procrustes):  # each looks the rule up in its own namespace
+        monkeypatch.setattr(module, "_use_gram", lambda n, dx, dy: not (n * (dx + dy) < dx * dx + dy * dy + 2 * dx * dy))
     assert float(procrustes(T(x), T(y))) == pytest.approx(a, abs=1e-11)
     assert float(linear_cka(T(x), T(y))) == pytest.approx(cka_ref(x, y), abs=1e-11)
     assert float(linear_cka(T(x), T(y), debiased=True)) == pytest.approx(cka_debiased_ref(x, y), abs=1e-11)
@@ -277,11 +278,12 @@ def _centred_refs(x, y):
 
 def _spy_routes(monkeypatch):
     import netprobe.metrics.similarity as S
+    from netprobe.metrics.similarity import cka
 
     used = []
-    for name in ("_raw_products", "_raw_gram", "_centred_gram"):
-        real = getattr(S, name)
-        monkeypatch.setattr(S, name, lambda *a, _r=real, _n=name, **k: (used.append((_n, _r(*a, **k) is not None)), _r(*a, **k))[1])
+    for name in ("_raw_products", "_raw_gram", "_centred_gram"):  # as linear_cka looks them up
+        real = getattr(cka, name)
+        monkeypatch.setattr(cka, name, lambda *a, _r=real, _n=name, **k: (used.append((_n, _r(*a, **k) is not None)), _r(*a, **k))[1])
     monkeypatch.setattr(S._Moments, "of", staticmethod(lambda *a, _r=S._Moments.of, **k: (used.append(("moments", True)), _r(*a, **k))[1]))
     return used
 
@@ -308,6 +310,7 @@ def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_lar
     # centred route gives the value of the pre-centred data (raw route there; the references at
     # n=5000 would need 5000 x 5000 products)
     import netprobe.metrics.similarity as S
+    from netprobe.metrics.similarity._grams import _raw_gram
 
     monkeypatch.setattr(S.config, "numpy_blas", True)
     x, y = _pair(5000, 6, 5, 3)
@@ -322,9 +325,9 @@ def test_linear_cka_raw_route_refused_after_the_fact_when_later_rows_carry_a_lar
     assert used == [("_raw_products", False), ("moments", True)] * 2, used
     # the Gram route's guard is the same test on the traces of X X^T before and after centring
     w = np.random.default_rng(0).normal(size=(400, 500))
-    assert S._raw_gram(T(w)) is not None
+    assert _raw_gram(T(w)) is not None
     w[20:] += 1e3
-    assert S._raw_gram(T(w)) is None
+    assert _raw_gram(T(w)) is None
 
 
 @pytest.mark.parametrize("n,d", [(400, 12), (30, 100)])
@@ -399,6 +402,7 @@ def test_numpy_blas_threads_follow_torch_during_linear_cka(torch_threads, n, d, 
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import netprobe.metrics.similarity as S
+    from netprobe.metrics.similarity import _blas, cka
 
     monkeypatch.setattr(S.config, "numpy_blas", True)
     seen = []
@@ -406,9 +410,10 @@ def test_numpy_blas_threads_follow_torch_during_linear_cka(torch_threads, n, d, 
     def blas_threads():
         return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and i["internal_api"] != "mkl"}
 
-    for name in ("_raw_products", "_raw_gram", "_np_gram_into"):  # every route of numpy products
-        real = getattr(S, name)
-        monkeypatch.setattr(S, name, lambda *a, _r=real, _n=name, **k: (seen.append((_n, blas_threads())), _r(*a, **k))[1])
+    # every route of numpy products, patched where it is looked up
+    for module, name in ((cka, "_raw_products"), (cka, "_raw_gram"), (_blas, "_np_gram_into")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, **k: (seen.append((_n, blas_threads())), _r(*a, **k))[1])
     real_of = S._Moments._of_numpy
     monkeypatch.setattr(S._Moments, "_of_numpy", staticmethod(
         lambda *a, **k: (seen.append(("_of_numpy", blas_threads())), real_of(*a, **k))[1]))

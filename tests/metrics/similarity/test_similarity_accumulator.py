@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from netprobe.metrics import SimilarityAccumulator
 from netprobe.metrics import similarity as sim
+from netprobe.metrics.similarity import _moments as moments_module
 from reference_similarity import pwcca_ref, svcca_ref
 
 ALL = ("cca", "svcca", "pwcca", "cka")
@@ -181,8 +182,8 @@ def test_reuse_does_not_compute_the_y_comoment(monkeypatch):
     e = _epochs(300, 20, 3, 7)
     prev = SimilarityAccumulator().update(e[1], e[0])
     grams = []
-    real = sim._gram_into
-    monkeypatch.setattr(sim, "_gram_into", lambda at, out, *a: (grams.append(at.shape), real(at, out, *a))[1])
+    real = moments_module._gram_into  # looked up there by _Moments.of
+    monkeypatch.setattr(moments_module, "_gram_into", lambda at, out, *a: (grams.append(at.shape), real(at, out, *a))[1])
     acc = _acc(e[2], e[1], cuts=(100, 250), y_stats=prev.side("x"))
     assert len(grams) == 3  # one Gram (x's) per batch
     assert acc._m.cyy is None

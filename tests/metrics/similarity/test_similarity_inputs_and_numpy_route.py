@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import netprobe.metrics.similarity as S
+from netprobe.metrics.similarity import _blas
 from netprobe.metrics import cca, linear_cka, procrustes, pwcca, rbf_cka, similarity_matrix, svcca
 
 
@@ -142,7 +143,7 @@ def test_concurrent_calls_restore_numpy_blas_threads(monkeypatch):
         torch.set_num_threads(before)
     assert not errors
     assert after == {2}
-    assert S._BLAS_USERS == 0
+    assert _blas._BLAS_USERS == 0
 
 
 @pytest.mark.parametrize("n,d", [(8000, 600), (300, 2500)])  # several row blocks; column blocks
