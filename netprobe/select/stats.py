@@ -15,8 +15,15 @@ import numpy as np
 from netprobe.select.errors import SelectionError, _plural
 
 
+def _chunks(rows: int, n: int) -> Iterable[slice]:
+    step = max(1, 2_000_000 // max(1, n * n))  # bound the (rows, n, n) comparison arrays (~16 MB each)
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
 def _rankdata(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
+    """Ranks 1..n with ties given their average rank (by sorting: the 1-D statistics and the tables'
+    reference ranks; a NaN sorts last, as a value of its own)."""
     order = np.argsort(a, kind="mergesort")
     ranks = np.empty(len(a), dtype=float)
     sa = a[order]
@@ -30,24 +37,77 @@ def _rankdata(a: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _avg_ranks_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``(rows, n)``: each entry's average rank among its row's ``valid`` entries (``#less + (#equal
+    + 1) / 2``, itself among the equal), 0 at the other entries."""
+    less = ((x[:, None, :] < x[:, :, None]) & valid[:, None, :]).sum(-1)
+    equal = ((x[:, None, :] == x[:, :, None]) & valid[:, None, :]).sum(-1)
+    return np.where(valid, less + (equal + 1) / 2.0, 0.0)
+
+
+def _pearson_rows(rx: np.ndarray, ry: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Pearson's correlation of each row pair of ``rx``, ``ry`` ``(rows, n)`` over the row's ``valid``
+    entries (``rx``, ``ry`` hold 0 at the others); NaN where a side is constant."""
+    cnt = valid.sum(1, keepdims=True).astype(float)
+    rx = np.where(valid, rx - rx.sum(1, keepdims=True) / cnt, 0.0)
+    ry = np.where(valid, ry - ry.sum(1, keepdims=True) / cnt, 0.0)
+    den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 1e-12, (rx * ry).sum(1) / den, np.nan)
+
+
 def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation (Pearson correlation of average ranks); NaN if a side is constant."""
-    ra, rb = _rankdata(np.asarray(a, float)), _rankdata(np.asarray(b, float))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+    ra, rb = np.broadcast_arrays(_rankdata(np.asarray(a, float)), _rankdata(np.asarray(b, float)))
+    return float(_pearson_rows(ra[None], rb[None], np.ones((1, len(ra)), dtype=bool))[0])
+
+
+def _spearman_rows_masked(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Spearman's rho (average ranks) of each row over its ``valid`` entries; NaN where a side is constant."""
+    out = np.empty(len(x))
+    for sl in _chunks(len(x), x.shape[1]):
+        v = valid[sl]
+        out[sl] = _pearson_rows(_avg_ranks_rows(x[sl], v), _avg_ranks_rows(y[sl], v), v)
+    return out
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho (average ranks) of each row pair; NaN where a row is constant."""
+    return _spearman_rows_masked(x, y, np.ones(x.shape, dtype=bool))
+
+
+def _kendall_rows_grouped(x: np.ndarray, y: np.ndarray, codes: np.ndarray, draw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row of a cluster-bootstrap replicate (``x``, ``y``, ``codes``, ``draw``,
+    ``valid`` all ``(rows, L)``) over its pairs ``i < j`` of real entries, leaving out the pairs of two
+    runs of the same group that came from two different draws of it (kept, they would count each
+    within-group pair once per pair of copies, over-weighting the seed-to-seed pairs; a pair of
+    copies of one run is tied on both sides and never counts)."""
+    out = np.empty(len(x))
+    iu = np.triu_indices(x.shape[1], 1)
+    for sl in _chunks(len(x), x.shape[1]):
+        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
+        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
+        c, d, v = codes[sl], draw[sl], valid[sl]
+        keep = (v[:, :, None] & v[:, None, :]) & ~((c[:, :, None] == c[:, None, :]) & (d[:, :, None] != d[:, None, :]))
+        keep = keep[:, iu[0], iu[1]]
+        dx, dy = dx * keep, dy * keep
+        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
+    return out
+
+
+def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row pair of ``x``, ``y`` ``(rows, n)`` over all its pairs (the grouped
+    form with every entry real and a group of its own); NaN where a row is constant."""
+    own = np.broadcast_to(np.arange(x.shape[1]), x.shape)
+    return _kendall_rows_grouped(x, y, own, np.zeros(x.shape, dtype=np.int64), np.ones(x.shape, dtype=bool))
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a)(n0 - ties_b)), O(n^2)."""
     x, y = np.asarray(a, float), np.asarray(b, float)
-    dx = np.sign(x[:, None] - x[None, :])
-    dy = np.sign(y[:, None] - y[None, :])
-    iu = np.triu_indices(len(x), 1)
-    dx, dy = dx[iu], dy[iu]
-    s = float((dx * dy).sum())
-    den = np.sqrt(float((dx != 0).sum()) * float((dy != 0).sum()))
-    return float(s / den) if den > 0 else float("nan")
+    return float(_kendall_rows(x[None], y[None])[0])
 
 
 def top_k_hits(
@@ -81,43 +141,6 @@ def top_k_hits(
             for k in ks:
                 hits[k] += min(1.0, max(0.0, (k - better) / (equal + 1))) / len(picks)
     return {k: hits[k] / draws for k in ks}
-
-
-def _chunks(rows: int, n: int) -> Iterable[slice]:
-    step = max(1, 2_000_000 // max(1, n * n))  # bound the (rows, n, n) comparison arrays (~16 MB each)
-    for i in range(0, rows, step):
-        yield slice(i, min(rows, i + step))
-
-
-def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b of each row pair of ``x``, ``y`` ``(rows, n)``; NaN where a row is constant."""
-    out = np.empty(len(x))
-    iu = np.triu_indices(x.shape[1], 1)
-    for sl in _chunks(len(x), x.shape[1]):
-        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
-        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
-        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
-    return out
-
-
-def _avg_ranks_rows(x: np.ndarray) -> np.ndarray:
-    less = (x[:, None, :] < x[:, :, None]).sum(-1)
-    equal = (x[:, None, :] == x[:, :, None]).sum(-1)  # itself included
-    return less + (equal + 1) / 2.0
-
-
-def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman's rho (average ranks) of each row pair; NaN where a row is constant."""
-    out = np.empty(len(x))
-    for sl in _chunks(len(x), x.shape[1]):
-        rx, ry = _avg_ranks_rows(x[sl]), _avg_ranks_rows(y[sl])
-        rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
-        den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[sl] = np.where(den > 0, (rx * ry).sum(1) / den, np.nan)
-    return out
 
 
 def _check_directions(mode: str, reference_mode: str) -> None:
@@ -178,48 +201,6 @@ def _cluster_draws(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> 
         draw[b, : len(cat)] = np.repeat(np.arange(n_groups), [len(q) for q in parts])
         valid[b, : len(cat)] = True
     return idx, draw, valid
-
-
-def _kendall_rows_grouped(x: np.ndarray, y: np.ndarray, codes: np.ndarray, draw: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b of each row of a cluster-bootstrap replicate (``x``, ``y``, ``codes``, ``draw``,
-    ``valid`` all ``(rows, L)``) over its pairs ``i < j`` of real entries, leaving out the pairs of two
-    runs of the same group that came from two different draws of it (kept, they would count each
-    within-group pair once per pair of copies, over-weighting the seed-to-seed pairs; a pair of
-    copies of one run is tied on both sides and never counts)."""
-    out = np.empty(len(x))
-    iu = np.triu_indices(x.shape[1], 1)
-    for sl in _chunks(len(x), x.shape[1]):
-        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
-        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
-        c, d, v = codes[sl], draw[sl], valid[sl]
-        keep = (v[:, :, None] & v[:, None, :]) & ~((c[:, :, None] == c[:, None, :]) & (d[:, :, None] != d[:, None, :]))
-        keep = keep[:, iu[0], iu[1]]
-        dx, dy = dx * keep, dy * keep
-        den = np.sqrt((dx != 0).sum(1).astype(float) * (dy != 0).sum(1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[sl] = np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
-    return out
-
-
-def _spearman_rows_masked(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Spearman's rho (average ranks) of each row over its ``valid`` entries; NaN where a side is constant."""
-    out = np.empty(len(x))
-    for sl in _chunks(len(x), x.shape[1]):
-        v = valid[sl]
-        cnt = v.sum(1, keepdims=True).astype(float)
-
-        def ranks(a: np.ndarray) -> np.ndarray:
-            less = ((a[:, None, :] < a[:, :, None]) & v[:, None, :]).sum(-1)
-            equal = ((a[:, None, :] == a[:, :, None]) & v[:, None, :]).sum(-1)
-            return np.where(v, less + (equal + 1) / 2.0, 0.0)
-
-        rx, ry = ranks(x[sl]), ranks(y[sl])
-        rx = np.where(v, rx - rx.sum(1, keepdims=True) / cnt, 0.0)
-        ry = np.where(v, ry - ry.sum(1, keepdims=True) / cnt, 0.0)
-        den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[sl] = np.where(den > 1e-12, (rx * ry).sum(1) / den, np.nan)
-    return out
 
 
 def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: Sequence[int],
