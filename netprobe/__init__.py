@@ -13,7 +13,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from netprobe import metrics  # noqa: E402  (lazy: cheap)
-from netprobe._observe import LayoutDecisions  # noqa: E402
+from netprobe.layers import LayoutDecisions  # noqa: E402
 from netprobe.capture import Probe, RingBuffer, probe  # noqa: E402
 
 __all__ = ["probe", "Probe", "RingBuffer", "LayoutDecisions", "metrics", "__version__"]

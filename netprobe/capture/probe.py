@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from netprobe._modules import LayerSpec, Layouts, LayoutSpec, eager_hook, observing, resolve_layers, select_output
-from netprobe._observe import LayoutDecisions
+from netprobe.layers import LayerSpec, Layouts, LayoutSpec, eager_hook, observing, resolve_layers, select_output
+from netprobe.layers import LayoutDecisions
 from netprobe._validation import close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
@@ -50,7 +50,7 @@ class Probe:
         model: the model to probe.
         layers: what to capture, mixed freely: qualified names (``"encoder.0.fc"``), glob patterns
             (``"encoder.*.fc"``), module classes (``nn.Conv2d``) or submodules; see
-            :func:`netprobe._modules.resolve_layers`. Unknown names raise with the closest names.
+            :func:`netprobe.layers.resolve_layers`. Unknown names raise with the closest names.
         capacity: rows kept per layer (the newest); memory is
             ``sum_layers capacity * d_layer * dtype.itemsize`` (+ ``capacity * 8`` with targets).
         reduce: ``"mean"`` (default), ``"flatten"``, ``"last"``, ``"sample"``, a callable
@@ -73,7 +73,7 @@ class Probe:
             batch axis. Without it the units axis is established from the module (its type,
             ``batch_first`` of RNNs, attention and transformer layers and of their submodules, the
             operations followed from a known layout); where it cannot be, the forward raises
-            ``ValueError`` naming the ``layout=`` to pass (see :class:`netprobe._modules.Layouts`).
+            ``ValueError`` naming the ``layout=`` to pass (see :class:`netprobe.layers.Layouts`).
             Rows are always one per batch item.
         observe: at the first forward pass after :meth:`attach`, the model is first run on the same
             inputs resized to two other batch sizes (no grad, eval mode, RNG restored; this probe

@@ -19,7 +19,7 @@
   yourself, with a callable reduction).
 * a callable ``f(output) -> (n, d)``.
 
-Which dimension holds the batch and which the units is decided by :class:`netprobe._modules.Layouts`
+Which dimension holds the batch and which the units is decided by :class:`netprobe.layers.Layouts`
 (passed in as ``dims=(batch_dim, unit_dim)``); rows are always the batch items, in batch order.
 A sequence-first ``(T, N, D)`` output (``layout="LNC"``, or an RNN/transformer with
 ``batch_first=False``) gives the same rows as its ``(N, T, D)`` transpose.
@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from netprobe._modules import unit_dim
+from netprobe.layers import unit_dim
 
 __all__ = ["Reduction", "REDUCTIONS", "check_reduction", "reduce_output"]
 
@@ -64,8 +64,8 @@ def reduce_output(
 ) -> torch.Tensor:
     """Reduce one layer output to ``(n, d)`` rows (detached; no autograd graph).
 
-    ``dims``: ``(batch_dim, unit_dim)`` of ``out`` (from :class:`netprobe._modules.Layouts`);
-    ``None``: batch first, units by :func:`netprobe._modules.unit_dim`.
+    ``dims``: ``(batch_dim, unit_dim)`` of ``out`` (from :class:`netprobe.layers.Layouts`);
+    ``None``: batch first, units by :func:`netprobe.layers.unit_dim`.
 
     ``draws``: for ``"sample"``, the position indices already drawn for this forward pass, keyed by
     ``(N, P, positions)`` (and by the device for their copies there); a grid size found in it reuses
@@ -74,7 +74,7 @@ def reduce_output(
     """
     out = out.detach()
     if out.is_nested:
-        from netprobe._modules import NESTED_MESSAGE
+        from netprobe.layers import NESTED_MESSAGE
 
         raise ValueError(NESTED_MESSAGE.format(name=layer))
     if callable(reduce) and not isinstance(reduce, str):

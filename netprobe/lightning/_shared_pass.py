@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from netprobe._modules import evaluating
+from netprobe.layers import evaluating
 
 if TYPE_CHECKING:  # pragma: no cover
     from netprobe.lightning.base import NetprobeMonitor

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe._modules import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
+from netprobe.layers import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
 from netprobe._keys import BEST_TRACKED as _BEST
 from netprobe._keys import MODEL_LEVEL as _MODEL_LEVEL
-from netprobe._observe import LayoutDecisions
+from netprobe.layers import LayoutDecisions
 from netprobe.lightning._shared_pass import (_frozen_spec, _OtherRankFailed, _probe_fingerprint, _RunIdentity, _shared_pass)
 from netprobe.lightning._tensorboard import _register_tensorboard, _tensorboard_writer
 

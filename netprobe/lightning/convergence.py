@@ -12,7 +12,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe import viz
-from netprobe._modules import evaluating
+from netprobe.layers import evaluating
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import NetprobeMonitor
 from netprobe.metrics.similarity import (

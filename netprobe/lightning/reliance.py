@@ -16,17 +16,16 @@ from netprobe import viz
 from netprobe.lightning._shared import _check_class_scores, _ForwardAdapter, _probe_selectivity
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.metrics.ablation import (
+from netprobe.metrics.reliance import (
     DEFAULT_SCALES,
     MaxElements,
     NonFiniteError,
-    _check_budget,
-    _check_points,
     ablation_curve,
     noise_curve,
     score,
     selectivity_order,
 )
+from netprobe.metrics.reliance._inputs import _check_budget, _check_points
 
 __all__ = ["RelianceMonitor", "RELIANCE_FRACTIONS"]
 

@@ -15,9 +15,8 @@ from netprobe._validation import check_finite
 from netprobe.lightning._shared import _SELECTIVITY_SKIP, _check_class_scores, _ForwardAdapter, _probe_selectivity
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.metrics.ablation import score
-from netprobe.metrics.importance import spearman, unit_importance
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
+from netprobe.metrics.reliance import score, spearman, unit_importance
 from netprobe.metrics.selectivity import SelectivityResult
 
 __all__ = ["SelectivityMonitor"]

@@ -31,13 +31,14 @@ _EXPORTS = {
     "mutual_information": "information",
     "MutualInfoAccumulator": "information",
     # single-direction reliance
-    "ablation_curve": "ablation",
-    "noise_curve": "ablation",
-    "CurveResult": "ablation",
+    "ablation_curve": "reliance",
+    "noise_curve": "reliance",
+    "CurveResult": "reliance",
+    "NonFiniteError": "reliance",
     # single-unit importance
-    "unit_importance": "importance",
-    "ImportanceResult": "importance",
-    "spearman": "importance",
+    "unit_importance": "reliance",
+    "ImportanceResult": "reliance",
+    "spearman": "reliance",
 }
 
 __all__ = sorted(_EXPORTS)

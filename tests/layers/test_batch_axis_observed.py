@@ -1,6 +1,6 @@
 """The batch axis of every call site is observed (two batch sizes, the axis that follows them),
 explicit layouts are checked against it, and what has no batch axis is refused with advice that
-works (``netprobe._modules.Layouts``)."""
+works (``netprobe.layers.Layouts``)."""
 
 import gc
 import subprocess
@@ -325,17 +325,17 @@ def test_a_monitor_observes_each_layer_once_and_carries_the_decision(monkeypatch
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import digits, loader, make_module, trainer
 
-    from netprobe import _modules
+    from netprobe.layers import Layouts
     from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor
 
     calls = []
-    real = _modules.Layouts._observe
+    real = Layouts._observe
 
     def counted(self, *a, **k):
         calls.append(1)
         return real(self, *a, **k)
 
-    monkeypatch.setattr(_modules.Layouts, "_observe", counted)
+    monkeypatch.setattr(Layouts, "_observe", counted)
     x, y = digits(200)
     counts = []
     for epochs in (1, 3):

@@ -6,7 +6,7 @@ import re
 import pytest
 from torch import nn
 
-from netprobe._modules import glob_regex, resolve_layers
+from netprobe.layers import glob_regex, resolve_layers
 
 
 def _bert_like():

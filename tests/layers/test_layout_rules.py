@@ -408,18 +408,18 @@ def test_model_input_refused_in_4d():
 
 def test_layout_followed_once_then_decided():
     # after the first call the layer is decided: later forwards run without following (no mode, no marks)
-    from netprobe import _modules
+    from netprobe.layers import follow
 
     torch.manual_seed(0)
     net = NHWCNet().eval()
     seen = []
-    orig = _modules._follow
+    orig = follow._follow
 
     def spy(*a, **k):
         seen.append(1)
         return orig(*a, **k)
 
-    _modules._follow = spy
+    follow._follow = spy
     try:
         with netprobe.probe(net, ["block.act"]) as p:
             net(torch.randn(4, 1, 5, 7))
@@ -428,11 +428,11 @@ def test_layout_followed_once_then_decided():
             assert len(seen) == first > 0
         assert p["block.act"].shape == (8, 24)
     finally:
-        _modules._follow = orig
+        follow._follow = orig
 
 
 def test_unit_dim_refuses_an_untyped_module():
-    from netprobe._modules import unit_dim
+    from netprobe.layers import unit_dim
 
     assert unit_dim(nn.Conv2d(1, 2, 1), torch.zeros(2, 2, 3, 3)) == 1
     assert unit_dim(nn.Linear(2, 5), torch.zeros(2, 3, 3, 5)) == 3
@@ -485,17 +485,17 @@ def test_unmarked_3d_in_a_model_without_convolutions_is_refused():
 def test_a_2d_layer_is_followed_once_only():
     # an MLP's ReLU: decided at the first call, so a probe left attached (plain PyTorch training)
     # does not follow every later forward pass
-    from netprobe import _modules
+    from netprobe.layers import follow, hooks
 
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     seen = []
-    orig = _modules._follow
+    orig = follow._follow
 
     def spy(*a, **k):
         seen.append(1)
         return orig(*a, **k)
 
-    _modules._follow = spy
+    follow._follow = spy
     try:
         with netprobe.probe(net, ["1"]):
             net(torch.randn(5, 4))
@@ -503,9 +503,9 @@ def test_a_2d_layer_is_followed_once_only():
             for _ in range(3):
                 net(torch.randn(5, 4))
             assert len(seen) == first
-            assert _modules._state.tracking == 0
+            assert hooks._state.tracking == 0
     finally:
-        _modules._follow = orig
+        follow._follow = orig
 
 
 def test_an_interrupted_forward_leaves_no_mode_and_the_probe_works_on():
@@ -513,7 +513,7 @@ def test_an_interrupted_forward_leaves_no_mode_and_the_probe_works_on():
     # undecided layer must not stay pushed, and the next call must see its own batch size
     from torch.overrides import _get_current_function_mode_stack
 
-    from netprobe import _modules
+    from netprobe.layers import hooks
 
     class Interrupt(nn.Module):
         armed = True
@@ -534,4 +534,4 @@ def test_an_interrupted_forward_leaves_no_mode_and_the_probe_works_on():
         stop.armed = True
         with pytest.raises(KeyboardInterrupt):
             net(torch.randn(4, 2, 7))
-    assert len(_get_current_function_mode_stack()) == 0 and _modules._state.tracking == 0
+    assert len(_get_current_function_mode_stack()) == 0 and hooks._state.tracking == 0

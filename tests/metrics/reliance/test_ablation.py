@@ -233,7 +233,7 @@ def test_expand_modes_agree_and_residual_falls_back(make):
 
 @pytest.mark.parametrize("classes", [2, 10, 100])
 def test_fast_cross_entropy_equals_torch(classes):
-    from netprobe.metrics.ablation import _cross_entropy
+    from netprobe.metrics.reliance.result import _cross_entropy
 
     g = torch.Generator().manual_seed(classes)
     out = torch.randn(300, classes, generator=g) * torch.tensor([1.0, 1e3]).repeat(150)[:, None]  # large logits too

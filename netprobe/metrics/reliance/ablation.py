@@ -1,0 +1,221 @@
+"""Cumulative ablation curves (Morcos et al. 2018): accuracy and loss as growing fractions of a
+layer's units are set to zero (or their mean), in random, selectivity or given orders."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from netprobe import distributed as _dist
+from netprobe.layers import (
+    check_layout,
+    evaluating,
+    resolve_layer,
+)
+from netprobe.metrics.reliance._engine import _layer_pass, _LayerStats, _mask_perturb, _reduce_stats, _run
+from netprobe.metrics.reliance._inputs import (
+    _F64,
+    Data,
+    LossFn,
+    MaxElements,
+    Observe,
+    _check_budget,
+    _check_count,
+    _check_finite_loss,
+    _check_points,
+    _check_reiterable,
+    _max_elements,
+    _model_device,
+)
+from netprobe.metrics.reliance.result import CurveResult
+
+__all__ = ["ablation_curve", "selectivity_order", "DEFAULT_FRACTIONS"]
+
+
+DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
+
+
+def selectivity_order(selectivity: torch.Tensor, *, descending: bool = True) -> torch.Tensor:
+    """Unit order by class selectivity (``(d,)``, NaN = dead): most selective first when
+    ``descending``; dead units last either way. Ties keep unit order."""
+    key = torch.nan_to_num(selectivity.detach().cpu().double(), nan=-1.0 if descending else 2.0)
+    return torch.argsort(key, descending=descending, stable=True)
+
+
+def _selectivity_order(st: _LayerStats, descending: bool) -> torch.Tensor:
+    from netprobe.metrics.selectivity import class_selectivity
+
+    acts = torch.cat(st.unit_means)
+    labels = torch.cat(st.labels).long()
+    num_classes = int(labels.max()) + 1 if labels.numel() else 2
+    sel = class_selectivity(acts, labels, num_classes=max(num_classes, 2)).values
+    return selectivity_order(sel, descending=descending)
+
+
+# ----------------------------------------------------------------------------- public API
+def ablation_curve(
+    model: nn.Module,
+    layer: Union[str, nn.Module],
+    data: Data,
+    *,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    order: Union[str, torch.Tensor] = "random",
+    mode: str = "zero",
+    repeats: int = 3,
+    generator: Optional[torch.Generator] = None,
+    loss_fn: Optional[LossFn] = None,
+    max_batch: int = 4096,
+    max_elements: MaxElements = "auto",
+    vectorize: bool = True,
+    distributed: bool = False,
+    expand: str = "auto",
+    unablated: Optional[Tuple[float, float]] = None,
+    layout: Optional[str] = None,
+    select: Union[int, str, None] = None,
+    observe: Observe = True,
+) -> CurveResult:
+    """Cumulative ablation curve of one layer (Morcos et al. 2018, "single directions").
+
+    A growing fraction of the layer's units (channels of a conv output, the last dimension of a
+    sequence output) is ablated, cumulatively in one order, and accuracy and loss are recorded at
+    each fraction. ``round(f * d)`` units are ablated at fraction ``f``.
+
+    Args:
+        model: a classifier returning ``(batch, num_classes)`` scores.
+        layer: qualified module name (``"encoder.relu2"``) or the submodule itself.
+        data: an ``(inputs, targets)`` pair of tensors, or an iterable of such batches (a
+            ``DataLoader``). Use the TRAINING data with the training labels (module docstring).
+        fractions: ascending, in ``[0, 1]``, starting at 0 (default 0, 0.1, ..., 1).
+        order: ``"random"`` (a new random order per repeat), ``"selectivity_desc"`` (most
+            class-selective units first; dead units last), ``"selectivity_asc"`` (least selective
+            first), or a permutation tensor of the ``d`` units, ``(d,)``, or a stack of
+            permutations, ``(r, d)``, one curve per row (then ``repeats`` is ignored). Reusing the
+            same orders at every epoch (common random numbers) makes the change of the curve
+            between epochs reflect the network, not the draw.
+        mode: ``"zero"`` (set to 0) or ``"mean"`` (set to the unit's mean over ``data``, and over
+            positions for conv/sequence outputs).
+        repeats: random orders averaged (``order="random"`` only).
+        generator: source of the random orders; a fresh ``torch.Generator`` seeded with 0 when
+            ``None`` (the global RNG is never used).
+        loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses; default cross-entropy.
+        max_batch: most samples (rows) per forward pass when masks are stacked.
+        max_elements: memory bound of a stacked pass: the rows per pass are also limited so that
+            no module output of the model (the largest one per input row, measured on a few rows
+            of the first batch; a tuple output's tensors together) holds more than
+            ``max_elements`` elements. ``"auto"`` (default): ``2**18`` (1 MiB of float32 per
+            tensor) for a model on the CPU, where larger stacks ran slower (they fall out of
+            cache), ``2**21`` (8 MiB) on an accelerator; a stacked pass keeps a few such tensors
+            alive at once. ``None``: rows alone (``max_batch``) bound the pass.
+        vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
+            (same numbers, slower).
+        distributed: ``data`` is this rank's shard of a dataset split across the ranks of
+            ``torch.distributed``: the per-unit statistics (``mode="mean"``, selectivity orders) and
+            the result are reduced across ranks, so every rank gets the curve of the whole data.
+            Every rank must call with the same generator state. Ignored when not distributed.
+        expand: how masks are stacked: ``"auto"`` (default) runs the layers before ``layer`` once
+            per batch and repeats only the layer's output, falling back to ``"input"`` (repeat the
+            inputs) when the model's structure does not allow it (e.g. a skip connection around
+            the layer); ``"layer"`` or ``"input"`` force one way. All give the same numbers.
+        unablated: ``(correct, loss_sum)`` of the model itself on ``data`` (this rank's ``data``
+            with ``distributed``), when the caller has them from a forward pass it made anyway
+            (:func:`score` of the outputs): the points that ablate no unit are then taken from
+            them instead of being evaluated again. They must be the model's own numbers on
+            exactly this data; the curve is wrong otherwise.
+        layout: the layout of the layer's output (``"NC"``, ``"NCL"``, ``"NLC"``, ``"LNC"``,
+            ``"NCHW"``, ``"NHWC"``, ...; ``N`` batch, ``C`` units): needed where netprobe cannot
+            establish it (a ``ValueError`` then says so); the same decision as the probe's (see
+            :class:`netprobe.layers.Layouts`), e.g. ``batch_first=False`` RNN and transformer
+            outputs are ``"LNC"``. The inputs in ``data`` are batch first whatever the layer's layout.
+        select: for a layer whose output is not one tensor (``nn.LSTM``, ``nn.MultiheadAttention``:
+            a tuple; a dict or dataclass): the int index or key of the tensor to ablate; the rest
+            of the output passes through unchanged. Required for such layers.
+        observe: the layer's batch axis is observed by first running the model on a few rows at two
+            batch sizes (see :class:`netprobe.layers.Layouts`); pass a
+            :class:`netprobe.LayoutDecisions` to keep and reuse that decision across
+            calls, or ``False`` to trust ``layout=`` (default: batch first) without running again.
+
+    Returns:
+        :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
+        degradation; above 1 when ablation happens to help, which for a network near chance,
+        whose unablated accuracy is tiny, can reach 2 or more: read it beside that accuracy).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> r = ablation_curve(net, "1", (x, y), generator=torch.Generator().manual_seed(0))
+        >>> r.fractions.shape, r.accuracy.shape, float(r.accuracy[0]) == float((net(x).argmax(1) == y).double().mean())
+        (torch.Size([11]), torch.Size([11]), True)
+    """
+    name, module = resolve_layer(model, layer)
+    fr = _check_points(fractions, "fractions", 0.0, 1.0)
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+    _check_budget(max_batch, max_elements)
+    if expand not in ("auto", "layer", "input"):
+        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
+    if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
+        raise ValueError(
+            f"Expected `order` to be 'random', 'selectivity_desc', 'selectivity_asc' or a permutation tensor, but got {order!r}."
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+    _check_reiterable(data)
+    layout = check_layout(layout) if layout is not None else None
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = _model_device(model)
+    with evaluating(model, restore_rng=True):
+        by_selectivity = isinstance(order, str) and order != "random"
+        # statistics over all the data only for per-unit means or a selectivity order
+        st = _layer_pass(model, module, data, device, keep_rows=by_selectivity, first_only=not (mode == "mean" or by_selectivity),
+                         name=name, layout=layout, select=select, observe=observe)
+        if distributed:
+            _reduce_stats(st)
+            if st.unit_means:
+                st.unit_means = [_dist.all_gather_cat(torch.cat(st.unit_means))]
+                st.labels = [_dist.all_gather_cat(torch.cat(st.labels))]
+        d, ud = st.d, int(st.ud or 0)
+        if isinstance(order, torch.Tensor):
+            perm = order.detach().cpu().long()
+            perm = perm[None] if perm.ndim == 1 else perm
+            if perm.ndim != 2 or perm.shape[0] < 1 or perm.shape[1] != d or not torch.equal(perm.sort(1).values, torch.arange(d).expand_as(perm)):
+                raise ValueError(
+                    f"Expected `order` to be a permutation of the layer's {d} units, (d,), or a stack of them, "
+                    f"(repeats, d), but got shape {tuple(order.shape)}" + ("." if perm.ndim == 2 and perm.shape[-1:] != (d,) else
+                                                                          " with entries that are not a permutation.")
+                )
+            orders = perm
+        elif order == "random":
+            orders = torch.stack([torch.randperm(d, generator=gen, device=gen.device).cpu() for _ in range(repeats)])
+        else:
+            orders = _selectivity_order(st, descending=(order == "selectivity_desc"))[None]
+        n_rep, k = orders.shape[0], fr.numel()
+        n_ablate = torch.round(fr * d).long()
+        # masks[r * k + j] keeps 1 for units not among the first n_ablate[j] of orders[r]
+        rank = torch.empty_like(orders)
+        rank.scatter_(1, orders, torch.arange(d).expand(n_rep, d))
+        masks = (rank[:, None, :] >= n_ablate[None, :, None]).reshape(n_rep * k, d)
+        mean = (st.s1 / st.cnt) if mode == "mean" else None
+
+        # identical masks (fraction 0 in every repeat, fraction 1, repeated counts) are evaluated once
+        uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
+        nothing = uniq.all(1)  # masks that ablate no unit: the model itself
+        given = unablated is not None and bool(nothing.any()) and not bool(nothing.all())
+        masks = uniq[~nothing] if given else uniq
+        perturb = _mask_perturb(masks, mean, ud, d)
+        correct_e, loss_e, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
+                                     _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
+        if given:
+            correct_u = torch.empty(uniq.shape[0], dtype=_F64)
+            loss_u = torch.empty(uniq.shape[0], dtype=_F64)
+            correct_u[~nothing], loss_u[~nothing] = correct_e, loss_e
+            correct_u[nothing], loss_u[nothing] = float(unablated[0]), float(unablated[1])  # type: ignore[index]
+        else:
+            correct_u, loss_u = correct_e, loss_e
+        correct, loss_sum = correct_u[inverse], loss_u[inverse]
+    res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
+    return _check_finite_loss(_check_count(res.all_reduce() if distributed else res))  # after the reduce: every rank agrees
