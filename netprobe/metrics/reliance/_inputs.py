@@ -175,9 +175,8 @@ def _check_budget(max_batch: int, max_elements: MaxElements) -> None:
 
 
 #: Default bound on the elements of any module output in a stacked pass (``max_elements="auto"``):
-#: 2^18 (1 MiB of float32) when the model is on the CPU, where passes that stay in cache ran
-#: fastest (the ConvNet task: 191 ms at 2^18, 222 ms at 2^19, 264 ms at 2^20, 203 ms at 2^17);
-#: 2^21 (8 MiB) on an accelerator, where fewer, larger passes amortize kernel launches.
+#: 2^18 (1 MiB of float32) when the model is on the CPU, 2^21 (8 MiB) on an accelerator
+#: (the measurements behind them: docs/reliance.md, "Stacked passes").
 DEFAULT_MAX_ELEMENTS = {"cpu": 2**18, "other": 2**21}
 
 

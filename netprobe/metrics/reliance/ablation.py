@@ -3,7 +3,7 @@ layer's units are set to zero (or their mean), in random, selectivity or given o
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -104,10 +104,10 @@ def ablation_curve(
         max_elements: memory bound of a stacked pass: the rows per pass are also limited so that
             no module output of the model (the largest one per input row, measured on a few rows
             of the first batch; a tuple output's tensors together) holds more than
-            ``max_elements`` elements. ``"auto"`` (default): ``2**18`` (1 MiB of float32 per
-            tensor) for a model on the CPU, where larger stacks ran slower (they fall out of
-            cache), ``2**21`` (8 MiB) on an accelerator; a stacked pass keeps a few such tensors
-            alive at once. ``None``: rows alone (``max_batch``) bound the pass.
+            ``max_elements`` elements. ``"auto"`` (default): :data:`DEFAULT_MAX_ELEMENTS`
+            (``2**18``, 1 MiB of float32 per tensor, for a model on the CPU; ``2**21``, 8 MiB, on
+            an accelerator; docs/reliance.md has the measurements); a stacked pass keeps a few
+            such tensors alive at once. ``None``: rows alone (``max_batch``) bound the pass.
         vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
             (same numbers, slower).
         distributed: ``data`` is this rank's shard of a dataset split across the ranks of
@@ -151,19 +151,8 @@ def ablation_curve(
     """
     name, module = resolve_layer(model, layer)
     fr = _check_points(fractions, "fractions", 0.0, 1.0)
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+    _check_ablation_options(mode, repeats, expand, order, generator)
     _check_budget(max_batch, max_elements)
-    if expand not in ("auto", "layer", "input"):
-        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
-    if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
-        raise ValueError(
-            f"Expected `order` to be 'random', 'selectivity_desc', 'selectivity_asc' or a permutation tensor, but got {order!r}."
-        )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     _check_reiterable(data)
     layout = check_layout(layout) if layout is not None else None
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -178,37 +167,19 @@ def ablation_curve(
             if st.unit_means:
                 st.unit_means = [_dist.all_gather_cat(torch.cat(st.unit_means))]
                 st.labels = [_dist.all_gather_cat(torch.cat(st.labels))]
-        d, ud = st.d, int(st.ud or 0)
-        if isinstance(order, torch.Tensor):
-            perm = order.detach().cpu().long()
-            perm = perm[None] if perm.ndim == 1 else perm
-            if perm.ndim != 2 or perm.shape[0] < 1 or perm.shape[1] != d or not torch.equal(perm.sort(1).values, torch.arange(d).expand_as(perm)):
-                raise ValueError(
-                    f"Expected `order` to be a permutation of the layer's {d} units, (d,), or a stack of them, "
-                    f"(repeats, d), but got shape {tuple(order.shape)}" + ("." if perm.ndim == 2 and perm.shape[-1:] != (d,) else
-                                                                          " with entries that are not a permutation.")
-                )
-            orders = perm
-        elif order == "random":
-            orders = torch.stack([torch.randperm(d, generator=gen, device=gen.device).cpu() for _ in range(repeats)])
-        else:
-            orders = _selectivity_order(st, descending=(order == "selectivity_desc"))[None]
-        n_rep, k = orders.shape[0], fr.numel()
-        n_ablate = torch.round(fr * d).long()
-        # masks[r * k + j] keeps 1 for units not among the first n_ablate[j] of orders[r]
-        rank = torch.empty_like(orders)
-        rank.scatter_(1, orders, torch.arange(d).expand(n_rep, d))
-        masks = (rank[:, None, :] >= n_ablate[None, :, None]).reshape(n_rep * k, d)
+        orders = _ablation_orders(order, st, repeats, gen)
+        masks = _cumulative_masks(orders, fr, st.d)
         mean = (st.s1 / st.cnt) if mode == "mean" else None
 
         # identical masks (fraction 0 in every repeat, fraction 1, repeated counts) are evaluated once
         uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
         nothing = uniq.all(1)  # masks that ablate no unit: the model itself
         given = unablated is not None and bool(nothing.any()) and not bool(nothing.all())
-        masks = uniq[~nothing] if given else uniq
-        perturb = _mask_perturb(masks, mean, ud, d)
-        correct_e, loss_e, n = _run(model, module, data, device, ud, masks.shape[0], perturb, loss_fn, max_batch, vectorize, expand,
-                                     _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
+        evaluated = uniq[~nothing] if given else uniq
+        ud = int(st.ud or 0)
+        perturb = _mask_perturb(evaluated, mean, ud, st.d)
+        correct_e, loss_e, n = _run(model, module, data, device, ud, evaluated.shape[0], perturb, loss_fn, max_batch, vectorize,
+                                     expand, _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
         if given:
             correct_u = torch.empty(uniq.shape[0], dtype=_F64)
             loss_u = torch.empty(uniq.shape[0], dtype=_F64)
@@ -217,5 +188,51 @@ def ablation_curve(
         else:
             correct_u, loss_u = correct_e, loss_e
         correct, loss_sum = correct_u[inverse], loss_u[inverse]
+    n_rep, k = orders.shape[0], fr.numel()
     res = CurveResult(fr, correct.reshape(n_rep, k), loss_sum.reshape(n_rep, k), n, "ablation", name, orders)
     return _check_finite_loss(_check_count(res.all_reduce() if distributed else res))  # after the reduce: every rank agrees
+
+
+def _check_ablation_options(mode: str, repeats: int, expand: str, order: Any, generator: Any) -> None:
+    """``ablation_curve``'s option checks (before any forward pass)."""
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+    if expand not in ("auto", "layer", "input"):
+        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
+    if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
+        raise ValueError(
+            f"Expected `order` to be 'random', 'selectivity_desc', 'selectivity_asc' or a permutation tensor, but got {order!r}."
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
+
+
+def _ablation_orders(order: Union[str, torch.Tensor], st: _LayerStats, repeats: int, gen: torch.Generator) -> torch.Tensor:
+    """The unit orders, ``(r, d)``: the given permutation(s) (checked), ``repeats`` random ones drawn
+    from ``gen``, or the selectivity order of ``st``."""
+    d = st.d
+    if isinstance(order, torch.Tensor):
+        perm = order.detach().cpu().long()
+        perm = perm[None] if perm.ndim == 1 else perm
+        if perm.ndim != 2 or perm.shape[0] < 1 or perm.shape[1] != d or not torch.equal(perm.sort(1).values, torch.arange(d).expand_as(perm)):
+            raise ValueError(
+                f"Expected `order` to be a permutation of the layer's {d} units, (d,), or a stack of them, "
+                f"(repeats, d), but got shape {tuple(order.shape)}" + ("." if perm.ndim == 2 and perm.shape[-1:] != (d,) else
+                                                                      " with entries that are not a permutation.")
+            )
+        return perm
+    if order == "random":
+        return torch.stack([torch.randperm(d, generator=gen, device=gen.device).cpu() for _ in range(repeats)])
+    return _selectivity_order(st, descending=(order == "selectivity_desc"))[None]
+
+
+def _cumulative_masks(orders: torch.Tensor, fractions: torch.Tensor, d: int) -> torch.Tensor:
+    """``(r * k, d)`` keep-masks: row ``r * k + j`` is 1 for the units not among the first
+    ``round(fractions[j] * d)`` of ``orders[r]``."""
+    n_rep = orders.shape[0]
+    n_ablate = torch.round(fractions * d).long()
+    rank = torch.empty_like(orders)
+    rank.scatter_(1, orders, torch.arange(d).expand(n_rep, d))
+    return (rank[:, None, :] >= n_ablate[None, :, None]).reshape(n_rep * fractions.numel(), d)
