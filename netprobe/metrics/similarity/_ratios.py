@@ -1,13 +1,18 @@
 """Metric values from their sufficient statistics.
 
 Linear CKA from squared Frobenius norms, the unbiased HSIC (Song et al. 2012) and the debiased
-CKA ratio, the Procrustes similarity from a nuclear norm and two traces. Each refuses with a
-``ValueError`` where its denominator vanishes (a representation without variance).
+CKA ratio, the Procrustes similarity from a nuclear norm and two traces. The unbiased HSIC has one
+implementation, :func:`_hsic_unbiased`, which linear and RBF CKA, the similarity matrix and
+:class:`~netprobe.metrics.similarity.MinibatchCKA` all reach through the two forms of its terms
+below. Each ratio refuses with a ``ValueError`` where its denominator vanishes (a representation
+without variance).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._grams import _flat_dot
 
 
 def _cka_ratio(xy2: torch.Tensor, xx2: torch.Tensor, yy2: torch.Tensor) -> torch.Tensor:
@@ -18,12 +23,35 @@ def _cka_ratio(xy2: torch.Tensor, xx2: torch.Tensor, yy2: torch.Tensor) -> torch
     return (xy2 / den).clamp(0.0, 1.0)
 
 
+def _hsic_unbiased(kl: torch.Tensor, k1: torch.Tensor, l1: torch.Tensor, n: int) -> torch.Tensor:
+    """The unbiased HSIC estimator (Song et al. 2012) times ``n (n-3)``, from its terms.
+
+    For kernels ``K~``, ``L~`` ``(n, n)`` with zero diagonals: ``tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) /
+    ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1``. Every unbiased HSIC of the package is this function.
+
+    Args:
+        kl: ``tr(K~ L~)``, i.e. ``<K~, L~>_F`` (0-d).
+        k1: the row sums ``K~ 1`` ``(n,)``.
+        l1: the row sums ``L~ 1`` ``(n,)``.
+        n: the number of samples (``n >= 4``).
+
+    Returns:
+        0-d tensor: ``n (n-3)`` times the estimate.
+    """
+    return kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)
+
+
 def _hsic_u(xy: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, n: int) -> torch.Tensor:
-    """Unbiased HSIC (Song et al. 2012) of two linear kernels, times ``n (n-3)``, from
-    ``<K, L>_F = ||X_c^T Y_c||_F^2`` and the kernels' diagonals (squared row norms of the centred
-    data, ``rx``, ``ry``). With ``K 1 = 0`` (centred data) Song's terms reduce to: ``tr(K~ L~) = <K, L>
-    - rx.ry``, ``1^T K~ 1 = -sum rx``, ``1^T K~ L~ 1 = rx.ry`` (``K~``: ``K`` with a zero diagonal)."""
-    return xy - n / (n - 2) * (rx @ ry) + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+    """:func:`_hsic_unbiased` of two linear kernels of centred data, from ``<K, L>_F = ||X_c^T
+    Y_c||_F^2`` and the kernels' diagonals (squared row norms of the centred data, ``rx``, ``ry``).
+    With ``K 1 = 0`` and ``K~ = K - diag(rx)``: ``tr(K~ L~) = <K, L> - rx.ry`` and ``K~ 1 = -rx``."""
+    return _hsic_unbiased(xy - rx @ ry, -rx, -ry, n)
+
+
+def _hsic_zero_diag(k: torch.Tensor, l: torch.Tensor, k1: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+    """:func:`_hsic_unbiased` of kernels ``k``, ``l`` ``(n, n)`` with zero diagonals, given their row
+    sums ``k1 = K 1``, ``l1 = L 1``; no ``n x n`` temporary."""
+    return _hsic_unbiased(_flat_dot(k, l), k1, l1, k.shape[0])
 
 
 def _debiased_ratio(hxy: torch.Tensor, hxx: torch.Tensor, hyy: torch.Tensor, what: str = "Debiased linear CKA") -> torch.Tensor:

@@ -22,6 +22,7 @@ from ._config import _F64, RANK_TOL
 from ._factors import _Factors
 from ._inputs import _check_keep, _check_method, _check_rank_tol, _prep
 from ._moments import _Moments
+from ._ratios import _hsic_zero_diag
 
 
 #: how closely the means of the y rows must match the given ``y_stats`` (relative to each unit's
@@ -479,7 +480,9 @@ class MinibatchCKA:
         k, l = xc @ xc.T, yc @ yc.T
         k.fill_diagonal_(0.0)
         l.fill_diagonal_(0.0)
-        h = torch.stack([_hsic1(k, l), _hsic1(k, k), _hsic1(l, l)])
+        sk, sl = k.sum(1), l.sum(1)  # K 1, L 1
+        h = torch.stack([_hsic_zero_diag(k, l, sk, sl), _hsic_zero_diag(k, k, sk, sk),
+                         _hsic_zero_diag(l, l, sl, sl)]) / (b * (b - 3))
         self._sums = h if self._sums is None else self._sums + h.to(self._sums.device)
         self.batches += 1
         return self
@@ -533,10 +536,3 @@ class MinibatchCKA:
         self._sums = None if sums is None else sums.to(_F64).clone()
         self.batches = int(state.get("batches", 0))
 
-
-def _hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC (Song et al. 2012) of Gram matrices with zero diagonals, ``(b, b)``."""
-    b = k.shape[0]
-    ones_k, ones_l = k.sum(0), l.sum(0)  # K 1, L 1 (symmetric)
-    trace = (k * l).sum()
-    return (trace + k.sum() * l.sum() / ((b - 1) * (b - 2)) - 2.0 / (b - 2) * (ones_k @ ones_l)) / (b * (b - 3))

@@ -10,7 +10,7 @@ import torch
 
 from ._grams import _centred_gram, _flat_dot
 from ._inputs import _need_rows, _prep
-from ._ratios import _cka_ratio, _debiased_ratio
+from ._ratios import _cka_ratio, _debiased_ratio, _hsic_zero_diag
 
 
 #: :func:`rbf_cka` refuses more samples than this by default (peak memory ``24 n^2`` bytes: 2.4 GB)
@@ -82,13 +82,6 @@ def _double_centre_(k: torch.Tensor) -> torch.Tensor:
     return k
 
 
-def _hsic1_flat(k: torch.Tensor, l: torch.Tensor, sk: torch.Tensor, sl: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC (Song et al. 2012) times ``n (n-3)`` of kernels with zero diagonals, given their
-    row sums ``sk = K 1``, ``sl = L 1``; no ``n x n`` temporary."""
-    n = k.shape[0]
-    return _flat_dot(k, l) + sk.sum() * sl.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (sk @ sl)
-
-
 def rbf_cka(x: torch.Tensor, y: torch.Tensor, *, threshold: float = 1.0, debiased: bool = False,
             max_samples: int = RBF_MAX_SAMPLES) -> torch.Tensor:
     """CKA with Gaussian (RBF) kernels (Kornblith et al. 2019).
@@ -146,5 +139,5 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, *, threshold: float = 1.0, debiase
     kx.fill_diagonal_(0.0)
     ky = _rbf_kernel(y, threshold, "y").fill_diagonal_(0.0)
     sx, sy = kx.sum(1), ky.sum(1)
-    return _debiased_ratio(_hsic1_flat(kx, ky, sx, sy), _hsic1_flat(kx, kx, sx, sx), _hsic1_flat(ky, ky, sy, sy),
+    return _debiased_ratio(_hsic_zero_diag(kx, ky, sx, sy), _hsic_zero_diag(kx, kx, sx, sx), _hsic_zero_diag(ky, ky, sy, sy),
                            "Debiased RBF CKA")
