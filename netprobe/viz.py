@@ -4,9 +4,9 @@ matplotlib is optional (the ``plots`` extra) and imported lazily; without it eve
 returns ``None`` after one clear warning, and callers log scalars only. Knows nothing of Lightning.
 
 Figures are built with matplotlib's object API (no pyplot figure manager) and a fixed layout (no
-``tight_layout``, no legend placement search): building one costs ~6 ms instead of ~30 ms; what
-remains, ~30 ms of Agg rendering and ~10 ms of PNG encoding in TensorBoard's ``add_figure``, is
-why the monitors draw media only every ``media_every``-th measurement.
+``tight_layout``, no legend placement search), so building one costs a fraction of rendering it;
+rendering and PNG encoding remain, which is why the monitors draw media only every
+``media_every``-th measurement (docs/benchmarks.md has the costs).
 """
 
 from __future__ import annotations

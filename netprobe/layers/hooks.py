@@ -59,8 +59,8 @@ def _from_compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` as a hook that is never traced: under ``torch.compile`` it runs through
     ``torch.compiler.disable`` (a graph break; the hook's side effects happen eagerly), and in
-    eager mode it is called directly, because the disabling wrapper costs ~20 us a call (measured
-    on an H200 host, torch 2.11), as much as a capture hook's own work."""
+    eager mode it is called directly (the disabling wrapper costs about as much per call as a
+    capture hook's own work; docs/benchmarks.md)."""
 
     def hook(*args: Any, **kwargs: Any) -> Any:
         if _is_compiling():

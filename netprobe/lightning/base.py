@@ -90,9 +90,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         layers: the layers to monitor, as in :func:`netprobe.probe`: qualified names of the
             LightningModule's submodules, glob patterns, module classes, mixed.
         num_samples: size of the default probe set (examples of the training dataset). 256 by
-            default: against 512, the sd of ``selectivity_mean`` over probe sets was 1.1-1.3x and
-            that of ``cka_prev`` unchanged, at about half the cost (``benchmarks/probe_precision.py``),
-            and ``reliance_auc``'s defaults were chosen at 256 (``benchmarks/reliance_precision.py``).
+            default, chosen for precision per cost (``benchmarks/probe_precision.py`` and
+            ``benchmarks/reliance_precision.py``; docs/reliance.md and docs/benchmarks.md).
             PWCCA (``ConvergenceMonitor(methods=("pwcca", ...))``) needs more than twice a layer's
             width: it says so before the first step. A dataset (or ``probe_data`` DataLoader) with
             fewer examples gives a probe set of all of them, with a warning naming both sizes.

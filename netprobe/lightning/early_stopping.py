@@ -63,20 +63,16 @@ class RelianceEarlyStopping(_EarlyStopping):
         patience: number of *fresh* measurements without improvement before stopping.
         min_delta: minimum change that counts as an improvement.
         smoothing: EMA factor ``beta`` in ``[0, 1)``: the signal compared is
-            ``s_t = beta * s_{t-1} + (1 - beta) * x_t`` (``0`` = raw values). Default 0.5: with
-            ``RelianceMonitor``'s fixed orders the measurement adds little noise (sd ~0.007 of
-            the change between epochs), but a training network's own reliance moves by ~0.03
-            from epoch to epoch, and stopping on single-epoch dips can stop too early
-            (``examples/early_stopping.py``, 16 seeds: +0.022 [-0.004, +0.049] test accuracy with
-            0.5 over none, not resolved; the README's early-stopping section).
+            ``s_t = beta * s_{t-1} + (1 - beta) * x_t`` (``0`` = raw values). Default 0.5, so that
+            a single-epoch dip does not stop the run (docs/early-stopping.md has the measurements).
         warmup_epochs: measurements made before this epoch (0-based ``trainer.current_epoch``)
             update the EMA but never count towards patience or the best score. Default 5: an
-            underfit network scores high on the normalized AUC (it has little to lose), so without
-            a warm-up the rule kept a model of epochs 0-2 on 9 of 16 seeds and lost 0.115
-            [0.051, 0.178] test accuracy to validation-loss stopping; with 5 (3 to 10 alike) it
-            matched it (+0.001 [-0.007, +0.010]; ``examples/early_stopping.py``). ``0`` = none.
+            underfit network scores high on the normalized AUC (it has little to lose), so a rule
+            without a warm-up stops at the first epochs (docs/early-stopping.md). ``0`` = none.
         min_probe_accuracy: measurements made while ``netprobe/probe_accuracy`` is below this
             are treated like warm-up ones (needs a ``RelianceMonitor`` in the same ``Trainer``).
+        **kwargs: any other ``EarlyStopping`` argument (``strict`` defaults to ``False``,
+            ``verbose``, ``stopping_threshold``, ``check_on_train_epoch_end``...).
 
     Checked at ``setup``, before the first step: when netprobe monitors are attached to the
     ``Trainer``, a ``monitor`` key starting with ``netprobe/`` that none of them logs (a misspelled
@@ -84,8 +80,6 @@ class RelianceEarlyStopping(_EarlyStopping):
     log and the closest one; so does ``min_probe_accuracy`` when none of them is a
     ``RelianceMonitor``. With no netprobe monitor attached at all, a ``UserWarning`` says so (the key
     may still come from other code that logs it). Keys outside ``netprobe/`` are not checked.
-        **kwargs: any other ``EarlyStopping`` argument (``strict`` defaults to ``False``,
-            ``verbose``, ``stopping_threshold``, ``check_on_train_epoch_end``...).
     """
 
     def __init__(

@@ -30,9 +30,8 @@ from netprobe.metrics.reliance._inputs import _check_budget, _check_points
 __all__ = ["RelianceMonitor", "RELIANCE_FRACTIONS"]
 
 
-#: RelianceMonitor's default ablated fractions (5 points; the paper's 11 are ablation_curve's default):
-#: chosen with num_samples=256 and repeats=3 from benchmarks/reliance_precision.py (README, "Reliance
-#: defaults"): a quarter of the cost of (512 samples, 3 orders, 11 fractions), no noisier overall
+#: RelianceMonitor's default ablated fractions (5 points; the paper's 11 are ablation_curve's
+#: default); docs/reliance.md gives the precision and cost they were chosen from
 RELIANCE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -70,11 +69,9 @@ class RelianceMonitor(NetprobeMonitor):
     (the "sd over orders" of the README's precision table).
 
     **Defaults** (``num_samples=256`` probe examples, ``repeats=3`` orders, 5 ``fractions`` 0,
-    0.25, ..., 1, fixed orders) were chosen from ``benchmarks/reliance_precision.py`` (the README's
-    "Reliance defaults" table): about a quarter of the arithmetic of the paper's 11 fractions on
-    512 examples, an sd over orders and probe sets together no larger, and an epoch-to-epoch
-    change about 3.5x less noisy. Fewer fractions lower the AUC by a near-constant amount (the
-    trapezoid is coarser): compare values measured with the same settings. The probe set is the one
+    0.25, ..., 1, fixed orders) were chosen from ``benchmarks/reliance_precision.py`` for their
+    precision per cost (docs/reliance.md). Fewer fractions lower the AUC by a near-constant amount
+    (the trapezoid is coarser): compare values measured with the same settings. The probe set is the one
     the other monitors share (same default size and seed), so one forward pass serves them all.
 
     Cost per measurement and layer: ``repeats x (len(fractions) - 2)`` forward passes of the layers
