@@ -4,12 +4,15 @@
 row blocks converted to float64 and shifted on the fly (no ``(n, d)`` float64 copy of the data),
 corrected to the exact mean and checked finite; two of them merge exactly (Chan et al.).
 :func:`_joint_comoments` forms the co-moment blocks of ``M`` representations in one such pass.
+Every co-moment (the pair's, with torch's or numpy's products, and the ``M``-sided ones) comes from
+the one loop :func:`_row_pass` and the one exact-mean correction in :func:`_comoments`; only the
+block sizes, which the callers choose, differ.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +46,103 @@ def _chunk_rows(x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
     return rows, rows
 
 
+def _pair_blocks(yy: bool) -> Tuple[Tuple[int, int], ...]:
+    """The co-moment blocks of a pair ``(x, y)``: ``x``'s, ``y``'s (unless ``yy`` is false) and the cross one."""
+    return ((0, 0), (1, 1), (0, 1)) if yy else ((0, 0), (0, 1))
+
+
+def _row_pass(reps: Sequence[torch.Tensor], rows: int, piece: int, *, transposed: bool,
+              add: Callable[[List[torch.Tensor]], None]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The one pass over row blocks that every co-moment of the package is formed in.
+
+    Each representation ``(n, d_k)`` is shifted by the mean of its first ``rows`` rows; block by
+    block its rows are converted to float64 and shifted into a reused buffer, ``(d_k, r)`` when
+    ``transposed`` (written in pieces of ``piece`` rows, small enough for the cache) or ``(r, d_k)``
+    otherwise, their column sums are added up, and ``add`` receives the blocks of every
+    representation to accumulate its products from. Extra memory: one block per representation.
+
+    Args:
+        reps: tensors with the same ``n >= 1`` rows, on one device.
+        rows: rows per block (``1 <= rows <= n``).
+        piece: rows per transposed write (``transposed`` only).
+        transposed: the layout of the blocks handed to ``add``.
+        add: called once per block with the list of blocks, in the order of ``reps``.
+
+    Returns:
+        ``(shifts, sums)``: per representation the shift ``(d_k,)`` and the sum of its shifted rows.
+    """
+    n, dev = reps[0].shape[0], reps[0].device
+    shifts = [r[:rows].sum(0, dtype=_F64) / rows for r in reps]
+    sums = [torch.zeros(r.shape[1], dtype=_F64, device=dev) for r in reps]
+    shapes = [(r.shape[1], rows) if transposed else (rows, r.shape[1]) for r in reps]
+    bufs = [torch.empty(shape, dtype=_F64, device=dev) for shape in shapes]
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        blocks = []
+        for rep, shift, total, buf in zip(reps, shifts, sums, bufs):
+            if transposed:
+                a = buf[:, :r]
+                for j in range(0, r, piece):
+                    torch.sub(rep[start + j : start + min(j + piece, r)].T, shift[:, None], out=a[:, j : j + piece])
+                total += a.sum(1)
+            else:
+                a = buf[:r]
+                torch.sub(rep[start : start + r], shift, out=a)
+                total += a.sum(0)
+            blocks.append(a)
+        add(blocks)
+    return shifts, sums
+
+
+def _comoments(reps: Sequence[torch.Tensor], rows: int, piece: int, pairs: Sequence[Tuple[int, int]], *,
+               numpy: bool = False) -> Tuple[List[torch.Tensor], Dict[Tuple[int, int], torch.Tensor]]:
+    """``(means, C)``: the means of ``reps`` and the centred co-moment blocks ``C[i, j] = X_i,c^T
+    X_j,c`` ``(d_i, d_j)`` float64 for ``(i, j)`` in ``pairs``, in one :func:`_row_pass`.
+
+    The products of the shifted blocks are accumulated, then corrected to the exact means
+    (``C -= n delta_i delta_j^T``, ``delta = mean - shift``). With torch's products the blocks are
+    transposed, a diagonal block takes :func:`_gram_into` (its upper block triangle, mirrored at the
+    end) and an off-diagonal one :func:`_cross_into`; ``numpy=True`` (CPU only) takes every product
+    through numpy's BLAS from untransposed blocks (``syrk`` for ``i == j``), reusing one result
+    buffer. Not checked finite: the callers word that error.
+    """
+    n, dims = reps[0].shape[0], [r.shape[1] for r in reps]
+    if numpy:
+        import numpy as np
+
+        acc = {(i, j): np.zeros((dims[i], dims[j])) for i, j in pairs}
+        tmp = np.empty(max(c.size for c in acc.values()))  # one product's result, reused
+
+        def add(blocks: List[torch.Tensor]) -> None:
+            arrays = [b.numpy() for b in blocks]
+            for (i, j), c in acc.items():
+                out = tmp[: c.size].reshape(c.shape)
+                np.matmul(arrays[i].T, arrays[j], out=out)  # syrk when i == j
+                c += out
+
+        shifts, sums = _row_pass(reps, rows, piece, transposed=False, add=add)
+        cs = {k: torch.from_numpy(c) for k, c in acc.items()}
+    else:
+        dev = reps[0].device
+        cs = {(i, j): torch.zeros((dims[i], dims[j]), dtype=_F64, device=dev) for i, j in pairs}
+
+        def add(blocks: List[torch.Tensor]) -> None:
+            for (i, j), c in cs.items():
+                if i == j:
+                    _gram_into(blocks[i], c)
+                else:
+                    _cross_into(blocks[i], blocks[j], c)
+
+        shifts, sums = _row_pass(reps, rows, piece, transposed=True, add=add)
+        for (i, j), c in cs.items():
+            if i == j:
+                _mirror_blocks(c)
+    deltas = [t / n for t in sums]
+    for (i, j), c in cs.items():
+        c.sub_(torch.outer(deltas[i], deltas[j]), alpha=n)
+    return [s + e for s, e in zip(shifts, deltas)], cs
+
+
 @dataclass
 class _Moments:
     """n, means and centered co-moment matrices (sums of products, not yet divided by n-1);
@@ -72,51 +172,18 @@ class _Moments:
         that any ``y`` of the same width gives, and those that the same rows give as ``y``:
         statistics of a side can be reused as the other side of a later pair.
         """
-        n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+        n = x.shape[0]
         _need_rows(n)
         if blas and config.numpy_blas and x.device.type == "cpu":
             return _Moments._of_numpy(x, y, yy)
         rows, piece = _chunk_rows(x, y)
-        rows = min(rows, max(n, 1))
-        # a block mean as the shift; summed blockwise, mean(dtype=float64) would copy all of x
-        first = max(min(rows, n), 1)
-        sx, sy = x[:rows].sum(0, dtype=_F64) / first, y[:rows].sum(0, dtype=_F64) / first
-        cxx = torch.zeros((dx, dx), dtype=_F64, device=x.device)
-        cyy = torch.zeros((dy, dy), dtype=_F64, device=x.device) if yy else None
-        cxy = torch.zeros((dx, dy), dtype=_F64, device=x.device)
-        tx = torch.zeros(dx, dtype=_F64, device=x.device)
-        ty = torch.zeros(dy, dtype=_F64, device=x.device)
-        # blocks laid out (d, rows): the recursive halves of the Gram are then contiguous row
-        # blocks; converting, shifting and transposing happen in one pass into reused buffers
-        bx = torch.empty((dx, rows), dtype=_F64, device=x.device)
-        by = torch.empty((dy, rows), dtype=_F64, device=x.device)
-        for i in range(0, n, rows):
-            r = min(rows, n - i)
-            a, b = bx[:, :r], by[:, :r]
-            for j in range(0, r, piece):  # transposed writes in pieces small enough for the cache
-                torch.sub(x[i + j : i + min(j + piece, r)].T, sx[:, None], out=a[:, j : j + piece])
-                torch.sub(y[i + j : i + min(j + piece, r)].T, sy[:, None], out=b[:, j : j + piece])
-            tx += a.sum(1)
-            ty += b.sum(1)
-            _gram_into(a, cxx)  # (two-argument calls: a test counts them)
-            if cyy is not None:
-                _gram_into(b, cyy)
-            _cross_into(a, b, cxy)
-        return _Moments._finish(x, y, sx, sy, tx, ty, _mirror_blocks(cxx),
-                                None if cyy is None else _mirror_blocks(cyy), cxy)
+        means, cs = _comoments((x, y), min(rows, max(n, 1)), piece, _pair_blocks(yy))
+        return _Moments._checked(x, y, means, cs)
 
     @staticmethod
-    def _finish(x: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, tx: torch.Tensor,
-                ty: torch.Tensor, cxx: torch.Tensor, cyy: Optional[torch.Tensor], cxy: torch.Tensor) -> "_Moments":
-        """The moments from the shifted sums (``tx``, ``ty``: sums of ``x - sx``, ``y - sy``) and
-        products: corrected to the exact mean (``C -= n delta delta^T``), checked finite."""
-        n = x.shape[0]
-        ex, ey = tx / n, ty / n  # mean - shift
-        cxx.sub_(torch.outer(ex, ex), alpha=n)
-        if cyy is not None:
-            cyy.sub_(torch.outer(ey, ey), alpha=n)
-        cxy.sub_(torch.outer(ex, ey), alpha=n)
-        m = _Moments(n, sx + ex, sy + ey, cxx, cyy, cxy)
+    def _checked(x: torch.Tensor, y: torch.Tensor, means: list, cs: Dict[Tuple[int, int], torch.Tensor]) -> "_Moments":
+        """The moments of the pair from :func:`_comoments`' means and blocks, checked finite."""
+        m = _Moments(x.shape[0], means[0], means[1], cs[0, 0], cs.get((1, 1)), cs[0, 1])
         _check_moments_finite(m, x, y)
         return m
 
@@ -127,33 +194,12 @@ class _Moments:
         writes; 8 MiB a side, 16 MiB with several threads, at least 512 rows), then ``b^T b`` by ``syrk`` (numpy takes it for a
         matrix times its own transpose) and ``a^T b`` by ``gemm``, each added to the float64 sums.
         Extra memory: the ``d x d`` sums, one block a side and one product's (reused) result."""
-        import numpy as np
-
         n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
         # 8 MiB a side with one thread, 16 MiB with more (the products then need larger blocks to
         # pay for waking the BLAS threads: (10000, 512) float32, 2 threads: 0.21 s vs 0.30 s at 4 MiB)
         rows = min(max(512, (2**20 if torch.get_num_threads() == 1 else 2**21) // max(dx, dy, 1)), n)
-        sx, sy = x[:rows].sum(0, dtype=_F64) / rows, y[:rows].sum(0, dtype=_F64) / rows
-        cxx, cxy = np.zeros((dx, dx)), np.zeros((dx, dy))
-        cyy = np.zeros((dy, dy)) if yy else None
-        tmp = np.empty(max(dx * dx, dx * dy, dy * dy if yy else 0))  # one product's result, reused
-        tx, ty = torch.zeros(dx, dtype=_F64), torch.zeros(dy, dtype=_F64)
-        bx, by = torch.empty((rows, dx), dtype=_F64), torch.empty((rows, dy), dtype=_F64)
-        for i in range(0, n, rows):
-            r = min(rows, n - i)
-            a, b = bx[:r], by[:r]
-            torch.sub(x[i : i + r], sx, out=a)
-            torch.sub(y[i : i + r], sy, out=b)
-            tx += a.sum(0)
-            ty += b.sum(0)
-            an, bn = a.numpy(), b.numpy()
-            for acc, p, q in ((cxx, an, an), (cyy, bn, bn), (cxy, an, bn)):
-                if acc is not None:
-                    out = tmp[: acc.size].reshape(acc.shape)
-                    np.matmul(p.T, q, out=out)  # syrk when p is q
-                    acc += out
-        return _Moments._finish(x, y, sx, sy, tx, ty, torch.from_numpy(cxx),
-                                None if cyy is None else torch.from_numpy(cyy), torch.from_numpy(cxy))
+        means, cs = _comoments((x, y), rows, rows, _pair_blocks(yy), numpy=True)
+        return _Moments._checked(x, y, means, cs)
 
     def merge(self, o: "_Moments") -> "_Moments":
         """Chan et al.'s pairwise update: exact, order-independent up to rounding. Each co-moment
@@ -183,8 +229,8 @@ def _cov(mom: _Moments) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _joint_comoments(reps: Sequence[torch.Tensor], labels: Optional[Sequence[Any]] = None
                      ) -> Tuple[int, list, Dict[Tuple[int, int], torch.Tensor]]:
     """``(n, means, C)``: every representation's mean and the centred co-moment blocks ``C[i, j] =
-    X_i,c^T X_j,c`` for ``i <= j`` (float64), in one pass over row blocks converted and shifted on
-    the fly as :meth:`_Moments.of` does (no float64 copy of the data; extra memory the blocks,
+    X_i,c^T X_j,c`` for ``i <= j`` (float64), in one :func:`_comoments` pass over row blocks sized
+    for all ``M`` together (no float64 copy of the data; extra memory the blocks,
     ``sum_{i <= j} d_i d_j`` numbers, plus one row block of every representation)."""
     n, dev, m = reps[0].shape[0], reps[0].device, len(reps)
     dims = [r.shape[1] for r in reps]
@@ -194,29 +240,7 @@ def _joint_comoments(reps: Sequence[torch.Tensor], labels: Optional[Sequence[Any
     else:
         rows = piece = max(1, min(16384, 2**23 // total))
     rows = min(rows, n)
-    shifts = [r[:rows].sum(0, dtype=_F64) / rows for r in reps]
-    cs = {(i, j): torch.zeros((dims[i], dims[j]), dtype=_F64, device=dev) for i in range(m) for j in range(i, m)}
-    sums = [torch.zeros(d, dtype=_F64, device=dev) for d in dims]
-    bufs = [torch.empty((d, rows), dtype=_F64, device=dev) for d in dims]
-    for start in range(0, n, rows):
-        r = min(rows, n - start)
-        blocks = []
-        for k in range(m):
-            a = bufs[k][:, :r]
-            for j in range(0, r, piece):
-                torch.sub(reps[k][start + j : start + min(j + piece, r)].T, shifts[k][:, None], out=a[:, j : j + piece])
-            sums[k] += a.sum(1)
-            blocks.append(a)
-        for i in range(m):
-            _gram_into(blocks[i], cs[i, i])
-            for j in range(i + 1, m):
-                cs[i, j].addmm_(blocks[i], blocks[j].T)
-    deltas = [t / n for t in sums]
-    for (i, j), c in cs.items():
-        if i == j:
-            _mirror_blocks(c)
-        c.sub_(torch.outer(deltas[i], deltas[j]), alpha=n)
-    means = [s + e for s, e in zip(shifts, deltas)]
+    means, cs = _comoments(reps, rows, piece, [(i, j) for i in range(m) for j in range(i, m)])
     for k in range(m):
         if not bool(torch.isfinite(cs[k, k].diagonal()).all() & torch.isfinite(means[k]).all()):
             check_finite(reps[k], f"reps[{(k if labels is None else labels[k])!r}]")
