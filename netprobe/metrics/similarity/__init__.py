@@ -11,17 +11,17 @@ whitened through ``eigh(S_xx)`` keeping only eigenvalues above ``rank_tol * max 
 (a rank *truncation*, not a ridge: exactly or nearly collinear units give the correlations of the
 remaining subspace, never NaN), and the canonical correlations are the singular values of
 ``M = W_x^T S_xy W_y``, taken (with the singular vectors PWCCA needs) from the symmetric
-eigenproblem of the smaller of ``M M^T``, ``M^T M``, about 2x cheaper than the SVD; the accuracy
+eigenproblem of the smaller of ``M M^T``, ``M^T M``, cheaper than the SVD; the accuracy
 this costs near 0 is restored where it matters (see :func:`pwcca`, :func:`svcca`). When a cheap
 bound proves a covariance has no eigenvalue near the cutoff (the usual case), it is whitened
-through its Cholesky factor instead, which gives the same correlations about 5x faster. The
+through its Cholesky factor instead, which gives the same correlations at less cost. The
 blocks are accumulated in one pass over row blocks that are converted and shifted on the fly
 (then corrected to the exact mean), so no ``(n, d)`` float64 copy of the data is made. Squaring
 the data into covariances costs precision only for directions whose variance is below ~1e-8 of the
 largest, which the truncation removes anyway; in exchange, the same code serves data that never
 fits in memory (:class:`SimilarityAccumulator`), batches and ranks merge exactly, and the cost
 is one ``n d^2`` product plus ``d^3`` factorizations (faster than QR of ``(n, d)`` data for
-``n >> d``; see ``benchmarks/similarity.py``).
+``n >> d``; timings in ``docs/benchmarks.md``).
 
 Several metrics of one pair share each side's factorizations (one ``eigh`` per covariance when
 SVCCA is among them, else Cholesky; :meth:`SimilarityAccumulator.compute`), and a side's statistics

@@ -67,8 +67,8 @@ def _cca_factors(fx: _Factors, fy: _Factors, sxy: torch.Tensor, n: int, *, rank_
 # The singular values of the whitened cross-covariance m (kx, ky) are the canonical correlations
 # rho; PWCCA also needs the singular vectors of its smaller side. The squares rho^2 are the
 # eigenvalues of the smaller Gram matrix (m m^T when kx <= ky, else m^T m) and those singular
-# vectors its eigenvectors: a symmetric eigenproblem of size min(kx, ky), about 2x cheaper than the
-# SVD (d = 128 to 256; 4x at d = 2048). Squaring costs accuracy only for small correlations: a
+# vectors its eigenvectors: a symmetric eigenproblem of size min(kx, ky), cheaper than the SVD of m
+# (docs/benchmarks.md). Squaring costs accuracy only for small correlations: a
 # value's rounding error is ~ eps / rho_i instead of ~ eps, and a vector's ~ eps / (rho_i^2 - rho_j^2)
 # instead of ~ eps / (rho_i - rho_j) for its nearest value rho_j (both up to the scale rho_1).
 

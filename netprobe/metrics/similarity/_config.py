@@ -21,14 +21,6 @@ RANK_TOL = 1e-10
 _F64 = torch.float64
 
 
-# On CPU, linear CKA's float64 products go through numpy's BLAS (``numpy.matmul``: ``syrk`` for a
-# block times its own transpose, half the work of a general product; torch has no ``syrk``, and its
-# MKL ``gemm`` on the transposed layouts is slower): on our benchmark machine (one thread, AMD EPYC)
-# the best pure-torch route is 1.16-1.30x the numpy recipe of Kornblith et al., this one
-# 0.73-1.01x (``benchmarks/similarity.py --cka``). Same float64 numbers, same rounding model. During
-# the products numpy's BLAS threads are set to ``torch.get_num_threads()`` (through threadpoolctl),
-# so ``torch.set_num_threads`` governs them as it governs torch's own. ``NETPROBE_NUMPY_BLAS=0``
-# (read at import) keeps every product in torch; so does a missing threadpoolctl.
 @dataclass
 class _Config:
     """Run-time switches of the similarity metrics: one instance, :data:`config`, read by every
@@ -36,9 +28,16 @@ class _Config:
     (``config.numpy_blas = False``) takes effect everywhere at once.
 
     Attributes:
-        numpy_blas: on CPU, take linear CKA's float64 products through numpy's BLAS. Initialised
-            from ``NETPROBE_NUMPY_BLAS`` at import (``0``, ``false``, ``off`` or ``no`` turn it off);
-            set to ``False`` when threadpoolctl is missing.
+        numpy_blas: on CPU, take linear CKA's float64 products through numpy's BLAS
+            (``numpy.matmul``, which computes a block times its own transpose by ``syrk``, half the
+            work of a general product; torch has no ``syrk``). The values are float64 products
+            either way, with the same rounding model; only linear CKA takes this route, every other
+            metric keeps torch's products.
+            During the products numpy's BLAS runs ``torch.get_num_threads()`` threads (through
+            threadpoolctl), so ``torch.set_num_threads`` governs them as it governs torch's own.
+            Initialised from ``NETPROBE_NUMPY_BLAS`` at import (``0``, ``false``, ``off`` or ``no``
+            turn it off); set to ``False`` when threadpoolctl is missing. Timings of both routes:
+            ``docs/benchmarks.md``.
     """
 
     numpy_blas: bool

@@ -20,11 +20,11 @@ from ._config import _F64, config
 
 
 def _gram_cols(x: torch.Tensor, blas: bool = False) -> int:
-    """Columns per block of :func:`_centred_gram`: on CPU 256 with torch's products (measured fastest
-    at n=2000, 1 thread: 0.78 s vs 1.3 s with 512), 512 with numpy's (``blas=True``; 1.6 s vs 2.2 s
-    with 256 for a float32 (2000, 8192) pair, and 1024 no faster while 8 MiB larger), 1024 with
-    numpy's and several threads (a float32 (2000, 4096) pair, 2 threads: 0.51 s vs 0.70 s with 512,
-    torch's route 0.52 s), on a GPU at most 2^23 elements (64 MiB)."""
+    """Columns per block of :func:`_centred_gram`: on CPU 256 with torch's products, 512 with
+    numpy's (``blas=True``) on one thread and 1024 on several, on a GPU at most 2^23 elements
+    (64 MiB). The width sets the speed and the scratch (one ``(n, c)`` float64 block) and, at the
+    level of float64 rounding only, the order in which the columns' products are summed; the
+    timings behind these widths are in ``docs/benchmarks.md``."""
     if x.device.type == "cpu":
         if blas and config.numpy_blas:
             return 512 if torch.get_num_threads() == 1 else 1024

@@ -90,8 +90,8 @@ def pwcca(x: torch.Tensor, y: torch.Tensor, *, method: str = "paper", rank_tol: 
     correlations below).
 
     Numerics: the correlations and that side's canonical directions come from the symmetric
-    eigenproblem of the smaller Gram matrix of the whitened cross-covariance (about 2x cheaper
-    than its SVD), the directions of correlations below 1/64 of the largest recomputed by an SVD
+    eigenproblem of the smaller Gram matrix of the whitened cross-covariance (cheaper than its
+    SVD), the directions of correlations below 1/64 of the largest recomputed by an SVD
     of their small part (squaring would blur them). Against the full SVD the value moves by
     1e-16 to 3e-13 (measured for d = 16 to 256, n = 2d+10 to 20d, with dead, nearly collinear or
     rotated units; 2e-11 with a block of correlations ~1e-5 beside strong ones). Where
