@@ -8,7 +8,8 @@ Inputs are plain sequences or arrays; refusals raise :class:`~netprobe.select.Se
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -179,12 +180,21 @@ def _group_codes(groups: Optional[Sequence[Any]], n: int) -> Optional[np.ndarray
     return np.array([code[g] for g in labels], dtype=np.int64)
 
 
-def _cluster_draws(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+class _ClusterDraws(NamedTuple):
+    """A cluster bootstrap's replicates, each ``(n_boot, L)`` with ``L`` the largest replicate's size."""
+
+    #: the runs of each replicate
+    idx: np.ndarray
+    #: which draw (0..G-1) each entry came from (-1 in the padding)
+    draw: np.ndarray
+    #: which entries are real (the rest is padding)
+    valid: np.ndarray
+
+
+def _cluster_draws(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> _ClusterDraws:
     """A cluster bootstrap: each replicate draws the ``G`` groups with replacement
     (``rng.integers(0, G, size=(n_boot, G))``) and takes every run of each drawn group, in the
-    order drawn (a group's runs in their order). Returns ``(idx, draw, valid)``, each ``(n_boot, L)``
-    with ``L`` the largest replicate's size: the runs, which draw (0..G-1) each came from, and
-    which entries are real (the rest is padding)."""
+    order drawn (a group's runs in their order)."""
     n_groups = int(codes.max()) + 1
     members = [np.flatnonzero(codes == g) for g in range(n_groups)]
     draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
@@ -200,7 +210,7 @@ def _cluster_draws(codes: np.ndarray, n_boot: int, rng: np.random.Generator) -> 
         idx[b, : len(cat)] = cat
         draw[b, : len(cat)] = np.repeat(np.arange(n_groups), [len(q) for q in parts])
         valid[b, : len(cat)] = True
-    return idx, draw, valid
+    return _ClusterDraws(idx, draw, valid)
 
 
 def _hit_credit_masked(sig: np.ndarray, ref: np.ndarray, valid: np.ndarray, ks: Sequence[int],
@@ -242,6 +252,55 @@ def _check_count(value: Any, name: str, minimum: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise SelectionError(f"Expected `{name}` to be an int >= {minimum} ({what}), but got {value!r}.")
     return int(value)
+
+
+class _Replicates(NamedTuple):
+    """A bootstrap's statistics, one per replicate."""
+
+    #: ``(n_boot,)`` Kendall's tau-b (NaN where undefined)
+    kendall_tau: np.ndarray
+    #: ``(n_boot,)`` Spearman's rho (NaN where undefined)
+    spearman_rho: np.ndarray
+    #: ``(n_boot, len(ks))`` hit rates
+    top_k: np.ndarray
+
+
+def _replicates_over_runs(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int], m: int, n_boot: int, boot_draws: int,
+                          rng: np.random.Generator) -> _Replicates:
+    """The statistics of ``n_boot`` resamples of the runs (oriented ``sig``, ``ref``), as
+    :func:`bootstrap_intervals` documents them."""
+    n = len(sig)
+    hits = np.empty((n_boot, len(ks)))
+    idx = rng.integers(0, n, size=(n_boot, n))
+    bs, br = sig[idx], ref[idx]
+    taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
+    if ks and m == n:
+        hits = _hit_credit_rows(bs, br, ks, idx)
+    elif ks:
+        for b in range(n_boot):
+            sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
+            hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks, idx[b][sub]).mean(0)
+    return _Replicates(taus, rhos, hits)
+
+
+def _replicates_over_groups(sig: np.ndarray, ref: np.ndarray, codes: np.ndarray, ks: Sequence[int], m: int, n_boot: int,
+                            boot_draws: int, rng: np.random.Generator) -> _Replicates:
+    """The statistics of ``n_boot`` cluster-bootstrap replicates (the groups ``codes`` resampled,
+    each with all its runs), as :func:`bootstrap_intervals` documents them."""
+    hits = np.empty((n_boot, len(ks)))
+    idx, draw, valid = _cluster_draws(codes, n_boot, rng)
+    bs, br = sig[idx], ref[idx]
+    taus = _kendall_rows_grouped(bs, br, codes[idx], draw, valid)
+    rhos = _spearman_rows_masked(bs, br, valid)
+    if ks and m == len(sig):
+        hits = _hit_credit_masked(bs, br, valid, ks, idx)
+    elif ks:
+        for b in range(n_boot):
+            real = idx[b][valid[b]]
+            m_b = min(m, len(real))
+            sub = np.argsort(rng.random((boot_draws, len(real))), axis=1)[:, :m_b]
+            hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks, real[sub]).mean(0)
+    return _Replicates(taus, rhos, hits)
 
 
 def bootstrap_intervals(
@@ -323,30 +382,11 @@ def bootstrap_intervals(
     ks = sorted({int(k) for k in ks})
     codes = _group_codes(groups, n)
     rng = np.random.default_rng(seed)
-    hits = np.empty((n_boot, len(ks)))
     if codes is None:
-        idx = rng.integers(0, n, size=(n_boot, n))
-        bs, br = sig[idx], ref[idx]
-        taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
-        if ks and m == n:
-            hits = _hit_credit_rows(bs, br, ks, idx)
-        elif ks:
-            for b in range(n_boot):
-                sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
-                hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks, idx[b][sub]).mean(0)
+        reps = _replicates_over_runs(sig, ref, ks, m, n_boot, boot_draws, rng)
     else:
-        idx, draw, valid = _cluster_draws(codes, n_boot, rng)
-        bs, br = sig[idx], ref[idx]
-        taus = _kendall_rows_grouped(bs, br, codes[idx], draw, valid)
-        rhos = _spearman_rows_masked(bs, br, valid)
-        if ks and m == n:
-            hits = _hit_credit_masked(bs, br, valid, ks, idx)
-        elif ks:
-            for b in range(n_boot):
-                real = idx[b][valid[b]]
-                m_b = min(m, len(real))
-                sub = np.argsort(rng.random((boot_draws, len(real))), axis=1)[:, :m_b]
-                hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks, real[sub]).mean(0)
+        reps = _replicates_over_groups(sig, ref, codes, ks, m, n_boot, boot_draws, rng)
+    taus, rhos, hits = reps.kendall_tau, reps.spearman_rho, reps.top_k
     return {
         "kendall_tau": _interval(taus, level), "spearman_rho": _interval(rhos, level),
         "top_k": {k: _interval(hits[:, i], level) for i, k in enumerate(ks)},
@@ -427,6 +467,104 @@ def tau_difference(
     return out
 
 
+class _CvInputs(NamedTuple):
+    """What :func:`cross_validate_choice` chooses among, as float64 arrays of one value per run."""
+
+    names: List[str]
+    values: List[np.ndarray]
+    base_names: List[str]
+    base_values: List[np.ndarray]
+    reference: np.ndarray
+
+
+def _cv_inputs(signals: Mapping[str, Sequence[float]], reference: Sequence[float],
+               baselines: Optional[Mapping[str, Sequence[float]]]) -> _CvInputs:
+    """The signals, baselines and reference as arrays, refused unless there is a signal and every
+    array has one value per run."""
+    names = list(signals)
+    if not names:
+        raise SelectionError("Expected at least one signal to choose from, but got none.")
+    ref = np.asarray(reference, dtype=np.float64)
+    vals = [np.asarray(signals[s], dtype=np.float64) for s in names]
+    base_names = list(baselines or {})
+    base_vals = [np.asarray(baselines[s], dtype=np.float64) for s in base_names]  # type: ignore[index]
+    n = len(ref)
+    if any(v.shape != (n,) for v in vals + base_vals):
+        raise SelectionError(f"Expected every signal to have one value per run ({n}), but got shapes {[v.shape for v in vals + base_vals]}.")
+    return _CvInputs(names, vals, base_names, base_vals, ref)
+
+
+def _split_halves(n: int, codes: Optional[np.ndarray], n_groups: Optional[int],
+                  rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """One random split: ``(the choosing half, the held-out half)`` as sorted run indices; the runs
+    (``rng.permutation(n)``, the first ``n // 2`` choose), or with ``codes`` the groups
+    (``rng.permutation(G)``, the runs of the first ``G // 2`` choose)."""
+    if codes is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+    gperm = rng.permutation(n_groups)
+    choose = np.isin(codes, gperm[: n_groups // 2])  # type: ignore[operator]
+    return np.flatnonzero(choose), np.flatnonzero(~choose)
+
+
+def _tau_on(v: np.ndarray, ref: np.ndarray, half: np.ndarray, min_runs: int) -> float:
+    """Kendall's tau of ``v`` and ``ref`` over the runs of ``half`` that have ``v`` (NaN below ``min_runs``)."""
+    keep = half[np.isfinite(v[half])]
+    return kendall_tau(v[keep], ref[keep]) if len(keep) >= min_runs else float("nan")
+
+
+@dataclass
+class _CvTally:
+    """The held-out results of :func:`cross_validate_choice`, split after split."""
+
+    #: signal -> how many splits chose it
+    chosen: Dict[str, int]
+    #: the chosen signal's held-out tau, per split that chose one
+    taus: List[float] = field(default_factory=list)
+    #: k -> the chosen signal's held-out hit credit, per split where k is below its held-out runs
+    hits: Dict[int, List[float]] = field(default_factory=dict)
+    #: k -> a random pick's k / m on those splits
+    rand: Dict[int, List[float]] = field(default_factory=dict)
+    #: baseline -> its held-out tau, per split that chose a signal
+    base: Dict[str, List[float]] = field(default_factory=dict)
+    #: (the chosen signal or None, its held-out tau) per split
+    per_split: List[Tuple[Optional[str], float]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, data: _CvInputs, ks: Sequence[int]) -> "_CvTally":
+        return cls({s: 0 for s in data.names}, hits={k: [] for k in ks}, rand={k: [] for k in ks},
+                   base={s: [] for s in data.base_names})
+
+    def add_split(self, data: _CvInputs, choose: np.ndarray, held_out: np.ndarray, ks: Sequence[int], min_runs: int) -> None:
+        """Choose the signal with the best tau on ``choose`` (the first on a tie) and record how it
+        and the baselines do on ``held_out``; a split on which no signal has a tau records ``(None, NaN)``."""
+        ref = data.reference
+        scores = np.array([_tau_on(v, ref, choose, min_runs) for v in data.values])
+        if not np.isfinite(scores).any():
+            self.per_split.append((None, float("nan")))
+            return
+        best = int(np.nanargmax(scores))  # the first of the best
+        self.chosen[data.names[best]] += 1
+        v = data.values[best]
+        t = _tau_on(v, ref, held_out, min_runs)
+        self.per_split.append((data.names[best], t))
+        self.taus.append(t)
+        keep = held_out[np.isfinite(v[held_out])]
+        for k in ks:
+            if k < len(keep):
+                self.hits[k].append(float(_hit_credit_rows(v[keep][None], ref[keep][None], [k])[0, 0]))
+                self.rand[k].append(k / len(keep))
+        for s, bv in zip(data.base_names, data.base_values):
+            self.base[s].append(_tau_on(bv, ref, held_out, min_runs))
+
+
+def _spread(xs: List[float], level: float) -> Dict[str, Any]:
+    """``{"mean", "interval", "n"}`` of the finite values of ``xs`` (mean None when there are none)."""
+    arr = np.asarray(xs, dtype=np.float64)
+    fin = arr[np.isfinite(arr)]
+    return {"mean": float(fin.mean()) if len(fin) else None, "interval": _interval(arr, level), "n": int(len(fin))}
+
+
 def cross_validate_choice(
     signals: Mapping[str, Sequence[float]], reference: Sequence[float], *, ks: Iterable[int] = (), n_splits: int = 200,
     level: float = 0.95, seed: int = 0, baselines: Optional[Mapping[str, Sequence[float]]] = None, min_runs: int = 3,
@@ -475,16 +613,8 @@ def cross_validate_choice(
         >>> cv["chosen"]["good"] > cv["chosen"]["noise"], cv["heldout_tau"]["mean"] > 0.5
         (True, True)
     """
-    names = list(signals)
-    if not names:
-        raise SelectionError("Expected at least one signal to choose from, but got none.")
-    ref = np.asarray(reference, dtype=np.float64)
-    vals = [np.asarray(signals[s], dtype=np.float64) for s in names]
-    base_names = list(baselines or {})
-    base_vals = [np.asarray(baselines[s], dtype=np.float64) for s in base_names]  # type: ignore[index]
-    n = len(ref)
-    if any(v.shape != (n,) for v in vals + base_vals):
-        raise SelectionError(f"Expected every signal to have one value per run ({n}), but got shapes {[v.shape for v in vals + base_vals]}.")
+    data = _cv_inputs(signals, reference, baselines)
+    n = len(data.reference)
     n_splits = _check_count(n_splits, "n_splits", 1, "random half splits")
     level = _check_level(level)
     if n // 2 < min_runs:
@@ -496,51 +626,14 @@ def cross_validate_choice(
                              "Group the runs more finely, or split the runs (groups=None).")
     ks = sorted({int(k) for k in ks})
     rng = np.random.default_rng([seed, 1])
-
-    def tau_on(v: np.ndarray, half: np.ndarray) -> float:
-        keep = half[np.isfinite(v[half])]
-        return kendall_tau(v[keep], ref[keep]) if len(keep) >= min_runs else float("nan")
-
-    chosen: Dict[str, int] = {s: 0 for s in names}
-    taus: List[float] = []
-    hits: Dict[int, List[float]] = {k: [] for k in ks}
-    rand: Dict[int, List[float]] = {k: [] for k in ks}
-    base: Dict[str, List[float]] = {s: [] for s in base_names}
-    per_split: List[Tuple[Optional[str], float]] = []
+    tally = _CvTally.empty(data, ks)
     for _ in range(n_splits):
-        if codes is None:
-            perm = rng.permutation(n)
-            a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
-        else:
-            gperm = rng.permutation(n_groups)
-            choose = np.isin(codes, gperm[: n_groups // 2])
-            a, b = np.flatnonzero(choose), np.flatnonzero(~choose)
-        scores = np.array([tau_on(v, a) for v in vals])
-        if not np.isfinite(scores).any():
-            per_split.append((None, float("nan")))
-            continue
-        best = int(np.nanargmax(scores))  # the first of the best
-        chosen[names[best]] += 1
-        v = vals[best]
-        t = tau_on(v, b)
-        per_split.append((names[best], t))
-        taus.append(t)
-        keep = b[np.isfinite(v[b])]
-        for k in ks:
-            if k < len(keep):
-                hits[k].append(float(_hit_credit_rows(v[keep][None], ref[keep][None], [k])[0, 0]))
-                rand[k].append(k / len(keep))
-        for s, bv in zip(base_names, base_vals):
-            base[s].append(tau_on(bv, b))
-
-    def summary(xs: List[float]) -> Dict[str, Any]:
-        arr = np.asarray(xs, dtype=np.float64)
-        fin = arr[np.isfinite(arr)]
-        return {"mean": float(fin.mean()) if len(fin) else None, "interval": _interval(arr, level), "n": int(len(fin))}
-
+        choose, held_out = _split_halves(n, codes, n_groups, rng)
+        tally.add_split(data, choose, held_out, ks, min_runs)
     return {
-        "n_splits": n_splits, "used": sum(chosen.values()), "chosen": chosen, "heldout_tau": summary(taus),
-        "heldout_top_k": {k: {**summary(hits[k]), "random": float(np.mean(rand[k])) if rand[k] else None} for k in ks},
-        "baselines": {s: summary(base[s]) for s in base_names}, "level": level, "seed": seed, "per_split": per_split,
-        "split": "runs" if codes is None else "groups", "n_groups": n_groups,
+        "n_splits": n_splits, "used": sum(tally.chosen.values()), "chosen": tally.chosen, "heldout_tau": _spread(tally.taus, level),
+        "heldout_top_k": {k: {**_spread(tally.hits[k], level), "random": float(np.mean(tally.rand[k])) if tally.rand[k] else None}
+                          for k in ks},
+        "baselines": {s: _spread(tally.base[s], level) for s in data.base_names}, "level": level, "seed": seed,
+        "per_split": tally.per_split, "split": "runs" if codes is None else "groups", "n_groups": n_groups,
     }
