@@ -8,7 +8,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -93,9 +94,24 @@ def _resolve_ks(top_k: Optional[Sequence[int]], sizes: Mapping[str, Tuple[int, i
     return ks
 
 
+@dataclass(frozen=True)
+class _Draws:
+    """How a ranking's statistics are drawn, the same for every signal it evaluates."""
+
+    #: random subsets for the hit rates when the subset size is below the runs ranked
+    n_draws: int
+    #: bootstrap replicates (0: no intervals)
+    n_boot: int
+    #: the intervals' level
+    level: float
+    #: subsets per bootstrap replicate
+    boot_draws: int
+    #: seeds the hit-rate subsets and the bootstrap
+    seed: int
+
+
 def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, against_mode: str, ks: Sequence[int], m: int,
-                n_draws: int, seed: int, n_boot: int, level: float, boot_draws: int,
-                boot_order: Optional[Sequence[int]] = None, groups: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                draws: _Draws, boot_order: Optional[Sequence[int]] = None, groups: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """tau, rho (oriented: agreement positive), hit rates, their random baseline k/m and bootstrap
     intervals; the bootstrap resamples the runs in ``boot_order`` (by run name), so that the same
     runs get the same resamples whichever function ranks them."""
@@ -104,18 +120,19 @@ def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, agai
     rho, tau = spearman_rho(osig, oref), kendall_tau(osig, oref)  # NaN when a side is constant
     out: Dict[str, Any] = {
         "spearman_rho": None if np.isnan(rho) else rho, "kendall_tau": None if np.isnan(tau) else tau,
-        "subset_size": m, "n_draws": 1 if m == len(osig) else n_draws,
+        "subset_size": m, "n_draws": 1 if m == len(osig) else draws.n_draws,
         "top_k": {str(k): p for k, p in top_k_hits(sigs, refs, ks, mode=mode, reference_mode=against_mode, subset_size=m,
-                                                      n_draws=n_draws, seed=seed).items()} if ks else {},
+                                                      n_draws=draws.n_draws, seed=draws.seed).items()} if ks else {},
         "top_k_random": {str(k): k / m for k in ks},
         "spearman_rho_ci": None, "kendall_tau_ci": None, "top_k_ci": {},
     }
     if groups is not None and len(set(groups)) < 2:
         out["bootstrap_undefined"] = {"reason": "its runs are all in one group: nothing to resample"}
-    elif n_boot > 0:
+    elif draws.n_boot > 0:
         order = np.arange(len(osig)) if boot_order is None else np.asarray(boot_order)
-        ci = bootstrap_intervals(np.asarray(sigs, dtype=np.float64)[order], np.asarray(refs, dtype=np.float64)[order], mode=mode, reference_mode=against_mode, ks=ks, subset_size=m, n_boot=n_boot,
-                                 level=level, boot_draws=boot_draws, seed=seed,
+        ci = bootstrap_intervals(np.asarray(sigs, dtype=np.float64)[order], np.asarray(refs, dtype=np.float64)[order], mode=mode,
+                                 reference_mode=against_mode, ks=ks, subset_size=m, n_boot=draws.n_boot,
+                                 level=draws.level, boot_draws=draws.boot_draws, seed=draws.seed,
                                  groups=None if groups is None else [groups[i] for i in order])
         out["spearman_rho_ci"], out["kendall_tau_ci"] = ci["spearman_rho"], ci["kendall_tau"]
         out["top_k_ci"] = {str(k): v for k, v in ci["top_k"].items()}
@@ -123,8 +140,9 @@ def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, agai
     return out
 
 
-def _bootstrap_doc(n_boot: int, level: float, seed: int, boot_draws: int,
-                   grouping: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+def _bootstrap_doc(draws: _Draws, grouping: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """The ``bootstrap`` entry of a ranking: how its intervals were drawn and what they cover (None without any)."""
+    n_boot, level, seed, boot_draws = draws.n_boot, draws.level, draws.seed, draws.boot_draws
     if n_boot <= 0:
         return None
     if grouping is None:
@@ -200,17 +218,64 @@ def rank_runs(
         ``group``: its group label, or None without grouping).
     """
     conds = _check_common(mode, against_mode, at, where, underfit_below)
-    n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
-    level = _check_level(level)
+    draws = _Draws(n_draws, _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none"), _check_level(level), boot_draws, seed)
+    metric = _metric_key(metric, layer)
+    runs, bad, all_tags = _load_readable(logdir)
+    for key in [metric] + ([against] if against else []) + [k for k, _, _ in conds]:
+        _require_key(key, runs, all_tags)
+    read = _read_rows(runs, metric, mode=mode, at=at, against=against, against_mode=against_mode, conds=conds)
+    rows = read.rows
+    ranked = [r for r in runs if r.name in {d["run"] for d in rows}]
+    underfit = _underfit(ranked, at, underfit_below)
+    labels, grouping = _grouping(ranked, group, group_by) if ranked else (None, None)
+    for d in rows:
+        d["underfit"] = d["run"] in underfit["runs"]
+        d["group"] = None if labels is None else labels[d["run"]]
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda d: (sign * d["signal"], d["run"]))
+    for i, d in enumerate(rows, 1):
+        d["rank"] = i
+    out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "where": list(where) if not isinstance(where, str) else [where],
+                           "runs": rows, "skipped": list(bad) + read.skipped,
+                           "spearman_rho": None, "kendall_tau": None, "spearman_rho_ci": None, "kendall_tau_ci": None,
+                           "pick": rows[0]["run"] if rows else None,
+                           "pick_ties": [d["run"] for d in rows if rows and d["signal"] == rows[0]["signal"]],
+                           "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
+                           "subset_size": None, "n_draws": None, "bootstrap": None, "underfit": underfit,
+                           "layer_source": sorted(read.sources), "grouping": grouping}
+    if against and rows:
+        out.update(_against_statistics(rows, len(out["pick_ties"]), metric=metric, mode=mode, against_mode=against_mode,
+                                       top_k=top_k, subset_size=subset_size, draws=draws, grouped=labels is not None,
+                                       grouping=grouping))
+    return out
+
+
+def _metric_key(metric: str, layer: Optional[str]) -> str:
+    """``rank_runs``' signal key: ``metric`` with ``layer`` as its ``@`` alias, a layer alias checked."""
     if layer is not None:
         if "@" in metric or (_netprobe_parts(metric) or ("", None))[1] is not None:
             raise SelectionError(f"Expected `layer` only with a metric without a layer (e.g. 'netprobe/reliance_auc'), but got {metric!r}.")
         metric = f"{metric}@{layer}"
     metric, _ = parse_signal(metric) if "@" in metric else (metric, None)
-    runs, bad, all_tags = _load_readable(logdir)
-    for key in [metric] + ([against] if against else []) + [k for k, _, _ in conds]:
-        _require_key(key, runs, all_tags)
-    rows, skipped, sources = [], list(bad), set()
+    return metric
+
+
+class _RunRows(NamedTuple):
+    """What ``rank_runs`` read of each run: the rows it ranks, the runs it skipped, the layer orders' sources."""
+
+    #: ``{"run", "path", "hparams", "signal", "reference", "key"}`` per run ranked, in the runs' order
+    rows: List[Dict[str, Any]]
+    #: ``{"run", "path", "reason"}`` per run skipped
+    skipped: List[Dict[str, Any]]
+    #: where the layer order of a ``@deepest`` alias came from
+    sources: Set[str]
+
+
+def _read_rows(runs: Sequence[Run], metric: str, *, mode: str, at: Union[str, int], against: Optional[str], against_mode: str,
+               conds: Sequence[Tuple[str, str, float]]) -> _RunRows:
+    """Each run's signal and reference, or why it is skipped: a failed condition, no key for the
+    alias, no finite signal, no finite reference (the first that applies)."""
+    rows, skipped, sources = [], [], set()
     for r in runs:
         failed = _fails_conditions(r, conds, at)
         key, why_key, source = _resolve_key(r, metric)
@@ -229,46 +294,33 @@ def rank_runs(
             sources.add(source)
         rows.append({"run": r.name, "path": r.path, "hparams": dict(r.hparams), "signal": float(sig),
                      "reference": None if ref is None else float(ref), "key": key})
-    ranked = [r for r in runs if r.name in {d["run"] for d in rows}]
-    underfit = _underfit(ranked, at, underfit_below)
-    labels, grouping = _grouping(ranked, group, group_by) if ranked else (None, None)
-    for d in rows:
-        d["underfit"] = d["run"] in underfit["runs"]
-        d["group"] = None if labels is None else labels[d["run"]]
-    sign = -1 if mode == "max" else 1
-    rows.sort(key=lambda d: (sign * d["signal"], d["run"]))
-    for i, d in enumerate(rows, 1):
-        d["rank"] = i
-    out: Dict[str, Any] = {"metric": metric, "mode": mode, "at": at, "against": against, "where": list(where) if not isinstance(where, str) else [where],
-                           "runs": rows, "skipped": skipped,
-                           "spearman_rho": None, "kendall_tau": None, "spearman_rho_ci": None, "kendall_tau_ci": None,
-                           "pick": rows[0]["run"] if rows else None,
-                           "pick_ties": [d["run"] for d in rows if rows and d["signal"] == rows[0]["signal"]],
-                           "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
-                           "subset_size": None, "n_draws": None, "bootstrap": None, "underfit": underfit,
-                           "layer_source": sorted(sources), "grouping": grouping}
-    if against and rows:
-        refs = np.array([d["reference"] for d in rows])
-        rsign = -1 if against_mode == "max" else 1
-        ref_order = _rankdata(rsign * refs)  # 1 = best reference (ties: average)
-        for d, rr in zip(rows, ref_order):
-            d["reference_rank"] = float(rr)
-        tied = len(out["pick_ties"])  # a tie for the best signal: the expected rank of a random pick among them
-        out["pick_reference_rank"] = float(np.mean(ref_order[:tied]))
-        if len(rows) >= 2:
-            m = subset_size if subset_size is not None else len(rows)
-            if not 1 <= m <= len(rows):
-                raise SelectionError(
-                    f"Expected `subset_size` in [1, {len(rows)}] (the number of runs ranked), but got {subset_size}."
-                )
-            ks = _resolve_ks(top_k, {metric: (len(rows), m)}, subset_size is not None)
-            out.update(_statistics([d["signal"] for d in rows], refs, mode=mode, against_mode=against_mode, ks=ks, m=m,
-                                   n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws,
-                                   boot_order=sorted(range(len(rows)), key=lambda i: rows[i]["run"]),
-                                   groups=None if labels is None else [d["group"] for d in rows]))
-            out["bootstrap"] = _bootstrap_doc(n_boot, level, seed, boot_draws, grouping)
-    return out
+    return _RunRows(rows, skipped, sources)
 
+
+def _against_statistics(rows: List[Dict[str, Any]], n_ties: int, *, metric: str, mode: str, against_mode: str,
+                        top_k: Optional[Sequence[int]], subset_size: Optional[int], draws: _Draws, grouped: bool,
+                        grouping: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``rank_runs``' entries that need the reference: each row's ``reference_rank`` (set on the
+    rows, sorted best signal first), the pick's mean reference rank over the ``n_ties`` runs tied
+    for the best signal, and with 2 rows or more the statistics and the bootstrap's description."""
+    refs = np.array([d["reference"] for d in rows])
+    rsign = -1 if against_mode == "max" else 1
+    ref_order = _rankdata(rsign * refs)  # 1 = best reference (ties: average)
+    for d, rr in zip(rows, ref_order):
+        d["reference_rank"] = float(rr)
+    out: Dict[str, Any] = {"pick_reference_rank": float(np.mean(ref_order[:n_ties]))}  # a random pick among the tied
+    if len(rows) >= 2:
+        m = subset_size if subset_size is not None else len(rows)
+        if not 1 <= m <= len(rows):
+            raise SelectionError(
+                f"Expected `subset_size` in [1, {len(rows)}] (the number of runs ranked), but got {subset_size}."
+            )
+        ks = _resolve_ks(top_k, {metric: (len(rows), m)}, subset_size is not None)
+        out.update(_statistics([d["signal"] for d in rows], refs, mode=mode, against_mode=against_mode, ks=ks, m=m, draws=draws,
+                               boot_order=sorted(range(len(rows)), key=lambda i: rows[i]["run"]),
+                               groups=[d["group"] for d in rows] if grouped else None))
+        out["bootstrap"] = _bootstrap_doc(draws, grouping)
+    return out
 
 def _expand_signals(specs: Sequence[str], runs: Sequence[Run], all_tags: Sequence[str], exclude: Sequence[str],
                     kind: str) -> Tuple[List[Tuple[str, str, str]], List[Dict[str, str]]]:
@@ -397,7 +449,7 @@ def rank_signals(
     conds = _check_common("max", against_mode, at, where, underfit_below)
     n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
     cv = _check_count(cv, "cv", 0, "random half splits; 0 for none")
-    level = _check_level(level)
+    draws = _Draws(n_draws, n_boot, _check_level(level), boot_draws, seed)
     if not against:
         raise SelectionError("Expected `against`, the reference key (e.g. 'test/acc'), to judge the signals by, but got none.")
     signals = [signals] if isinstance(signals, str) else list(signals)
@@ -408,6 +460,42 @@ def rank_signals(
     runs, bad, all_tags = _load_readable(logdir)
     for key in [against] + [k for k, _, _ in conds]:
         _require_key(key, runs, all_tags)
+    pool, skipped = _reference_pool(runs, against, against_mode, at, conds, bad)
+    labels, grouping = _grouping([p.run for p in pool], group, group_by)
+    order, not_evaluated = _signal_order(signals, baselines, runs, all_tags, against)
+    names = [p.run.name for p in pool]
+    refs = np.array([p.reference for p in pool])
+    rows = [_signal_row(key, direction, kind, pool, at, conds) for key, (direction, kind) in order.items()]
+    sizes = _subset_sizes(rows, subset_size)
+    ks = _resolve_ks(top_k, sizes, subset_size is not None)
+    for row in rows:
+        _row_statistics(row, names, refs, sizes=sizes, ks=ks, against_mode=against_mode, draws=draws, labels=labels)
+    underfit = _underfit([p.run for p in pool], at, underfit_below)
+    out_runs = [{"run": r.name, "path": r.path, "hparams": dict(r.hparams), "reference": ref,
+                 "probe_accuracy": underfit["values"].get(r.name), "underfit": r.name in underfit["runs"],
+                 "group": None if labels is None else labels[r.name]} for r, ref in pool]
+    cv_doc = _cv_doc(rows, refs, names, n_splits=cv, ks=ks, against_mode=against_mode, draws=draws, labels=labels,
+                     grouping=grouping) if cv > 0 else None
+    compared = _comparisons(pairs, rows, names, refs, against_mode=against_mode, draws=draws, labels=labels)
+    for row in rows:
+        row.pop("_oriented")
+    return {"against": against, "against_mode": against_mode, "at": at, "where": [where] if isinstance(where, str) else list(where),
+            "runs": out_runs, "skipped": skipped, "signals": rows, "not_evaluated": not_evaluated, "ks": ks,
+            "bootstrap": _bootstrap_doc(draws, grouping), "cv": cv_doc, "underfit": underfit,
+            "grouping": grouping, "compare": compared}
+
+
+class _PoolRun(NamedTuple):
+    """A run ``rank_signals`` judges signals on, with its reference (its last finite value)."""
+
+    run: Run
+    reference: float
+
+
+def _reference_pool(runs: Sequence[Run], against: str, against_mode: str, at: Union[str, int],
+                    conds: Sequence[Tuple[str, str, float]], bad: Sequence[Dict[str, Any]]) -> Tuple[List[_PoolRun], List[Dict[str, Any]]]:
+    """``(the runs that meet the conditions with a finite reference, sorted by name; every run skipped,
+    the unreadable ones first)``; fewer than 2 runs in the pool is refused."""
     pool, skipped = [], list(bad)
     for r in runs:
         failed = _fails_conditions(r, conds, at)
@@ -417,42 +505,56 @@ def rank_signals(
         if failed:
             skipped.append({"run": r.name, "path": r.path, "reason": failed})
         else:
-            pool.append((r, float(ref)))  # type: ignore[arg-type]
-    pool.sort(key=lambda p: p[0].name)
+            pool.append(_PoolRun(r, float(ref)))  # type: ignore[arg-type]
+    pool.sort(key=lambda p: p.run.name)
     if len(pool) < 2:
         raise SelectionError(
             f"Expected at least 2 runs with {against!r} to judge signals on, but got {_plural(len(pool), 'run')}"
             + (" (" + "; ".join(f"{s['run']}: {s['reason']}" for s in skipped[:5]) + ")" if skipped else "") + "."
         )
-    labels, grouping = _grouping([r for r, _ in pool], group, group_by)
+    return pool, skipped
+
+
+def _signal_order(signals: Sequence[str], baselines: Sequence[str], runs: Sequence[Run], all_tags: Sequence[str],
+                  against: str) -> Tuple[Dict[str, Tuple[str, str]], List[Dict[str, str]]]:
+    """``({key: (direction, "signal" | "baseline")} in the table's row order: the signals, then the
+    baselines; the specs left out)``. The first spec naming a key gives its direction; a key named
+    as a baseline is a baseline."""
     base_rows, base_left = _expand_signals(baselines, runs, all_tags, [against], "baseline")
     sig_rows, left_out = _expand_signals(signals, runs, all_tags, [against], "signal")
     chosen: Dict[str, Tuple[str, str]] = {}
     for key, d, kind in sig_rows:
-        chosen.setdefault(key, (d, kind))  # the first spec naming a key gives its direction
+        chosen.setdefault(key, (d, kind))
     for key, d, kind in base_rows:
-        chosen[key] = (d, kind)  # a key named as a baseline is a baseline
+        chosen[key] = (d, kind)
     order = list(dict.fromkeys([k for k, _, _ in sig_rows if chosen[k][1] == "signal"] + [k for k, _, _ in base_rows]))
-    names = [r.name for r, _ in pool]
-    refs_all = np.array([ref for _, ref in pool])
-    rows: List[Dict[str, Any]] = []
-    for key in order:
-        direction, kind = chosen[key]
-        vals, missing, keys, sources = np.full(len(pool), np.nan), [], {}, set()
-        for i, (r, _) in enumerate(pool):
-            rkey, why, source = _resolve_key(r, key)
-            v, why_v = _signal_value(r, rkey, direction, at, conds) if rkey else (None, why)
-            if v is None:
-                missing.append({"run": r.name, "reason": why_v})
-                continue
-            vals[i] = v
-            if rkey != key:
-                keys[r.name] = rkey
-            if source:
-                sources.add(source)
-        rows.append({"signal": key, "kind": kind, "mode": direction, "n_runs": int(np.isfinite(vals).sum()), "missing": missing,
-                     "keys": keys, "layer_source": sorted(sources), "_values": vals,
-                     "values": {names[i]: float(vals[i]) for i in range(len(pool)) if np.isfinite(vals[i])}})
+    return {key: chosen[key] for key in order}, base_left + left_out
+
+
+def _signal_row(key: str, direction: str, kind: str, pool: Sequence[_PoolRun], at: Union[str, int],
+                conds: Sequence[Tuple[str, str, float]]) -> Dict[str, Any]:
+    """A signal's row before its statistics: its value per pool run (``"_values"``, NaN where missing),
+    the runs missing it and why, the keys read for a layer alias and the layer orders' sources."""
+    vals, missing, keys, sources = np.full(len(pool), np.nan), [], {}, set()
+    for i, (r, _) in enumerate(pool):
+        rkey, why, source = _resolve_key(r, key)
+        v, why_v = _signal_value(r, rkey, direction, at, conds) if rkey else (None, why)
+        if v is None:
+            missing.append({"run": r.name, "reason": why_v})
+            continue
+        vals[i] = v
+        if rkey != key:
+            keys[r.name] = rkey
+        if source:
+            sources.add(source)
+    return {"signal": key, "kind": kind, "mode": direction, "n_runs": int(np.isfinite(vals).sum()), "missing": missing,
+            "keys": keys, "layer_source": sorted(sources), "_values": vals,
+            "values": {pool[i].run.name: float(vals[i]) for i in range(len(pool)) if np.isfinite(vals[i])}}
+
+
+def _subset_sizes(rows: Sequence[Dict[str, Any]], subset_size: Optional[int]) -> Dict[str, Tuple[int, int]]:
+    """signal -> (its runs, its subset size) for the rows with 2 runs or more; a subset size outside
+    ``[1, runs]`` is refused."""
     sizes = {}
     for row in rows:
         n_s = row["n_runs"]
@@ -461,49 +563,59 @@ def rank_signals(
             if not 1 <= m <= n_s:
                 raise SelectionError(f"Expected `subset_size` in [1, {n_s}] (the runs {row['signal']} ranks), but got {subset_size}.")
             sizes[row["signal"]] = (n_s, m)
-    ks = _resolve_ks(top_k, sizes, subset_size is not None)
-    for row in rows:
-        vals = row.pop("_values")
-        have = np.isfinite(vals)
-        row.update({"kendall_tau": None, "spearman_rho": None, "kendall_tau_ci": None, "spearman_rho_ci": None, "pick": None,
-                    "pick_ties": [], "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
-                    "subset_size": None, "n_draws": None})
-        row["_oriented"] = np.where(have, vals * (1 if row["mode"] == "max" else -1), np.nan)
-        if row["signal"] not in sizes:
-            continue
-        sig, ref = vals[have], refs_all[have]
-        run_names = [n for n, h in zip(names, have) if h]
-        osig = sig * (1 if row["mode"] == "max" else -1)
-        ties = [run_names[i] for i in np.flatnonzero(osig == osig.max())]
-        ref_rank = _rankdata((-1 if against_mode == "max" else 1) * ref)
-        row.update({"pick": ties[0], "pick_ties": ties, "pick_reference_rank": float(np.mean(ref_rank[osig == osig.max()]))})
-        row.update(_statistics(sig, ref, mode=row["mode"], against_mode=against_mode, ks=ks, m=sizes[row["signal"]][1],
-                               n_draws=n_draws, seed=seed, n_boot=n_boot, level=level, boot_draws=boot_draws,
-                               groups=None if labels is None else [labels[n] for n in run_names]))
-    underfit = _underfit([r for r, _ in pool], at, underfit_below)
-    out_runs = [{"run": r.name, "path": r.path, "hparams": dict(r.hparams), "reference": ref,
-                 "probe_accuracy": underfit["values"].get(r.name), "underfit": r.name in underfit["runs"],
-                 "group": None if labels is None else labels[r.name]} for r, ref in pool]
-    cv_doc: Optional[Dict[str, Any]] = None
-    if cv > 0:
-        oref = refs_all * (1 if against_mode == "max" else -1)
-        cands = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "signal" and row["n_runs"] >= 3}
-        bases = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "baseline" and row["n_runs"] >= 3}
-        if not cands:
-            cands, bases = bases, {}
-        if len(pool) < 6:
-            cv_doc = {"skipped": f"needs at least 6 runs (halves of 3 or more), got {_plural(len(pool), 'run')}"}
-        elif grouping is not None and grouping["n_groups"] < 4:
-            cv_doc = {"skipped": f"needs at least 4 groups (halves of 2 or more), got {_plural(grouping['n_groups'], 'group')}"}
-        elif not cands:
-            cv_doc = {"skipped": "no signal has 3 runs"}
-        else:
-            cv_doc = cross_validate_choice(cands, oref, ks=ks, n_splits=cv, level=level, seed=seed, baselines=bases,
-                                           groups=None if labels is None else [labels[n] for n in names])
-            in_sample = [(row["kendall_tau"], row["signal"]) for row in rows if row["signal"] in cands and row["kendall_tau"] is not None]
-            best = max(in_sample, key=lambda t: t[0]) if in_sample else None  # the first of the best, as the splits choose
-            cv_doc["in_sample_best"] = None if best is None else {"signal": best[1], "kendall_tau": best[0]}
-            cv_doc["candidates"] = list(cands)
+    return sizes
+
+
+def _row_statistics(row: Dict[str, Any], names: Sequence[str], refs: np.ndarray, *, sizes: Mapping[str, Tuple[int, int]],
+                    ks: Sequence[int], against_mode: str, draws: _Draws, labels: Optional[Mapping[str, str]]) -> None:
+    """Fill a signal's row in place: its oriented values (``"_oriented"``, for the cross-validation
+    and the comparisons), and for a signal with 2 runs or more its pick and statistics."""
+    vals = row.pop("_values")
+    have = np.isfinite(vals)
+    row.update({"kendall_tau": None, "spearman_rho": None, "kendall_tau_ci": None, "spearman_rho_ci": None, "pick": None,
+                "pick_ties": [], "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
+                "subset_size": None, "n_draws": None})
+    row["_oriented"] = np.where(have, vals * (1 if row["mode"] == "max" else -1), np.nan)
+    if row["signal"] not in sizes:
+        return
+    sig, ref = vals[have], refs[have]
+    run_names = [n for n, h in zip(names, have) if h]
+    osig = sig * (1 if row["mode"] == "max" else -1)
+    ties = [run_names[i] for i in np.flatnonzero(osig == osig.max())]
+    ref_rank = _rankdata((-1 if against_mode == "max" else 1) * ref)
+    row.update({"pick": ties[0], "pick_ties": ties, "pick_reference_rank": float(np.mean(ref_rank[osig == osig.max()]))})
+    row.update(_statistics(sig, ref, mode=row["mode"], against_mode=against_mode, ks=ks, m=sizes[row["signal"]][1], draws=draws,
+                           groups=None if labels is None else [labels[n] for n in run_names]))
+
+
+def _cv_doc(rows: Sequence[Dict[str, Any]], refs: np.ndarray, names: Sequence[str], *, n_splits: int, ks: Sequence[int],
+            against_mode: str, draws: _Draws, labels: Optional[Mapping[str, str]],
+            grouping: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The cross-validated choice among the signals with 3 runs or more (the baselines when no
+    signal has them), with the in-sample best beside it, or why it was skipped."""
+    oref = refs * (1 if against_mode == "max" else -1)
+    cands = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "signal" and row["n_runs"] >= 3}
+    bases = {row["signal"]: row["_oriented"] for row in rows if row["kind"] == "baseline" and row["n_runs"] >= 3}
+    if not cands:
+        cands, bases = bases, {}
+    if len(names) < 6:
+        return {"skipped": f"needs at least 6 runs (halves of 3 or more), got {_plural(len(names), 'run')}"}
+    if grouping is not None and grouping["n_groups"] < 4:
+        return {"skipped": f"needs at least 4 groups (halves of 2 or more), got {_plural(grouping['n_groups'], 'group')}"}
+    if not cands:
+        return {"skipped": "no signal has 3 runs"}
+    cv_doc = cross_validate_choice(cands, oref, ks=ks, n_splits=n_splits, level=draws.level, seed=draws.seed, baselines=bases,
+                                   groups=None if labels is None else [labels[n] for n in names])
+    in_sample = [(row["kendall_tau"], row["signal"]) for row in rows if row["signal"] in cands and row["kendall_tau"] is not None]
+    best = max(in_sample, key=lambda t: t[0]) if in_sample else None  # the first of the best, as the splits choose
+    cv_doc["in_sample_best"] = None if best is None else {"signal": best[1], "kendall_tau": best[0]}
+    cv_doc["candidates"] = list(cands)
+    return cv_doc
+
+
+def _comparisons(pairs: Sequence[Tuple[str, str]], rows: Sequence[Dict[str, Any]], names: Sequence[str], refs: np.ndarray, *,
+                 against_mode: str, draws: _Draws, labels: Optional[Mapping[str, str]]) -> List[Dict[str, Any]]:
+    """tau(A) - tau(B) with a paired bootstrap interval for each pair, over the runs that have both."""
     by_name = {row["signal"]: row for row in rows}
     compared: List[Dict[str, Any]] = []
     for a, b in pairs:
@@ -515,18 +627,13 @@ def rank_signals(
                              "reason": "fewer than 2 runs have both"})
             continue
         run_names = [n for n, h in zip(names, both) if h]
-        d = tau_difference(ra["_oriented"][both], rb["_oriented"][both], refs_all[both], reference_mode=against_mode,
-                           n_boot=n_boot, level=level, seed=seed,
+        d = tau_difference(ra["_oriented"][both], rb["_oriented"][both], refs[both], reference_mode=against_mode,
+                           n_boot=draws.n_boot, level=draws.level, seed=draws.seed,
                            groups=None if labels is None else [labels[n] for n in run_names])
         if labels is not None and len({labels[n] for n in run_names}) < 2:
             d["interval"] = None
         compared.append({"a": ra["signal"], "b": rb["signal"], "runs": run_names, **d})
-    for row in rows:
-        row.pop("_oriented")
-    return {"against": against, "against_mode": against_mode, "at": at, "where": [where] if isinstance(where, str) else list(where),
-            "runs": out_runs, "skipped": skipped, "signals": rows, "not_evaluated": base_left + left_out, "ks": ks,
-            "bootstrap": _bootstrap_doc(n_boot, level, seed, boot_draws, grouping), "cv": cv_doc, "underfit": underfit,
-            "grouping": grouping, "compare": compared}
+    return compared
 
 
 def _parse_compare(compare: Any) -> List[Tuple[str, str]]:
