@@ -19,7 +19,26 @@ __all__ = [
     "check_labels",
     "close_names",
     "clone_or_none",
+    "check_int",
+    "check_choice",
 ]
+
+
+def check_int(value: object, name: str, minimum: int, detail: str = "") -> int:
+    """``value`` when it is an ``int`` (not a ``bool``) ``>= minimum``; else ``ValueError``
+    "Expected `name` to be an int >= minimum[ detail], but got ...". Returns it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}{detail}, but got {value!r}.")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str], detail: str = "") -> str:
+    """``value`` when it is one of ``choices``; else ``ValueError`` "Expected `name` to be 'a',
+    'b' or 'c'[detail], but got ...". Returns it."""
+    if not isinstance(value, str) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}" if len(choices) > 1 else repr(choices[0])
+        raise ValueError(f"Expected `{name}` to be {listed}{detail}, but got {value!r}.")
+    return value
 
 
 def check_tensor(x: object, name: str) -> torch.Tensor:
@@ -81,8 +100,7 @@ def check_labels(labels: object, n: int, num_classes: int, name: str = "labels")
         raise ValueError(f"Expected `{name}` to have {n} entries (one per sample), but got {labels.shape[0]}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"Expected `{name}` to be an integer tensor of class indices, but got dtype {labels.dtype}.")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"Expected `num_classes` to be an int >= 2, but got {num_classes!r}.")
+    check_int(num_classes, "num_classes", 2)
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:

@@ -10,11 +10,19 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from netprobe.layers import LayerSpec, Layouts, LayoutSpec, eager_hook, observing, resolve_layers, select_output
-from netprobe.layers import LayoutDecisions
-from netprobe._validation import close_names
+from netprobe._validation import check_int, close_names
 from netprobe.capture.reductions import Reduction, check_reduction, reduce_output
 from netprobe.capture.ring_buffer import STORAGE_DTYPES, RingBuffer
+from netprobe.layers import (
+    LayerSpec,
+    LayoutDecisions,
+    Layouts,
+    LayoutSpec,
+    eager_hook,
+    observing,
+    resolve_layers,
+    select_output,
+)
 
 __all__ = ["Probe", "probe", "OutputSelector"]
 
@@ -109,8 +117,7 @@ class Probe:
         self._modules: Dict[str, nn.Module] = resolve_layers(model, layers)
         select_map = select if isinstance(select, Mapping) else {n: select for n in self._modules}
         self._layouts = Layouts(model, self._modules, layout, select=select_map, observe=observe)
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise ValueError(f"Expected `capacity` to be a positive int (rows kept per layer), but got {capacity!r}.")
+        check_int(capacity, "capacity", 1, " (rows kept per layer)")
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"Expected `dtype` to be one of {[str(d) for d in STORAGE_DTYPES]}, but got {dtype}.")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -125,7 +132,7 @@ class Probe:
         if any(r == "sample" for r in self._reduce.values()):
             if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
                 raise ValueError(
-                    f"Expected `positions` (positions sampled per input) to be a positive int with "
+                    f"Expected `positions` (positions sampled per input) to be an int >= 1 with "
                     f"reduce='sample', but got {positions!r}."
                 )
         elif positions is not None:

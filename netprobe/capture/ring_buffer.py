@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from netprobe._validation import check_int
+
 __all__ = ["RingBuffer", "STORAGE_DTYPES"]
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -49,8 +51,7 @@ class RingBuffer:
         device: Optional[torch.device | str] = None,
         store_targets: bool = False,
     ) -> None:
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise ValueError(f"Expected `capacity` to be a positive int (rows kept), but got {capacity!r}.")
+        check_int(capacity, "capacity", 1, " (rows kept)")
         if dtype not in STORAGE_DTYPES:
             raise ValueError(
                 f"Expected `dtype` to be one of {[str(d) for d in STORAGE_DTYPES]}, but got {dtype}."

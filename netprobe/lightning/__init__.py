@@ -5,8 +5,8 @@ hand to ``EarlyStopping`` / ``ModelCheckpoint``); see the README's table.
 """
 
 from netprobe.lightning.base import NetprobeMonitor
-from netprobe.lightning.early_stopping import RelianceEarlyStopping
 from netprobe.lightning.convergence import ConvergenceMonitor
+from netprobe.lightning.early_stopping import RelianceEarlyStopping
 from netprobe.lightning.reliance import RelianceMonitor
 from netprobe.lightning.selectivity import SelectivityMonitor
 

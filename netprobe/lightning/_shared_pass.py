@@ -4,6 +4,7 @@ for, and the digest of a probe set kept in checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
@@ -41,6 +42,25 @@ class _RunIdentity:
         return "first" if refs is None else "other"
 
 
+@dataclasses.dataclass
+class _Pass:
+    """One forward pass over a probe set, kept until every monitor it was made for took its layers.
+
+    Attributes:
+        step: ``(id of the model, global step, epoch, probe size)`` it was made at.
+        inputs: the probe inputs it ran on.
+        activations: ``{layer: activations}`` of every peer's layers.
+        outputs: the model's outputs on ``inputs``.
+        waiting: ids of the monitors yet to take theirs.
+    """
+
+    step: Any
+    inputs: torch.Tensor
+    activations: Dict[str, torch.Tensor]
+    outputs: Optional[torch.Tensor]
+    waiting: set
+
+
 class _SharedProbePass:
     """The forward passes over the probe sets shared by the monitors of one Trainer at one step.
 
@@ -54,8 +74,7 @@ class _SharedProbePass:
 
     def __init__(self) -> None:
         self.monitors: "weakref.WeakSet[NetprobeMonitor]" = weakref.WeakSet()
-        # share key -> (step key, inputs, activations, outputs, ids of the monitors yet to take theirs)
-        self._passes: Dict[Any, Tuple[Any, torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor], set]] = {}
+        self._passes: Dict[Any, _Pass] = {}  # share key -> the pass made for it at its step
         self.tensorboard_written: Any = None  # (writer id, keys) of the last layout/HParams written
         self.fewer_told: set = set()  # (source, num_samples, examples there) warned about (NetprobeMonitor._warn_fewer)
         self._order: Optional[Tuple[int, Dict[str, int]]] = None  # (id of the model, {module name: position})
@@ -97,10 +116,10 @@ class _SharedProbePass:
         entry = self._passes.get(share)
         # the inputs themselves must be the same (the same settings can still draw other examples,
         # e.g. from a shuffling DataLoader with its own generator): equal, else a pass of its own
-        same_x = entry is not None and (entry[1] is x or (entry[1].shape == x.shape and torch.equal(entry[1], x)))
-        if entry is not None and entry[0] == key and id(mon) in entry[4] and not same_x:
+        same_x = entry is not None and (entry.inputs is x or (entry.inputs.shape == x.shape and torch.equal(entry.inputs, x)))
+        if entry is not None and entry.step == key and id(mon) in entry.waiting and not same_x:
             return mon._capture(pl_module, x)
-        if entry is None or entry[0] != key or id(mon) not in entry[4]:
+        if entry is None or entry.step != key or id(mon) not in entry.waiting:
             epoch = int(trainer.current_epoch)
             peers = [m for m in list(self.monitors) if m is mon or (m._share_key() == share and m._due(epoch))]
             wanted = set(l for m in peers for l in m.layers)
@@ -110,12 +129,12 @@ class _SharedProbePass:
             except ValueError:  # a peer's layer failed: this monitor's own layers alone say what is wrong
                 self._passes.pop(share, None)
                 return mon._capture(pl_module, x)
-            entry = (key, x, acts, out, {id(m) for m in peers})
+            entry = _Pass(key, x, acts, out, {id(m) for m in peers})
             self._passes[share] = entry
-        entry[4].discard(id(mon))
-        if not entry[4]:
+        entry.waiting.discard(id(mon))
+        if not entry.waiting:
             del self._passes[share]
-        return {n: entry[2][n] for n in mon.layers}, entry[3]
+        return {n: entry.activations[n] for n in mon.layers}, entry.outputs
 
     def clear(self) -> None:
         """Drop every pass (at the end of a step's measurements: a peer that did not take its

@@ -33,6 +33,7 @@ What every monitor does, in one place:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -42,11 +43,25 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
-from netprobe.layers import INPUT_KEYS, TARGET_KEYS, LayerSpec, check_layout, evaluating, resolve_layers
 from netprobe._keys import BEST_TRACKED as _BEST
 from netprobe._keys import MODEL_LEVEL as _MODEL_LEVEL
-from netprobe.layers import LayoutDecisions
-from netprobe.lightning._shared_pass import (_frozen_spec, _OtherRankFailed, _probe_fingerprint, _RunIdentity, _shared_pass)
+from netprobe._validation import check_int
+from netprobe.layers import (
+    INPUT_KEYS,
+    TARGET_KEYS,
+    LayerSpec,
+    LayoutDecisions,
+    check_layout,
+    evaluating,
+    resolve_layers,
+)
+from netprobe.lightning._shared_pass import (
+    _frozen_spec,
+    _OtherRankFailed,
+    _probe_fingerprint,
+    _RunIdentity,
+    _shared_pass,
+)
 from netprobe.lightning._tensorboard import _register_tensorboard, _tensorboard_writer
 
 try:
@@ -78,6 +93,26 @@ ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 
 
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skip:
+    """A value a measurement could not compute, told at the measurement's end.
+
+    Attributes:
+        layer: the layer.
+        what: what was skipped (``"selectivity"``, ``"reliance_auc"``, ...).
+        error: why.
+        loud: this rank says why (the rank where it failed, or rank zero).
+        metrics: the logged metrics it leaves without the layer's value (``None``: any of them).
+    """
+
+    layer: str
+    what: str
+    error: Exception
+    loud: bool
+    metrics: Optional[Tuple[str, ...]]
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -136,8 +171,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             raise ValueError("Expected `layers` to name at least one layer to monitor, but got none.")
         for name, v, lo in (("num_samples", num_samples, 2), ("every_n_epochs", every_n_epochs, 1), ("batch_size", batch_size, 1),
                              ("media_every", media_every, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"Expected `{name}` to be an int >= {lo}, but got {v!r}.")
+            check_int(v, name, lo)
         if not isinstance(seed, int):
             raise TypeError(f"Expected `seed` to be an int, but got {type(seed).__name__}.")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
@@ -185,9 +219,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
         self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
-        # values skipped at the running measurement: (layer, what, error, this rank says why, metrics
-        # left without that layer's value or None for all); told at its end (_warn_skipped)
-        self._skips: List[Tuple[str, str, Exception, bool, Optional[Tuple[str, ...]]]] = []
+        # values skipped at the running measurement, told at its end (_warn_skipped)
+        self._skips: List[_Skip] = []
         self._coverage: Dict[str, Tuple[List[str], List[str]]] = {}  # metric -> (layers with a value, layers expected)
         self._warned: set = set()  # (layer, metric) and (layer, what) already warned about in this fit
 
@@ -686,7 +719,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         why); ``metrics``: the logged metrics this leaves without a value for the layer (``None``:
         any of them). The warning comes at the end of the measurement (:meth:`_warn_skipped`)."""
         loud = _dist.rank() == 0 or not isinstance(err, _OtherRankFailed)  # the rank with the cause says why
-        self._skips.append((layer, what, err, loud, None if metrics is None else tuple(metrics)))
+        self._skips.append(_Skip(layer, what, err, loud, None if metrics is None else tuple(metrics)))
 
     def _warn_skipped(self) -> None:
         """Warn about the values this measurement skipped, once per layer and metric in a fit.
@@ -699,26 +732,26 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._skips, self._coverage = [], {}
         name = type(self).__name__
         lacking = {m: [k for k in exp if k not in have] for m, (have, exp) in coverage.items()}
-        layers = list(dict.fromkeys([s[0] for s in skips] + [k for miss in lacking.values() for k in miss]))
+        layers = list(dict.fromkeys([s.layer for s in skips] + [k for miss in lacking.values() for k in miss]))
         for layer in layers:
-            causes = [s for s in skips if s[0] == layer]
+            causes = [s for s in skips if s.layer == layer]
             new = [m for m, miss in lacking.items() if layer in miss and (layer, m) not in self._warned]
             # a cause whose metrics all kept the layer's value (or whose means are not covered, e.g. NaN
             # after a divergence) is told on its own, once per layer and cause
-            alone = [s for s in causes if not any(layer in miss and (s[4] is None or m in s[4]) for m, miss in lacking.items())
-                     and (layer, s[1]) not in self._warned]
-            loud = _dist.rank() == 0 or any(s[3] for s in causes)
+            alone = [s for s in causes if not any(layer in miss and (s.metrics is None or m in s.metrics) for m, miss in lacking.items())
+                     and (layer, s.what) not in self._warned]
+            loud = _dist.rank() == 0 or any(s.loud for s in causes)
             for s in alone:
-                self._warned.add((layer, s[1]))
-                if s[3]:
-                    warnings.warn(f"{name}: {s[1]} for layer {layer!r} skipped this epoch: {s[2]}", RuntimeWarning, stacklevel=2)
+                self._warned.add((layer, s.what))
+                if s.loud:
+                    warnings.warn(f"{name}: {s.what} for layer {layer!r} skipped this epoch: {s.error}", RuntimeWarning, stacklevel=2)
             if not new:
                 continue
             self._warned.update((layer, m) for m in new)
             if not loud:
                 continue
-            why = [f"{s[1]} for layer {layer!r} skipped this epoch: {str(s[2]).rstrip('. ')}" for s in causes
-                   if s not in alone and (s[4] is None or any(m in s[4] for m in new))]
+            why = [f"{s.what} for layer {layer!r} skipped this epoch: {str(s.error).rstrip('. ')}" for s in causes
+                   if s not in alone and (s.metrics is None or any(m in s.metrics for m in new))]
             text = "; ".join(why) if why else f"no value for layer {layer!r} this epoch"
             # the metrics that lack the same layers share one sentence
             groups: Dict[Tuple[Tuple[str, ...], int], List[str]] = {}

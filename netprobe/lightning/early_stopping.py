@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import warnings
-
 from typing import Any, Dict, Optional
 
 import torch

@@ -13,6 +13,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe import viz
+from netprobe._validation import check_choice, check_int
 from netprobe.lightning._shared import _check_class_scores, _ForwardAdapter, _probe_selectivity
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import NetprobeMonitor
@@ -122,14 +123,10 @@ class RelianceMonitor(NetprobeMonitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(layers, **kwargs)
-        if order not in ("random", "selectivity_desc", "selectivity_asc"):
-            raise ValueError(f"Expected `order` to be 'random', 'selectivity_desc' or 'selectivity_asc', but got {order!r}.")
-        if orders not in ("fixed", "per_epoch"):
-            raise ValueError(f"Expected `orders` to be 'fixed' or 'per_epoch', but got {orders!r}.")
-        if mode not in ("zero", "mean"):
-            raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-            raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
+        check_choice(order, "order", ("random", "selectivity_desc", "selectivity_asc"))
+        check_choice(orders, "orders", ("fixed", "per_epoch"))
+        check_choice(mode, "mode", ("zero", "mean"))
+        check_int(repeats, "repeats", 1)
         _check_budget(max_batch, max_elements)
         fr = _check_points(fractions, "fractions", 0.0, 1.0).tolist()  # the curves' own checks, now
         sc = _check_points(scales, "scales", 0.0, None).tolist()

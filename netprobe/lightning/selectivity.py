@@ -11,7 +11,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe import viz
-from netprobe._validation import check_finite
+from netprobe._validation import check_choice, check_finite
 from netprobe.lightning._shared import _SELECTIVITY_SKIP, _check_class_scores, _ForwardAdapter, _probe_selectivity
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import NetprobeMonitor
@@ -69,10 +69,8 @@ class SelectivityMonitor(NetprobeMonitor):
         super().__init__(layers, **kwargs)
         if not isinstance(bins, int) or bins < 2:
             raise ValueError(f"Expected `bins` to be an int >= 2, but got {bins!r}.")
-        if importance_by not in ("loss_rise", "accuracy_drop"):
-            raise ValueError(f"Expected `importance_by` to be 'loss_rise' or 'accuracy_drop', but got {importance_by!r}.")
-        if importance_mode not in ("zero", "mean"):
-            raise ValueError(f"Expected `importance_mode` to be 'zero' or 'mean', but got {importance_mode!r}.")
+        check_choice(importance_by, "importance_by", ("loss_rise", "accuracy_drop"))
+        check_choice(importance_mode, "importance_mode", ("zero", "mean"))
         self.mutual_info = bool(mutual_info)
         self.bins = bins
         self.histograms = bool(histograms)

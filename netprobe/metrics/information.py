@@ -17,13 +17,12 @@ single bin and has MI exactly 0. The plug-in estimate is biased upwards by about
 from __future__ import annotations
 
 import warnings
-
 from typing import Any, Dict, Optional
 
 import torch
 
 from netprobe import distributed as _dist
-from netprobe._validation import check_2d, check_finite, check_labels, clone_or_none
+from netprobe._validation import check_2d, check_finite, check_int, check_labels, clone_or_none
 
 __all__ = ["mutual_information", "MutualInfoAccumulator", "quantile_edges"]
 
@@ -31,8 +30,7 @@ _F64 = torch.float64
 
 
 def _check_bins(bins: int) -> int:
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
-        raise ValueError(f"Expected `bins` to be an int >= 2, but got {bins!r}.")
+    check_int(bins, "bins", 2)
     return bins
 
 
@@ -66,8 +64,7 @@ class MutualInfoAccumulator:
     """
 
     def __init__(self, num_classes: int, *, bins: int = 16, edges: Optional[torch.Tensor] = None) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(f"Expected `num_classes` to be an int >= 2, but got {num_classes!r}.")
+        check_int(num_classes, "num_classes", 2)
         self.num_classes = num_classes
         self.bins = _check_bins(bins)
         if edges is not None:

@@ -18,7 +18,7 @@ from typing import Any, Dict
 import torch
 
 from netprobe import distributed as _dist
-from netprobe._validation import check_2d, check_finite, check_labels, clone_or_none
+from netprobe._validation import check_2d, check_finite, check_int, check_labels, clone_or_none
 
 __all__ = ["class_selectivity", "SelectivityResult", "SelectivityAccumulator"]
 
@@ -76,8 +76,7 @@ class SelectivityAccumulator:
     """
 
     def __init__(self, num_classes: int) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(f"Expected `num_classes` to be an int >= 2, but got {num_classes!r}.")
+        check_int(num_classes, "num_classes", 2)
         self.num_classes = num_classes
         self.sums: torch.Tensor | None = None  # (C, d)
         self.counts: torch.Tensor | None = None  # (C,)

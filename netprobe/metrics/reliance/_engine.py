@@ -166,11 +166,43 @@ class _MaskingHook:
         return rebuild(self.fn(out))
 
 
+@dataclasses.dataclass(frozen=True)
+class _PassOptions:
+    """How a curve's stacked passes run (the options every curve function takes).
+
+    Attributes:
+        device: where the inputs go (the model's device), or ``None`` to leave them.
+        loss_fn: per-sample loss, ``None`` for cross-entropy.
+        max_batch: most rows per pass.
+        vectorize: stack several perturbations per pass (``False``: one pass each).
+        expand: ``"auto"``, ``"layer"`` or ``"input"`` (see :func:`_run`).
+        max_elements: the element bound of any module output in a pass, or ``None``.
+    """
+
+    device: Optional[torch.device]
+    loss_fn: Optional[LossFn]
+    max_batch: int
+    vectorize: bool
+    expand: str
+    max_elements: Optional[int]
+
+
+def _chunking(budget: int, n_masks: int, vectorize: bool) -> Tuple[int, Optional[int]]:
+    """``(perturbations per pass, samples per pass or None for whole batches)`` within ``budget`` rows."""
+    if not vectorize:
+        return 1, None
+    sub = max(1, budget // n_masks)
+    if sub < _MIN_SUB and budget >= 4 * _MIN_SUB:
+        # at least `_MIN_SUB` samples per pass when the budget allows: passes of single samples
+        # through the whole model are much slower than chunking the masks (the layers before the
+        # perturbed one then run once per chunk)
+        sub = _MIN_SUB
+    return max(1, min(n_masks, budget // sub)), sub
+
+
 def _run(
-    model: nn.Module, module: nn.Module, data: Data, device, ud: int, n_masks: int,
-    perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
-    loss_fn: Optional[LossFn], max_batch: int, vectorize: bool, expand: str = "auto",
-    max_elements: Optional[int] = None, row_elements: int = 1, bd: int = 0, select: Any = None, name: str = "?",
+    model: nn.Module, module: nn.Module, data: Data, perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
+    n_masks: int, *, stats: _LayerStats, how: _PassOptions, select: Any = None, name: str = "?",
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Evaluate ``n_masks`` perturbations; ``perturb(out_view (m, b, ...), start, m, first_sample_index)``.
 
@@ -183,23 +215,16 @@ def _run(
     correct = torch.zeros(n_masks, dtype=_F64)
     loss_sum = torch.zeros(n_masks, dtype=_F64)
     n = 0
-    hook = _MaskingHook(bd, select, name)
+    device, expand, loss_fn = how.device, how.expand, how.loss_fn
+    hook = _MaskingHook(stats.bd, select, name)
     h = module.register_forward_hook(hook)
     at_layer = expand in ("auto", "layer")
     # Every mask stacked in one pass over sub-batches of `sub` samples, so the layers before the
     # perturbed one run once per sample; only with more masks than the row budget are they
     # chunked. The budget: `max_batch` rows, and no module output above `max_elements` elements.
-    budget = max_batch if max_elements is None else max(1, min(max_batch, max_elements // max(row_elements, 1)))
-    if not vectorize:
-        m_chunk, sub = 1, None
-    else:
-        sub = max(1, budget // n_masks)
-        if sub < _MIN_SUB and budget >= 4 * _MIN_SUB:
-            # at least `_MIN_SUB` samples per pass when the budget allows: with about as many masks
-            # as the budget, passes of single samples through the whole model ran ~10x slower than
-            # chunking the masks (the layers before the perturbed one then run once per chunk)
-            sub = _MIN_SUB
-        m_chunk = max(1, min(n_masks, budget // sub))
+    budget = how.max_batch if how.max_elements is None else max(
+        1, min(how.max_batch, how.max_elements // max(stats.row_elements, 1)))
+    m_chunk, sub = _chunking(budget, n_masks, how.vectorize)
     try:
         for xb, yb in _batches(data):
             if device is not None:

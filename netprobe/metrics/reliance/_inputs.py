@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 import torch
 from torch import nn
 
+from netprobe._validation import check_int
 from netprobe.layers import (
     INPUT_KEYS,
     TARGET_KEYS,
@@ -166,8 +167,7 @@ def _check_points(x: Sequence[float], name: str, lo: float, hi: Optional[float])
 
 
 def _check_budget(max_batch: int, max_elements: MaxElements) -> None:
-    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-        raise ValueError(f"Expected `max_batch` to be a positive int, but got {max_batch!r}.")
+    check_int(max_batch, "max_batch", 1)
     if max_elements is not None and max_elements != "auto" and (
         not isinstance(max_elements, int) or isinstance(max_elements, bool) or max_elements < 1
     ):

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
+from netprobe._validation import check_choice, check_int
 from netprobe.layers import (
     check_layout,
     evaluating,
     resolve_layer,
 )
-from netprobe.metrics.reliance._engine import _layer_pass, _LayerStats, _mask_perturb, _reduce_stats, _run
+from netprobe.metrics.reliance._engine import _layer_pass, _LayerStats, _mask_perturb, _PassOptions, _reduce_stats, _run
 from netprobe.metrics.reliance._inputs import (
     _F64,
     Data,
@@ -178,8 +179,8 @@ def ablation_curve(
         evaluated = uniq[~nothing] if given else uniq
         ud = int(st.ud or 0)
         perturb = _mask_perturb(evaluated, mean, ud, st.d)
-        correct_e, loss_e, n = _run(model, module, data, device, ud, evaluated.shape[0], perturb, loss_fn, max_batch, vectorize,
-                                     expand, _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
+        how = _PassOptions(device, loss_fn, max_batch, vectorize, expand, _max_elements(max_elements, device))
+        correct_e, loss_e, n = _run(model, module, data, perturb, evaluated.shape[0], stats=st, how=how, select=select, name=name)
         if given:
             correct_u = torch.empty(uniq.shape[0], dtype=_F64)
             loss_u = torch.empty(uniq.shape[0], dtype=_F64)
@@ -195,12 +196,9 @@ def ablation_curve(
 
 def _check_ablation_options(mode: str, repeats: int, expand: str, order: Any, generator: Any) -> None:
     """``ablation_curve``'s option checks (before any forward pass)."""
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
-    if expand not in ("auto", "layer", "input"):
-        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
+    check_choice(mode, "mode", ("zero", "mean"))
+    check_int(repeats, "repeats", 1)
+    check_choice(expand, "expand", ("auto", "layer", "input"))
     if isinstance(order, str) and order not in ("random", "selectivity_desc", "selectivity_asc"):
         raise ValueError(
             f"Expected `order` to be 'random', 'selectivity_desc', 'selectivity_asc' or a permutation tensor, but got {order!r}."

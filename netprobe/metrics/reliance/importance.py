@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from netprobe import distributed as _dist
+from netprobe._validation import check_choice
 from netprobe.layers import check_layout, evaluating, resolve_layer
-from netprobe.metrics.reliance._engine import _layer_pass, _mask_perturb, _reduce_stats, _run
+from netprobe.metrics.reliance._engine import _layer_pass, _mask_perturb, _PassOptions, _reduce_stats, _run
 from netprobe.metrics.reliance._inputs import (
     Data,
     LossFn,
@@ -217,11 +218,9 @@ def unit_importance(
         True
     """
     name, module = resolve_layer(model, layer)
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"Expected `mode` to be 'zero' or 'mean', but got {mode!r}.")
+    check_choice(mode, "mode", ("zero", "mean"))
     _check_budget(max_batch, max_elements)
-    if expand not in ("auto", "layer", "input"):
-        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
+    check_choice(expand, "expand", ("auto", "layer", "input"))
     base = _check_unablated(unablated)
     _check_reiterable(data)
     layout = check_layout(layout) if layout is not None else None
@@ -236,9 +235,9 @@ def unit_importance(
         if base is None:
             masks = torch.cat([torch.ones(1, d, dtype=torch.bool), masks])  # row 0: the model itself
         mean = (st.s1 / st.cnt) if mode == "mean" else None
-        correct, loss_sum, n = _run(model, module, data, device, ud, masks.shape[0], _mask_perturb(masks, mean, ud, d), loss_fn,
-                                    max_batch, vectorize, expand, _max_elements(max_elements, device), st.row_elements, st.bd,
-                                    select, name)
+        how = _PassOptions(device, loss_fn, max_batch, vectorize, expand, _max_elements(max_elements, device))
+        correct, loss_sum, n = _run(model, module, data, _mask_perturb(masks, mean, ud, d), masks.shape[0], stats=st, how=how,
+                                    select=select, name=name)
     if base is None:
         base_c, base_l, correct, loss_sum = correct[0], loss_sum[0], correct[1:], loss_sum[1:]
     else:
@@ -296,8 +295,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor, *, nan_policy: str = "raise") -> 
         >>> round(float(spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 20.0, 40.0]))), 4)
         0.9487
     """
-    if nan_policy not in ("raise", "omit"):
-        raise ValueError(f"Expected `nan_policy` to be 'raise' or 'omit', but got {nan_policy!r}.")
+    check_choice(nan_policy, "nan_policy", ("raise", "omit"))
     x, y = _as_vector(a, "a"), _as_vector(b, "b")
     if x.shape != y.shape:
         raise ValueError(f"Expected `a` and `b` of the same length, but got {x.shape[0]} and {y.shape[0]}.")

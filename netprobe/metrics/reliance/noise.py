@@ -8,12 +8,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from netprobe._validation import check_choice, check_int
 from netprobe.layers import (
     check_layout,
     evaluating,
     resolve_layer,
 )
-from netprobe.metrics.reliance._engine import _layer_pass, _reduce_stats, _run
+from netprobe.metrics.reliance._engine import _layer_pass, _PassOptions, _reduce_stats, _run
 from netprobe.metrics.reliance._inputs import (
     Data,
     LossFn,
@@ -97,14 +98,9 @@ def noise_curve(
     name, module = resolve_layer(model, layer)
     sc = _check_points(scales, "scales", 0.0, None)
     _check_budget(max_batch, max_elements)
-    if expand not in ("auto", "layer", "input"):
-        raise ValueError(f"Expected `expand` to be 'auto', 'layer' or 'input', but got {expand!r}.")
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"Expected `repeats` to be an int >= 1, but got {repeats!r}.")
-    if not isinstance(index_offset, int) or isinstance(index_offset, bool) or index_offset < 0:
-        raise ValueError(
-            f"Expected `index_offset` to be an int >= 0 (the global index of the first sample of `data`), but got {index_offset!r}."
-        )
+    check_choice(expand, "expand", ("auto", "layer", "input"))
+    check_int(repeats, "repeats", 1)
+    check_int(index_offset, "index_offset", 0, " (the global index of the first sample of `data`)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     _check_reiterable(data)
@@ -144,7 +140,7 @@ def noise_curve(
                 out[i] = view[i] + float(sc[j]) * s * z_for(rep, first, view.shape[1:], view.device).to(view.dtype)
             return out
 
-        correct, loss_sum, n = _run(model, module, data, device, ud, repeats * k, perturb, loss_fn, max_batch, vectorize, expand,
-                                  _max_elements(max_elements, device), st.row_elements, st.bd, select, name)
+        how = _PassOptions(device, loss_fn, max_batch, vectorize, expand, _max_elements(max_elements, device))
+        correct, loss_sum, n = _run(model, module, data, perturb, repeats * k, stats=st, how=how, select=select, name=name)
     res = CurveResult(sc, correct.reshape(repeats, k), loss_sum.reshape(repeats, k), n, "noise", name, None)
     return _check_finite_loss(_check_count(res.all_reduce() if distributed else res))
