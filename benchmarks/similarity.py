@@ -167,11 +167,11 @@ def _candidates(n, d):
 
     def pure_torch(fn):  # NETPROBE_NUMPY_BLAS=0: every product in torch
         def run(x, y):
-            prev, S._NUMPY_CPU = S._NUMPY_CPU, False
+            prev, S.config.numpy_blas = S.config.numpy_blas, False
             try:
                 return fn(x, y)
             finally:
-                S._NUMPY_CPU = prev
+                S.config.numpy_blas = prev
         return run
 
     wide = n < d
