@@ -33,7 +33,6 @@ What every monitor does, in one place:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -62,6 +61,7 @@ from netprobe.lightning._shared_pass import (
     _RunIdentity,
     _shared_pass,
 )
+from netprobe.lightning._skips import SkipReport
 from netprobe.lightning._tensorboard import _register_tensorboard, _tensorboard_writer
 
 try:
@@ -95,24 +95,6 @@ ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 
 
 
-
-@dataclasses.dataclass(frozen=True)
-class _Skip:
-    """A value a measurement could not compute, told at the measurement's end.
-
-    Attributes:
-        layer: the layer.
-        what: what was skipped (``"selectivity"``, ``"reliance_auc"``, ...).
-        error: why.
-        loud: this rank says why (the rank where it failed, or rank zero).
-        metrics: the logged metrics it leaves without the layer's value (``None``: any of them).
-    """
-
-    layer: str
-    what: str
-    error: Exception
-    loud: bool
-    metrics: Optional[Tuple[str, ...]]
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -219,10 +201,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
         self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
-        # values skipped at the running measurement, told at its end (_warn_skipped)
-        self._skips: List[_Skip] = []
-        self._coverage: Dict[str, Tuple[List[str], List[str]]] = {}  # metric -> (layers with a value, layers expected)
-        self._warned: set = set()  # (layer, metric) and (layer, what) already warned about in this fit
+        self._skipped = SkipReport()  # values skipped at the running measurement, told at its end
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -359,7 +338,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._order_logged = False
-        self._warned = set()  # a skipped value is told once per layer and metric in each fit
+        self._skipped.warned = set()  # a skipped value is told once per layer and metric in each fit
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
         # of a run), so the HParams tab lists the netprobe metrics
         _register_tensorboard(trainer, pl_module, [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)])
@@ -653,10 +632,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         raise NotImplementedError
 
     def _measure(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
-        """:meth:`compute`, then the warnings for the values it skipped (:meth:`_warn_skipped`)."""
-        self._skips, self._coverage = [], {}
+        """:meth:`compute`, then the warnings for the values it skipped (:class:`SkipReport`)."""
+        self._skipped.forget_measurement()
         result = self.compute(trainer, pl_module)
-        self._warn_skipped()
+        self._skipped.tell(type(self).__name__)
         return result
 
     @property
@@ -690,7 +669,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
         The mean is over the layers that have a finite value. With ``coverage``, the layers that
         should have one (``expected``; every monitored layer when ``None``) are noted, so that the
-        measurement's warnings say which layers a mean left out (:meth:`_warn_skipped`)."""
+        measurement's warnings say which layers a mean left out (:class:`SkipReport`)."""
         finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
         for layer, v in finite.items():
             out[f"netprobe/{metric}/{layer}"] = v
@@ -698,7 +677,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             out[f"netprobe/{metric}"] = sum(finite.values()) / len(finite)
         if coverage:
             exp = list(self.layers if expected is None else expected)
-            self._coverage[metric] = ([k for k in exp if k in finite], exp)
+            self._skipped.coverage[metric] = ([k for k in exp if k in finite], exp)
 
     def _agreed(self, fn: Callable[[], Any], device: Optional[torch.device]) -> Any:
         """Run a rank-local step that may raise ValueError (input checks on this rank's shard)
@@ -717,59 +696,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _warn_skip(self, layer: str, what: str, err: Exception, metrics: Optional[Sequence[str]] = None) -> None:
         """Note that ``what`` could not be computed for ``layer`` at this measurement (``err`` says
         why); ``metrics``: the logged metrics this leaves without a value for the layer (``None``:
-        any of them). The warning comes at the end of the measurement (:meth:`_warn_skipped`)."""
+        any of them). The warning comes at the end of the measurement (:class:`SkipReport`)."""
         loud = _dist.rank() == 0 or not isinstance(err, _OtherRankFailed)  # the rank with the cause says why
-        self._skips.append(_Skip(layer, what, err, loud, None if metrics is None else tuple(metrics)))
-
-    def _warn_skipped(self) -> None:
-        """Warn about the values this measurement skipped, once per layer and metric in a fit.
-
-        One warning per layer: why its values were skipped and, for each mean ``netprobe/<metric>``
-        that lacks the layer, how many of the expected layers that mean covers and which it left
-        out (the mean is over the layers with a value, so it can jump when one drops out). A layer
-        whose every metric was already told about in this fit is not told again."""
-        skips, coverage = self._skips, self._coverage
-        self._skips, self._coverage = [], {}
-        name = type(self).__name__
-        lacking = {m: [k for k in exp if k not in have] for m, (have, exp) in coverage.items()}
-        layers = list(dict.fromkeys([s.layer for s in skips] + [k for miss in lacking.values() for k in miss]))
-        for layer in layers:
-            causes = [s for s in skips if s.layer == layer]
-            new = [m for m, miss in lacking.items() if layer in miss and (layer, m) not in self._warned]
-            # a cause whose metrics all kept the layer's value (or whose means are not covered, e.g. NaN
-            # after a divergence) is told on its own, once per layer and cause
-            alone = [s for s in causes if not any(layer in miss and (s.metrics is None or m in s.metrics) for m, miss in lacking.items())
-                     and (layer, s.what) not in self._warned]
-            loud = _dist.rank() == 0 or any(s.loud for s in causes)
-            for s in alone:
-                self._warned.add((layer, s.what))
-                if s.loud:
-                    warnings.warn(f"{name}: {s.what} for layer {layer!r} skipped this epoch: {s.error}", RuntimeWarning, stacklevel=2)
-            if not new:
-                continue
-            self._warned.update((layer, m) for m in new)
-            if not loud:
-                continue
-            why = [f"{s.what} for layer {layer!r} skipped this epoch: {str(s.error).rstrip('. ')}" for s in causes
-                   if s not in alone and (s.metrics is None or any(m in s.metrics for m in new))]
-            text = "; ".join(why) if why else f"no value for layer {layer!r} this epoch"
-            # the metrics that lack the same layers share one sentence
-            groups: Dict[Tuple[Tuple[str, ...], int], List[str]] = {}
-            for m in new:
-                groups.setdefault((tuple(lacking[m]), len(coverage[m][1])), []).append(m)
-            said = []
-            for (miss, total), ms in groups.items():
-                keys, one = ", ".join(f"`netprobe/{m}`" for m in ms), len(ms) == 1
-                if len(miss) < total:
-                    said.append(f"the mean{'' if one else 's'} {keys} cover{'s' if one else ''} {total - len(miss)} of {total} layers "
-                                f"this epoch (without {', '.join(repr(k) for k in miss)}): {'it averages' if one else 'they average'} "
-                                "the other layers only, so a value can jump when a layer drops out or comes back "
-                                "(`netprobe/<metric>/<layer>` shows each layer)")
-                else:
-                    said.append(f"{keys} {'is' if one else 'are'} not logged this epoch: no layer has a value (an EarlyStopping "
-                                f"monitoring {'it' if one else 'one of them'} with strict=True raises; give it strict=False)")
-            warnings.warn(f"{name}: {text}. So {'; and '.join(said)}. Said once per layer and metric in this fit.",
-                          RuntimeWarning, stacklevel=2)
+        self._skipped.note(layer, what, err, loud, metrics)
 
     def _publish(self, trainer: Any, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
         self.last_values = dict(scalars)
