@@ -57,9 +57,26 @@ def _pearson_rows(rx: np.ndarray, ry: np.ndarray, valid: np.ndarray) -> np.ndarr
         return np.where(den > 1e-12, (rx * ry).sum(1) / den, np.nan)
 
 
+def _paired(a: Sequence[float], b: Sequence[float], what: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``a``, ``b`` as 1-D float arrays of one length (else :class:`SelectionError`); ``None``
+    when either holds a NaN (the statistic is then NaN, as scipy's with ``nan_policy="propagate"``)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise SelectionError(f"Expected the two sequences of {what} to be 1-D of one length, but got shapes {x.shape} and {y.shape}.")
+    if np.isnan(x).any() or np.isnan(y).any():
+        return None
+    return x, y
+
+
 def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson correlation of average ranks); NaN if a side is constant."""
-    ra, rb = np.broadcast_arrays(_rankdata(np.asarray(a, float)), _rankdata(np.asarray(b, float)))
+    """Spearman's rank correlation (Pearson correlation of average ranks), as
+    ``scipy.stats.spearmanr``: NaN if a side is constant, has fewer than 2 values, or holds a NaN;
+    infinite values are ranked as the largest or smallest. Sequences of different lengths raise
+    :class:`SelectionError`."""
+    pair = _paired(a, b, "spearman_rho")
+    if pair is None or len(pair[0]) < 2:
+        return float("nan")
+    ra, rb = _rankdata(pair[0]), _rankdata(pair[1])
     return float(_pearson_rows(ra[None], rb[None], np.ones((1, len(ra)), dtype=bool))[0])
 
 
@@ -77,6 +94,12 @@ def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _spearman_rows_masked(x, y, np.ones(x.shape, dtype=bool))
 
 
+def _signs(x: np.ndarray) -> np.ndarray:
+    """``(rows, n, n)``: ``sign(x[i] - x[j])`` by comparison (two equal infinities are a tie)."""
+    a, b = x[:, :, None], x[:, None, :]
+    return (a > b).astype(np.float64) - (a < b)
+
+
 def _kendall_rows_grouped(x: np.ndarray, y: np.ndarray, codes: np.ndarray, draw: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Kendall's tau-b of each row of a cluster-bootstrap replicate (``x``, ``y``, ``codes``, ``draw``,
     ``valid`` all ``(rows, L)``) over its pairs ``i < j`` of real entries, leaving out the pairs of two
@@ -86,8 +109,8 @@ def _kendall_rows_grouped(x: np.ndarray, y: np.ndarray, codes: np.ndarray, draw:
     out = np.empty(len(x))
     iu = np.triu_indices(x.shape[1], 1)
     for sl in _chunks(len(x), x.shape[1]):
-        dx = np.sign(x[sl, :, None] - x[sl, None, :])[:, iu[0], iu[1]]
-        dy = np.sign(y[sl, :, None] - y[sl, None, :])[:, iu[0], iu[1]]
+        dx = _signs(x[sl])[:, iu[0], iu[1]]
+        dy = _signs(y[sl])[:, iu[0], iu[1]]
         c, d, v = codes[sl], draw[sl], valid[sl]
         keep = (v[:, :, None] & v[:, None, :]) & ~((c[:, :, None] == c[:, None, :]) & (d[:, :, None] != d[:, None, :]))
         keep = keep[:, iu[0], iu[1]]
@@ -106,9 +129,14 @@ def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a)(n0 - ties_b)), O(n^2)."""
-    x, y = np.asarray(a, float), np.asarray(b, float)
-    return float(_kendall_rows(x[None], y[None])[0])
+    """Kendall's tau-b, (concordant - discordant) / sqrt((n0 - ties_a)(n0 - ties_b)), O(n^2), as
+    ``scipy.stats.kendalltau``: NaN if a side is constant, has fewer than 2 values, or holds a NaN;
+    infinite values compare as the largest or smallest (two equal infinities are a tie). Sequences
+    of different lengths raise :class:`SelectionError`."""
+    pair = _paired(a, b, "kendall_tau")
+    if pair is None or len(pair[0]) < 2:
+        return float("nan")
+    return float(_kendall_rows(pair[0][None], pair[1][None])[0])
 
 
 def top_k_hits(
@@ -118,7 +146,9 @@ def top_k_hits(
     """Probability that the run with the best signal in a random subset is in that subset's top ``k``
     by the reference (module docstring). Ties are broken at random, in expectation: a tie for the
     best signal averages over the tied runs, and a run tied with ``e`` others by the reference, with
-    ``b`` runs strictly better, is in the top ``k`` with probability ``clip((k - b) / (e + 1), 0, 1)``."""
+    ``b`` runs strictly better, is in the top ``k`` with probability ``clip((k - b) / (e + 1), 0, 1)``.
+    Every ``k`` must be below the subset size (at or above it, every pick is a hit); a NaN on either
+    side makes every rate NaN."""
     _check_directions(mode, reference_mode)
     sig = np.asarray(signal, float) * (1 if mode == "max" else -1)
     ref = np.asarray(reference, float) * (1 if reference_mode == "max" else -1)
@@ -128,9 +158,17 @@ def top_k_hits(
         raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
     if not isinstance(n_draws, int) or n_draws < 1:
         raise SelectionError(f"Expected `n_draws` to be an int >= 1 (resampled subsets), but got {n_draws!r}.")
+    ks = sorted(set(int(k) for k in ks))
+    bad = [k for k in ks if not 1 <= k < m]
+    if bad:
+        raise SelectionError(f"Expected every k in [1, {m - 1}] (below the subset size {m}: every pick is among the top {m} "
+                             f"of {m}), but got k={bad[0]}.")
+    if len(ref) != n:
+        raise SelectionError(f"Expected `signal` and `reference` of one length, but got {n} and {len(ref)}.")
+    if np.isnan(sig).any() or np.isnan(ref).any():
+        return {k: float("nan") for k in ks}
     rng = np.random.default_rng(seed)
     draws = 1 if m == n else n_draws
-    ks = sorted(set(int(k) for k in ks))
     hits = {k: 0.0 for k in ks}
     for _ in range(draws):
         idx = np.arange(n) if m == n else np.sort(rng.choice(n, size=m, replace=False))

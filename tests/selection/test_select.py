@@ -3,10 +3,13 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from netprobe.cli import main
@@ -25,6 +28,41 @@ def test_rank_correlations_match_scipy_with_ties(seed):
     d = rng.normal(size=17)
     assert spearman_rho(c, d) == pytest.approx(stats.spearmanr(c, d).statistic, abs=1e-12)
     assert kendall_tau(c, d) == pytest.approx(stats.kendalltau(c, d).statistic, abs=1e-12)
+
+
+_SPECIAL = [0.0, 1.0, 2.0, np.inf, -np.inf, np.nan]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.sampled_from(_SPECIAL) | st.integers(-3, 3).map(float), min_size=n, max_size=n),
+    st.lists(st.sampled_from(_SPECIAL) | st.integers(-3, 3).map(float), min_size=n, max_size=n))))
+def test_rank_correlations_match_scipy_on_ties_nan_and_inf(pair):
+    """NaN anywhere gives NaN, infinities rank at the ends, ties and constant sides as scipy's."""
+    a, b = pair
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want_rho, want_tau = stats.spearmanr(a, b).statistic, stats.kendalltau(a, b).statistic
+    for got, want in ((spearman_rho(a, b), want_rho), (kendall_tau(a, b), want_tau)):
+        if np.isnan(want):
+            assert np.isnan(got), (a, b, got)
+        else:
+            assert got == pytest.approx(want, abs=1e-12), (a, b)
+
+
+def test_rank_correlations_refuse_sequences_of_other_lengths():
+    for fn in (spearman_rho, kendall_tau):
+        with pytest.raises(SelectionError, match="one length"):
+            fn([1, 2, 3, 4], [1, 2, 3])
+
+
+def test_top_k_hits_is_nan_with_a_nan_and_refuses_k_at_or_above_the_subset_size():
+    assert np.isnan(top_k_hits([0.1, np.nan, 0.3], [1, 2, 3], [1])[1])
+    for k in (3, 5):
+        with pytest.raises(SelectionError, match="below the subset size 3"):
+            top_k_hits([0.1, 0.2, 0.3], [1, 2, 3], [k])
+    with pytest.raises(SelectionError, match="below the subset size 2"):
+        top_k_hits([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4], [2], subset_size=2)
 
 
 def test_top_k_hits_exact_and_resampled():
