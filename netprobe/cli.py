@@ -99,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layer", default=None, metavar="deepest|NAME",
                    help="read --metric at this layer of each run: 'deepest' (the deepest monitored layer) or a layer name")
     r.add_argument("--at", type=_at, default="last", help="last | best | EPOCH (0-based)")
-    r.add_argument("--against", default=None, help="reference key, read at its last value (e.g. test/acc)")
-    r.add_argument("--against-mode", choices=("max", "min"), default="max",
+    r.add_argument("--against", default=None, metavar="KEY[:min|max]",
+                   help="reference key, read at its last value (e.g. test/acc); its direction: the suffix, else "
+                        "--against-mode, else the key's known one (netprobe's keys; a key with a word 'loss' is "
+                        "lower-is-better, one with 'acc'/'accuracy' higher); any other key is refused without one")
+    r.add_argument("--against-mode", choices=("max", "min"), default=None,
                    help="is a higher reference better (max, e.g. accuracy) or lower (min, e.g. loss); "
                         "spearman_rho and kendall_tau are oriented by both modes: positive = agreement")
     r.add_argument("--signals", action="append", default=[], metavar="SPEC",
@@ -225,6 +228,9 @@ def _print_table(res, out) -> None:
     _columns(head, rows, out)
     for s in res["skipped"]:
         print(f"skipped  {s['run']}: {s['reason']}", file=out)
+    flags = {"top_k": "--top-k", "subset_size": "--subset-size", "against": "--against"}
+    for m in res.get("moot") or []:
+        print(f"ignored  {flags.get(m['option'], m['option'])}: {m['why'].replace('(against)', '(--against)')}", file=out)
     where = f" where {' and '.join(res['where'])}" if res.get("where") else ""
     ties = res.get("pick_ties") or []
     tie_note = f" (tied for the best signal with {', '.join(t for t in ties if t != res['pick'])})" if len(ties) > 1 else ""
@@ -334,6 +340,17 @@ def _print_signals(res, out) -> None:
     print(f"  ({pct} of splits in [lo, hi]: the spread over splits; the halves overlap, so it is not a confidence interval)", file=out)
 
 
+def _cli_direction(against: str, against_mode: Optional[str]) -> None:
+    """Refuse, naming the flags, a reference whose direction neither ``--against KEY:min|max``,
+    ``--against-mode`` nor the key itself gives."""
+    from netprobe.select import SelectionError, key_direction, parse_signal
+
+    key, suffix = parse_signal(against)
+    if suffix is None and against_mode is None and key_direction(key) is None:
+        raise SelectionError(f"--against {key} has no known direction: pass --against {key}:max (higher is better) or "
+                             f"--against {key}:min, or --against-mode max|min.")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from netprobe.select import SelectionError, key_direction, rank_runs, rank_signals
 
@@ -350,6 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 signals.append(metric + (f"@{args.layer}" if args.layer else "") + (f":{args.mode}" if args.mode else ""))
             elif args.layer or args.mode:
                 raise SelectionError("Expected --layer and --mode with --metric; in --signals write KEY@deepest, KEY@LAYER, KEY:min, KEY:max.")
+            _cli_direction(args.against, args.against_mode)
             res = rank_signals(args.logdir, args.against, signals=signals, baselines=args.baseline, against_mode=args.against_mode,
                                at=args.at, where=args.where, top_k=args.top_k, subset_size=args.subset_size, n_draws=args.draws,
                                n_boot=args.boot, level=args.level, cv=args.cv, seed=args.seed, underfit_below=args.underfit_below,
@@ -358,7 +376,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.compare:
                 raise SelectionError("Expected --compare A,B with the table: name the signals with --signals (e.g. --signals all) "
                                      "and/or --baseline, and --against.")
-            mode = args.mode or key_direction(metric) or "max"
+            mode = args.mode or key_direction(metric)
+            if mode is None:
+                raise SelectionError(f"--metric {metric} has no known direction: pass --mode max or --mode min.")
+            if args.against:
+                _cli_direction(args.against, args.against_mode)
             res = rank_runs(args.logdir, metric, mode=mode, at=args.at, against=args.against,
                             against_mode=args.against_mode, top_k=args.top_k, subset_size=args.subset_size,
                             n_draws=args.draws, seed=args.seed, where=args.where, layer=args.layer, n_boot=args.boot,

@@ -59,7 +59,7 @@ def _underfit(pool: Sequence[Run], at: Union[str, int], underfit_below: Optional
                 f"{UNDERFIT_MIN_GAP:g}) = {outlier:.4g} and {UNDERFIT_FRACTION:g} x the upper half's median {upper:.4g} "
                 f"= {bimodal:.4g}")
     elif len(fin):
-        rule = f"not checked: {_plural(len(fin), 'run')} logged {UNDERFIT_KEY} (the robust rule needs 3; pass underfit_below)"
+        rule = f"not checked: {_plural(len(fin), 'run')} logged {UNDERFIT_KEY} (the robust rule needs 3; pass a threshold: underfit_below=, or --underfit-below on the command line)"
     else:
         rule = f"not checked: no run logged {UNDERFIT_KEY}"
     flagged = [n for n, v in vals.items() if thr is not None and v is not None and v < thr]

@@ -14,7 +14,6 @@ from typing import Optional, Tuple
 
 from netprobe.select.errors import SelectionError
 
-
 _GLOB_CHARS = set("*?[")
 
 
@@ -69,15 +68,25 @@ def key_direction(key: str) -> Optional[str]:
 
     Known for the netprobe keys: higher is better for every ``*_auc``, ``*_prev``, ``*_ref``,
     ``reliance_area``, ``probe_accuracy`` and ``mutual_info_mean``; lower for ``selectivity_mean``
-    and ``dead_fraction``; ``netprobe/best/<metric>`` (the best value so far) as ``<metric>``. Any other key (``train/loss``, a metric netprobe does not know) has no
-    known direction: name it ``KEY:min`` or ``KEY:max``.
+    and ``dead_fraction``; ``netprobe/best/<metric>`` (the best value so far) as ``<metric>``. Of
+    the other keys, one with a word ``loss`` (words split at ``/ _ - .``: ``train/loss``,
+    ``val_loss_epoch``) is lower-is-better and one with a word ``acc`` or ``accuracy``
+    (``test/acc``, ``val_accuracy``) higher-is-better; any other key (or one with both words) has
+    no known direction: name it ``KEY:min`` or ``KEY:max``.
 
     Example:
         >>> key_direction("netprobe/reliance_auc/fc1"), key_direction("netprobe/dead_fraction"), key_direction("train/loss")
-        ('max', 'min', None)
+        ('max', 'min', 'min')
+        >>> key_direction("test/acc"), key_direction("lr-Adam")
+        ('max', None)
     """
-    parts = _netprobe_parts(str(key).split("@", 1)[0])
-    if parts is None or parts[0] in _NOT_SIGNALS:
+    text = str(key).split("@", 1)[0]
+    parts = _netprobe_parts(text)
+    if parts is None:
+        words = set(re.split(r"[/_\-.]", text.lower()))
+        lower, higher = "loss" in words, bool(words & {"acc", "accuracy"})
+        return "min" if lower and not higher else "max" if higher and not lower else None
+    if parts[0] in _NOT_SIGNALS:
         return None
     metric = parts[0][len("best/"):] if parts[0].startswith("best/") else parts[0]  # the best so far: the metric's direction
     if metric in _HIGHER_BETTER or metric.endswith(_HIGHER_SUFFIXES):

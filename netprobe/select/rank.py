@@ -26,6 +26,22 @@ from netprobe.select.stats import (
 from netprobe.select.values import _fails_conditions, _signal_value, _value_at
 
 
+def _directed(key: str, mode: Optional[str], what: str, flag: str) -> Tuple[str, str]:
+    """``(key, direction)`` of a key that may end in ``:min``/``:max``: the suffix, else ``mode``,
+    else the key's known direction (:func:`key_direction`); a key with none is refused, naming
+    ``flag`` (the argument that gives it)."""
+    name, suffix = parse_signal(key)
+    if suffix is not None and mode is not None and suffix != mode:
+        raise SelectionError(f"Expected one direction for {what} {name!r}, but got {key!r} and {flag}={mode!r}.")
+    direction = suffix or mode or key_direction(name)
+    if direction is None:
+        raise SelectionError(
+            f"{what.capitalize()} {name!r} has no known direction (netprobe knows its own keys, and keys with a word 'loss' "
+            f"(lower is better) or 'acc'/'accuracy' (higher)): pass {name + ':min'!r} or {name + ':max'!r}, or {flag}='min' "
+            "or 'max'.")
+    return name, direction
+
+
 def _check_common(mode: str, against_mode: str, at: Any, where: Union[str, Sequence[str]], underfit_below: Any) -> List[Tuple[str, str, float]]:
     if mode not in ("max", "min") or against_mode not in ("max", "min"):
         raise SelectionError(f"Expected `mode` and `against_mode` to be 'max' or 'min', but got {mode!r}, {against_mode!r}.")
@@ -159,10 +175,10 @@ def rank_runs(
     logdir: Union[str, os.PathLike],
     metric: str,
     *,
-    mode: str = "max",
+    mode: Optional[str] = None,
     at: Union[str, int] = "last",
     against: Optional[str] = None,
-    against_mode: str = "max",
+    against_mode: Optional[str] = None,
     top_k: Optional[Sequence[int]] = None,
     subset_size: Optional[int] = None,
     n_draws: int = 10_000,
@@ -190,7 +206,11 @@ def rank_runs(
     otherwise. The default, ``None``, takes those of 1, 5, 10 below it. Beside each hit rate,
     ``top_k_random`` holds a random pick's ``k / m``.
 
-    ``spearman_rho`` and ``kendall_tau`` are oriented by ``mode`` and ``against_mode``: positive
+    ``mode`` (is a higher ``metric`` better: ``"max"``, or ``"min"``) and ``against_mode`` (the
+    same for the reference ``against``; ``against`` may also end in ``:min`` or ``:max``) default
+    to the key's known direction (:func:`key_direction`: netprobe's keys, and keys with a word
+    ``loss`` or ``acc``); a key with none is refused (``SelectionError``), never taken as
+    higher-is-better. ``spearman_rho`` and ``kendall_tau`` are oriented by both: positive
     when the runs the signal prefers are those the reference prefers (1 = the same order), whatever
     the modes. A run whose event file has a corrupt or truncated record is skipped, with the reason.
 
@@ -207,7 +227,8 @@ def rank_runs(
     (read at the signal's epoch with an epoch ``at``, else at its last value).
 
     Returns:
-        ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "spearman_rho",
+        ``{"metric", "mode", "at", "against", "where", "runs": [...], "skipped": [...], "moot": [{"option",
+        "why"}] (options given that had nothing to act on), "spearman_rho",
         "kendall_tau", "spearman_rho_ci", "kendall_tau_ci", "pick", "pick_ties", "pick_reference_rank",
         "top_k", "top_k_ci", "top_k_random", "subset_size", "n_draws", "bootstrap", "underfit", "layer_source",
         "grouping"}``
@@ -217,12 +238,15 @@ def rank_runs(
         "reference", "reference_rank", "key", "underfit", "group"}`` (best first; ``key``: the key read;
         ``group``: its group label, or None without grouping).
     """
-    conds = _check_common(mode, against_mode, at, where, underfit_below)
     draws = _Draws(n_draws, _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none"), _check_level(level), boot_draws, seed)
     metric = _metric_key(metric, layer)
     runs, bad, all_tags = _load_readable(logdir)
-    for key in [metric] + ([against] if against else []) + [k for k, _, _ in conds]:
+    against_key = parse_signal(against)[0] if against else None
+    for key in [metric] + ([against_key] if against_key else []) + [k for k, _, _ in _check_common("max", "max", at, where, underfit_below)]:
         _require_key(key, runs, all_tags)
+    metric, mode = _directed(metric, mode, "the signal", "mode")
+    against, against_mode = _directed(against, against_mode, "the reference", "against_mode") if against else (None, "max")
+    conds = _check_common(mode, against_mode, at, where, underfit_below)
     read = _read_rows(runs, metric, mode=mode, at=at, against=against, against_mode=against_mode, conds=conds)
     rows = read.rows
     ranked = [r for r in runs if r.name in {d["run"] for d in rows}]
@@ -247,7 +271,21 @@ def rank_runs(
         out.update(_against_statistics(rows, len(out["pick_ties"]), metric=metric, mode=mode, against_mode=against_mode,
                                        top_k=top_k, subset_size=subset_size, draws=draws, grouped=labels is not None,
                                        grouping=grouping))
+    out["moot"] = _moot_options(len(rows), against, top_k=top_k, subset_size=subset_size)
     return out
+
+
+def _moot_options(n_rows: int, against: Optional[str], *, top_k: Optional[Sequence[int]],
+                  subset_size: Optional[int]) -> List[Dict[str, str]]:
+    """The options given that had nothing to act on (``{"option", "why"}``): hit rates need a
+    reference and 2 runs or more."""
+    why = (None if against and n_rows >= 2 else
+           "no reference to judge by (against)" if not against else
+           f"{_plural(n_rows, 'run')} left to rank (the statistics need 2)")
+    if why is None:
+        return []
+    given = [("top_k", top_k), ("subset_size", subset_size)]
+    return [{"option": name, "why": why} for name, value in given if value is not None]
 
 
 def _metric_key(metric: str, layer: Optional[str]) -> str:
@@ -366,7 +404,7 @@ def rank_signals(
     *,
     signals: Union[str, Sequence[str]] = ("all",),
     baselines: Union[str, Sequence[str]] = (),
-    against_mode: str = "max",
+    against_mode: Optional[str] = None,
     at: Union[str, int] = "last",
     where: Union[str, Sequence[str]] = (),
     top_k: Optional[Sequence[int]] = None,
@@ -396,6 +434,9 @@ def rank_signals(
     * each optionally ``KEY:min`` / ``KEY:max``, the key's direction. Without it the direction of a
       netprobe key comes from :func:`key_direction`; an exact key whose direction is unknown is
       refused (``SelectionError``), and pattern matches without one are listed in ``not_evaluated``.
+
+    The reference ``against`` (``KEY``, ``KEY:min`` or ``KEY:max``) is oriented by its suffix, else
+    ``against_mode``, else its known direction (:func:`key_direction`); one with none is refused.
 
     Runs: those meeting ``where`` with a finite reference (its last value), sorted by name; each
     signal is evaluated on those that have it (``at`` as in :func:`rank_runs`; the others are listed
@@ -446,12 +487,13 @@ def rank_signals(
         netprobe/reliance_auc 1.0
         train/loss 1.0
     """
+    if not against:
+        raise SelectionError("Expected `against`, the reference key (e.g. 'test/acc'), to judge the signals by, but got none.")
+    against, against_mode = _directed(against, against_mode, "the reference", "against_mode")
     conds = _check_common("max", against_mode, at, where, underfit_below)
     n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
     cv = _check_count(cv, "cv", 0, "random half splits; 0 for none")
     draws = _Draws(n_draws, n_boot, _check_level(level), boot_draws, seed)
-    if not against:
-        raise SelectionError("Expected `against`, the reference key (e.g. 'test/acc'), to judge the signals by, but got none.")
     signals = [signals] if isinstance(signals, str) else list(signals)
     baselines = [baselines] if isinstance(baselines, str) else list(baselines)
     pairs = _parse_compare(compare)

@@ -191,7 +191,10 @@ def test_key_directions_and_signal_specs():
                                        "netprobe/pwcca_ref", "netprobe/reliance_area", "netprobe/probe_accuracy",
                                        "netprobe/mutual_info_mean/l")] == ["max"] * 7
     assert key_direction("netprobe/selectivity_mean/fc1") == "min" and key_direction("netprobe/dead_fraction") == "min"
-    assert key_direction("netprobe/time/RelianceMonitor") is None and key_direction("train/loss") is None
+    assert key_direction("netprobe/time/RelianceMonitor") is None
+    # other keys: a word 'loss' is lower-is-better, 'acc'/'accuracy' higher; anything else unknown
+    assert [key_direction(k) for k in ("train/loss", "val_loss_epoch", "test/acc", "val_accuracy", "lr-Adam",
+                                       "grad_accum", "loss_over_acc")] == ["min", "min", "max", "max", None, None, None]
     assert key_direction("netprobe/new_metric") is None and key_direction("netprobe/reliance_auc@deepest") == "max"
     assert key_direction("netprobe/best/reliance_area") == "max" and key_direction("netprobe/best/new_metric") is None
     assert parse_signal(" train/loss:min ") == ("train/loss", "min")
@@ -339,8 +342,18 @@ def test_hit_rates_over_subsets_and_refusals(sweep):
         rank_runs(root, "netprobe/reliance_auc", against="test/acc", top_k=[10])
     with pytest.raises(SelectionError, match="Expected a direction for 'netprobe/new_metric'.*netprobe/new_metric:min"):
         rank_signals(root, "test/acc", signals=["netprobe/new_metric"])
-    with pytest.raises(SelectionError, match="Expected a direction for 'train/loss'"):
-        rank_signals(root, "test/acc", baselines=["train/loss"])
+    with pytest.raises(SelectionError, match="Expected a direction for 'epoch'"):
+        rank_signals(root, "test/acc", baselines=["epoch"])
+    loss_row = rank_signals(root, "test/acc", signals=[], baselines=["train/loss"], n_boot=0, cv=0)["signals"][0]
+    assert loss_row["mode"] == "min"  # a loss is lower-is-better without being told
+    for against in ("epoch", "epoch:sideways"):
+        with pytest.raises(SelectionError, match="epoch"):
+            rank_signals(root, against, signals=["netprobe/reliance_auc"], cv=0)
+    with pytest.raises(SelectionError, match="no known direction.*'epoch:min'"):
+        rank_runs(root, "netprobe/reliance_auc", against="epoch")
+    by_min = rank_runs(root, "netprobe/reliance_auc", against="train/loss", n_boot=0)  # a loss: lower is better
+    by_max = rank_runs(root, "netprobe/reliance_auc", against="train/loss:max", n_boot=0)
+    assert by_min["kendall_tau"] == pytest.approx(-by_max["kendall_tau"])
     with pytest.raises(SelectionError, match="matches no key.*netprobe/reliance_auc"):
         rank_signals(root, "test/acc", signals=["netprobe/reliance_acu*"])
     with pytest.raises(SelectionError, match="No run logged 'train/los'.*train/loss"):

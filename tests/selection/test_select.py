@@ -157,6 +157,21 @@ def test_cli_table_json_and_errors(sweep, capsys):
         main(["rank", str(root), "--at", "-3"])
 
 
+def test_cli_orients_a_known_reference_refuses_an_unknown_one_naming_flags_and_reports_moot_options(sweep, capsys):
+    root, curves = sweep
+    assert main(["rank", str(root), "--against", "epoch", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "--against epoch:max" in err and "--against-mode" in err and "against_mode" not in err
+    # a suffix orients any key
+    assert main(["rank", str(root), "--against", "epoch:min", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kendall_tau"] is not None
+    # --where leaves one run: --subset-size and --top-k have nothing to act on, and the output says so
+    assert main(["rank", str(root), "--against", "test/acc", "--where", "test/acc>=0.94", "--subset-size", "3",
+                 "--top-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ignored  --top-k: 1 run left to rank" in out and "ignored  --subset-size" in out
+
+
 def test_python_dash_m_is_the_command(sweep):
     root, _ = sweep
     out = subprocess.run([sys.executable, "-m", "netprobe", "rank", str(root), "--json"], capture_output=True, text=True, timeout=120)
