@@ -13,6 +13,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    # the contract of the streaming accumulators
+    "Accumulator": "_accumulator",
     # representational similarity (+ streaming accumulator)
     "cca": "similarity",
     "svcca": "similarity",

@@ -24,6 +24,8 @@ import torch
 from netprobe import distributed as _dist
 from netprobe._validation import check_2d, check_finite, check_int, check_labels, clone_or_none
 
+from ._accumulator import Accumulator
+
 __all__ = ["mutual_information", "MutualInfoAccumulator", "quantile_edges"]
 
 _F64 = torch.float64
@@ -51,7 +53,7 @@ def quantile_edges(acts: torch.Tensor, *, bins: int = 16) -> torch.Tensor:
     return srt[idx].T.contiguous()
 
 
-class MutualInfoAccumulator:
+class MutualInfoAccumulator(Accumulator):
     """Streaming joint (bin, class) counts per unit, with fixed bin edges.
 
     Bin edges must be fixed before counting: pass ``edges`` ``(d, bins - 1)`` (e.g. from
@@ -72,10 +74,16 @@ class MutualInfoAccumulator:
             if edges.shape[1] != bins - 1:
                 raise ValueError(f"Expected `edges` of shape (d, {bins - 1}) for bins={bins}, but got {tuple(edges.shape)}.")
             edges = edges.to(_F64)
+        self._given_edges = edges  # what `reset` returns to
         self.edges = edges
         self.counts: Optional[torch.Tensor] = None  # (d, bins, C)
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor) -> "MutualInfoAccumulator":
+        """Add a batch: ``acts`` ``(b, d)``, ``labels`` ``(b,)`` in ``[0, num_classes)``; returns ``self``.
+
+        Without edges, the first non-empty batch sets them (its quantiles, with a ``RuntimeWarning``
+        when it has fewer than ``10 * bins`` rows).
+        """
         acts = check_2d(acts, "acts")
         check_finite(acts, "acts")
         labels = check_labels(labels, acts.shape[0], self.num_classes)
@@ -105,6 +113,13 @@ class MutualInfoAccumulator:
         return self
 
     def merge(self, other: "MutualInfoAccumulator") -> "MutualInfoAccumulator":
+        """Add another accumulator's counts (in place); returns ``self``. An accumulator without
+        counts takes the other's edges (when it has none or the same).
+
+        Raises:
+            ValueError: ``other`` is not a MutualInfoAccumulator with the same ``num_classes`` and
+                ``bins``, or uses other bin edges.
+        """
         if not isinstance(other, MutualInfoAccumulator) or (other.num_classes, other.bins) != (self.num_classes, self.bins):
             raise ValueError("Can only merge a MutualInfoAccumulator with the same `num_classes` and `bins`.")
         if other.counts is not None:
@@ -124,17 +139,28 @@ class MutualInfoAccumulator:
             self.counts = _dist.all_reduce_sum(self.counts)
         return self
 
+    def reset(self) -> "MutualInfoAccumulator":
+        """Forget every count, and the edges unless the constructor was given them; returns ``self``."""
+        self.edges, self.counts = self._given_edges, None
+        return self
+
     def state_dict(self) -> Dict[str, Any]:
         """A snapshot (copies: later updates do not change it)."""
         return {"num_classes": self.num_classes, "bins": self.bins, "edges": clone_or_none(self.edges), "counts": clone_or_none(self.counts)}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> "MutualInfoAccumulator":
+        """Replace the edges and counts with a :meth:`state_dict` snapshot's; returns ``self``.
+
+        Raises:
+            ValueError: a snapshot of another ``num_classes`` or ``bins``.
+        """
         if (state["num_classes"], state["bins"]) != (self.num_classes, self.bins):
             raise ValueError(
                 f"State has num_classes={state['num_classes']}, bins={state['bins']}; this accumulator "
                 f"num_classes={self.num_classes}, bins={self.bins}."
             )
         self.edges, self.counts = clone_or_none(state["edges"]), clone_or_none(state["counts"])
+        return self
 
     def compute(self) -> torch.Tensor:
         """Per-unit mutual information with the label, ``(d,)`` float64, in bits."""

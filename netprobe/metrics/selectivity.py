@@ -20,6 +20,8 @@ import torch
 from netprobe import distributed as _dist
 from netprobe._validation import check_2d, check_finite, check_int, check_labels, clone_or_none
 
+from ._accumulator import Accumulator
+
 __all__ = ["class_selectivity", "SelectivityResult", "SelectivityAccumulator"]
 
 _F64 = torch.float64
@@ -61,7 +63,7 @@ def _check_nonnegative(acts: torch.Tensor) -> None:
         )
 
 
-class SelectivityAccumulator:
+class SelectivityAccumulator(Accumulator):
     """Streaming per-class sums and counts (float64) from which selectivity is computed.
 
     Memory: ``8 * num_classes * (d + 1)`` bytes. Batches and ranks merge by addition, so the result
@@ -103,6 +105,12 @@ class SelectivityAccumulator:
         return self
 
     def merge(self, other: "SelectivityAccumulator") -> "SelectivityAccumulator":
+        """Add another accumulator's sums and counts (in place); returns ``self``.
+
+        Raises:
+            ValueError: ``other`` is not a SelectivityAccumulator with the same ``num_classes``, or
+                counts another number of units.
+        """
         if not isinstance(other, SelectivityAccumulator) or other.num_classes != self.num_classes:
             raise ValueError("Can only merge a SelectivityAccumulator with the same `num_classes`.")
         if other.sums is not None:
@@ -124,19 +132,28 @@ class SelectivityAccumulator:
             self.sums, self.counts = flat[: c * d].reshape(c, d), flat[c * d :]
         return self
 
-    def reset(self) -> None:
+    def reset(self) -> "SelectivityAccumulator":
+        """Forget every batch (and the number of units they fixed); returns ``self``, as if just constructed."""
         self.sums = self.counts = None
+        return self
 
     def state_dict(self) -> Dict[str, Any]:
         """A snapshot (copies: later updates do not change it)."""
         return {"num_classes": self.num_classes, "sums": clone_or_none(self.sums), "counts": clone_or_none(self.counts)}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> "SelectivityAccumulator":
+        """Replace the sums and counts with a :meth:`state_dict` snapshot's; returns ``self``.
+
+        Raises:
+            ValueError: a snapshot of another ``num_classes``.
+        """
         if state["num_classes"] != self.num_classes:
             raise ValueError(f"State has num_classes={state['num_classes']}, this accumulator {self.num_classes}.")
         self.sums, self.counts = clone_or_none(state["sums"]), clone_or_none(state["counts"])
+        return self
 
     def compute(self) -> SelectivityResult:
+        """The class selectivity of every row seen; see :func:`class_selectivity`."""
         if self.sums is None or self.counts is None:
             raise ValueError("The accumulator is empty: call `update(acts, labels)` first.")
         present = self.counts > 0

@@ -17,6 +17,7 @@ import torch
 from netprobe import distributed as _dist
 from netprobe._validation import check_finite
 
+from .._accumulator import Accumulator
 from ._compute import _check_methods, _compute
 from ._config import _F64, RANK_TOL
 from ._factors import _Factors
@@ -90,7 +91,7 @@ def _same_stats(a: Optional[SideStats], b: Optional[SideStats]) -> bool:
             and torch.equal(a.comoment, b.comoment))
 
 
-class SimilarityAccumulator:
+class SimilarityAccumulator(Accumulator):
     """Streaming CCA / SVCCA / PWCCA / linear CKA / Procrustes over paired batches, without storing activations.
 
     Keeps, in float64 on the inputs' device, the sample count, the means and the centered
@@ -190,8 +191,10 @@ class SimilarityAccumulator:
             self._sides = {}
         return self
 
-    def reset(self) -> None:
+    def reset(self) -> "SimilarityAccumulator":
+        """Forget every batch (and the ``y_stats`` given with them); returns ``self``, as if just constructed."""
         self._m, self._y_stats, self._sides = None, None, {}
+        return self
 
     def _flat(self) -> torch.Tensor:
         m = self._need()
@@ -238,6 +241,9 @@ class SimilarityAccumulator:
         return self
 
     def state_dict(self) -> Dict[str, Any]:
+        """A snapshot of the statistics: ``n``, the means ``mx``/``my`` and co-moments ``cxx``/``cxy``
+        (and ``cyy``, or the ``y_stats`` given without its factorizations); ``{"n": 0}`` when empty.
+        Later updates do not change it."""
         if self._m is None:
             return {"n": 0}
         m = self._m
@@ -249,15 +255,17 @@ class SimilarityAccumulator:
             state["y_stats"] = {"n": ys.n, "mean": ys.mean, "comoment": ys.comoment}
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> "SimilarityAccumulator":
+        """Replace the statistics with a :meth:`state_dict` snapshot; returns ``self``."""
         self.reset()
         if int(state.get("n", 0)) == 0:
-            return
+            return self
         ys = state.get("y_stats")
         if ys is not None:
             self._y_stats = SideStats(int(ys["n"]), ys["mean"], ys["comoment"])
         cyy = None if ys is not None else state["cyy"].to(_F64)
         self._m = _Moments(int(state["n"]), *(state[k].to(_F64) for k in ("mx", "my", "cxx")), cyy, state["cxy"].to(_F64))
+        return self
 
     def _need(self) -> _Moments:
         if self._m is None:
@@ -433,7 +441,7 @@ def _check_y_matches(m: _Moments, ys: SideStats) -> None:
         )
 
 
-class MinibatchCKA:
+class MinibatchCKA(Accumulator):
     """Streaming linear CKA for wide layers: the minibatch estimator of Nguyen, Raghu & Kornblith
     (2021), ``mean_b HSIC_1(X_b, Y_b) / sqrt(mean_b HSIC_1(X_b, X_b) mean_b HSIC_1(Y_b, Y_b))``,
     with ``HSIC_1`` the unbiased HSIC estimator (Song et al. 2012) on the linear Gram matrices of
@@ -528,11 +536,24 @@ class MinibatchCKA:
             raise ValueError("Minibatch CKA is undefined here: a representation has no estimable variance in its minibatches.")
         return xy / (xx.sqrt() * yy.sqrt())
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"sums": None if self._sums is None else self._sums.clone(), "batches": self.batches}
+    def reset(self) -> "MinibatchCKA":
+        """Forget every batch and the widths they fixed; returns ``self``, as if just constructed."""
+        self._sums, self.batches, self.widths = None, 0, None
+        return self
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def state_dict(self) -> Dict[str, Any]:
+        """A snapshot: the three HSIC sums ``sums`` (``None`` when empty), the number of ``batches``
+        and the ``widths`` ``(d_x, d_y)`` they fixed. Later updates do not change it."""
+        return {"sums": None if self._sums is None else self._sums.clone(), "batches": self.batches,
+                "widths": self.widths}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> "MinibatchCKA":
+        """Replace the state with a :meth:`state_dict` snapshot; returns ``self``. A snapshot without
+        ``widths`` leaves them to the next minibatch."""
         sums = state.get("sums")
         self._sums = None if sums is None else sums.to(_F64).clone()
         self.batches = int(state.get("batches", 0))
+        widths = state.get("widths")
+        self.widths = None if widths is None else (int(widths[0]), int(widths[1]))
+        return self
 
