@@ -80,21 +80,14 @@ if not _BASES:  # pragma: no cover
 __all__ = ["NetprobeMonitor"]
 
 Batch = Any
+#: what ``layers`` takes: one spec (name, glob pattern, module class) or a sequence of them
+Layers = Union[LayerSpec, Sequence[LayerSpec]]
+#: what ``probe_data`` takes: an ``(inputs, targets)`` pair of tensors or a DataLoader
 ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+#: what ``layout`` takes: one layout string for every layer, or ``{layer: layout}``
+LayoutSpec = Union[str, Mapping[str, str], None]
+#: what ``select`` takes: one index or key for every layer, or ``{layer: index or key}``
+SelectSpec = Union[int, str, Mapping[str, Union[int, str]], None]
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -102,6 +95,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     Accepted by the ``Trainer`` of ``pytorch_lightning`` and of ``lightning.pytorch`` (it derives
     from both ``Callback`` classes when both are installed).
+
+    The options after ``layers`` are the *shared options*: every monitor's ``__init__`` takes each
+    of them as a keyword-only argument, with the default given here, and passes it on by name.
 
     Args:
         layers: the layers to monitor, as in :func:`netprobe.probe`: qualified names of the
@@ -136,7 +132,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     def __init__(
         self,
-        layers: Union[LayerSpec, Sequence[LayerSpec]],
+        layers: Layers,
         *,
         num_samples: int = 256,
         every_n_epochs: int = 1,
@@ -145,8 +141,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         seed: int = 0,
         num_classes: Optional[int] = None,
         media_every: int = 10,
-        layout: Union[str, Mapping[str, str], None] = None,
-        select: Union[int, str, Mapping[str, Union[int, str]], None] = None,
+        layout: LayoutSpec = None,
+        select: SelectSpec = None,
     ) -> None:
         super().__init__()
         if layers is None or (isinstance(layers, (list, tuple)) and not layers):
@@ -742,15 +738,3 @@ def _final_epoch(trainer: Any, epoch: int) -> bool:
     if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:
         return True
     return bool(getattr(trainer, "should_stop", False))
-
-
-
-
-
-
-
-
-
-
-
-

@@ -14,7 +14,7 @@ from netprobe import distributed as _dist
 from netprobe import viz
 from netprobe.layers import evaluating
 from netprobe.lightning._tensorboard import _has_tensorboard
-from netprobe.lightning.base import NetprobeMonitor
+from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.similarity import (
     RBF_MAX_SAMPLES,
     SideStats,
@@ -66,8 +66,12 @@ class ConvergenceMonitor(NetprobeMonitor):
     (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > 2 d`` per layer (checked
     before training starts); SVCCA reduces to ``keep`` of the variance first.
 
+    The shared options, keyword-only, are those of :class:`~netprobe.lightning.base.NetprobeMonitor`,
+    which documents them: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``,
+    ``seed``, ``num_classes``, ``media_every``, ``layout``, ``select``.
+
     Args:
-        layers: see the base.
+        layers: see :class:`~netprobe.lightning.base.NetprobeMonitor`.
         methods: one name or a sequence of names among ``"pwcca"``, ``"svcca"``, ``"cka"``,
             ``"procrustes"``, ``"rbf_cka"``, ``"cka_debiased"`` (default ``("cka",)``; ``"cka"`` is
             the same as ``("cka",)``). ``procrustes`` streams like the others (``O(d^2)``; for a
@@ -90,7 +94,6 @@ class ConvergenceMonitor(NetprobeMonitor):
         rbf_max_samples: the largest probe set ``rbf_cka`` accepts (the ``max_samples`` of
             :func:`~netprobe.metrics.rbf_cka`, default 10000, about 2.4 GB at peak); a larger probe set
             is refused before the first step. Raise it if the memory is there.
-        **kwargs: see the base.
 
     Example:
         >>> ConvergenceMonitor(layers=["relu1"]).metrics
@@ -103,7 +106,7 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     def __init__(
         self,
-        layers: Any,
+        layers: Layers,
         *,
         methods: Sequence[str] = ("cka",),
         reference: Optional[Union[nn.Module, str]] = None,
@@ -111,9 +114,19 @@ class ConvergenceMonitor(NetprobeMonitor):
         heatmap: bool = False,
         rbf_threshold: float = 1.0,
         rbf_max_samples: int = RBF_MAX_SAMPLES,
-        **kwargs: Any,
+        num_samples: int = 256,
+        every_n_epochs: int = 1,
+        probe_data: Optional[ProbeData] = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+        media_every: int = 10,
+        layout: LayoutSpec = None,
+        select: SelectSpec = None,
     ) -> None:
-        super().__init__(layers, **kwargs)
+        super().__init__(layers, num_samples=num_samples, every_n_epochs=every_n_epochs, probe_data=probe_data,
+                         batch_size=batch_size, seed=seed, num_classes=num_classes, media_every=media_every,
+                         layout=layout, select=select)
         if isinstance(methods, str):  # one name, as SimilarityAccumulator.compute takes it (not its letters)
             methods = (methods,)
         try:

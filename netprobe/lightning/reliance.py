@@ -16,7 +16,7 @@ from netprobe import viz
 from netprobe._validation import check_choice, check_int
 from netprobe.lightning._shared import _check_class_scores, _ForwardAdapter, _probe_selectivity
 from netprobe.lightning._tensorboard import _has_tensorboard
-from netprobe.lightning.base import NetprobeMonitor
+from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.reliance import (
     DEFAULT_SCALES,
     MaxElements,
@@ -80,8 +80,12 @@ class RelianceMonitor(NetprobeMonitor):
     run once; fraction 1 is one mask for every order, and the unablated point comes from the
     forward pass over the probe set that the monitors share).
 
+    The shared options, keyword-only, are those of :class:`~netprobe.lightning.base.NetprobeMonitor`,
+    which documents them: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``,
+    ``seed``, ``num_classes``, ``media_every``, ``layout``, ``select``.
+
     Args:
-        layers: see the base.
+        layers: see :class:`~netprobe.lightning.base.NetprobeMonitor`.
         fractions: as in :func:`netprobe.metrics.ablation_curve` (a selectivity order is computed over the
             whole probe set, across ranks).
         order: as in :func:`netprobe.metrics.ablation_curve` (a selectivity order is computed over the
@@ -99,7 +103,6 @@ class RelianceMonitor(NetprobeMonitor):
         max_elements: bound the rows and the elements of any module output in a stacked forward pass
             (as in :func:`~netprobe.metrics.ablation_curve`; the default keeps each module output
             under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
-        **kwargs: see the base.
 
     Example:
         >>> RelianceMonitor(layers=["fc1", "fc2"]).metrics
@@ -108,7 +111,7 @@ class RelianceMonitor(NetprobeMonitor):
 
     def __init__(
         self,
-        layers: Any,
+        layers: Layers,
         *,
         fractions: Sequence[float] = RELIANCE_FRACTIONS,
         order: str = "random",
@@ -120,9 +123,19 @@ class RelianceMonitor(NetprobeMonitor):
         figures: bool = True,
         max_batch: int = 4096,
         max_elements: MaxElements = "auto",
-        **kwargs: Any,
+        num_samples: int = 256,
+        every_n_epochs: int = 1,
+        probe_data: Optional[ProbeData] = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+        media_every: int = 10,
+        layout: LayoutSpec = None,
+        select: SelectSpec = None,
     ) -> None:
-        super().__init__(layers, **kwargs)
+        super().__init__(layers, num_samples=num_samples, every_n_epochs=every_n_epochs, probe_data=probe_data,
+                         batch_size=batch_size, seed=seed, num_classes=num_classes, media_every=media_every,
+                         layout=layout, select=select)
         check_choice(order, "order", ("random", "selectivity_desc", "selectivity_asc"))
         check_choice(orders, "orders", ("fixed", "per_epoch"))
         check_choice(mode, "mode", ("zero", "mean"))

@@ -14,7 +14,7 @@ from netprobe import viz
 from netprobe._validation import check_choice, check_finite
 from netprobe.lightning._shared import _SELECTIVITY_SKIP, _check_class_scores, _ForwardAdapter, _probe_selectivity
 from netprobe.lightning._tensorboard import _has_tensorboard
-from netprobe.lightning.base import NetprobeMonitor
+from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.reliance import score, spearman, unit_importance
 from netprobe.metrics.selectivity import SelectivityResult
@@ -45,6 +45,10 @@ class SelectivityMonitor(NetprobeMonitor):
     network near 100 % accuracy often loses no example to any single ablation, so every accuracy
     drop is 0 and rho is undefined (then not logged, with a warning).
 
+    The shared options, keyword-only, are those of :class:`~netprobe.lightning.base.NetprobeMonitor`,
+    which documents them: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``,
+    ``seed``, ``num_classes``, ``media_every``, ``layout``, ``select``.
+
     Args:
         layers: see :class:`~netprobe.lightning.base.NetprobeMonitor`.
         mutual_info: also log per-unit mutual information with the label (equal-frequency bins).
@@ -53,8 +57,6 @@ class SelectivityMonitor(NetprobeMonitor):
         importance: also measure single-unit importance and its rank correlations (see above).
         importance_by: ``"loss_rise"`` (default) or ``"accuracy_drop"``.
         importance_mode: ``"zero"`` (default) or ``"mean"`` ablation of the unit.
-        **kwargs: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``, ``seed``,
-            ``num_classes``, ``media_every`` (see the base).
 
     Example:
         >>> SelectivityMonitor(layers=["relu1", "relu2"], mutual_info=True).metrics
@@ -63,10 +65,29 @@ class SelectivityMonitor(NetprobeMonitor):
         ('importance_selectivity_rho', 'importance_mi_rho')
     """
 
-    def __init__(self, layers: Any, *, mutual_info: bool = False, bins: int = 16, histograms: bool = True,
-                 importance: bool = False, importance_by: str = "loss_rise", importance_mode: str = "zero",
-                 **kwargs: Any) -> None:
-        super().__init__(layers, **kwargs)
+    def __init__(
+        self,
+        layers: Layers,
+        *,
+        mutual_info: bool = False,
+        bins: int = 16,
+        histograms: bool = True,
+        importance: bool = False,
+        importance_by: str = "loss_rise",
+        importance_mode: str = "zero",
+        num_samples: int = 256,
+        every_n_epochs: int = 1,
+        probe_data: Optional[ProbeData] = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+        media_every: int = 10,
+        layout: LayoutSpec = None,
+        select: SelectSpec = None,
+    ) -> None:
+        super().__init__(layers, num_samples=num_samples, every_n_epochs=every_n_epochs, probe_data=probe_data,
+                         batch_size=batch_size, seed=seed, num_classes=num_classes, media_every=media_every,
+                         layout=layout, select=select)
         if not isinstance(bins, int) or bins < 2:
             raise ValueError(f"Expected `bins` to be an int >= 2, but got {bins!r}.")
         check_choice(importance_by, "importance_by", ("loss_rise", "accuracy_drop"))
