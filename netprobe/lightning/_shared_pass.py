@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,7 +15,13 @@ from torch import nn
 from netprobe.layers import evaluating
 
 if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as _lightning_pytorch
+    import pytorch_lightning as _pytorch_lightning
+
     from netprobe.lightning.base import NetprobeMonitor
+
+    #: the ``Trainer`` of either package (both accept netprobe's callbacks); for annotations only
+    Trainer = Union[_pytorch_lightning.Trainer, _lightning_pytorch.Trainer]
 
 
 class _OtherRankFailed(ValueError):
@@ -32,7 +38,7 @@ class _RunIdentity:
     def __getstate__(self) -> Dict[str, Any]:
         return {"_refs": None}
 
-    def begins(self, trainer: Any, pl_module: Any, stage: str) -> Optional[str]:
+    def begins(self, trainer: Trainer, pl_module: Any, stage: str) -> Optional[str]:
         """``"first"`` or ``"other"`` when a fit with a new Trainer or module begins (the callback's
         first, or one after a fit with another pair), else ``None`` (not a fit, or the same pair)."""
         refs = self._refs
@@ -109,7 +115,7 @@ class _SharedProbePass:
         self._order = (id(pl_module), order)
         return order
 
-    def capture(self, mon: "NetprobeMonitor", trainer: Any, pl_module: nn.Module,
+    def capture(self, mon: "NetprobeMonitor", trainer: Trainer, pl_module: nn.Module,
                 x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         share = mon._share_key()
         key = (id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
@@ -145,7 +151,7 @@ class _SharedProbePass:
 _SHARED: "weakref.WeakKeyDictionary[Any, _SharedProbePass]" = weakref.WeakKeyDictionary()
 
 
-def _shared_pass(trainer: Any) -> _SharedProbePass:
+def _shared_pass(trainer: Trainer) -> _SharedProbePass:
     try:
         return _SHARED.setdefault(trainer, _SharedProbePass())
     except TypeError:  # not weak-referenceable (a stand-in Trainer): a pass of its own

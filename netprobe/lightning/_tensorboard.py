@@ -4,7 +4,7 @@ is found."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -13,8 +13,11 @@ from netprobe import distributed as _dist
 from netprobe._keys import BEST_TRACKED as _BEST
 from netprobe.lightning._shared_pass import _shared_pass
 
+if TYPE_CHECKING:  # pragma: no cover
+    from netprobe.lightning._shared_pass import Trainer
 
-def _hparams_of(trainer: Any, pl_module: nn.Module) -> Dict[str, Any]:
+
+def _hparams_of(trainer: Trainer, pl_module: nn.Module) -> Dict[str, Any]:
     """The module's (and datamodule's) hyperparameters, flattened (``a/b``) to the scalar types
     TensorBoard's HParams plugin takes (others as their ``str``)."""
     params: Dict[str, Any] = {}
@@ -48,7 +51,7 @@ def custom_scalars_layout(metrics: Sequence[str]) -> Dict[str, Dict[str, List[An
     return {"netprobe": charts, "netprobe time": {"seconds per measurement": ["Multiline", [r"^netprobe/time/"]]}}
 
 
-def _register_tensorboard(trainer: Any, pl_module: nn.Module, mons: Sequence[Any]) -> None:
+def _register_tensorboard(trainer: Trainer, pl_module: nn.Module, mons: Sequence[Any]) -> None:
     """Write, once per run and writer, the custom-scalars layout of every netprobe monitor of the
     Trainer (``mons``, in the Trainer's order) and an HParams experiment whose metrics are their keys (rank zero, TensorBoardLogger)."""
     if _dist.rank() != 0:
@@ -90,5 +93,5 @@ def _tensorboard_writer(loggers: Sequence[Any]) -> Optional[Any]:
             if hasattr(exp, "add_histogram") and hasattr(exp, "add_figure"):
                 return exp
     return None
-def _has_tensorboard(trainer: Any) -> bool:
+def _has_tensorboard(trainer: Trainer) -> bool:
     return any(type(lg).__name__ == "TensorBoardLogger" for lg in (getattr(trainer, "loggers", None) or []))

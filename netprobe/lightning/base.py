@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ from netprobe.lightning._shared_pass import (
 )
 from netprobe.lightning._skips import SkipReport
 from netprobe.lightning._tensorboard import _register_tensorboard, _tensorboard_writer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netprobe.lightning._shared_pass import Trainer
 
 try:
     import pytorch_lightning as _pl
@@ -281,7 +284,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         return pl_module(x)
 
     # ------------------------------------------------------------------ lifecycle
-    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         self.layers = list(resolve_layers(pl_module, self.layer_specs))
         for what, spec in (("layout", self.layout), ("select", self.select)):
             unknown = [k for k in spec if k not in self.layers] if isinstance(spec, Mapping) else []
@@ -299,7 +302,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             self._published, self.num_classes, self._best = set(), self._num_classes_arg, {}
             self._reset_extra_state()
 
-    def _refuse_shared_keys(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _refuse_shared_keys(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """A key has one writer: refuse, naming both monitors, when another netprobe monitor of this
         Trainer would log one of this monitor's keys (``EarlyStopping``, ``ModelCheckpoint`` and
         ``netprobe rank`` read them; two writers would alternate and ``best/*`` would not be monotone).
@@ -332,14 +335,14 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         every = f", every_n_epochs={self.every_n_epochs}" if self.every_n_epochs != 1 else ""
         return f"{type(self).__name__}({self._specs()!r}{every})"
 
-    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         self._order_logged = False
         self._skipped.warned = set()  # a skipped value is told once per layer and metric in each fit
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
         # of a run), so the HParams tab lists the netprobe metrics
         _register_tensorboard(trainer, pl_module, [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)])
 
-    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if self._probe is None:
             # rank 0's probe set on every rank: a user DataLoader that shuffles, or an iterable
             # dataset split by rank, would otherwise give each rank different examples
@@ -355,16 +358,16 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 )
             self._validate(pl_module)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         nb = trainer.num_training_batches
         if isinstance(nb, (int, float)) and math.isfinite(nb) and batch_idx + 1 == int(nb):
             self._maybe_run(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
         self._maybe_run(trainer, pl_module)
         _shared_pass(trainer).clear()  # whatever a peer left (every monitor has measured by now)
 
-    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
         # a run stopped early (EarlyStopping decides after the measurement) ends without the media
         # of its last measurement: draw them now, from the same model (no step since), at its step
         last = self._last_epoch
@@ -384,7 +387,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._publish_media(trainer, media)
 
     # ------------------------------------------------------------------ probe set
-    def _draw_probe_set(self, trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _draw_probe_set(self, trainer: Trainer) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
             # random transforms in the dataset draw from a seeded CPU generator: the same probe set on
             # every rank and after a resume (the training run's RNG is restored on leaving the block)
@@ -463,7 +466,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 "`num_samples`) or pass `probe_data=(inputs, targets)` with several classes."
             )
 
-    def _warn_fewer(self, trainer: Any, source: str, got: int) -> None:
+    def _warn_fewer(self, trainer: Trainer, source: str, got: int) -> None:
         """Warn (rank zero, once per Trainer and sizes) when ``source`` gave fewer probe examples than
         ``num_samples``: the probe set is then all of them, and every value is measured on ``got``."""
         if got >= self.num_samples or _dist.rank() != 0:
@@ -508,7 +511,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _frozen(self, pl_module: nn.Module) -> ContextManager[None]:
         return evaluating(pl_module, restore_rng=True)
 
-    def _probe_pass(self, trainer: Any, pl_module: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    def _probe_pass(self, trainer: Trainer, pl_module: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """This monitor's layers and the model's outputs on ``x`` (this rank's shard of the probe
         set) at this step, from the forward pass shared with the other monitors (see the module
         docstring)."""
@@ -593,7 +596,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every_n_epochs == 0 and epoch != self._last_epoch
 
-    def _maybe_run(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _maybe_run(self, trainer: Trainer, pl_module: nn.Module) -> None:
         epoch = int(trainer.current_epoch)
         if getattr(trainer, "sanity_checking", False) or not self._due(epoch):
             return
@@ -623,11 +626,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             self._order_logged = True
         self._publish(trainer, scalars, media)
 
-    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Subclass hook: ``({key: value}, {media})`` for this epoch. Runs frozen (eval, no_grad)."""
         raise NotImplementedError
 
-    def _measure(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def _measure(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """:meth:`compute`, then the warnings for the values it skipped (:class:`SkipReport`)."""
         self._skipped.forget_measurement()
         result = self.compute(trainer, pl_module)
@@ -696,7 +699,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         loud = _dist.rank() == 0 or not isinstance(err, _OtherRankFailed)  # the rank with the cause says why
         self._skipped.note(layer, what, err, loud, metrics)
 
-    def _publish(self, trainer: Any, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
+    def _publish(self, trainer: Trainer, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
         self.last_values = dict(scalars)
         cm = trainer.callback_metrics
         for k in self._published - set(scalars):
@@ -713,7 +716,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if self._media_due:
             self._publish_media(trainer, media)
 
-    def _publish_media(self, trainer: Any, media: Dict[str, Any]) -> None:
+    def _publish_media(self, trainer: Trainer, media: Dict[str, Any]) -> None:
         writer = _tensorboard_writer(list(getattr(trainer, "loggers", []) or []))
         if writer is None or _dist.rank() != 0:
             return
@@ -726,13 +729,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 writer.add_figure(tag, fig, step, close=True)
 
 
-def _log_step(trainer: Any) -> int:
+def _log_step(trainer: Trainer) -> int:
     """The step of Lightning's own epoch-level scalars of this epoch (one before the optimizer step
     count at the epoch's end), so that TensorBoard shows netprobe's at the same x."""
     return max(int(trainer.global_step) - 1, 0)
 
 
-def _final_epoch(trainer: Any, epoch: int) -> bool:
+def _final_epoch(trainer: Trainer, epoch: int) -> bool:
     """Whether ``epoch`` is the run's last (``max_epochs`` reached, or a callback stopping it)."""
     max_epochs = getattr(trainer, "max_epochs", None)
     if isinstance(max_epochs, int) and max_epochs > 0 and epoch + 1 >= max_epochs:

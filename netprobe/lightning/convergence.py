@@ -5,7 +5,7 @@ Composes :mod:`netprobe.metrics`; re-implements none."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from netprobe.metrics.similarity import (
     rbf_cka,
     similarity_matrix,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netprobe.lightning._shared_pass import Trainer
 
 __all__ = ["ConvergenceMonitor"]
 
@@ -279,7 +282,7 @@ class ConvergenceMonitor(NetprobeMonitor):
             self._ref = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
         return self._ref
 
-    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, _, sl = self._shard()
         acts, _ = self._probe_pass(trainer, pl_module, x)
         prev_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -47,6 +47,9 @@ except ImportError:  # pragma: no cover - only the unified package installed
     from lightning.pytorch.callbacks import EarlyStopping as _EarlyStopping
 
 from netprobe.lightning._shared_pass import _RunIdentity  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netprobe.lightning._shared_pass import Trainer
 
 __all__ = ["RelianceEarlyStopping"]
 
@@ -116,7 +119,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         self.history: list[tuple[int, float, float]] = []  # (epoch, raw, smoothed) of fresh records
         self._run = _RunIdentity()
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if str(getattr(stage, "value", stage)) == "fit":  # stopping acts in fit only
             self._check_keys(trainer, pl_module)
@@ -129,7 +132,7 @@ class RelianceEarlyStopping(_EarlyStopping):
             if hasattr(self, "stopping_reason"):  # Lightning >= 2.5
                 self.stopping_reason = getattr(type(self.stopping_reason), "NOT_STOPPED", self.stopping_reason)
 
-    def _check_keys(self, trainer: Any, pl_module: Any) -> None:
+    def _check_keys(self, trainer: Trainer, pl_module: Any) -> None:
         """Refuse, before the first step, a ``netprobe/`` key that no attached monitor logs."""
         from netprobe._validation import close_names
         from netprobe.lightning.base import NetprobeMonitor
@@ -162,7 +165,7 @@ class RelianceEarlyStopping(_EarlyStopping):
                 f"To fix it, {fix}."
             )
 
-    def _run_early_stopping_check(self, trainer: Any) -> None:
+    def _run_early_stopping_check(self, trainer: Trainer) -> None:
         logs = trainer.callback_metrics
         if trainer.fast_dev_run or not self._validate_condition_metric(logs):
             return
@@ -195,7 +198,7 @@ class RelianceEarlyStopping(_EarlyStopping):
                 return
         self._decide(trainer, *self._evaluate_stopping_criteria(self._ema.to(torch.float32)))
 
-    def _decide(self, trainer: Any, should_stop: bool, reason: Optional[str]) -> None:
+    def _decide(self, trainer: Trainer, should_stop: bool, reason: Optional[str]) -> None:
         """Stop when any rank says so, as Lightning's EarlyStopping does."""
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         trainer.should_stop = trainer.should_stop or should_stop

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from netprobe.metrics.reliance import (
     selectivity_order,
 )
 from netprobe.metrics.reliance._inputs import _check_budget, _check_points
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netprobe.lightning._shared_pass import Trainer
 
 __all__ = ["RelianceMonitor", "RELIANCE_FRACTIONS"]
 
@@ -200,7 +203,7 @@ class RelianceMonitor(NetprobeMonitor):
             self._orders[layer] = perms
         return perms
 
-    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, y, sl = self._shard()
         epoch = int(trainer.current_epoch)
         data = self._batched(x, y)

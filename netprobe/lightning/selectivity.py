@@ -4,7 +4,7 @@ importance on the probe set, each epoch. Composes :mod:`netprobe.metrics`; re-im
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeDa
 from netprobe.metrics.information import MutualInfoAccumulator, quantile_edges
 from netprobe.metrics.reliance import score, spearman, unit_importance
 from netprobe.metrics.selectivity import SelectivityResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netprobe.lightning._shared_pass import Trainer
 
 __all__ = ["SelectivityMonitor"]
 
@@ -125,7 +128,7 @@ class SelectivityMonitor(NetprobeMonitor):
                 except (ValueError, TypeError) as err:
                     raise type(err)(f"SelectivityMonitor: layer {layer!r} cannot be ablated unit by unit: {err}") from err
 
-    def compute(self, trainer: Any, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
         x, y, _ = self._shard()
         acts, model_out = self._probe_pass(trainer, pl_module, x)
         sel, dead, mi, hists = {}, {}, {}, {}
