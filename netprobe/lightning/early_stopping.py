@@ -55,6 +55,18 @@ __all__ = ["RelianceEarlyStopping"]
 
 _PROBE_ACC = "netprobe/probe_accuracy"
 
+#: the private members of Lightning's ``EarlyStopping`` this class relies on, for want of public
+#: ones, with the parameters they are called with: ``_run_early_stopping_check`` is overridden
+#: (Lightning's ``on_train_epoch_end`` / ``on_validation_end`` call it), the others are called.
+#: tests/lightning/test_early_stopping_lightning_contract.py checks them on both installed
+#: ``EarlyStopping`` classes, so a Lightning release that changes one fails that test by name.
+_LIGHTNING_PRIVATE = {
+    "_run_early_stopping_check": ("self", "trainer"),
+    "_validate_condition_metric": ("self", "logs"),
+    "_evaluate_stopping_criteria": ("self", "current"),
+    "_log_info": ("trainer", "message", "log_rank_zero_only"),  # a staticmethod
+}
+
 
 class RelianceEarlyStopping(_EarlyStopping):
     """``EarlyStopping`` preset for netprobe signals (see the module docstring).
@@ -166,6 +178,8 @@ class RelianceEarlyStopping(_EarlyStopping):
             )
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
+        """Lightning's check (called by its ``on_train_epoch_end`` / ``on_validation_end``), on
+        fresh records only, smoothed, after the warm-up (see the module docstring)."""
         logs = trainer.callback_metrics
         if trainer.fast_dev_run or not self._validate_condition_metric(logs):
             return
