@@ -170,16 +170,20 @@ def _columns(head, rows, out) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
 
 
+_HIT_INTERVALS = ("; hit rates: a delete-one jackknife over their own subsets (each run, or group, left out in turn), "
+                  "none over all the runs (one pick's outcome: pass --subset-size below the number of runs)")
+
+
 def _boot_line(boot) -> str:
     if not boot:
         return "no intervals (--boot 0)"
     if boot.get("resampled") == "groups":
         return (f"[lo, hi]: {boot['level']:.0%} bootstrap percentile intervals ({boot['n_boot']} resamples of the "
                 f"{boot['n_groups']} groups with replacement, each with all its runs: a cluster bootstrap; seed {boot['seed']}): "
-                f"how much each figure would vary over other sweeps of as many groups like these")
+                f"how much each figure would vary over other sweeps of as many groups like these" + _HIT_INTERVALS)
     return (f"[lo, hi]: {boot['level']:.0%} bootstrap percentile intervals ({boot['n_boot']} resamples of the runs with "
             f"replacement, seed {boot['seed']}): how much each figure would vary over other sweeps of as many runs like these"
-            " (runs treated as independent: with several seeds per configuration, pass --group or --group-by)")
+            " (runs treated as independent: with several seeds per configuration, pass --group or --group-by)" + _HIT_INTERVALS)
 
 
 def _grouping_line(g) -> str:

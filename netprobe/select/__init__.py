@@ -76,9 +76,9 @@ from netprobe.select.keys import key_direction, parse_condition, parse_signal
 from netprobe.select.layers import layer_order
 from netprobe.select.rank import rank_runs, rank_signals
 from netprobe.select.stats import (
-    bootstrap_intervals, cross_validate_choice, kendall_tau, spearman_rho, tau_difference, top_k_hits,
+    bootstrap_intervals, cross_validate_choice, kendall_tau, spearman_rho, tau_difference, top_k_hits, top_k_intervals,
 )
 
 __all__ = ["SelectionError", "Run", "find_runs", "load_run", "load_runs", "rank_runs", "rank_signals", "parse_condition", "parse_signal",
-           "key_direction", "layer_order", "spearman_rho", "kendall_tau", "top_k_hits", "bootstrap_intervals", "cross_validate_choice",
+           "key_direction", "layer_order", "spearman_rho", "kendall_tau", "top_k_hits", "top_k_intervals", "bootstrap_intervals", "cross_validate_choice",
            "tau_difference", "group_labels"]

@@ -12,6 +12,7 @@ import operator
 import re
 from typing import Optional, Tuple
 
+from netprobe._keys import metric_direction
 from netprobe.select.errors import SelectionError
 
 _GLOB_CHARS = set("*?[")
@@ -38,12 +39,6 @@ def parse_condition(text: str) -> Tuple[str, str, float]:
         ) from None
 
 
-#: netprobe metrics whose higher value is better, and name endings that say so (README's logged keys)
-_HIGHER_BETTER = ("reliance_area", "probe_accuracy", "mutual_info_mean")
-_HIGHER_SUFFIXES = ("_auc", "_prev", "_ref")
-#: netprobe metrics whose lower value is better (README's logged keys: fewer dead units; less class
-#: selectivity tends to go with better generalization, Morcos et al. 2018)
-_LOWER_BETTER = ("selectivity_mean", "dead_fraction")
 #: ``netprobe/<name>/...`` scalars that are not signals of the network: the monitors' timing, the layer order
 _NOT_SIGNALS = ("time", "layer_index")
 #: ``netprobe/layer_index/<layer>``: a layer's position in the forward pass, when the monitors log it
@@ -66,9 +61,10 @@ def _netprobe_parts(key: str) -> Optional[Tuple[str, Optional[str]]]:
 def key_direction(key: str) -> Optional[str]:
     """The known orientation of a signal key: ``"max"`` (higher is better), ``"min"``, or None.
 
-    Known for the netprobe keys: higher is better for every ``*_auc``, ``*_prev``, ``*_ref``,
-    ``reliance_area``, ``probe_accuracy`` and ``mutual_info_mean``; lower for ``selectivity_mean``
-    and ``dead_fraction``; ``netprobe/best/<metric>`` (the best value so far) as ``<metric>``. Of
+    Known for the netprobe keys, from their metric's direction in :mod:`netprobe._keys`: higher is
+    better for every ``*_auc``, ``*_prev``, ``*_ref``, ``reliance_area``, ``probe_accuracy`` and
+    ``mutual_info_mean``; lower for ``selectivity_mean`` and ``dead_fraction``;
+    ``netprobe/best/<metric>`` (the best value so far) as ``<metric>``. Of
     the other keys, one with a word ``loss`` (words split at ``/ _ - .``: ``train/loss``,
     ``val_loss_epoch``) is lower-is-better and one with a word ``acc`` or ``accuracy``
     (``test/acc``, ``val_accuracy``) higher-is-better; any other key (or one with both words) has
@@ -89,11 +85,7 @@ def key_direction(key: str) -> Optional[str]:
     if parts[0] in _NOT_SIGNALS:
         return None
     metric = parts[0][len("best/"):] if parts[0].startswith("best/") else parts[0]  # the best so far: the metric's direction
-    if metric in _HIGHER_BETTER or metric.endswith(_HIGHER_SUFFIXES):
-        return "max"
-    if metric in _LOWER_BETTER:
-        return "min"
-    return None
+    return metric_direction(metric)
 
 
 def parse_signal(text: str) -> Tuple[str, Optional[str]]:

@@ -120,8 +120,6 @@ class _Draws:
     n_boot: int
     #: the intervals' level
     level: float
-    #: subsets per bootstrap replicate
-    boot_draws: int
     #: seeds the hit-rate subsets and the bootstrap
     seed: int
 
@@ -139,6 +137,7 @@ def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, agai
         "subset_size": m, "n_draws": 1 if m == len(osig) else draws.n_draws,
         "top_k": {str(k): p for k, p in top_k_hits(sigs, refs, ks, mode=mode, reference_mode=against_mode, subset_size=m,
                                                       n_draws=draws.n_draws, seed=draws.seed).items()} if ks else {},
+        "top_k_ci_undefined": None,
         "top_k_random": {str(k): k / m for k in ks},
         "spearman_rho_ci": None, "kendall_tau_ci": None, "top_k_ci": {},
     }
@@ -148,24 +147,27 @@ def _statistics(sigs: Sequence[float], refs: Sequence[float], *, mode: str, agai
         order = np.arange(len(osig)) if boot_order is None else np.asarray(boot_order)
         ci = bootstrap_intervals(np.asarray(sigs, dtype=np.float64)[order], np.asarray(refs, dtype=np.float64)[order], mode=mode,
                                  reference_mode=against_mode, ks=ks, subset_size=m, n_boot=draws.n_boot,
-                                 level=draws.level, boot_draws=draws.boot_draws, seed=draws.seed,
+                                 level=draws.level, n_draws=draws.n_draws, seed=draws.seed,
                                  groups=None if groups is None else [groups[i] for i in order])
         out["spearman_rho_ci"], out["kendall_tau_ci"] = ci["spearman_rho"], ci["kendall_tau"]
         out["top_k_ci"] = {str(k): v for k, v in ci["top_k"].items()}
+        out["top_k_ci_undefined"] = ci["top_k_undefined"]
         out["bootstrap_undefined"] = ci["undefined"]
     return out
 
 
 def _bootstrap_doc(draws: _Draws, grouping: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """The ``bootstrap`` entry of a ranking: how its intervals were drawn and what they cover (None without any)."""
-    n_boot, level, seed, boot_draws = draws.n_boot, draws.level, draws.seed, draws.boot_draws
+    n_boot, level, seed = draws.n_boot, draws.level, draws.seed
+    hit_rates = ("a delete-one jackknife over the hit rates' own subsets (never a run twice; undefined when the "
+                 "subset holds every run)")
     if n_boot <= 0:
         return None
     if grouping is None:
-        return {"n_boot": n_boot, "level": level, "seed": seed, "boot_draws": boot_draws, "interval": "percentile",
+        return {"n_boot": n_boot, "level": level, "seed": seed, "interval": "percentile", "hit_rates": hit_rates,
                 "resampled": "runs",
                 "covers": "the spread of each statistic over sweeps like this one (the runs resampled with replacement)"}
-    return {"n_boot": n_boot, "level": level, "seed": seed, "boot_draws": boot_draws, "interval": "percentile",
+    return {"n_boot": n_boot, "level": level, "seed": seed, "interval": "percentile", "hit_rates": hit_rates,
             "resampled": "groups", "n_groups": grouping["n_groups"],
             "covers": "the spread of each statistic over sweeps like this one (the groups resampled with replacement, "
                       "each with all its runs: a cluster bootstrap)"}
@@ -187,7 +189,6 @@ def rank_runs(
     layer: Optional[str] = None,
     n_boot: int = 1000,
     level: float = 0.95,
-    boot_draws: int = 100,
     underfit_below: Optional[float] = None,
     group: Optional[str] = None,
     group_by: Union[str, Sequence[str]] = (),
@@ -214,8 +215,10 @@ def rank_runs(
     when the runs the signal prefers are those the reference prefers (1 = the same order), whatever
     the modes. A run whose event file has a corrupt or truncated record is skipped, with the reason.
 
-    ``n_boot`` (0: none), ``level``, ``boot_draws``: percentile bootstrap intervals over runs for
-    rho, tau and the hit rates (:func:`bootstrap_intervals`, seeded with ``seed``, over the runs sorted by name).
+    ``n_boot`` (0: none), ``level``: percentile bootstrap intervals over runs for rho and tau
+    (:func:`bootstrap_intervals`, seeded with ``seed``, over the runs sorted by name), and for the
+    hit rates :func:`top_k_intervals`' jackknife over their own subsets (``top_k_ci``; None with the
+    reason in ``top_k_ci_undefined`` when the subset holds every run).
     ``group`` (a regex on the run names) and/or ``group_by`` (hyperparameter names): see
     :func:`group_labels`; the bootstrap then resamples the groups (a cluster bootstrap: the seeds of
     one configuration are not independent runs, and resampling them as if they were gives intervals
@@ -238,7 +241,7 @@ def rank_runs(
         "reference", "reference_rank", "key", "underfit", "group"}`` (best first; ``key``: the key read;
         ``group``: its group label, or None without grouping).
     """
-    draws = _Draws(n_draws, _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none"), _check_level(level), boot_draws, seed)
+    draws = _Draws(n_draws, _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none"), _check_level(level), seed)
     metric = _metric_key(metric, layer)
     runs, bad, all_tags = _load_readable(logdir)
     against_key = parse_signal(against)[0] if against else None
@@ -412,7 +415,6 @@ def rank_signals(
     n_draws: int = 10_000,
     n_boot: int = 1000,
     level: float = 0.95,
-    boot_draws: int = 100,
     cv: int = 200,
     seed: int = 0,
     underfit_below: Optional[float] = None,
@@ -493,7 +495,7 @@ def rank_signals(
     conds = _check_common("max", against_mode, at, where, underfit_below)
     n_boot = _check_count(n_boot, "n_boot", 0, "bootstrap replicates; 0 for none")
     cv = _check_count(cv, "cv", 0, "random half splits; 0 for none")
-    draws = _Draws(n_draws, n_boot, _check_level(level), boot_draws, seed)
+    draws = _Draws(n_draws, n_boot, _check_level(level), seed)
     signals = [signals] if isinstance(signals, str) else list(signals)
     baselines = [baselines] if isinstance(baselines, str) else list(baselines)
     pairs = _parse_compare(compare)

@@ -8,6 +8,7 @@ Inputs are plain sequences or arrays; refusals raise :class:`~netprobe.select.Se
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -167,19 +168,94 @@ def top_k_hits(
         raise SelectionError(f"Expected `signal` and `reference` of one length, but got {n} and {len(ref)}.")
     if np.isnan(sig).any() or np.isnan(ref).any():
         return {k: float("nan") for k in ks}
-    rng = np.random.default_rng(seed)
-    draws = 1 if m == n else n_draws
-    hits = {k: 0.0 for k in ks}
-    for _ in range(draws):
-        idx = np.arange(n) if m == n else np.sort(rng.choice(n, size=m, replace=False))
-        s = sig[idx]
-        picks = idx[s == s.max()]  # the runs tied for the best signal, each picked with equal chance
-        for pick in picks:
-            better = int((ref[idx] > ref[pick]).sum())  # strictly better by the reference
-            equal = int((ref[idx] == ref[pick]).sum()) - 1  # tied with it (itself excluded)
-            for k in ks:
-                hits[k] += min(1.0, max(0.0, (k - better) / (equal + 1))) / len(picks)
-    return {k: hits[k] / draws for k in ks}
+    credits, _ = _subset_credits(sig, ref, ks, m, n_draws, seed)
+    return {k: float(credits[:, i].mean()) for i, k in enumerate(ks)}
+
+
+def _subset_credits(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int], m: int, n_draws: int,
+                    seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(credits (D, len(ks)), idx (D, m))``: the hit credit of each of ``D`` subsets of ``m`` of the
+    runs (oriented ``sig``, ``ref``), drawn without replacement as the rows of
+    ``np.sort(np.argsort(np.random.default_rng(seed).random((n_draws, n)), axis=1)[:, :m], axis=1)``;
+    with ``m == n`` the one subset of every run."""
+    n = len(sig)
+    if m == n:
+        idx = np.arange(n)[None]
+    else:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(np.argsort(rng.random((n_draws, n)), axis=1)[:, :m], axis=1)
+    return _hit_credit_rows(sig[idx], ref[idx], ks, idx), idx
+
+
+def top_k_intervals(
+    signal: Sequence[float], reference: Sequence[float], ks: Iterable[int], *, mode: str = "max",
+    reference_mode: str = "max", subset_size: Optional[int] = None, n_draws: int = 10_000, seed: int = 0,
+    level: float = 0.95, groups: Optional[Sequence[Any]] = None,
+) -> Dict[str, Any]:
+    """The top-k hit rates of :func:`top_k_hits` (the same draws: equal estimates for equal
+    arguments) with delete-one jackknife intervals, which never resample a run twice.
+
+    A hit rate is a mean over subsets of ``subset_size`` distinct runs. Its leave-one-out values
+    ``h_(i)`` are the means over the drawn subsets without run ``i`` (with ``groups``: without any
+    run of group ``g``, a grouped jackknife); the interval is ``h +- z * se``, with
+    ``se = sqrt((G - 1) / G * sum((h_(i) - mean h_(.))^2))`` over the ``G`` runs (groups), ``z``
+    the normal quantile of ``(1 + level) / 2``, clipped to ``[0, 1]``. So it always holds its
+    estimate. A bootstrap with replacement would judge subsets of fewer distinct runs, in which any
+    pick is more often among the top ``k`` (an interval that can exclude its own estimate).
+
+    Undefined (intervals ``None``, with the reason) when ``subset_size`` is the number of runs (the
+    rate is then one pick's 0/1 outcome), when fewer than 2 runs (groups) can be left out, or when
+    a side holds a NaN.
+
+    Returns:
+        ``{"estimate": {k: rate}, "interval": {k: [lo, hi] or None}, "undefined": reason or None,
+        "method": "jackknife", "resampled": "runs" | "groups"}``.
+
+    Example:
+        >>> r = top_k_intervals([0.9, 0.8, 0.5, 0.4, 0.2, 0.1], [0.8, 0.9, 0.6, 0.5, 0.3, 0.1], [1], subset_size=3)
+        >>> lo, hi = r["interval"][1]
+        >>> lo <= r["estimate"][1] <= hi
+        True
+    """
+    est = top_k_hits(signal, reference, ks, mode=mode, reference_mode=reference_mode, subset_size=subset_size,
+                     n_draws=n_draws, seed=seed)
+    level = _check_level(level)
+    ks = sorted(est)
+    sig = np.asarray(signal, float) * (1 if mode == "max" else -1)
+    ref = np.asarray(reference, float) * (1 if reference_mode == "max" else -1)
+    n = len(sig)
+    m = n if subset_size is None else int(subset_size)
+    codes = _group_codes(groups, n)
+    out: Dict[str, Any] = {"estimate": est, "interval": {k: None for k in ks}, "undefined": None, "method": "jackknife",
+                           "resampled": "runs" if codes is None else "groups"}
+    if np.isnan(sig).any() or np.isnan(ref).any():
+        out["undefined"] = "a signal or reference is NaN"
+        return out
+    if m == n:
+        out["undefined"] = (f"the subset holds all {n} runs: the rate is one pick's outcome, 0 or 1 (pass a subset size "
+                            "below the number of runs for a rate over subsets, with an interval)")
+        return out
+    credits, idx = _subset_credits(sig, ref, ks, m, n_draws, seed)
+    member = np.zeros((len(idx), n), dtype=bool)
+    member[np.arange(len(idx))[:, None], idx] = True
+    if codes is not None:
+        n_units = int(codes.max()) + 1
+        member = np.stack([member[:, codes == g].any(1) for g in range(n_units)], axis=1)
+    else:
+        n_units = n
+    left = ~member  # [draw, unit]: the draw holds no run of the unit
+    counts = left.sum(0)
+    if n_units < 2 or (counts == 0).any():
+        out["undefined"] = (f"{_plural(n_units, 'group' if codes is not None else 'run')}: every drawn subset holds one of "
+                            "them, so none can be left out" if n_units >= 2 else "one group: nothing to leave out")
+        return out
+    loo = (left.T.astype(float) @ credits) / counts[:, None]  # (units, K)
+    se = np.sqrt((n_units - 1) / n_units * ((loo - loo.mean(0)) ** 2).sum(0))
+    z = statistics.NormalDist().inv_cdf((1 + level) / 2)
+    for i, k in enumerate(ks):
+        h = est[k]
+        out["interval"][k] = [float(max(0.0, h - z * se[i])), float(min(1.0, h + z * se[i]))]
+    return out
 
 
 def _check_directions(mode: str, reference_mode: str) -> None:
@@ -293,72 +369,52 @@ def _check_count(value: Any, name: str, minimum: int, what: str) -> int:
 
 
 class _Replicates(NamedTuple):
-    """A bootstrap's statistics, one per replicate."""
+    """A bootstrap's correlations, one per replicate."""
 
     #: ``(n_boot,)`` Kendall's tau-b (NaN where undefined)
     kendall_tau: np.ndarray
     #: ``(n_boot,)`` Spearman's rho (NaN where undefined)
     spearman_rho: np.ndarray
-    #: ``(n_boot, len(ks))`` hit rates
-    top_k: np.ndarray
 
 
-def _replicates_over_runs(sig: np.ndarray, ref: np.ndarray, ks: Sequence[int], m: int, n_boot: int, boot_draws: int,
-                          rng: np.random.Generator) -> _Replicates:
-    """The statistics of ``n_boot`` resamples of the runs (oriented ``sig``, ``ref``), as
+def _replicates_over_runs(sig: np.ndarray, ref: np.ndarray, n_boot: int, rng: np.random.Generator) -> _Replicates:
+    """The correlations of ``n_boot`` resamples of the runs (oriented ``sig``, ``ref``), as
     :func:`bootstrap_intervals` documents them."""
     n = len(sig)
-    hits = np.empty((n_boot, len(ks)))
     idx = rng.integers(0, n, size=(n_boot, n))
     bs, br = sig[idx], ref[idx]
-    taus, rhos = _kendall_rows(bs, br), _spearman_rows(bs, br)
-    if ks and m == n:
-        hits = _hit_credit_rows(bs, br, ks, idx)
-    elif ks:
-        for b in range(n_boot):
-            sub = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
-            hits[b] = _hit_credit_rows(bs[b][sub], br[b][sub], ks, idx[b][sub]).mean(0)
-    return _Replicates(taus, rhos, hits)
+    return _Replicates(_kendall_rows(bs, br), _spearman_rows(bs, br))
 
 
-def _replicates_over_groups(sig: np.ndarray, ref: np.ndarray, codes: np.ndarray, ks: Sequence[int], m: int, n_boot: int,
-                            boot_draws: int, rng: np.random.Generator) -> _Replicates:
-    """The statistics of ``n_boot`` cluster-bootstrap replicates (the groups ``codes`` resampled,
+def _replicates_over_groups(sig: np.ndarray, ref: np.ndarray, codes: np.ndarray, n_boot: int,
+                            rng: np.random.Generator) -> _Replicates:
+    """The correlations of ``n_boot`` cluster-bootstrap replicates (the groups ``codes`` resampled,
     each with all its runs), as :func:`bootstrap_intervals` documents them."""
-    hits = np.empty((n_boot, len(ks)))
     idx, draw, valid = _cluster_draws(codes, n_boot, rng)
     bs, br = sig[idx], ref[idx]
-    taus = _kendall_rows_grouped(bs, br, codes[idx], draw, valid)
-    rhos = _spearman_rows_masked(bs, br, valid)
-    if ks and m == len(sig):
-        hits = _hit_credit_masked(bs, br, valid, ks, idx)
-    elif ks:
-        for b in range(n_boot):
-            real = idx[b][valid[b]]
-            m_b = min(m, len(real))
-            sub = np.argsort(rng.random((boot_draws, len(real))), axis=1)[:, :m_b]
-            hits[b] = _hit_credit_rows(sig[real][sub], ref[real][sub], ks, real[sub]).mean(0)
-    return _Replicates(taus, rhos, hits)
+    return _Replicates(_kendall_rows_grouped(bs, br, codes[idx], draw, valid), _spearman_rows_masked(bs, br, valid))
 
 
 def bootstrap_intervals(
     signal: Sequence[float], reference: Sequence[float], *, mode: str = "max", reference_mode: str = "max",
     ks: Iterable[int] = (), subset_size: Optional[int] = None, n_boot: int = 1000, level: float = 0.95,
-    boot_draws: int = 100, seed: int = 0, groups: Optional[Sequence[Any]] = None,
+    n_draws: int = 10_000, seed: int = 0, groups: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Any]:
-    """Percentile bootstrap intervals over runs (or over groups of runs) for Kendall's tau-b,
-    Spearman's rho and the top-k hit rates of picking by ``signal``.
+    """Percentile bootstrap intervals over runs (or over groups of runs) for Kendall's tau-b and
+    Spearman's rho, and the hit rates' intervals of :func:`top_k_intervals`.
 
     Each of ``n_boot`` replicates resamples the ``n`` runs with replacement (``idx =
     np.random.default_rng(seed).integers(0, n, size=(n_boot, n))``, one row per replicate) and
-    recomputes each statistic on the resampled runs, oriented by ``mode`` and ``reference_mode`` so
-    that agreement is positive. A hit rate picks among all the resampled runs (``subset_size`` None
-    or ``n``), else averages over ``boot_draws`` random subsets of ``subset_size`` of them, drawn,
-    replicate after replicate, by the same Generator as ``np.argsort(rng.random((boot_draws, n)),
-    axis=1)[:, :subset_size]``. Ties (which resampling creates) are broken at random in expectation,
-    as in :func:`top_k_hits`. The interval is ``np.quantile`` of the replicates at ``(1 - level)/2``
-    and ``(1 + level)/2``; replicates where a correlation is undefined (a constant side) are left out
-    and counted.
+    recomputes each correlation on the resampled runs, oriented by ``mode`` and ``reference_mode``
+    so that agreement is positive. The interval is ``np.quantile`` of the replicates at
+    ``(1 - level)/2`` and ``(1 + level)/2``; replicates where a correlation is undefined (a
+    constant side) are left out and counted.
+
+    The top-``k`` hit rates (``ks``, over subsets of ``subset_size`` runs, ``n_draws`` of them
+    seeded with ``seed``) are not bootstrapped: a resample with replacement holds fewer distinct
+    runs, among which any pick is more often in the top ``k``, so its interval could exclude the
+    rate itself. Their intervals are :func:`top_k_intervals`' (a delete-one jackknife over the
+    same subsets, or over the groups with ``groups``), undefined when ``subset_size`` is ``n``.
 
     **Groups** (``groups``: one label per run, e.g. the configuration, whose seeds are not
     independent runs): a cluster bootstrap. Each replicate draws the ``G`` groups with replacement
@@ -367,8 +423,7 @@ def bootstrap_intervals(
     groups hold. Kendall's tau-b of a replicate leaves out the pairs of runs of one group that come
     from two different draws of it (kept, each within-group pair would count once per pair of
     copies, over-weighting the seed-to-seed pairs and pulling tau toward the within-group
-    agreement); Spearman's rho and the hit rates use every run of the replicate; with
-    ``subset_size`` the subsets hold ``min(subset_size, runs of the replicate)`` runs.
+    agreement); Spearman's rho uses every run of the replicate.
 
     What it covers: how much the statistic would vary over other sweeps of ``n`` runs drawn like
     these from the same configurations (with ``groups``: of ``G`` groups drawn like these); not the
@@ -384,18 +439,18 @@ def bootstrap_intervals(
         subset_size: runs per subset for the hit rates (default: all).
         n_boot: bootstrap replicates ``B``.
         level: the intervals' level (0.95: 2.5th to 97.5th percentile).
-        boot_draws: subsets per replicate when ``subset_size < n``.
-        seed: seeds the numpy Generator.
+        n_draws: subsets drawn for the hit rates (as :func:`top_k_hits`).
+        seed: seeds the numpy Generators.
         groups: ``(n,)`` a label per run (any hashable; compared as strings) for a cluster
             bootstrap over the groups, or None (the runs are resampled).
 
     Returns:
-        ``{"kendall_tau": [lo, hi] or None, "spearman_rho": [lo, hi] or None, "top_k": {k: [lo, hi]},
-        "undefined": {"kendall_tau": count, "spearman_rho": count}, "n_boot", "level", "seed",
-        "resampled": "runs" | "groups", "n_groups"}``.
+        ``{"kendall_tau": [lo, hi] or None, "spearman_rho": [lo, hi] or None, "top_k": {k: [lo, hi] or
+        None}, "top_k_undefined": reason or None, "undefined": {"kendall_tau": count, "spearman_rho":
+        count}, "n_boot", "level", "seed", "resampled": "runs" | "groups", "n_groups"}``.
 
     Example:
-        >>> ci = bootstrap_intervals([0.9, 0.5, 0.7, 0.2], [0.95, 0.6, 0.9, 0.3], ks=[1], n_boot=200)
+        >>> ci = bootstrap_intervals([0.9, 0.5, 0.7, 0.2], [0.95, 0.6, 0.9, 0.3], ks=[1], subset_size=3, n_boot=200)
         >>> ci["kendall_tau"][1], sorted(ci["top_k"])
         (1.0, [1])
         >>> ci = bootstrap_intervals([0.9, 0.8, 0.5, 0.4, 0.2, 0.1], [0.9, 0.95, 0.6, 0.5, 0.3, 0.2],
@@ -412,22 +467,23 @@ def bootstrap_intervals(
         raise SelectionError("Expected `signal` and `reference` to be finite; drop the runs without a value first.")
     n = len(sig)
     n_boot = _check_count(n_boot, "n_boot", 1, "bootstrap replicates")
-    boot_draws = _check_count(boot_draws, "boot_draws", 1, "subsets per replicate")
     level = _check_level(level)
     m = n if subset_size is None else int(subset_size)
     if not 1 <= m <= n:
         raise SelectionError(f"Expected `subset_size` in [1, {n}] (the number of runs), but got {subset_size}.")
     ks = sorted({int(k) for k in ks})
     codes = _group_codes(groups, n)
+    hits = (top_k_intervals(sig, ref, ks, subset_size=m, n_draws=n_draws, seed=seed, level=level, groups=groups)
+            if ks else {"interval": {}, "undefined": None})
     rng = np.random.default_rng(seed)
     if codes is None:
-        reps = _replicates_over_runs(sig, ref, ks, m, n_boot, boot_draws, rng)
+        reps = _replicates_over_runs(sig, ref, n_boot, rng)
     else:
-        reps = _replicates_over_groups(sig, ref, codes, ks, m, n_boot, boot_draws, rng)
-    taus, rhos, hits = reps.kendall_tau, reps.spearman_rho, reps.top_k
+        reps = _replicates_over_groups(sig, ref, codes, n_boot, rng)
+    taus, rhos = reps.kendall_tau, reps.spearman_rho
     return {
         "kendall_tau": _interval(taus, level), "spearman_rho": _interval(rhos, level),
-        "top_k": {k: _interval(hits[:, i], level) for i, k in enumerate(ks)},
+        "top_k": dict(hits["interval"]), "top_k_undefined": hits["undefined"],
         "undefined": {"kendall_tau": int((~np.isfinite(taus)).sum()), "spearman_rho": int((~np.isfinite(rhos)).sum())},
         "n_boot": n_boot, "level": level, "seed": seed,
         "resampled": "runs" if codes is None else "groups", "n_groups": None if codes is None else int(codes.max()) + 1,

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from netprobe.cli import main
 from netprobe.select import (
     Run, SelectionError, bootstrap_intervals, cross_validate_choice, group_labels, key_direction, layer_order, load_run,
-    parse_signal, rank_runs, rank_signals, tau_difference, top_k_hits,
+    parse_signal, rank_runs, rank_signals, tau_difference, top_k_hits, top_k_intervals,
 )
-from reference_rank import tau_b_pairs_loop
+from reference_rank import jackknife_hit_rates, tau_b_pairs_loop
 
 
 def f32(x):
@@ -67,31 +69,19 @@ def ref_percentile(values, level):
     return [float(np.quantile(v, (1 - level) / 2)), float(np.quantile(v, (1 + level) / 2))]
 
 
-def ref_bootstrap(sig, ref, ks, *, n_boot, level, seed, subset_size=None, boot_draws=100):
-    """The documented bootstrap, replicate by replicate: resample runs with replacement, recompute."""
+def ref_bootstrap(sig, ref, *, n_boot, level, seed):
+    """The documented bootstrap of the correlations, replicate by replicate: resample runs with
+    replacement, recompute."""
     n = len(sig)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
-    taus, rhos, hits = [], [], {k: [] for k in ks}
+    taus, rhos = [], []
     for b in range(n_boot):
         s = [sig[i] for i in idx[b]]
         r = [ref[i] for i in idx[b]]
         taus.append(ref_tau(s, r))
         rhos.append(ref_rho(s, r))
-    m = n if subset_size is None else subset_size
-    for b in range(n_boot):
-        s = [sig[i] for i in idx[b]]
-        r = [ref[i] for i in idx[b]]
-        if m == n:
-            for k in ks:
-                hits[k].append(ref_hit(s, r, k, list(idx[b])))
-        else:
-            order = np.argsort(rng.random((boot_draws, n)), axis=1)[:, :m]
-            for k in ks:
-                hits[k].append(np.mean([ref_hit([s[j] for j in row], [r[j] for j in row], k, [idx[b][j] for j in row])
-                                        for row in order]))
-    return {"kendall_tau": ref_percentile(taus, level), "spearman_rho": ref_percentile(rhos, level),
-            "top_k": {k: ref_percentile(hits[k], level) for k in ks}}
+    return {"kendall_tau": ref_percentile(taus, level), "spearman_rho": ref_percentile(rhos, level)}
 
 
 def ref_cv(signals, ref, ks, n_splits, seed, level, min_runs=3):
@@ -135,11 +125,11 @@ def test_bootstrap_intervals_match_a_plain_loop_bootstrap(seed):
     sig = list(np.round(rng.normal(size=9), 1))  # ties
     ref = list(np.round(np.array(sig) + rng.normal(size=9), 1))
     got = bootstrap_intervals(sig, ref, ks=[1, 3], n_boot=300, level=0.9, seed=seed)
-    want = ref_bootstrap(sig, ref, [1, 3], n_boot=300, level=0.9, seed=seed)
+    want = ref_bootstrap(sig, ref, n_boot=300, level=0.9, seed=seed)
     assert got["kendall_tau"] == pytest.approx(want["kendall_tau"], abs=1e-9)
     assert got["spearman_rho"] == pytest.approx(want["spearman_rho"], abs=1e-9)
-    for k in (1, 3):
-        assert got["top_k"][k] == pytest.approx(want["top_k"][k], abs=1e-9)
+    # over all runs a hit rate is one pick's 0/1 outcome: no interval, and the reason
+    assert got["top_k"] == {1: None, 3: None} and "one pick's outcome" in got["top_k_undefined"]
     assert got["n_boot"] == 300 and got["level"] == 0.9
 
 
@@ -147,10 +137,11 @@ def test_bootstrap_intervals_with_subsets_and_orientation():
     rng = np.random.default_rng(7)
     sig = list(rng.normal(size=8))
     loss = list(-np.array(sig) + 0.5 * rng.normal(size=8))  # lower loss = better, agrees with the signal
-    got = bootstrap_intervals(sig, loss, reference_mode="min", ks=[1, 2], subset_size=4, n_boot=60, boot_draws=20, seed=5)
-    want = ref_bootstrap(sig, [-x for x in loss], [1, 2], n_boot=60, level=0.95, seed=5, subset_size=4, boot_draws=20)
+    got = bootstrap_intervals(sig, loss, reference_mode="min", ks=[1, 2], subset_size=4, n_boot=60, n_draws=300, seed=5)
+    want = ref_bootstrap(sig, [-x for x in loss], n_boot=60, level=0.95, seed=5)
+    hits = jackknife_hit_rates(ref_hit, sig, [-x for x in loss], [1, 2], subset_size=4, n_draws=300, seed=5, level=0.95)
     assert got["kendall_tau"] == pytest.approx(want["kendall_tau"], abs=1e-9)
-    assert got["top_k"][2] == pytest.approx(want["top_k"][2], abs=1e-9)
+    assert got["top_k"][2] == pytest.approx(hits[2][1], abs=1e-9)
     assert got["kendall_tau"][1] > 0  # oriented: agreement is positive
     with pytest.raises(SelectionError, match="level"):
         bootstrap_intervals(sig, loss, level=95)
@@ -271,13 +262,14 @@ def test_table_statistics_against_scipy_and_the_bootstrap(sweep):
         assert row["n_runs"] == N_RUNS
         assert row["kendall_tau"] == pytest.approx(ref_tau(sig, acc), abs=1e-9)
         assert row["spearman_rho"] == pytest.approx(ref_rho(sig, acc), abs=1e-9)
-        want = ref_bootstrap(sig, acc, res["ks"], n_boot=200, level=0.9, seed=4)
+        want = ref_bootstrap(sig, acc, n_boot=200, level=0.9, seed=4)
         assert row["kendall_tau_ci"] == pytest.approx(want["kendall_tau"], abs=1e-9)
         assert row["spearman_rho_ci"] == pytest.approx(want["spearman_rho"], abs=1e-9)
         for k in res["ks"]:
             assert row["top_k"][str(k)] == pytest.approx(ref_hit(sig, acc, k))
-            assert row["top_k_ci"][str(k)] == pytest.approx(want["top_k"][k], abs=1e-9)
+            assert row["top_k_ci"][str(k)] is None  # one pick among all the runs: no interval
             assert row["top_k_random"][str(k)] == pytest.approx(k / N_RUNS)
+        assert "one pick's outcome" in row["top_k_ci_undefined"]
         best = max(sig)
         ties = [n for n, s in zip(sorted(data), sig) if s == best]
         assert row["pick"] == ties[0] and row["pick_ties"] == ties
@@ -327,13 +319,14 @@ def test_cv_inside_the_table_follows_the_reference(sweep):
 def test_hit_rates_over_subsets_and_refusals(sweep):
     root, data = sweep
     res = rank_signals(root, "test/acc", signals=["netprobe/reliance_auc/fc1"], subset_size=4, top_k=[1, 3], n_draws=500,
-                       n_boot=20, boot_draws=10, cv=0)
+                       n_boot=20, cv=0)
     row = res["signals"][0]
     sig, acc = values(data, "netprobe/reliance_auc/fc1"), values(data, "test/acc")
     assert row["top_k"] == pytest.approx({str(k): v for k, v in top_k_hits(sig, acc, [1, 3], subset_size=4, n_draws=500).items()})
     assert row["top_k_random"] == pytest.approx({"1": 0.25, "3": 0.75})
-    want = ref_bootstrap(sig, acc, [1, 3], n_boot=20, level=0.95, seed=0, subset_size=4, boot_draws=10)
-    assert row["top_k_ci"]["3"] == pytest.approx(want["top_k"][3], abs=1e-9)
+    want = jackknife_hit_rates(ref_hit, sig, acc, [1, 3], subset_size=4, n_draws=500, seed=0, level=0.95)
+    assert row["top_k"]["3"] == pytest.approx(want[3][0], abs=1e-12)
+    assert row["top_k_ci"]["3"] == pytest.approx(want[3][1], abs=1e-9)
     with pytest.raises(SelectionError, match=r"below the subset size 10 \(10 runs ranked\).*k=10"):
         rank_signals(root, "test/acc", signals=["netprobe/reliance_auc"], top_k=[1, 10], cv=0)
     with pytest.raises(SelectionError, match=r"below the subset size 4 \(10 runs ranked, --subset-size 4\).*k=4"):
@@ -531,7 +524,7 @@ def ref_cluster_replicates(sig, ref, groups, n_boot, seed, ks=()):
     """A cluster bootstrap, replicate by replicate: the groups (sorted labels) drawn with
     replacement by `default_rng(seed).integers(0, G, size=(n_boot, G))`, each drawn group with all
     its runs; tau over the pairs that do not join two different draws of one group; rho (scipy)
-    and the top-k hit over all the runs of the replicate."""
+    (and, for the copies test, the top-k hit over all the runs of the replicate)."""
     labels = sorted(set(groups))
     members = [[i for i, g in enumerate(groups) if g == lab] for lab in labels]
     draws = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
@@ -565,13 +558,15 @@ def test_cluster_bootstrap_matches_a_plain_loop_replicate_by_replicate(seed):
     conf = {g: rng.normal() for g in set(groups)}
     ref = [round(conf[g] + 0.3 * rng.normal(), 1) for g in groups]  # ties
     sig = [round(conf[g] + 0.6 * rng.normal(), 1) for g in groups]
-    got = bootstrap_intervals(sig, ref, ks=[1, 3], n_boot=150, level=0.9, seed=seed, groups=groups)
-    taus, rhos, hits = ref_cluster_replicates(sig, ref, groups, 150, seed, ks=[1, 3])
+    got = bootstrap_intervals(sig, ref, ks=[1, 3], subset_size=8, n_boot=150, level=0.9, seed=seed, groups=groups,
+                              n_draws=400)
+    taus, rhos, _ = ref_cluster_replicates(sig, ref, groups, 150, seed)
+    hits = jackknife_hit_rates(ref_hit, sig, ref, [1, 3], subset_size=8, n_draws=400, seed=seed, level=0.9, groups=groups)
     assert got["resampled"] == "groups" and got["n_groups"] == len(sizes)
     assert got["kendall_tau"] == pytest.approx(ref_percentile(taus, 0.9), abs=1e-9)
     assert got["spearman_rho"] == pytest.approx(ref_percentile(rhos, 0.9), abs=1e-9)
     for k in (1, 3):
-        assert got["top_k"][k] == pytest.approx(ref_percentile(hits[k], 0.9), abs=1e-9)
+        assert got["top_k"][k] == pytest.approx(hits[k][1], abs=1e-9)
     assert got["undefined"]["kendall_tau"] == sum(math.isnan(t) for t in taus)
     # one run per group: the cluster bootstrap is the run bootstrap
     single = bootstrap_intervals(sig, ref, ks=[1], n_boot=150, seed=seed, groups=[str(i) for i in range(len(sig))])
@@ -589,19 +584,10 @@ def test_cluster_bootstrap_with_subsets_and_refusals():
     groups = [g for g in "abcdef" for _ in range(3)]
     sig = list(rng.normal(size=18))
     ref = list(np.array(sig) + rng.normal(size=18))
-    got = bootstrap_intervals(sig, ref, ks=[1, 2], subset_size=5, n_boot=40, boot_draws=10, seed=3, groups=groups)
-    # plain loop: the same Generator draws the groups, then per replicate the subsets of its runs
-    gen = np.random.default_rng(3)
-    labels = sorted(set(groups))
-    members = [[i for i, g in enumerate(groups) if g == lab] for lab in labels]
-    draws = gen.integers(0, 6, size=(40, 6))
-    hits = []
-    for row in draws:
-        runs = [i for g in row for i in members[g]]
-        subs = np.argsort(gen.random((10, len(runs))), axis=1)[:, :5]
-        hits.append(np.mean([ref_hit([sig[runs[j]] for j in sub], [ref[runs[j]] for j in sub], 2, [runs[j] for j in sub])
-                             for sub in subs]))
-    assert got["top_k"][2] == pytest.approx(ref_percentile(hits, 0.95), abs=1e-9)
+    got = bootstrap_intervals(sig, ref, ks=[1, 2], subset_size=5, n_boot=40, n_draws=300, seed=3, groups=groups)
+    # the grouped jackknife: each group left out in turn
+    hits = jackknife_hit_rates(ref_hit, sig, ref, [2], subset_size=5, n_draws=300, seed=3, level=0.95, groups=groups)
+    assert got["top_k"][2] == pytest.approx(hits[2][1], abs=1e-9)
     with pytest.raises(SelectionError, match="one group label per run"):
         bootstrap_intervals(sig, ref, groups=groups[:-1])
 
@@ -781,10 +767,10 @@ def test_grouped_table_and_compare_against_plain_loops(seed_sweep):
     acc = [data[n]["test/acc"] for n in names]
     row = res["signals"][0]
     assert row["values"] == {n: data[n]["netprobe/reliance_auc"] for n in names}  # each run's value, as logged
-    taus, rhos, hits = ref_cluster_replicates(rel, acc, groups, 80, 0, ks=[1, 3])
+    taus, rhos, _ = ref_cluster_replicates(rel, acc, groups, 80, 0)
     assert row["kendall_tau_ci"] == pytest.approx(ref_percentile(taus, 0.95), abs=1e-9)
     assert row["spearman_rho_ci"] == pytest.approx(ref_percentile(rhos, 0.95), abs=1e-9)
-    assert row["top_k_ci"]["3"] == pytest.approx(ref_percentile(hits[3], 0.95), abs=1e-9)
+    assert row["top_k_ci"]["3"] is None  # one pick among all 24 runs: no interval
     (cmp,) = res["compare"]
     neg = [-x for x in loss]
     assert cmp["a"] == "train/loss" and cmp["b"] == "netprobe/reliance_auc" and cmp["n_runs"] == 24
@@ -844,14 +830,14 @@ def test_cli_groups_and_compare_end_to_end(seed_sweep, tmp_path, capsys):
     assert "No run has the hyperparameter 'depth'" in capsys.readouterr().err
 
 
-def test_bootstrap_copies_of_one_run_are_not_a_tie():
-    # a perfect signal: every replicate's pick is its best run, however many copies of it were drawn
+def test_a_perfect_signal_has_hit_rate_intervals_of_one():
+    # a perfect signal: every subset's pick is its best run, so every leave-one-out rate is 1 too
     sig = list(np.linspace(0.1, 0.9, 10))
-    got = bootstrap_intervals(sig, sig, ks=[1, 3], n_boot=300, seed=0)
+    got = bootstrap_intervals(sig, sig, ks=[1, 3], subset_size=6, n_boot=300, seed=0)
     assert got["top_k"][1] == [1.0, 1.0] and got["top_k"][3] == [1.0, 1.0]
-    got = bootstrap_intervals(sig, sig, ks=[1], n_boot=300, seed=0, groups=[i // 2 for i in range(10)])
+    got = bootstrap_intervals(sig, sig, ks=[1], subset_size=6, n_boot=300, seed=0, groups=[i // 2 for i in range(10)])
     assert got["top_k"][1] == [1.0, 1.0]
-    got = bootstrap_intervals(sig, sig, ks=[1], subset_size=4, n_boot=50, boot_draws=20, seed=0)
+    got = bootstrap_intervals(sig, sig, ks=[1], subset_size=4, n_boot=50, n_draws=200, seed=0)
     assert got["top_k"][1] == [1.0, 1.0]
 
 
@@ -864,3 +850,44 @@ def test_public_statistics_refuse_a_misspelled_direction():
         top_k_hits([1, 2, 3], [1, 2, 3], [1], mode="maximize")
     with pytest.raises(SelectionError, match="'max' or 'min'"):
         top_k_hits([1, 2, 3], [1, 2, 3], [1], reference_mode="up")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_hit_rate_intervals_always_hold_their_estimate(data):
+    """Random sweeps of 3-20 runs with ties, any subset size and k: the interval holds the rate
+    (the same rate top_k_hits gives), lies in [0, 1], and is None exactly when the subset is every run."""
+    n = data.draw(st.integers(3, 20))
+    values = st.lists(st.integers(0, 4).map(float), min_size=n, max_size=n)  # few values: many ties
+    sig, ref = data.draw(values), data.draw(values)
+    m = data.draw(st.integers(2, n))
+    k = data.draw(st.integers(1, m - 1))
+    groups = data.draw(st.one_of(st.none(), st.lists(st.sampled_from("abc"), min_size=n, max_size=n)))
+    res = top_k_intervals(sig, ref, [k], subset_size=m, n_draws=200, seed=1, groups=groups)
+    est, ci = res["estimate"][k], res["interval"][k]
+    assert est == top_k_hits(sig, ref, [k], subset_size=m, n_draws=200, seed=1)[k]
+    if m == n:
+        assert ci is None and res["undefined"]
+    elif ci is not None:
+        assert 0.0 <= ci[0] <= est <= ci[1] <= 1.0
+    else:
+        assert res["undefined"]
+
+
+def test_a_six_run_sweep_never_prints_an_interval_that_excludes_its_rate(tmp_path, capsys):
+    """The sweep a new user ran: 6 runs, top-5 over all of them is one 0/1 outcome (no interval);
+    with a subset size the interval holds the rate."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    accs = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    for i, acc in enumerate(accs):
+        with SummaryWriter(str(tmp_path / f"run{i}")) as w:
+            w.add_scalar("netprobe/reliance_auc", 0.1 * i, 1)  # the worst run has the best signal
+            w.add_scalar("test/acc", acc, 1)
+    assert main(["rank", str(tmp_path), "--against", "test/acc", "--top-k", "5", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["top_k"]["5"] == 0.0 and doc["top_k_ci"]["5"] is None
+    assert main(["rank", str(tmp_path), "--against", "test/acc", "--top-k", "2", "--subset-size", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    lo, hi = doc["top_k_ci"]["2"]
+    assert lo <= doc["top_k"]["2"] <= hi
