@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--against-mode", choices=("max", "min"), default=None,
                    help="is a higher reference better (max, e.g. accuracy) or lower (min, e.g. loss); "
                         "spearman_rho and kendall_tau are oriented by both modes: positive = agreement")
+    r.add_argument("--within", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=[],
+                   metavar="HPARAM[,HPARAM]", help="refine the strata of comparable runs (the same monitored layers with "
+                   "the same widths) by these hyperparameters")
+    r.add_argument("--across", action="store_true",
+                   help="rank runs of several strata together (the signal's tau with the total width is printed beside)")
     r.add_argument("--signals", action="append", default=[], metavar="SPEC",
                    help="evaluate several signals in one table (needs --against): 'all' (every netprobe key and "
                         "netprobe/<metric>@deepest), a glob such as 'netprobe/reliance_*', or a key; KEY:min / KEY:max "
@@ -246,6 +251,11 @@ def _print_table(res, out) -> None:
         print(_underfit_line(res["underfit"]), file=out)
     if res.get("grouping"):
         print(_grouping_line(res["grouping"]), file=out)
+    strata = res.get("strata") or []
+    if len(strata) > 1:
+        _print_strata(res, out)
+        if not res.get("across"):
+            return
     if res["against"] and res["runs"]:
         print(f"against {res['against']}: pick's reference rank {_fmt(res['pick_reference_rank'], 1)} of {len(res['runs'])}", file=out)
         if len(res["runs"]) >= 2 and res["spearman_rho"] is None:
@@ -261,6 +271,28 @@ def _print_table(res, out) -> None:
                   f"{_plural(res['n_draws'], 'draw')}): {hits}", file=out)
         if res.get("bootstrap") and res["spearman_rho"] is not None:
             print(_boot_line(res["bootstrap"]), file=out)
+
+
+def _print_strata(res, out) -> None:
+    """One line per stratum of comparable runs (its pick and, with a reference, tau), then the
+    across-strata confound or the note that no pick is made across them."""
+    print(f"\nthe runs form {len(res['strata'])} strata of comparable runs (the same monitored layers with the same "
+          "widths" + (", and --within" if res.get("within") else "") + "):", file=out)
+    for st in res["strata"]:
+        line = f"  {st['label']}: {_plural(st['n_runs'], 'run')}, pick {st['pick']}"
+        if res["against"] and st.get("kendall_tau") is not None:
+            line += f", kendall_tau {st['kendall_tau']:.3f}{_ci(st.get('kendall_tau_ci'))}"
+        if res["against"] and st.get("pick_reference_rank") is not None:
+            line += f", pick's reference rank {_fmt(st['pick_reference_rank'], 1)} of {st['n_runs']}"
+        print(line, file=out)
+    conf = res.get("confound")
+    if res.get("across"):
+        tau = None if not conf else conf["kendall_tau"]
+        print(f"--across: ranked together; the signal's kendall_tau with the {conf['with'] if conf else 'total width'}: "
+              f"{_fmt(tau, 3)} (what the pick across strata mixes in)", file=out)
+    else:
+        print("no pick across strata (their signals are not comparable: reliance, for one, rises with width); "
+              "--across ranks them together with the width confound printed", file=out)
 
 
 def _print_signals(res, out) -> None:
@@ -288,6 +320,12 @@ def _print_signals(res, out) -> None:
     print(file=out)
     _columns(head, rows, out)
     print(file=out)
+    if len(res.get("strata") or []) > 1:
+        listed = "; ".join(f"{st['label']} ({_plural(st['n_runs'], 'run')})" for st in res["strata"])
+        print(f"--across {len(res['strata'])} strata of other monitored layers or widths ({listed}); each signal's "
+              "kendall_tau with the total width of the monitored layers (what a pick across them mixes in): "
+              + ", ".join(f"{r['signal']} {_fmt((r.get('confound') or {}).get('kendall_tau'), 2)}" for r in res["signals"]),
+              file=out)
     print("tau = Kendall's tau-b, rho = Spearman's rho, both oriented so that agreement with the reference is positive "
           "(whatever --against-mode and each signal's direction).", file=out)
     subsets = sorted({r["subset_size"] for r in res["signals"] if r["subset_size"] and r["subset_size"] < r["n_runs"]})
@@ -375,7 +413,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = rank_signals(args.logdir, args.against, signals=signals, baselines=args.baseline, against_mode=args.against_mode,
                                at=args.at, where=args.where, top_k=args.top_k, subset_size=args.subset_size, n_draws=args.draws,
                                n_boot=args.boot, level=args.level, cv=args.cv, seed=args.seed, underfit_below=args.underfit_below,
-                               group=args.group, group_by=args.group_by, compare=args.compare)
+                               group=args.group, group_by=args.group_by, compare=args.compare, within=args.within,
+                               across=args.across)
         else:
             if args.compare:
                 raise SelectionError("Expected --compare A,B with the table: name the signals with --signals (e.g. --signals all) "
@@ -388,7 +427,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = rank_runs(args.logdir, metric, mode=mode, at=args.at, against=args.against,
                             against_mode=args.against_mode, top_k=args.top_k, subset_size=args.subset_size,
                             n_draws=args.draws, seed=args.seed, where=args.where, layer=args.layer, n_boot=args.boot,
-                            level=args.level, underfit_below=args.underfit_below, group=args.group, group_by=args.group_by)
+                            level=args.level, underfit_below=args.underfit_below, group=args.group, group_by=args.group_by,
+                            within=args.within, across=args.across)
     except SelectionError as err:
         print(f"netprobe rank: error: {err}", file=sys.stderr)
         return 2

@@ -17,12 +17,27 @@ from netprobe._validation import close_names
 from netprobe.select.errors import SelectionError, _plural
 from netprobe.select.events import Run, load_runs
 from netprobe.select.grouping import _grouping, _underfit
-from netprobe.select.keys import _GLOB_CHARS, _NOT_SIGNALS, _netprobe_parts, key_direction, parse_condition, parse_signal
+from netprobe.select.keys import (
+    _GLOB_CHARS,
+    _NOT_SIGNALS,
+    _netprobe_parts,
+    key_direction,
+    parse_condition,
+    parse_signal,
+)
 from netprobe.select.layers import _resolve_key
 from netprobe.select.stats import (
-    _check_count, _check_level, _rankdata, bootstrap_intervals, cross_validate_choice, kendall_tau, spearman_rho, tau_difference,
+    _check_count,
+    _check_level,
+    _rankdata,
+    bootstrap_intervals,
+    cross_validate_choice,
+    kendall_tau,
+    spearman_rho,
+    tau_difference,
     top_k_hits,
 )
+from netprobe.select.strata import stratum_labels, width_confound
 from netprobe.select.values import _fails_conditions, _signal_value, _value_at
 
 
@@ -192,8 +207,18 @@ def rank_runs(
     underfit_below: Optional[float] = None,
     group: Optional[str] = None,
     group_by: Union[str, Sequence[str]] = (),
+    within: Sequence[str] = (),
+    across: bool = False,
 ) -> Dict[str, Any]:
     """Rank the runs under ``logdir`` by ``metric``; see the module docstring.
+
+    **Strata.** Runs are comparable when their monitored layers are the same, with the same widths
+    (``netprobe/layer_units/<layer>``, logged once per fit by the monitors), and, with ``within``,
+    the same values of those hyperparameters. ``strata`` lists each stratum (``label``, ``runs``,
+    its own ``pick`` and, with ``against``, its statistics). When the runs form several strata, the
+    top-level ``pick`` and statistics are ``None`` (``not_comparable`` says why) unless ``across``,
+    which ranks them together and reports ``confound``: Kendall's tau-b of the signal with the
+    total width of the monitored layers (what the pick mixes in: reliance rises with width).
 
     ``metric`` may be a layer alias: ``"netprobe/<metric>@deepest"`` takes, per run, the deepest
     monitored layer's ``netprobe/<metric>/<layer>`` (see :func:`layer_order` for how "deepest" is
@@ -270,12 +295,52 @@ def rank_runs(
                            "pick_reference_rank": None, "top_k": {}, "top_k_ci": {}, "top_k_random": {},
                            "subset_size": None, "n_draws": None, "bootstrap": None, "underfit": underfit,
                            "layer_source": sorted(read.sources), "grouping": grouping}
-    if against and rows:
+    by_name = {r.name: r for r in ranked}
+    strata = stratum_labels(ranked, within)
+    names = list(dict.fromkeys(strata[d["run"]] for d in rows))
+    mixed = len(names) > 1
+    out["strata"], out["within"] = [], list(within)
+    for label in names:
+        members = [dict(d) for d in rows if strata[d["run"]] == label]
+        entry: Dict[str, Any] = {"label": label, "runs": [d["run"] for d in members], "n_runs": len(members),
+                                 "pick": members[0]["run"],
+                                 "pick_ties": [d["run"] for d in members if d["signal"] == members[0]["signal"]]}
+        if against and mixed:  # each stratum's own statistics (one stratum: the top level's)
+            m_s = len(members) if subset_size is None or subset_size > len(members) else subset_size
+            entry.update(_against_statistics(members, len(entry["pick_ties"]), metric=metric, mode=mode,
+                                             against_mode=against_mode,
+                                             top_k=None if top_k is None else [k for k in top_k if k < m_s],
+                                             subset_size=None if m_s == len(members) else m_s, draws=draws,
+                                             grouped=labels is not None, grouping=grouping))
+        out["strata"].append(entry)
+    out["across"] = bool(across)
+    out["confound"] = width_confound([d["signal"] for d in rows], [by_name[d["run"]] for d in rows]) if mixed else None
+    if mixed and not across:
+        out["pick"], out["pick_ties"] = None, []
+        out["not_comparable"] = (f"the runs form {len(out['strata'])} strata of other monitored layers or widths (see "
+                                 "strata): each is ranked on its own; pass across=True (--across) for a pick across them")
+    elif against and rows:
         out.update(_against_statistics(rows, len(out["pick_ties"]), metric=metric, mode=mode, against_mode=against_mode,
                                        top_k=top_k, subset_size=subset_size, draws=draws, grouped=labels is not None,
                                        grouping=grouping))
     out["moot"] = _moot_options(len(rows), against, top_k=top_k, subset_size=subset_size)
     return out
+
+
+def _comparable(pool: Sequence[Any], within: Sequence[str], across: bool) -> List[Dict[str, Any]]:
+    """The strata of the reference pool's runs (``{"label", "runs", "n_runs"}``); several are
+    refused unless ``across`` (a table judges each signal over one set of comparable runs)."""
+    labels = stratum_labels([p.run for p in pool], within)
+    strata = [{"label": lab, "runs": [n for n, v in labels.items() if v == lab]} for lab in dict.fromkeys(labels.values())]
+    for st in strata:
+        st["n_runs"] = len(st["runs"])
+    if len(strata) > 1 and not across:
+        listed = "; ".join(f"{st['label']} ({_plural(st['n_runs'], 'run')})" for st in strata)
+        raise SelectionError(
+            f"The runs are not comparable: they form {len(strata)} strata of other monitored layers or widths ({listed}). "
+            "Rank one stratum at a time (where=/--where on a hyperparameter), or pass across=True (--across) to judge "
+            "the signals across them, with each signal's tau against the total width reported beside it.")
+    return strata
 
 
 def _moot_options(n_rows: int, against: Optional[str], *, top_k: Optional[Sequence[int]],
@@ -421,6 +486,8 @@ def rank_signals(
     group: Optional[str] = None,
     group_by: Union[str, Sequence[str]] = (),
     compare: Sequence[Union[str, Sequence[str]]] = (),
+    within: Sequence[str] = (),
+    across: bool = False,
 ) -> Dict[str, Any]:
     """How well each logged signal ranks the runs under ``logdir`` by the reference ``against``:
     one row per signal, with intervals, random baselines and a cross-validated choice.
@@ -439,6 +506,11 @@ def rank_signals(
 
     The reference ``against`` (``KEY``, ``KEY:min`` or ``KEY:max``) is oriented by its suffix, else
     ``against_mode``, else its known direction (:func:`key_direction`); one with none is refused.
+
+    Runs whose monitored layers or widths differ (the strata of :func:`rank_runs`, refined by
+    ``within``) are not comparable: several strata are refused unless ``across``, which judges the
+    signals over all of them and gives each row ``confound`` (the signal's tau with the total width
+    of the monitored layers). ``strata`` lists them.
 
     Runs: those meeting ``where`` with a finite reference (its last value), sorted by name; each
     signal is evaluated on those that have it (``at`` as in :func:`rank_runs`; the others are listed
@@ -505,6 +577,7 @@ def rank_signals(
     for key in [against] + [k for k, _, _ in conds]:
         _require_key(key, runs, all_tags)
     pool, skipped = _reference_pool(runs, against, against_mode, at, conds, bad)
+    strata = _comparable(pool, within, across)
     labels, grouping = _grouping([p.run for p in pool], group, group_by)
     order, not_evaluated = _signal_order(signals, baselines, runs, all_tags, against)
     names = [p.run.name for p in pool]
@@ -514,6 +587,9 @@ def rank_signals(
     ks = _resolve_ks(top_k, sizes, subset_size is not None)
     for row in rows:
         _row_statistics(row, names, refs, sizes=sizes, ks=ks, against_mode=against_mode, draws=draws, labels=labels)
+        if len(strata) > 1:
+            have = [i for i, n in enumerate(names) if n in row["values"]]
+            row["confound"] = width_confound([row["values"][names[i]] for i in have], [pool[i].run for i in have])
     underfit = _underfit([p.run for p in pool], at, underfit_below)
     out_runs = [{"run": r.name, "path": r.path, "hparams": dict(r.hparams), "reference": ref,
                  "probe_accuracy": underfit["values"].get(r.name), "underfit": r.name in underfit["runs"],
@@ -523,7 +599,8 @@ def rank_signals(
     compared = _comparisons(pairs, rows, names, refs, against_mode=against_mode, draws=draws, labels=labels)
     for row in rows:
         row.pop("_oriented")
-    return {"against": against, "against_mode": against_mode, "at": at, "where": [where] if isinstance(where, str) else list(where),
+    return {"strata": strata, "across": bool(across),
+            "against": against, "against_mode": against_mode, "at": at, "where": [where] if isinstance(where, str) else list(where),
             "runs": out_runs, "skipped": skipped, "signals": rows, "not_evaluated": not_evaluated, "ks": ks,
             "bootstrap": _bootstrap_doc(draws, grouping), "cv": cv_doc, "underfit": underfit,
             "grouping": grouping, "compare": compared}
