@@ -25,6 +25,7 @@ from netprobe.metrics.similarity import (
     rbf_cka,
     similarity_matrix,
 )
+from netprobe.metrics.similarity._methods import SIMILARITY_METHODS, aliases_note, canonical_method, method_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from netprobe.lightning._shared_pass import Trainer
@@ -32,14 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ConvergenceMonitor"]
 
 
-_METHODS = ("pwcca", "svcca", "cka", "procrustes", "rbf_cka", "cka_debiased")
-
-# methods computed by their function from the whole probe set's activations (never streamed d x d
-# moments): RBF CKA's n x n kernels; debiased CKA's unbiased HSIC, which needs per-row norms
-_WHOLE_SET = ("rbf_cka", "cka_debiased")
-
-# methods that also have an n x n (Gram) form, used for layers wider than 2/3 of the probe set
-_GRAM_FORM = ("cka", "procrustes")
+#: the methods the monitor offers: every similarity of the table that gives one number per pair
+#: (which of them are computed from the whole probe set, streamed, or by Gram matrices: the table's forms)
+_METHODS = method_names(scalar=True)
 
 
 class ConvergenceMonitor(NetprobeMonitor):
@@ -77,7 +73,8 @@ class ConvergenceMonitor(NetprobeMonitor):
         layers: see :class:`~netprobe.lightning.base.NetprobeMonitor`.
         methods: one name or a sequence of names among ``"pwcca"``, ``"svcca"``, ``"cka"``,
             ``"procrustes"``, ``"rbf_cka"``, ``"cka_debiased"`` (default ``("cka",)``; ``"cka"`` is
-            the same as ``("cka",)``). ``procrustes`` streams like the others (``O(d^2)``; for a
+            the same as ``("cka",)``; a function's name is accepted for its method,
+            ``"linear_cka"`` for ``"cka"``, logged as ``cka_prev``). ``procrustes`` streams like the others (``O(d^2)``; for a
             layer wider than 2/3 of the probe set, with CKA alone or beside it, from ``n x n`` Gram
             matrices); ``rbf_cka`` takes ``n x n`` kernel matrices of the whole probe set (about
             ``24 n^2`` bytes at peak, ``n`` up to ``rbf_max_samples``: a larger probe set is refused
@@ -133,12 +130,14 @@ class ConvergenceMonitor(NetprobeMonitor):
         if isinstance(methods, str):  # one name, as SimilarityAccumulator.compute takes it (not its letters)
             methods = (methods,)
         try:
-            methods = tuple(dict.fromkeys(methods))  # unique, in the order given
+            given = tuple(dict.fromkeys(methods))  # unique, in the order given
         except TypeError:
             raise TypeError(f"Expected `methods` to be a method name or a sequence of names, but got {methods!r}.") from None
-        bad = [m for m in methods if m not in _METHODS]
-        if not methods or bad:
-            raise ValueError(f"Expected `methods` to be one name or a sequence of names among {list(_METHODS)}, but got {list(methods)}.")
+        named = [canonical_method(m) for m in given]  # an alias means its method: the same values and keys
+        if not given or any(m not in _METHODS for m in named):
+            raise ValueError(f"Expected `methods` to be one name or a sequence of names among {list(_METHODS)}, "
+                             f"but got {list(given)}{aliases_note(_METHODS)}.")
+        methods = tuple(dict.fromkeys(named))
         if isinstance(rbf_threshold, bool) or not isinstance(rbf_threshold, (int, float)) or not 0.0 < float(rbf_threshold) < float("inf"):
             raise ValueError(
                 "Expected `rbf_threshold` to be a positive finite number (rbf_cka's bandwidth as a multiple of the median "
@@ -203,7 +202,8 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._prev, self._prev_side = dict(state.get("prev", {})), {}
 
     def _whole_set(self, method: str, cur_full: torch.Tensor, other_full: torch.Tensor) -> torch.Tensor:
-        """A method of :data:`_WHOLE_SET`, by its function, on the whole probe set's activations."""
+        """A method computed from the whole set (``whole_set`` in the method table), by its function,
+        on the whole probe set's activations."""
         if method == "cka_debiased":
             return linear_cka(cur_full, other_full, debiased=True)
         if cur_full.shape[0] > self.rbf_max_samples:  # refused before the first step; named by the monitor's options
@@ -224,15 +224,15 @@ class ConvergenceMonitor(NetprobeMonitor):
         n, d = cur_full.shape[0], cur_full.shape[1]
         out: Dict[str, float] = {}
         for m in self.methods:
-            if m in _WHOLE_SET:  # the whole probe set on every rank: the same value everywhere
+            if SIMILARITY_METHODS[m].whole_set:  # the whole probe set on every rank: the same value everywhere
                 try:
                     out[m] = float(self._whole_set(m, cur_full, other_full))
                 except ValueError as err:
                     self._warn_skip(layer, f"{m} ({what})", err, (f"{m}_{key}",))
-        streamed = [m for m in self.methods if m not in _WHOLE_SET]
+        streamed = [m for m in self.methods if not SIMILARITY_METHODS[m].whole_set]
         if not streamed:
             return out, None
-        if all(m in _GRAM_FORM for m in streamed) and 3 * d > 2 * n:
+        if all(SIMILARITY_METHODS[m].gram for m in streamed) and 3 * d > 2 * n:
             for m in streamed:
                 fn = linear_cka if m == "cka" else procrustes
                 out[m] = float(fn(cur_full, other_full))

@@ -19,13 +19,14 @@ from ._config import _F64, RANK_TOL
 from ._factors import _Factors
 from ._grams import _centred_gram, _flat_dot, _gram_root, _row_sq_norms
 from ._inputs import _check_keep, _check_method, _check_rank_tol, _need_rows, _warn_if_grad
+from ._methods import aliases_note, canonical_method, method_names
 from ._moments import _joint_comoments
 from ._ratios import _cka_ratio, _debiased_ratio, _hsic_u, _procrustes_ratio
 from .rbf import RBF_MAX_SAMPLES, _check_max_samples, _check_threshold, _double_centre_, _rbf_kernel
 
 
-#: the methods :func:`similarity_matrix` knows
-_MATRIX_METHODS = ("cka", "cka_debiased", "rbf_cka", "procrustes", "svcca", "pwcca", "cca")
+#: the methods :func:`similarity_matrix` knows: every one of the method table
+_MATRIX_METHODS = method_names()
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +115,8 @@ def similarity_matrix(reps: Union[Sequence[torch.Tensor], Dict[Any, torch.Tensor
         reps: a list (labels ``0 .. M-1``) or a dict (labels its keys, in order) of ``(n, d_i)``
             tensors over the same ``n`` inputs, in the same order, on one device.
         method: one of ``"cka"``, ``"cka_debiased"``, ``"rbf_cka"``, ``"procrustes"``, ``"svcca"``,
-            ``"pwcca"``, ``"cca"``.
+            ``"pwcca"``, ``"cca"``, or a function's name for its method (``"linear_cka"`` for
+            ``"cka"``; the result's ``method`` is then ``"cka"``).
         keep: SVCCA's fraction of variance or number of directions (see :func:`svcca`).
         rank_tol: the CCA family's whitening cutoff (see :func:`cca`).
         pwcca_method: PWCCA's weighting, ``"paper"`` or ``"google"`` (see :func:`pwcca`'s ``method``).
@@ -143,8 +145,11 @@ def similarity_matrix(reps: Union[Sequence[torch.Tensor], Dict[Any, torch.Tensor
         True
     """
     labels, xs = _check_reps(reps)
-    if method not in _MATRIX_METHODS:
-        raise ValueError(f"Expected `method` to be one of {list(_MATRIX_METHODS)}, but got {method!r}.")
+    named = canonical_method(method)  # an alias means its method
+    if named is None:
+        raise ValueError(f"Expected `method` to be one of {list(_MATRIX_METHODS)}, but got {method!r}"
+                         f"{aliases_note(_MATRIX_METHODS)}.")
+    method = named
     keep, rank_tol, pwcca_method = _check_keep(keep), _check_rank_tol(rank_tol), _check_method(pwcca_method)
     if method == "rbf_cka":
         threshold = _check_threshold(threshold)

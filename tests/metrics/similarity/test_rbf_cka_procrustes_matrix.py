@@ -194,7 +194,7 @@ def test_matrix_inputs_and_errors():
     with pytest.raises(ValueError, match="same number of samples"):
         similarity_matrix({"a": x, "b": x[:10]})
     with pytest.raises(ValueError, match=r"Expected `method` to be one of"):
-        similarity_matrix([x, x], method="linear_cka")
+        similarity_matrix([x, x], method="cosine")
     with pytest.raises(ValueError, match="2-D"):
         similarity_matrix({"a": x, "conv": x[:, :, None]})
     bad = x.clone()
