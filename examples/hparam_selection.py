@@ -31,7 +31,7 @@ intervals over configurations, the runs' values read with `netprobe.select.load_
     .venv/bin/python examples/hparam_selection.py [--smoke | --quick] [--seed-offset 0] [--logdir runs/hparam_selection]
     .venv/bin/python examples/hparam_selection.py --analyze-only --logdir runs/hparam_selection  # rank again
     netprobe rank runs/hparam_selection --against test/acc --signals 'netprobe/reliance_*' \
-        --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max
+        --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max --across
 
 ``--quick`` (about a minute and a half at one thread: QUICK's configurations, seeds, epochs and data
 sizes) is the reduced form tests/example_scripts/test_hparam_selection_quick.py runs to check the conclusions that
@@ -369,10 +369,13 @@ def analyze(args) -> None:
           f"(median {np.median(ref):.3f}); training probe-set accuracy {np.nanmin(sig['netprobe/probe_accuracy'][0]):.3f}-"
           f"{np.nanmax(sig['netprobe/probe_accuracy'][0]):.3f}")
 
-    # 1. the library's multi-signal table (bootstrap over runs), exactly as the command prints it
+    # 1. the library's multi-signal table (bootstrap over runs), exactly as the command prints it; the
+    # sweep varies the width, so its runs form strata: --across judges them together, with each
+    # signal's tau against the width printed beside it
     m = max(2, n // 3)
     argv = [args.logdir, "--against", "test/acc"] + [a for s in SIGNALS for a in ("--signals", s)] \
         + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"] \
+        + ["--across"] \
         + (["--seed", str(args.seed_offset)] if getattr(args, "seed_offset", 0) else [])
     if n >= 6:
         argv += ["--subset-size", str(m), "--top-k", ",".join(str(k) for k in (1, 5) if k < m)]

@@ -59,7 +59,7 @@ def _register_tensorboard(trainer: Trainer, pl_module: nn.Module, mons: Sequence
     writer = _tensorboard_writer(list(getattr(trainer, "loggers", []) or []))
     if writer is None or not hasattr(writer, "_get_file_writer"):
         return
-    keys = [k for m in mons for k in m.logged_keys(pl_module) if not k.startswith(("netprobe/time/", "netprobe/layer_index/"))]
+    keys = [k for m in mons for k in m.logged_keys(pl_module) if not k.startswith(("netprobe/time/", "netprobe/layer_index/", "netprobe/layer_units/"))]
     shared = _shared_pass(trainer)
     sig = (id(writer), tuple(keys))
     if shared.tensorboard_written == sig:

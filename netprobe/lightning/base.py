@@ -197,7 +197,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # each layer's batch axis, observed at its first measurement and carried to the later ones
         self._layout_decisions = LayoutDecisions()
         self._resumed_fingerprint: Optional[str] = None  # of the checkpoint's probe set, until compared
-        self._order_logged = False  # netprobe/layer_index/<layer> written in this fit
+        self._order_logged = False  # netprobe/layer_index/<layer> and layer_units/<layer> written in this fit
+        self._units: Dict[str, int] = {}  # each monitored layer's units, as its activations showed them
         self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
         self._skipped = SkipReport()  # values skipped at the running measurement, told at its end
@@ -306,8 +307,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         """A key has one writer: refuse, naming both monitors, when another netprobe monitor of this
         Trainer would log one of this monitor's keys (``EarlyStopping``, ``ModelCheckpoint`` and
         ``netprobe rank`` read them; two writers would alternate and ``best/*`` would not be monotone).
-        ``netprobe/layer_index/<layer>`` is a fact of the model, the same from every monitor."""
-        mine = {k for k in self.logged_keys(pl_module) if not k.startswith("netprobe/layer_index/")}
+        ``netprobe/layer_index/<layer>`` and ``layer_units/<layer>`` are facts of the model, the same
+        from every monitor."""
+        mine = {k for k in self.logged_keys(pl_module) if not k.startswith(("netprobe/layer_index/", "netprobe/layer_units/"))}
         for other in getattr(trainer, "callbacks", None) or []:
             if other is self or not isinstance(other, NetprobeMonitor):
                 continue
@@ -514,8 +516,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _probe_pass(self, trainer: Trainer, pl_module: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """This monitor's layers and the model's outputs on ``x`` (this rank's shard of the probe
         set) at this step, from the forward pass shared with the other monitors (see the module
-        docstring)."""
-        return _shared_pass(trainer).capture(self, trainer, pl_module, x)
+        docstring). Notes each layer's units (the activations' columns), logged as a fact."""
+        acts, out = _shared_pass(trainer).capture(self, trainer, pl_module, x)
+        self._units.update({n: int(a.shape[-1]) for n, a in acts.items() if a.ndim == 2})
+        return acts, out
 
     def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs
@@ -623,6 +627,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             for layer in self.layers:
                 if layer in order:
                     scalars[f"netprobe/layer_index/{layer}"] = float(order[layer])
+                if layer in self._units:  # what `netprobe rank` forms strata of comparable runs from
+                    scalars[f"netprobe/layer_units/{layer}"] = float(self._units[layer])
             self._order_logged = True
         self._publish(trainer, scalars, media)
 
@@ -660,6 +666,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             if metric not in _MODEL_LEVEL:
                 keys.extend(f"netprobe/{metric}/{layer}" for layer in layers)
         keys.extend(f"netprobe/layer_index/{layer}" for layer in layers)
+        keys.extend(f"netprobe/layer_units/{layer}" for layer in layers)
         return keys
 
     def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float], *,

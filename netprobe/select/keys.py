@@ -40,7 +40,7 @@ def parse_condition(text: str) -> Tuple[str, str, float]:
 
 
 #: ``netprobe/<name>/...`` scalars that are not signals of the network: the monitors' timing, the layer order
-_NOT_SIGNALS = ("time", "layer_index")
+_NOT_SIGNALS = ("time", "layer_index", "layer_units")
 #: ``netprobe/layer_index/<layer>``: a layer's position in the forward pass, when the monitors log it
 LAYER_INDEX_PREFIX = "netprobe/layer_index/"
 

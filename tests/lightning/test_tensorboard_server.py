@@ -175,6 +175,11 @@ def test_layer_index_gives_the_forward_order_that_rank_reads_as_deepest(tmp_path
     assert layers == ["early", "late"] and source == "layer_index"
     # logged once per fit, beside the other keys, not in the HParams metrics
     assert all(len(run.scalars[f"netprobe/layer_index/{n}"]) == 1 for n in ("early", "late"))
+    # and each layer's units (the digits' 64 features pass through both ReLUs), what strata are formed of
+    from netprobe.select.strata import stratum_labels
+
+    assert {n: run.scalars[f"netprobe/layer_units/{n}"] for n in ("early", "late")} == {"early": [(run.scalars["netprobe/layer_units/early"][0][0], 64.0)], "late": [(run.scalars["netprobe/layer_units/late"][0][0], 64.0)]}
+    assert stratum_labels([run]) == {run.name: "early:64 late:64"}
 
 
 def test_an_early_stopped_run_gets_the_media_of_its_last_measurement(tmp_path):
