@@ -82,6 +82,7 @@ def _seed(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``netprobe`` command line parser (``netprobe rank ...``)."""
     p = argparse.ArgumentParser(prog="netprobe", description="netprobe: representation signals for training runs.")
     p.add_argument("--version", action="version", version=f"netprobe {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -394,6 +395,7 @@ def _cli_direction(against: str, against_mode: Optional[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``netprobe`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status (2 with the error on stderr for a refused input)."""
     from netprobe.select import SelectionError, key_direction, rank_runs, rank_signals
 
     args = build_parser().parse_args(argv)

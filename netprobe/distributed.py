@@ -22,10 +22,12 @@ def is_distributed() -> bool:
 
 
 def world_size() -> int:
+    """The number of processes of ``torch.distributed`` (1 when it is not initialized)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    """This process's rank in ``torch.distributed`` (0 when it is not initialized)."""
     return dist.get_rank() if is_distributed() else 0
 
 

@@ -22,6 +22,7 @@ _warned = False
 
 
 def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (figures need it; without it the monitors log scalars only)."""
     global _warned
     try:
         import matplotlib

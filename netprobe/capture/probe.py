@@ -178,6 +178,7 @@ class Probe:
 
     @property
     def attached(self) -> bool:
+        """Whether the hooks are attached (between :meth:`attach` and :meth:`detach`)."""
         return bool(self._handles)
 
     def attach(self) -> "Probe":
@@ -370,6 +371,7 @@ class Probe:
         return len(self._buffers)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(layer, activations)`` pairs, as ``probe[layer]`` gives them, in :attr:`layers` order."""
         for name in self.layers:
             if self._buffers[name].allocated:
                 yield name, self[name]
@@ -380,6 +382,7 @@ class Probe:
         return dict(self._buffers)
 
     def num_rows(self, name: str) -> int:
+        """Rows buffered for ``layer`` now (at most the capacity)."""
         return len(self._check_name(name))
 
     @property

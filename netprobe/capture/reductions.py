@@ -41,6 +41,7 @@ REDUCTIONS = ("mean", "flatten", "last", "sample")
 
 
 def check_reduction(reduce: object, where: str = "reduce") -> Reduction:
+    """The reduction ``reduce`` after checking it is one of the named reductions or a callable; ``ValueError`` naming the choices otherwise."""
     if callable(reduce) and not isinstance(reduce, str):
         return reduce  # type: ignore[return-value]
     if reduce not in REDUCTIONS:

@@ -82,14 +82,17 @@ class RingBuffer:
 
     @property
     def allocated(self) -> bool:
+        """Whether the storage exists (allocated at construction when ``dim`` and ``device`` are given, else at the first write)."""
         return self._data is not None
 
     @property
     def dim(self) -> Optional[int]:
+        """The width of a row (``None`` until given or until the first write)."""
         return self._dim
 
     @property
     def device(self) -> Optional[torch.device]:
+        """The device the rows are stored on (``None`` until the storage is allocated)."""
         return None if self._data is None else self._data.device
 
     @property

@@ -283,6 +283,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         return self._ref
 
     def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """This measurement's similarity values (``<method>_prev``, ``<method>_ref``) per layer and their means, and the layer heatmap when media are due."""
         x, _, sl = self._shard()
         acts, _ = self._probe_pass(trainer, pl_module, x)
         prev_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}

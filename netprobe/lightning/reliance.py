@@ -204,6 +204,7 @@ class RelianceMonitor(NetprobeMonitor):
         return perms
 
     def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """This measurement's reliance values (``reliance_auc``, ``reliance_area``, ``noise_auc``, ``probe_accuracy``) per layer and their means, and the curves' figures when media are due."""
         x, y, sl = self._shard()
         epoch = int(trainer.current_epoch)
         data = self._batched(x, y)

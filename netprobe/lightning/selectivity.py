@@ -129,6 +129,7 @@ class SelectivityMonitor(NetprobeMonitor):
                     raise type(err)(f"SelectivityMonitor: layer {layer!r} cannot be ablated unit by unit: {err}") from err
 
     def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """This measurement's selectivity values (``selectivity_mean``, ``dead_fraction``, optionally ``mutual_info_mean`` and the importance correlations) per layer and their means, and the histograms when media are due."""
         x, y, _ = self._shard()
         acts, model_out = self._probe_pass(trainer, pl_module, x)
         sel, dead, mi, hists = {}, {}, {}, {}

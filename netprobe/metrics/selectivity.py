@@ -50,6 +50,7 @@ class SelectivityResult:
 
     @property
     def num_units(self) -> int:
+        """The number of units measured."""
         return int(self.values.shape[0])
 
 
@@ -85,6 +86,7 @@ class SelectivityAccumulator(Accumulator):
 
     @property
     def n(self) -> int:
+        """The number of samples seen."""
         return 0 if self.counts is None else int(self.counts.sum())
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor) -> "SelectivityAccumulator":

@@ -20,6 +20,7 @@ from netprobe.select.keys import _NOT_SIGNALS, _netprobe_parts
 
 @dataclass
 class Run:
+    """One run's logs as read from its event files: its scalars by tag (``[(step, value)]``), its hyperparameters, why it cannot be ranked (``error``) and the layer order its monitors logged."""
     name: str
     path: str
     scalars: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)] by step
@@ -171,6 +172,7 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
 
 
 def load_runs(logdir: Union[str, os.PathLike]) -> List[Run]:
+    """Every run under ``logdir`` (:func:`find_runs`), read with :func:`load_run`, sorted by name; a run whose event file is corrupt has ``error`` set instead of raising."""
     paths = find_runs(logdir)
     if not paths:
         raise SelectionError(

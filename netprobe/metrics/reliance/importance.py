@@ -72,6 +72,7 @@ class ImportanceResult:
 
     @property
     def num_units(self) -> int:
+        """The number of units measured."""
         return int(self.correct.shape[0])
 
     @property

@@ -40,18 +40,22 @@ class CurveResult:
 
     @property
     def fractions(self) -> torch.Tensor:
+        """The curve's points, ``(k,)``: the ablated fractions of an ablation curve (the same tensor as :attr:`scales`)."""
         return self.x
 
     @property
     def scales(self) -> torch.Tensor:
+        """The curve's points, ``(k,)``: the noise scales of a noise curve (the same tensor as :attr:`fractions`)."""
         return self.x
 
     @property
     def accuracy_per_repeat(self) -> torch.Tensor:
+        """Accuracy at each point for each order or noise draw, ``(repeats, k)``."""
         return self.correct / self.count
 
     @property
     def loss_per_repeat(self) -> torch.Tensor:
+        """Mean loss at each point for each order or noise draw, ``(repeats, k)``."""
         return self.loss_sum / self.count
 
     @property

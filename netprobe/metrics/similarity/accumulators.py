@@ -123,6 +123,7 @@ class SimilarityAccumulator(Accumulator):
 
     @property
     def n(self) -> int:
+        """The number of rows (samples) seen."""
         return 0 if self._m is None else self._m.n
 
     def update(self, x: torch.Tensor, y: torch.Tensor, *, y_stats: Optional[SideStats] = None) -> "SimilarityAccumulator":
