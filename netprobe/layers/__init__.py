@@ -8,9 +8,9 @@ from netprobe.layers.follow import batch_first_of, track_layouts, unit_dim
 from netprobe.layers.hooks import eager_hook, evaluating, observing
 from netprobe.layers.layouts import LAYOUTS, Layouts, LayoutSpec, check_layout, per_layer_layout
 from netprobe.layers.observe import LayoutDecisions
-from netprobe.layers.outputs import INPUT_KEYS, NESTED_MESSAGE, TARGET_KEYS, select_output
+from netprobe.layers.outputs import INPUT_KEYS, NESTED_MESSAGE, TARGET_KEYS, select_output, split_batch
 from netprobe.layers.resolve import LayerSpec, glob_regex, resolve_layer, resolve_layers
 
 __all__ = ["LayerSpec", "resolve_layers", "resolve_layer", "glob_regex", "unit_dim", "track_layouts", "evaluating",
            "eager_hook", "observing", "Layouts", "LayoutDecisions", "LAYOUTS", "LayoutSpec", "check_layout",
-           "per_layer_layout", "batch_first_of", "select_output", "INPUT_KEYS", "TARGET_KEYS", "NESTED_MESSAGE"]
+           "per_layer_layout", "batch_first_of", "select_output", "split_batch", "INPUT_KEYS", "TARGET_KEYS", "NESTED_MESSAGE"]

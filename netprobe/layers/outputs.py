@@ -5,11 +5,11 @@ and targets, and the message for nested tensors."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["INPUT_KEYS", "TARGET_KEYS", "NESTED_MESSAGE", "select_output"]
+__all__ = ["INPUT_KEYS", "TARGET_KEYS", "NESTED_MESSAGE", "select_output", "split_batch"]
 
 
 #: keys under which a batch dict holds its inputs and its class targets (first match wins)
@@ -128,3 +128,23 @@ def select_output(output: Any, select: Any, name: str, *, require: bool = False)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"The selected output of layer {name!r} is a {type(out).__name__}, not a tensor.")
     return out, primary, rebuild
+
+
+def split_batch(batch: Any, advice: str) -> Optional[Tuple[Any, Any]]:
+    """``(inputs, targets)`` of a batch: the first two items of a tuple or list, or the
+    :data:`INPUT_KEYS` and :data:`TARGET_KEYS` entries of a dict (the first key present of each);
+    ``None`` for anything else. A dict without such keys raises ``ValueError`` naming its keys, the
+    expected ones and ``advice``."""
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        y = next((batch[k] for k in TARGET_KEYS if k in batch), None)
+        if x is None or y is None:
+            raise ValueError(
+                f"Cannot find inputs and targets in a batch dict with keys {list(batch)}: expected one of "
+                f"{list(INPUT_KEYS)} and one of {list(TARGET_KEYS)}. {advice}"
+            )
+        return x, y
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    return None
+

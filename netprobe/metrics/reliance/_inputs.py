@@ -13,9 +13,8 @@ from torch import nn
 
 from netprobe._validation import check_int
 from netprobe.layers import (
-    INPUT_KEYS,
-    TARGET_KEYS,
     LayoutDecisions,
+    split_batch,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,21 +70,14 @@ def _batches(data: Data) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
             f"(e.g. a DataLoader), but got {type(data).__name__}."
         ) from None
     for batch in it:
-        if isinstance(batch, collections.abc.Mapping):
-            keys = list(batch)
-            batch = (next((batch[k] for k in INPUT_KEYS if k in batch), None), next((batch[k] for k in TARGET_KEYS if k in batch), None))
-            if batch[0] is None or batch[1] is None:
-                raise ValueError(
-                    f"Cannot find inputs and targets in a batch dict with keys {keys}: expected one of {list(INPUT_KEYS)} "
-                    f"and one of {list(TARGET_KEYS)}. Pass (inputs, targets) batches instead."
-                )
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(isinstance(t, torch.Tensor) for t in batch[:2]):
+        pair = split_batch(batch, "Pass (inputs, targets) batches instead.")
+        if pair is None or not all(isinstance(t, torch.Tensor) for t in pair):
             raise TypeError(
                 "Expected each batch of `data` to be an (inputs, targets) pair of tensors, but got "
                 f"{type(batch).__name__}."
             )
-        _check_targets(batch[0], batch[1])
-        yield batch[0], batch[1]
+        _check_targets(pair[0], pair[1])
+        yield pair[0], pair[1]
 
 
 def _check_scores(out: Any, y: torch.Tensor) -> None:
