@@ -62,7 +62,7 @@ from netprobe.lightning._shared_pass import (
     _shared_pass,
 )
 from netprobe.lightning._skips import SkipReport
-from netprobe.lightning._tensorboard import _register_tensorboard, _tensorboard_writer
+from netprobe.lightning._tensorboard import _log_hp_metric, _register_tensorboard, _restore_hp_metric_default, _tensorboard_writer, _write_experiment
 
 if TYPE_CHECKING:  # pragma: no cover
     from netprobe.lightning._shared_pass import Trainer
@@ -341,10 +341,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._order_logged = False
         self._skipped.warned = set()  # a skipped value is told once per layer and metric in each fit
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
-        # of a run), so the HParams tab lists the netprobe metrics
+        # of a run): the layout, the HParams session, the experiment held back to on_train_end
         _register_tensorboard(trainer, pl_module, [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)])
 
     def on_train_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        _restore_hp_metric_default(trainer)
         if self._probe is None:
             # rank 0's probe set on every rank: a user DataLoader that shuffles, or an iterable
             # dataset split by rank, would otherwise give each rank different examples
@@ -370,6 +371,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         _shared_pass(trainer).clear()  # whatever a peer left (every monitor has measured by now)
 
     def on_train_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        _write_experiment(trainer, pl_module)
         # a run stopped early (EarlyStopping decides after the measurement) ends without the media
         # of its last measurement: draw them now, from the same model (no step since), at its step
         last = self._last_epoch
@@ -720,6 +722,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         step = _log_step(trainer)
         for logger in loggers:
             logger.log_metrics({**scalars, "epoch": float(trainer.current_epoch)}, step=step)
+        _log_hp_metric(trainer, scalars, step)
         if self._media_due:
             self._publish_media(trainer, media)
 

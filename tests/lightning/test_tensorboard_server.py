@@ -93,25 +93,28 @@ def test_tensorboard_serves_scalars_histograms_and_images(tmp_path):
         imgs = _get(f"{base}/data/plugin/images/images?run={urllib.request.quote(run)}&tag=netprobe/cka_layers&sample=0")
         assert len(imgs) == 2, imgs
 
-        # the custom-scalars layout: one chart per metric, a line per layer, mean and best
+        # the custom-scalars layout: one chart per metric of its mean, bests and per-layer lines apart
         layout = _get(f"{base}/data/plugin/custom_scalars/layout")
-        cats = {c["title"]: c for c in layout["category"]}
-        charts = {c["title"]: c["multiline"]["tag"] for c in cats["netprobe"]["chart"]}
+        cats = {c["title"]: {ch["title"]: ch["multiline"]["tag"] for ch in c["chart"]} for c in layout["category"]}
+        charts = cats["netprobe"]
         assert {"reliance_auc", "reliance_area", "probe_accuracy", "selectivity_mean", "cka_prev"} <= set(charts)
         import re
-        matched = {t for t in tags if re.match(charts["reliance_auc"][0], t)}
-        assert matched == {"netprobe/reliance_auc", "netprobe/reliance_auc/relu1", "netprobe/best/reliance_auc"}, matched
+        assert {t for t in tags if re.match(charts["reliance_auc"][0], t)} == {"netprobe/reliance_auc"}
+        best = cats["netprobe best so far"]["best/reliance_auc"][0]
+        assert {t for t in tags if re.match(best, t)} == {"netprobe/best/reliance_auc"}
+        matched = {t for t in tags if re.match(cats["netprobe per layer"]["reliance_auc per layer"][0], t)}
+        assert matched == {"netprobe/reliance_auc/relu1"}, matched
         served = _get(f"{base}/data/plugin/custom_scalars/scalars?run={urllib.request.quote(run)}&tag="
-                      + urllib.request.quote(charts["selectivity_mean"][0]))
+                      + urllib.request.quote(cats["netprobe per layer"]["selectivity_mean per layer"][0]))
         assert served["regex_valid"] and set(served["tag_to_events"]) == {
-            "netprobe/selectivity_mean", "netprobe/selectivity_mean/relu1", "netprobe/selectivity_mean/relu2"}, served
+            "netprobe/selectivity_mean/relu1", "netprobe/selectivity_mean/relu2"}, served
 
-        # the HParams tab: the run's hyperparameters and the netprobe keys as its metrics
+        # the HParams tab: the run's hyperparameters, the netprobe keys and the run's own as its metrics
         exp = _post_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
         metric_tags = {m["name"]["tag"] for m in exp["metricInfos"]}
         assert {"netprobe/reliance_auc", "netprobe/best/reliance_auc", "netprobe/reliance_area/relu1",
                 "netprobe/cka_prev"} <= metric_tags, metric_tags
-        assert "hp_metric" not in metric_tags
+        assert "hp_metric" in metric_tags  # netprobe's lead signal, not Lightning's placeholder (tests/lightning/test_hparams_metrics.py)
         assert {h["name"] for h in exp["hparamInfos"]} >= {"lr"}
         groups = _post_json(f"{base}/data/plugin/hparams/session_groups", {
             "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
