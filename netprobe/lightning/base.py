@@ -716,6 +716,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._published = set(scalars)
         for k, v in scalars.items():
             cm[k] = torch.tensor(float(v))
+        pbar, main = getattr(trainer, "progress_bar_metrics", None), f"netprobe/{self.metrics[0]}"
+        if isinstance(pbar, dict):  # the monitor's main mean on the progress bar, as `self.log(..., prog_bar=True)` puts it
+            pbar.pop(main, None)
+            if main in scalars:
+                pbar[main] = float(scalars[main])
         loggers = list(getattr(trainer, "loggers", []) or [])
         if _dist.rank() != 0 or not loggers:
             return

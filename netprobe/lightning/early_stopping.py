@@ -26,6 +26,12 @@ It is built on the ``EarlyStopping`` of ``pytorch_lightning`` when that package 
 netprobe dependency), else of ``lightning.pytorch``; either ``Trainer`` accepts it. Pass
 ``strict=False`` (the default here) so that epochs before the first measurement do not raise.
 
+When it stops the run it prints one line (rank zero, through Lightning's ``rank_zero_info``, shown
+by a default ``Trainer``): the epoch, the best (smoothed) value and its epoch, and why: patience
+exhausted after ``N`` fresh measurements without improvement, the ``stopping_threshold`` or
+``divergence_threshold`` reached, or a value that is not finite. ``verbose=True`` adds Lightning's
+own message at every check.
+
 Example:
     >>> from netprobe.lightning.early_stopping import RelianceEarlyStopping
     >>> stop = RelianceEarlyStopping(patience=4, smoothing=0.5, warmup_epochs=2)
@@ -43,8 +49,10 @@ import torch
 
 try:  # the netprobe dependency
     from pytorch_lightning.callbacks import EarlyStopping as _EarlyStopping
+    from pytorch_lightning.utilities import rank_zero_info
 except ImportError:  # pragma: no cover - only the unified package installed
     from lightning.pytorch.callbacks import EarlyStopping as _EarlyStopping
+    from lightning.pytorch.utilities import rank_zero_info
 
 from netprobe.lightning._shared_pass import _RunIdentity  # noqa: E402
 
@@ -129,6 +137,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._last_seen: Any = None  # the tensor object last read from callback_metrics
         self._last_value: Optional[float] = None
         self.history: list[tuple[int, float, float]] = []  # (epoch, raw, smoothed) of fresh records
+        self.best_epoch: Optional[int] = None  # the epoch of the record that set ``best_score``
         self._run = _RunIdentity()
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
@@ -138,7 +147,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         # reused for another Trainer or model, it starts afresh, like the monitors (its EMA, best
         # score and patience belong to the old run); a resumed checkpoint's state is loaded after this
         if self._run.begins(trainer, pl_module, stage) == "other":
-            self._ema, self._last_seen, self._last_value, self.history = None, None, None, []
+            self._ema, self._last_seen, self._last_value, self.history, self.best_epoch = None, None, None, [], None
             self.wait_count, self.stopped_epoch, self.stopping_reason_message = 0, 0, None
             self.best_score = torch.tensor(torch.inf if self.monitor_op == torch.lt else -torch.inf)
             if hasattr(self, "stopping_reason"):  # Lightning >= 2.5
@@ -192,7 +201,8 @@ class RelianceEarlyStopping(_EarlyStopping):
             # the monitors log NaN for a diverged network: stop at once, warm-up or not
             self.history.append((int(trainer.current_epoch), value, value))
             self._decide(trainer, True, f"Monitored metric {self.monitor} = {value} is not finite (the network's "
-                                        "outputs are NaN/Inf: diverged training?). Signaling Trainer to stop.")
+                                        "outputs are NaN/Inf: diverged training?). Signaling Trainer to stop.",
+                         why=f"{self.monitor} = {value} is not finite (diverged training?)")
             return
         current = torch.tensor(value, dtype=torch.float64)
         self._ema = current if self._ema is None or self.smoothing == 0.0 else (
@@ -210,10 +220,30 @@ class RelianceEarlyStopping(_EarlyStopping):
                 )
             if float(fit) < self.min_probe_accuracy:
                 return
-        self._decide(trainer, *self._evaluate_stopping_criteria(self._ema.to(torch.float32)))
+        current = self._ema.to(torch.float32)
+        best_before = self.best_score.clone()
+        should_stop, reason = self._evaluate_stopping_criteria(current)
+        if not torch.equal(self.best_score.cpu(), best_before.cpu()):
+            self.best_epoch = int(trainer.current_epoch)
+        self._decide(trainer, should_stop, reason, why=self._why(current) if should_stop else None)
 
-    def _decide(self, trainer: Trainer, should_stop: bool, reason: Optional[str]) -> None:
-        """Stop when any rank says so, as Lightning's EarlyStopping does."""
+    def _why(self, current: torch.Tensor) -> str:
+        """Why Lightning's criteria stopped on the smoothed ``current`` (checked in its order)."""
+        value = float(current)
+        if self.stopping_threshold is not None and self.monitor_op(current, self.stopping_threshold):
+            return f"{self.monitor} {self._smoothed}{value:.4f} reached stopping_threshold={self.stopping_threshold}"
+        if self.divergence_threshold is not None and self.monitor_op(-current, -self.divergence_threshold):
+            return f"{self.monitor} {self._smoothed}{value:.4f} passed divergence_threshold={self.divergence_threshold}"
+        n = self.wait_count
+        return (f"patience exhausted after {n} fresh measurement{'s' if n != 1 else ''} without improvement "
+                f"(patience={self.patience}, min_delta={abs(self.min_delta)})")
+
+    @property
+    def _smoothed(self) -> str:
+        return f"(EMA {self.smoothing}) " if self.smoothing else ""
+
+    def _decide(self, trainer: Trainer, should_stop: bool, reason: Optional[str], why: Optional[str] = None) -> None:
+        """Stop when any rank says so, as Lightning's EarlyStopping does, and say so in one line."""
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         trainer.should_stop = trainer.should_stop or should_stop
         if should_stop:
@@ -221,6 +251,12 @@ class RelianceEarlyStopping(_EarlyStopping):
             self.stopping_reason_message = reason
         if reason and self.verbose:
             self._log_info(trainer, reason, self.log_rank_zero_only)
+        if should_stop:
+            best = float(self.best_score)
+            told = (f"best {self.monitor} {self._smoothed}{best:.4f} at epoch {self.best_epoch}" if math.isfinite(best)
+                    else f"no best {self.monitor} recorded after the warm-up")
+            rank_zero_info(f"RelianceEarlyStopping: stopped at epoch {self.stopped_epoch}: "
+                           f"{why or 'another rank decided to stop'}; {told}.")
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
@@ -228,6 +264,7 @@ class RelianceEarlyStopping(_EarlyStopping):
             ema=None if self._ema is None else float(self._ema),
             last_value=self._last_value,
             history=list(self.history),
+            best_epoch=self.best_epoch,
             smoothing=self.smoothing,
             warmup_epochs=self.warmup_epochs,
             min_probe_accuracy=self.min_probe_accuracy,
@@ -240,4 +277,5 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
         self._last_value = state_dict.get("last_value")
         self.history = [tuple(h) for h in state_dict.get("history", [])]
+        self.best_epoch = state_dict.get("best_epoch")
 

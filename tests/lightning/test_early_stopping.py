@@ -148,3 +148,55 @@ def test_default_warmup_ignores_the_first_five_epochs():
     _fit(values, stop)
     assert stop.stopped_epoch == _expected_stop(values, 2, warmup=5)
     assert stop.stopped_epoch > 5
+
+
+def _stop_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "RelianceEarlyStopping: stopped" in r.getMessage()]
+
+
+def test_one_line_says_when_and_why_it_stopped(caplog):
+    caplog.set_level("INFO")
+    # patience: the best (raw, no smoothing) is 0.7 at epoch 2; epochs 3 and 4 do not improve on it
+    stop = RelianceEarlyStopping(patience=2, smoothing=0.0, warmup_epochs=0)
+    _fit([0.5, 0.6, 0.7, 0.6, 0.5, 0.4, 0.3], stop)
+    assert stop.stopped_epoch == 4 and stop.best_epoch == 2
+    assert _stop_lines(caplog) == [
+        "RelianceEarlyStopping: stopped at epoch 4: patience exhausted after 2 fresh measurements without improvement "
+        "(patience=2, min_delta=0.0); best netprobe/reliance_auc 0.7000 at epoch 2."]
+    caplog.clear()
+    # the stopping threshold, on the smoothed value: 0.5, 0.55, 0.625, 0.7125 >= 0.7 at epoch 3
+    stop = RelianceEarlyStopping(patience=5, smoothing=0.5, warmup_epochs=0, stopping_threshold=0.7)
+    _fit([0.5, 0.6, 0.7, 0.8, 0.9], stop)
+    (line,) = _stop_lines(caplog)
+    assert line.startswith("RelianceEarlyStopping: stopped at epoch 3: netprobe/reliance_auc (EMA 0.5) 0.7125 reached "
+                           "stopping_threshold=0.7; best netprobe/reliance_auc (EMA 0.5) 0.6250 at epoch 2"), line
+    caplog.clear()
+    # a run that reaches max_epochs prints none
+    _fit([0.5, 0.6, 0.7], RelianceEarlyStopping(patience=2, warmup_epochs=0))
+    assert _stop_lines(caplog) == []
+
+
+def test_the_console_shows_the_monitors_means_and_the_stop(caplog, capsys):
+    # a real run: the progress bar carries each monitor's main mean, and the stop is one line
+    from lightning_helpers import digits, loader, make_module
+
+    from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityMonitor
+
+    caplog.set_level("INFO")
+    x, y = digits(120)
+    mons = [RelianceMonitor(["relu1"], num_samples=48, repeats=1), SelectivityMonitor(["relu1"], num_samples=48),
+            ConvergenceMonitor(["relu1"], num_samples=48)]
+    stop = RelianceEarlyStopping(patience=1, min_delta=1.0, warmup_epochs=1)  # no record improves by 1.0
+    trainer = pl.Trainer(max_epochs=10, callbacks=mons + [stop], logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(make_module(pl), loader(x, y))
+    assert stop.stopped_epoch == 2  # epoch 1 sets the first best, epoch 2 does not improve by 1.0
+    shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
+    keys = ("netprobe/reliance_auc", "netprobe/selectivity_mean", "netprobe/cka_prev")
+    assert all(isinstance(shown[k], float) for k in keys), shown
+    assert shown["netprobe/reliance_auc"] == pytest.approx(float(trainer.callback_metrics["netprobe/reliance_auc"]))
+    assert not any(k.startswith("netprobe/") and k not in keys for k in shown)  # the per-layer keys stay off the bar
+    bar = capsys.readouterr().out  # the default bar (Rich, or TQDM) writes to stdout; Rich may shorten the names
+    assert "netprobe/" in bar and all(f"{shown[k]:.3f}" in bar or f"{shown[k]:.3g}" in bar for k in keys), bar[-2000:]
+    (line,) = _stop_lines(caplog)
+    assert line.startswith("RelianceEarlyStopping: stopped at epoch 2: patience exhausted after 1 fresh measurement without")
