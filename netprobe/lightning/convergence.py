@@ -5,6 +5,7 @@ Composes :mod:`netprobe.metrics`; re-implements none."""
 from __future__ import annotations
 
 import copy
+import math
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,12 +17,15 @@ from netprobe.layers import evaluating
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.similarity import (
+    RANK_TOL,
     RBF_MAX_SAMPLES,
     SideStats,
     SimilarityAccumulator,
     _check_keep,
+    _Factors,
     linear_cka,
     procrustes,
+    pwcca,
     rbf_cka,
     similarity_matrix,
 )
@@ -37,6 +41,24 @@ __all__ = ["ConvergenceMonitor"]
 #: (which of them are computed from the whole probe set, streamed, or by Gram matrices: the table's forms)
 _METHODS = method_names(scalar=True)
 
+#: PWCCA on a conv or sequence layer: positions sampled per probe input so that the rows number at
+#: least this many times the layer's channels (when the layer has the positions)
+ROWS_PER_UNIT = 10
+#: the fewest leading directions a layer too wide for its data points may be reduced to (else refused)
+MIN_DIRECTIONS = 8
+
+
+def leading_directions(a: torch.Tensor, r: int) -> torch.Tensor:
+    """SVCCA's reduction of ``a`` ``(m, d)``: its centered rows projected on the top ``r`` principal
+    directions of its own covariance (float64 ``(m, r')``, ``r' <= r``: directions with variance
+    below ``RANK_TOL`` of the largest, and constant units, are left out), chosen by the same
+    eigendecomposition SVCCA uses (:meth:`~netprobe.metrics.similarity._Factors.principal`)."""
+    a = a.to(torch.float64)
+    c = a - a.mean(0)
+    f = _Factors(c.T @ c / max(a.shape[0] - 1, 1))
+    vecs, _ = f.principal(int(r), RANK_TOL)
+    return c[:, f.mask()] @ vecs
+
 
 class ConvergenceMonitor(NetprobeMonitor):
     """How much each layer's representation still changes: similarity of this epoch's activations
@@ -49,10 +71,37 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     The default is linear CKA alone: it is defined for any width and probe size, and costs one
     pass over the probe activations plus ``O(d^2)`` (PWCCA and SVCCA add eigendecompositions:
-    on the demo's two 128-unit layers ~2x the cost of CKA each, see the README's cost table) and
-    PWCCA needs ``num_samples > 2 d``. Ask for ``methods=("pwcca", "svcca", "cka")`` to follow
-    Morcos et al. / Raghu et al.; the methods then share each covariance's factorization, and the
-    previous measurement's statistics are reused.
+    on the demo's two 128-unit layers ~2x the cost of CKA each, see the README's cost table).
+    Ask for ``methods=("pwcca", "svcca", "cka")`` to follow Morcos et al. / Raghu et al.; the
+    methods then share each covariance's factorization, and the previous measurement's
+    statistics are reused.
+
+    **PWCCA's data points** (every other method compares the probe activations as captured, one
+    row per input, a conv or sequence layer by its per-channel mean). PWCCA needs more data points
+    than twice the directions it compares, so it takes the data points its authors use:
+
+    * a conv or sequence layer (an output with positions: ``(N, C, L)``, ``(N, C, H, W)``,
+      ``(N, T, D)``, ...): rows = probe inputs x ``k`` sampled positions (``reduce="sample"`` of
+      :func:`netprobe.probe`), ``k = min(P, ceil(ROWS_PER_UNIT * C / n))`` for the widest such layer
+      (``C`` channels, ``P`` positions per input, capped by the layer with the fewest), one ``k``
+      for all of them. The positions are the same at every measurement (common random numbers):
+      the probe's generator starts every measurement from one state, that of
+      ``torch.Generator().manual_seed(seed)``, kept in the callback's state (with ``k``), and the
+      whole probe set is run in the same batches of ``batch_size``. This is one more forward pass
+      over the probe set, on every rank (so the rows, hence the values, are those of one process);
+    * a dense layer with ``m`` rows (``m = n`` probe inputs) and ``d > (m - 1) / 2`` units: each
+      side is first reduced to its own top ``r = floor(m / 4)`` principal directions (SVCCA's
+      recipe with a stated rank cut, :func:`leading_directions`), then PWCCA compares the two
+      ``(m, r)`` projections (the weights are over those directions). The same rule applies to a
+      conv or sequence layer whose ``m = n k`` rows are still too few. The rank is fixed, the
+      directions are each measurement's own: a projection fixed at the first measurement would
+      measure only the change inside the subspace that led early in training, and its value would
+      depend on when measuring began; with each side's own leading subspace the comparison is
+      symmetric and a layer that did not change gives 1;
+    * a dense layer with ``2 d < m``: PWCCA of its units, streamed with the other methods.
+
+    A layer whose rank cut leaves fewer than ``MIN_DIRECTIONS`` directions (``m < 32``) is refused
+    before the first step. ``pwcca_ref`` takes the reference's rows the same way (same positions).
 
     Logs ``netprobe/<method>_prev/<layer>`` and the mean ``netprobe/<method>_prev`` (1 = the layer
     did not change up to the method's invariances), likewise ``*_ref``; with ``heatmap=True`` and a
@@ -62,8 +111,9 @@ class ConvergenceMonitor(NetprobeMonitor):
     Memory: the previous measurement's activations of the whole probe set are kept, per layer
     ``num_samples x d x 4`` bytes (CPU), and saved in the callback's state for resuming; the
     similarity itself streams paired shards through :class:`~netprobe.metrics.SimilarityAccumulator`
-    (``O(d^2)``) and reduces them across ranks. PWCCA needs ``num_samples > 2 d`` per layer (checked
-    before training starts); SVCCA reduces to ``keep`` of the variance first.
+    (``O(d^2)``) and reduces them across ranks. PWCCA's position rows (above) of the previous
+    measurement are kept too, ``n k C x 4`` bytes per conv or sequence layer; SVCCA reduces to
+    ``keep`` of the variance first.
 
     The shared options, keyword-only, are those of :class:`~netprobe.lightning.base.NetprobeMonitor`,
     which documents them: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``,
@@ -156,6 +206,16 @@ class ConvergenceMonitor(NetprobeMonitor):
         # last: reused, not recomputed (derived from _prev/_ref, so not part of the saved state)
         self._prev_side: Dict[str, SideStats] = {}
         self._ref_side: Dict[str, SideStats] = {}
+        # PWCCA's own rows (see the class docstring): the layers that take them ({layer: positions per
+        # input, 0 for a dense layer}), the positions sampled per input, the generator state that draws
+        # them (saved); the previous measurement's and the reference's rows, and reduced rows kept for reuse
+        self._pw_layers: Dict[str, int] = {}
+        self._pw_k = 0
+        self._pw_rng: Optional[torch.Tensor] = None
+        self._prev_pw: Dict[str, torch.Tensor] = {}
+        self._ref_pw: Dict[str, torch.Tensor] = {}
+        self._lead: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shapes: Dict[str, Tuple[int, int]] = {}
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
 
     def _rbf_too_many(self, n: int) -> str:
@@ -178,28 +238,119 @@ class ConvergenceMonitor(NetprobeMonitor):
                 f"but the probe set has n={n}. Use num_samples >= 4 (or more `probe_data` rows), or methods=('cka',)."
             )
         if "pwcca" in self.methods:
-            small = {k: d for k, d in widths.items() if 2 * d >= n}
+            self._plan_pwcca(widths, n)
+            rows = {k: n * max(self._pw_layers.get(k, 0), 1) for k in widths}
+            small = {k: d for k, d in widths.items() if 2 * d >= rows[k] and rows[k] // 4 < MIN_DIRECTIONS}
             if small:
                 raise ValueError(
                     f"ConvergenceMonitor: PWCCA compares a layer with itself at another epoch, so it needs more probe "
                     f"samples than twice the layer's units, but the probe set has n={n} and layers {small} have "
-                    f"n/2 units or more. Use num_samples > {2 * max(small.values())} (several times that is safer), "
-                    "or methods=('cka',), or ('svcca', 'cka') with an int `keep` below n/2."
+                    f"n/2 units or more, and their top n/4 principal directions (the rank cut PWCCA then takes) are "
+                    f"fewer than {MIN_DIRECTIONS}. Use num_samples > {2 * max(small.values())} (several times that is "
+                    f"safer) or at least {4 * MIN_DIRECTIONS}, or methods=('cka',), or ('svcca', 'cka') with an int "
+                    "`keep` below n/2."
                 )
 
+    def _plan_pwcca(self, widths: Mapping[str, int], n: int) -> None:
+        """Which layers PWCCA takes its own rows for, and how many positions per input (the class
+        docstring's rules), from the widths and the output shapes seen by :meth:`_validate`. A
+        generator state and ``k`` loaded from a checkpoint are kept."""
+        with_positions = {k: e // widths[k] for k, (nd, e) in self._shapes.items() if nd >= 3 and k in widths and e >= widths[k]}
+        k = self._pw_k
+        if with_positions and not k:
+            want = math.ceil(ROWS_PER_UNIT * max(widths[l] for l in with_positions) / max(n, 1))
+            k = max(1, min(min(with_positions.values()), want))
+        self._pw_k = k if with_positions else 0
+        self._pw_layers = {l: self._pw_k for l in with_positions}
+        self._pw_layers.update({l: 0 for l, d in widths.items() if l not in with_positions and 2 * d >= n})
+        if self._pw_rng is None:
+            self._pw_rng = torch.Generator().manual_seed(self.seed).get_state()
+
+    def _output_shapes(self, pl_module: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[int, int]]:
+        """``{layer: (ndim, elements per input)}`` of the monitored layers' (selected) outputs on ``x``
+        (positions per input: elements / units, the units the default capture counts)."""
+        from netprobe.capture import probe
+
+        seen: Dict[str, Tuple[int, int]] = {}
+
+        def note(layer: str) -> Any:
+            def reduce(out: torch.Tensor) -> torch.Tensor:
+                seen.setdefault(layer, (out.ndim, out.numel()))
+                return out.reshape(1, -1)[:, :1]
+            return reduce
+
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        sel = {n: self._per_layer(self.select, n) for n in self.layers}
+        with self._frozen(pl_module), probe(pl_module, self.layers, capacity=1, reduce={n: note(n) for n in self.layers},
+                                            select={n: v for n, v in sel.items() if v is not None} or None, observe=False):
+            self.forward(pl_module, x.to(device))
+        return {l: (nd, numel // max(x.shape[0], 1)) for l, (nd, numel) in seen.items()}
+
     def _validate(self, pl_module: nn.Module) -> None:
+        if "pwcca" in self.methods:
+            assert self._probe is not None
+            self._shapes = self._output_shapes(pl_module, self._probe[0][:2])
         super()._validate(pl_module)
         if self.reference is not None:  # a missing checkpoint or mismatched layers fail now, not after an epoch
             self._reference_acts(pl_module)
 
     def _reset_extra_state(self) -> None:
         self._prev, self._ref, self._prev_side, self._ref_side = {}, {}, {}, {}
+        self._pw_layers, self._pw_k, self._pw_rng, self._prev_pw, self._ref_pw, self._lead = {}, 0, None, {}, {}, {}
 
     def _extra_state(self) -> Dict[str, Any]:
-        return {"prev": {k: v.clone() for k, v in self._prev.items()}}
+        state: Dict[str, Any] = {"prev": {k: v.clone() for k, v in self._prev.items()}}
+        if "pwcca" in self.methods:
+            state["pwcca_rows"] = {"positions": self._pw_k, "generator_state": self._pw_rng,
+                                   "prev": {k: v.clone() for k, v in self._prev_pw.items()}}
+        return state
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._prev, self._prev_side = dict(state.get("prev", {})), {}
+        pw = state.get("pwcca_rows", {})
+        self._pw_k, self._pw_rng = int(pw.get("positions", 0)), pw.get("generator_state")
+        self._prev_pw, self._lead = dict(pw.get("prev", {})), {}
+
+    def _pwcca_rows(self, model: nn.Module, full: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """PWCCA's rows of the whole probe set for the layers that take their own (the class
+        docstring): position-sampled rows ``(n k, C)`` of the conv and sequence layers, from one more
+        forward pass of ``model``, every rank alike; a dense layer's rows are ``full``'s."""
+        from netprobe.capture import probe
+
+        rows = {l: full[l] for l, k in self._pw_layers.items() if not k and l in full}
+        sampled = [l for l, k in self._pw_layers.items() if k]
+        if not sampled:
+            return rows
+        assert self._probe is not None and self._pw_rng is not None
+        x = self._probe[0]
+        g = torch.Generator()
+        g.set_state(self._pw_rng)  # the same positions at every measurement
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        sel = {n: self._per_layer(self.select, n) for n in sampled}
+        lay = {n: self._per_layer(self.layout, n) for n in sampled}
+        with probe(model, sampled, capacity=max(1, x.shape[0] * self._pw_k), reduce="sample", positions=self._pw_k,
+                   generator=g, select={n: v for n, v in sel.items() if v is not None} or None,
+                   layout={n: v for n, v in lay.items() if v is not None} or None, observe=self._layout_decisions) as p:
+            for i in range(0, x.shape[0], self.batch_size):
+                self.forward(model, x[i : i + self.batch_size].to(device))
+        rows.update({l: p[l].cpu().float() for l in sampled})
+        return rows
+
+    def _pwcca_of(self, layer: str, cur: torch.Tensor, other: torch.Tensor, other_key: str) -> float:
+        """PWCCA of PWCCA's rows ``cur`` and ``other`` of one layer: of the rows themselves when they
+        number more than twice the units, else of each side's top ``floor(m / 4)`` principal
+        directions (:func:`leading_directions`; the other side's reduction, kept under ``other_key``
+        when it was computed, is reused, and this side's is kept under ``"cur"``)."""
+        m, d = cur.shape
+        if 2 * d < m:
+            return float(pwcca(cur, other))
+        r = m // 4
+        mine = leading_directions(cur, r)
+        self._lead[("cur", layer)] = (cur, mine)
+        kept = self._lead.get((other_key, layer))
+        theirs = kept[1] if kept is not None and kept[0] is other else leading_directions(other, r)
+        self._lead[(other_key, layer)] = (other, theirs)
+        return float(pwcca(mine, theirs))
 
     def _whole_set(self, method: str, cur_full: torch.Tensor, other_full: torch.Tensor) -> torch.Tensor:
         """A method computed from the whole set (``whole_set`` in the method table), by its function,
@@ -220,16 +371,17 @@ class ConvergenceMonitor(NetprobeMonitor):
         matrices of the whole probe set (``cur_full``, every rank alike) instead of ``d x d``
         moments: the same value, ``O(n^2)`` memory and ``n^2 d`` work instead of ``O(d^2)`` and
         ``n d^2`` (returns no accumulator then). ``key``: ``"prev"`` or ``"ref"``, the logged
-        metrics' suffix."""
+        metrics' suffix. PWCCA of a layer that takes its own rows is left to :meth:`_pwcca_of`."""
         n, d = cur_full.shape[0], cur_full.shape[1]
         out: Dict[str, float] = {}
+        own = layer in self._pw_layers
         for m in self.methods:
             if SIMILARITY_METHODS[m].whole_set:  # the whole probe set on every rank: the same value everywhere
                 try:
                     out[m] = float(self._whole_set(m, cur_full, other_full))
                 except ValueError as err:
                     self._warn_skip(layer, f"{m} ({what})", err, (f"{m}_{key}",))
-        streamed = [m for m in self.methods if not SIMILARITY_METHODS[m].whole_set]
+        streamed = [m for m in self.methods if not SIMILARITY_METHODS[m].whole_set and not (own and m == "pwcca")]
         if not streamed:
             return out, None
         if all(SIMILARITY_METHODS[m].gram for m in streamed) and 3 * d > 2 * n:
@@ -280,6 +432,9 @@ class ConvergenceMonitor(NetprobeMonitor):
             with evaluating(ref, restore_rng=True):
                 acts, _ = self._capture(ref, x)
             self._ref = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}
+            if "pwcca" in self.methods:
+                with evaluating(ref, restore_rng=True):
+                    self._ref_pw = self._pwcca_rows(ref, self._ref)
         return self._ref
 
     def compute(self, trainer: Trainer, pl_module: nn.Module) -> Tuple[Dict[str, float], Dict[str, Any]]:
@@ -311,7 +466,19 @@ class ConvergenceMonitor(NetprobeMonitor):
                         self._ref_side[layer] = acc.side("y")
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)
-        self._prev, self._prev_side = full, sides
+        rows = self._pwcca_rows(pl_module, full) if self._pw_layers else {}
+        for layer, cur in rows.items():
+            for other, key, vals, what in ((self._prev_pw, "prev", prev_vals, "to the previous measurement"),
+                                           (self._ref_pw, "ref", ref_vals, "to the reference")):
+                if layer in other:
+                    try:
+                        vals["pwcca"][layer] = self._pwcca_of(layer, cur, other[layer], key)
+                    except ValueError as err:
+                        self._warn_skip(layer, f"pwcca ({what})", err, (f"pwcca_{key}",))
+            mine = self._lead.pop(("cur", layer), None)
+            if mine is not None:
+                self._lead[("prev", layer)] = mine
+        self._prev, self._prev_side, self._prev_pw = full, sides, rows
         out: Dict[str, float] = {}
         for m in self.methods:
             self._layer_values(f"{m}_prev", prev_vals[m], out, expected=prev_expected)
