@@ -36,7 +36,20 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 from torch import nn
@@ -46,13 +59,12 @@ from netprobe._keys import BEST_TRACKED as _BEST
 from netprobe._keys import MODEL_LEVEL as _MODEL_LEVEL
 from netprobe._validation import check_int
 from netprobe.layers import (
-    INPUT_KEYS,
-    TARGET_KEYS,
     LayerSpec,
     LayoutDecisions,
     check_layout,
     evaluating,
     resolve_layers,
+    split_batch,
 )
 from netprobe.lightning._shared_pass import (
     _frozen_spec,
@@ -62,7 +74,13 @@ from netprobe.lightning._shared_pass import (
     _shared_pass,
 )
 from netprobe.lightning._skips import SkipReport
-from netprobe.lightning._tensorboard import _log_hp_metric, _register_tensorboard, _restore_hp_metric_default, _tensorboard_writer, _write_experiment
+from netprobe.lightning._tensorboard import (
+    _log_hp_metric,
+    _register_tensorboard,
+    _restore_hp_metric_default,
+    _tensorboard_writer,
+    _write_experiment,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from netprobe.lightning._shared_pass import Trainer
@@ -108,8 +126,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         num_samples: size of the default probe set (examples of the training dataset). 256 by
             default, chosen for precision per cost (``benchmarks/probe_precision.py`` and
             ``benchmarks/reliance_precision.py``; docs/reliance.md and docs/benchmarks.md).
-            PWCCA (``ConvergenceMonitor(methods=("pwcca", ...))``) needs more than twice a layer's
-            width: it says so before the first step. A dataset (or ``probe_data`` DataLoader) with
+            PWCCA (``ConvergenceMonitor(methods=("pwcca", ...))``) on a layer wider than half the
+            probe set is computed on sampled positions or leading directions (docs/convergence.md).
+            A dataset (or ``probe_data`` DataLoader) with
             fewer examples gives a probe set of all of them, with a warning naming both sizes.
         every_n_epochs: measure every ``n`` epochs (epochs ``n-1, 2n-1, ...``, 0-based).
         probe_data: ``(inputs, targets)`` tensors or a DataLoader to use instead of the default
@@ -206,9 +225,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ identity / state
     @property
     def state_key(self) -> str:
-        # two monitors of one class on the same layers differ in their settings (else Lightning
-        # refuses them as duplicate stateful callbacks). Lightning reads this for every hook call
-        # (hundreds per epoch), so it is built once per set of settings.
+        """The key of this monitor's state in a checkpoint: its class and settings, so two monitors
+        of one class on other layers or settings keep apart (Lightning refuses duplicate keys)."""
+        # Lightning reads this for every hook call, so it is built once per set of settings.
         specs = self.layer_specs
         specs = tuple(specs) if isinstance(specs, (list, tuple)) else (specs,)
         settings = (specs, self.every_n_epochs, self.num_samples, self.seed, tuple(self.metrics))
@@ -233,10 +252,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         return repr([s.__name__ if isinstance(s, type) else str(s) for s in specs])
 
     def state_dict(self) -> Dict[str, Any]:
+        """What resuming needs: the probe set's indices and digest, the last measured epoch, the
+        best values so far, and a subclass's extra state (the previous activations, the orders)."""
         return {"probe_indices": self._probe_indices, "last_epoch": self._last_epoch, "extra": self._extra_state(),
                 "best": dict(self._best), "probe_fingerprint": self._fingerprint}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state; the probe set's digest is checked against the resumed run's at its start."""
         self._resumed_fingerprint = state_dict.get("probe_fingerprint")
         self._probe_indices = state_dict.get("probe_indices")
         self._last_epoch = int(state_dict.get("last_epoch", -1))
@@ -260,21 +282,13 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         Default: ``(x, y, ...)`` tuples/lists, and dicts with keys such as ``x``/``input``/``image``
         and ``y``/``target``/``label``.
         """
-        if isinstance(batch, Mapping):
-            x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
-            y = next((batch[k] for k in TARGET_KEYS if k in batch), None)
-            if x is None or y is None:
-                raise ValueError(
-                    f"Cannot find inputs and targets in a batch dict with keys {list(batch)}: expected one of "
-                    f"{list(INPUT_KEYS)} and one of {list(TARGET_KEYS)}. Override `batch_to_inputs_targets`."
-                )
-            return x, y
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[0], batch[1]
-        raise ValueError(
-            f"Cannot split a batch of type {type(batch).__name__} into (inputs, targets); override "
-            "`batch_to_inputs_targets(batch)` in a subclass of the monitor."
-        )
+        pair = split_batch(batch, "Override `batch_to_inputs_targets`.")
+        if pair is None:
+            raise ValueError(
+                f"Cannot split a batch of type {type(batch).__name__} into (inputs, targets); override "
+                "`batch_to_inputs_targets(batch)` in a subclass of the monitor."
+            )
+        return pair
 
     def forward(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """How the monitored model is called on probe inputs (default ``pl_module(x)``, floating
@@ -286,6 +300,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
+        """Resolve the layers (unknown names raise with the closest ones), refuse keys another monitor would also write, and join the Trainer's shared probe pass."""
         self.layers = list(resolve_layers(pl_module, self.layer_specs))
         for what, spec in (("layout", self.layout), ("select", self.select)):
             unknown = [k for k in spec if k not in self.layers] if isinstance(spec, Mapping) else []
@@ -338,6 +353,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         return f"{type(self).__name__}({self._specs()!r}{every})"
 
     def on_fit_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Start the fit's warnings afresh and write the TensorBoard layout before Lightning logs the hyperparameters."""
         self._order_logged = False
         self._skipped.warned = set()  # a skipped value is told once per layer and metric in each fit
         # before Lightning logs the hyperparameters (TensorBoard keeps the first experiment summary
@@ -345,6 +361,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         _register_tensorboard(trainer, pl_module, [c for c in getattr(trainer, "callbacks", []) if isinstance(c, NetprobeMonitor)])
 
     def on_train_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Draw (or check) the probe set and validate the layers and options on it, before the first step."""
         _restore_hp_metric_default(trainer)
         if self._probe is None:
             # rank 0's probe set on every rank: a user DataLoader that shuffles, or an iterable
@@ -362,15 +379,19 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             self._validate(pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Measure after the optimizer step of the epoch's last training batch, when due."""
         nb = trainer.num_training_batches
         if isinstance(nb, (int, float)) and math.isfinite(nb) and batch_idx + 1 == int(nb):
             self._maybe_run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Measure here when the number of training batches is unknown, when due."""
         self._maybe_run(trainer, pl_module)
         _shared_pass(trainer).clear()  # whatever a peer left (every monitor has measured by now)
 
     def on_train_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Write the HParams experiment with every key the run logged, and draw the last
+        measurement's media if they were not due."""
         _write_experiment(trainer, pl_module)
         # a run stopped early (EarlyStopping decides after the measurement) ends without the media
         # of its last measurement: draw them now, from the same model (no step since), at its step

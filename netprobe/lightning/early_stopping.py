@@ -141,6 +141,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         self._run = _RunIdentity()
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """Check, before the first step, that the monitored netprobe key is logged by an attached monitor (and that ``min_probe_accuracy`` has a ``RelianceMonitor`` to read)."""
         super().setup(trainer, pl_module, stage)
         if str(getattr(stage, "value", stage)) == "fit":  # stopping acts in fit only
             self._check_keys(trainer, pl_module)
@@ -259,6 +260,7 @@ class RelianceEarlyStopping(_EarlyStopping):
                            f"{why or 'another rank decided to stop'}; {told}.")
 
     def state_dict(self) -> Dict[str, Any]:
+        """Lightning's ``EarlyStopping`` state plus the smoothed value, the history of values, the best epoch and the settings."""
         state = super().state_dict()
         state.update(
             ema=None if self._ema is None else float(self._ema),
@@ -272,6 +274,7 @@ class RelianceEarlyStopping(_EarlyStopping):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state."""
         super().load_state_dict(state_dict)
         ema = state_dict.get("ema")
         self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
