@@ -90,52 +90,35 @@ def ablation_curve(
             ``DataLoader``). Use the TRAINING data with the training labels (module docstring).
         fractions: ascending, in ``[0, 1]``, starting at 0 (default 0, 0.1, ..., 1).
         order: ``"random"`` (a new random order per repeat), ``"selectivity_desc"`` (most
-            class-selective units first; dead units last), ``"selectivity_asc"`` (least selective
-            first), or a permutation tensor of the ``d`` units, ``(d,)``, or a stack of
-            permutations, ``(r, d)``, one curve per row (then ``repeats`` is ignored). Reusing the
-            same orders at every epoch (common random numbers) makes the change of the curve
-            between epochs reflect the network, not the draw.
-        mode: ``"zero"`` (set to 0) or ``"mean"`` (set to the unit's mean over ``data``, and over
-            positions for conv/sequence outputs).
+            class-selective units first; dead units last), ``"selectivity_asc"``, or a permutation
+            tensor ``(d,)`` or a stack ``(r, d)``, one curve per row (``repeats`` then ignored);
+            the same orders every epoch (common random numbers) make changes the network's.
+        mode: ``"zero"`` (set to 0) or ``"mean"`` (the unit's mean over ``data`` and positions).
         repeats: random orders averaged (``order="random"`` only).
-        generator: source of the random orders; a fresh ``torch.Generator`` seeded with 0 when
-            ``None`` (the global RNG is never used).
+        generator: source of the random orders; ``None``: a ``torch.Generator`` seeded with 0
+            (the global RNG is never used).
         loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses; default cross-entropy.
-        max_batch: most samples (rows) per forward pass when masks are stacked.
-        max_elements: memory bound of a stacked pass: the rows per pass are also limited so that
-            no module output of the model (the largest one per input row, measured on a few rows
-            of the first batch; a tuple output's tensors together) holds more than
-            ``max_elements`` elements. ``"auto"`` (default): :data:`DEFAULT_MAX_ELEMENTS`
-            (``2**18``, 1 MiB of float32 per tensor, for a model on the CPU; ``2**21``, 8 MiB, on
-            an accelerator; docs/reliance.md has the measurements); a stacked pass keeps a few
-            such tensors alive at once. ``None``: rows alone (``max_batch``) bound the pass.
-        vectorize: stack several masks per forward pass (default); ``False`` runs one pass per mask
-            (same numbers, slower).
-        distributed: ``data`` is this rank's shard of a dataset split across the ranks of
-            ``torch.distributed``: the per-unit statistics (``mode="mean"``, selectivity orders) and
-            the result are reduced across ranks, so every rank gets the curve of the whole data.
-            Every rank must call with the same generator state. Ignored when not distributed.
-        expand: how masks are stacked: ``"auto"`` (default) runs the layers before ``layer`` once
-            per batch and repeats only the layer's output, falling back to ``"input"`` (repeat the
-            inputs) when the model's structure does not allow it (e.g. a skip connection around
-            the layer); ``"layer"`` or ``"input"`` force one way. All give the same numbers.
-        unablated: ``(correct, loss_sum)`` of the model itself on ``data`` (this rank's ``data``
-            with ``distributed``), when the caller has them from a forward pass it made anyway
-            (:func:`score` of the outputs): the points that ablate no unit are then taken from
-            them instead of being evaluated again. They must be the model's own numbers on
-            exactly this data; the curve is wrong otherwise.
-        layout: the layout of the layer's output (``"NC"``, ``"NCL"``, ``"NLC"``, ``"LNC"``,
-            ``"NCHW"``, ``"NHWC"``, ...; ``N`` batch, ``C`` units): needed where netprobe cannot
-            establish it (a ``ValueError`` then says so); the same decision as the probe's (see
-            :class:`netprobe.layers.Layouts`), e.g. ``batch_first=False`` RNN and transformer
-            outputs are ``"LNC"``. The inputs in ``data`` are batch first whatever the layer's layout.
-        select: for a layer whose output is not one tensor (``nn.LSTM``, ``nn.MultiheadAttention``:
-            a tuple; a dict or dataclass): the int index or key of the tensor to ablate; the rest
-            of the output passes through unchanged. Required for such layers.
-        observe: the layer's batch axis is observed by first running the model on a few rows at two
-            batch sizes (see :class:`netprobe.layers.Layouts`); pass a
-            :class:`netprobe.LayoutDecisions` to keep and reuse that decision across
-            calls, or ``False`` to trust ``layout=`` (default: batch first) without running again.
+        max_batch: most rows per forward pass when masks are stacked.
+        max_elements: most elements of any module output of a stacked pass (per input row,
+            measured on a few rows of the first batch); ``"auto"``: :data:`DEFAULT_MAX_ELEMENTS`
+            (CPU ``2**18``, accelerator ``2**21``; docs/reliance.md); ``None``: rows alone.
+        vectorize: stack several masks per pass (default); ``False``: one pass per mask, same numbers.
+        distributed: ``data`` is this rank's shard under ``torch.distributed``: statistics and the
+            result are reduced across ranks (every rank gets the whole data's curve; every rank
+            must pass the same generator state). Ignored when not distributed.
+        expand: ``"auto"`` runs the layers before ``layer`` once per batch and repeats only its
+            output, falling back to ``"input"`` (repeat the inputs) where the model does not allow
+            it (a skip around the layer); ``"layer"``/``"input"`` force one. Same numbers.
+        unablated: ``(correct, loss_sum)`` of the model itself on exactly this ``data`` (this
+            rank's with ``distributed``; :func:`score` of outputs the caller has anyway): the
+            points that ablate nothing are taken from them. Wrong numbers give a wrong curve.
+        layout: the layer output's layout (``"NC"``, ``"NCL"``, ``"NLC"``, ``"LNC"``, ``"NCHW"``,
+            ...), where netprobe cannot establish it (a ``ValueError`` says so); decided and
+            checked as by the probe (:class:`netprobe.layers.Layouts`). ``data`` is batch first.
+        select: the int index or key of the tensor to ablate in a layer whose output is a tuple,
+            dict or dataclass (``nn.LSTM``, ``nn.MultiheadAttention``); the rest passes through.
+        observe: observe the batch axis (``True``), reuse a :class:`netprobe.LayoutDecisions`, or
+            ``False`` to trust ``layout=`` without running the model again (see :class:`~netprobe.layers.Layouts`).
 
     Returns:
         :class:`CurveResult` with ``fractions``, ``accuracy``, ``loss`` and ``auc`` (1.0 = no
