@@ -30,6 +30,7 @@ from netprobe.metrics.similarity import (
     similarity_matrix,
 )
 from netprobe.metrics.similarity._methods import SIMILARITY_METHODS, aliases_note, canonical_method, method_names
+from netprobe.metrics.similarity.rbf import _check_max_samples_option, _check_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
     from netprobe.lightning._shared_pass import Trainer
@@ -188,14 +189,9 @@ class ConvergenceMonitor(NetprobeMonitor):
             raise ValueError(f"Expected `methods` to be one name or a sequence of names among {list(_METHODS)}, "
                              f"but got {list(given)}{aliases_note(_METHODS)}.")
         methods = tuple(dict.fromkeys(named))
-        if isinstance(rbf_threshold, bool) or not isinstance(rbf_threshold, (int, float)) or not 0.0 < float(rbf_threshold) < float("inf"):
-            raise ValueError(
-                "Expected `rbf_threshold` to be a positive finite number (rbf_cka's bandwidth as a multiple of the median "
-                f"distance; Kornblith et al. use 0.2 to 1.0), but got {rbf_threshold!r}."
-            )
-        if isinstance(rbf_max_samples, bool) or not isinstance(rbf_max_samples, int) or rbf_max_samples < 4:
-            raise ValueError(f"Expected `rbf_max_samples` to be an int >= 4, but got {rbf_max_samples!r}.")
-        self.rbf_threshold, self.rbf_max_samples = float(rbf_threshold), rbf_max_samples
+        # the metric's own checks, named after the monitor's options, at construction
+        self.rbf_threshold = _check_threshold(rbf_threshold, "rbf_threshold")
+        self.rbf_max_samples = _check_max_samples_option(rbf_max_samples, "rbf_max_samples")
         if reference is not None and not isinstance(reference, (nn.Module, str)):
             raise TypeError(f"Expected `reference` to be an nn.Module or a checkpoint path, but got {type(reference).__name__}.")
         _check_keep(keep)  # here, not at every epoch's SVCCA

@@ -8,27 +8,34 @@ from __future__ import annotations
 
 import torch
 
+from netprobe._validation import check_int
+
 from ._grams import _centred_gram, _flat_dot
 from ._inputs import _need_rows, _prep
 from ._ratios import _cka_ratio, _debiased_ratio, _hsic_zero_diag
-
 
 #: :func:`rbf_cka` refuses more samples than this by default (peak memory ``24 n^2`` bytes: 2.4 GB)
 RBF_MAX_SAMPLES = 10_000
 
 
-def _check_threshold(threshold: float) -> float:
+def _check_threshold(threshold: float, name: str = "threshold") -> float:
+    """``threshold`` as a float when it is a positive finite number (``rbf_cka``'s bandwidth as a
+    multiple of the median distance), else ``ValueError`` naming ``name``."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 < float(threshold) < float("inf")):
         raise ValueError(
-            f"Expected `threshold` to be a positive finite number (the bandwidth as a multiple of the median "
+            f"Expected `{name}` to be a positive finite number (rbf_cka's bandwidth as a multiple of the median "
             f"distance; Kornblith et al. use 0.2 to 1.0), but got {threshold!r}."
         )
     return float(threshold)
 
 
+def _check_max_samples_option(max_samples: int, name: str = "max_samples") -> int:
+    """``max_samples`` when it is an int >= 4 (the largest ``n`` ``rbf_cka`` accepts), else ``ValueError``."""
+    return check_int(max_samples, name, 4)
+
+
 def _check_max_samples(n: int, max_samples: int) -> None:
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 4:
-        raise ValueError(f"Expected `max_samples` to be an int >= 4, but got {max_samples!r}.")
+    _check_max_samples_option(max_samples)
     if n > max_samples:
         raise ValueError(
             f"Expected at most `max_samples`={max_samples} samples for RBF CKA, whose n x n kernel matrices take "
