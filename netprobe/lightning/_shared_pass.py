@@ -4,11 +4,14 @@ for, and the digest of a probe set kept in checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -172,3 +175,22 @@ def _probe_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 def _frozen_spec(spec: Any) -> Any:
     return tuple(sorted(spec.items())) if isinstance(spec, Mapping) else spec
+
+
+@contextlib.contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Torch's CPU generator, numpy's global generator and Python's ``random`` seeded with
+    ``seed`` inside the block, and each restored to its state on leaving it: random transforms of a
+    dataset that draw from any of them give the same probe set at every draw (on every rank, after
+    a resume), and the training run's random streams are left as they were."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+

@@ -72,6 +72,7 @@ from netprobe.lightning._shared_pass import (
     _probe_fingerprint,
     _RunIdentity,
     _shared_pass,
+    seeded_host_rngs,
 )
 from netprobe.lightning._skips import SkipReport
 from netprobe.lightning._tensorboard import (
@@ -374,7 +375,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                     f"{type(self).__name__}: the checkpoint being resumed was measured on another probe set than the one "
                     "drawn now (same size, other examples or values): values such as `<method>_prev` would compare "
                     "different inputs across the resume. Resume with the same `probe_data=`/`seed=`/`num_samples` and "
-                    "training data, or start a fresh run."
+                    "training data, or start a fresh run. A dataset whose random transforms draw from a generator of "
+                    "their own (not torch's, numpy's global or Python's `random`, which netprobe seeds) gives other "
+                    "values at every draw: pass fixed `probe_data=(inputs, targets)` tensors."
                 )
             self._validate(pl_module)
 
@@ -413,10 +416,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ probe set
     def _draw_probe_set(self, trainer: Trainer) -> Tuple[torch.Tensor, torch.Tensor]:
-        with torch.random.fork_rng(devices=[]):
-            # random transforms in the dataset draw from a seeded CPU generator: the same probe set on
-            # every rank and after a resume (the training run's RNG is restored on leaving the block)
-            torch.random.default_generator.manual_seed(self.seed)
+        with seeded_host_rngs(self.seed):  # random transforms: the same probe set on every rank and after a resume
             if self.probe_data is not None:
                 if isinstance(self.probe_data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in self.probe_data):
                     x, y = self.probe_data

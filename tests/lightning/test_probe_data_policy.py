@@ -66,3 +66,48 @@ def test_resuming_with_another_probe_set_of_the_same_size_is_refused(tmp_path):
     other = ConvergenceMonitor(["relu1"], probe_data=(x[64:128], y[64:128]))
     with pytest.raises(ValueError, match="another probe set"):
         trainer(pl, max_epochs=2, callbacks=[other], enable_checkpointing=False).fit(make_module(pl), loader(x, y), ckpt_path=last)
+
+
+class _NoisyDigits(torch.utils.data.Dataset):
+    """Digits with augmentation drawn from numpy's global generator and Python's `random`."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        noise = float(np.random.normal()) + random.random()
+        return self.x[i] + 0.01 * noise, self.y[i]
+
+
+def test_a_resume_redraws_a_probe_set_with_numpy_and_random_augmentation(tmp_path):
+    """numpy's and Python's global generators are seeded while the probe set is drawn (and
+    restored after): the resumed run draws the same probe set, and the training run's own numpy and
+    `random` streams are those it would have without the monitor."""
+    import random
+
+    import numpy as np
+
+    x, y = digits(200)
+    data = torch.utils.data.DataLoader(_NoisyDigits(x, y), batch_size=50)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    np.random.seed(1), random.seed(1)
+    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+    mon = ConvergenceMonitor(["relu1"], num_samples=64)
+    tr = trainer(pl, max_epochs=1, callbacks=[mon, ckpt], enable_checkpointing=True)
+    with torch.random.fork_rng():
+        first = mon._draw_probe_set(type("T", (), {"train_dataloader": data})())
+    assert (np.random.get_state()[1] == np_before).all() and random.getstate() == py_before
+    again = ConvergenceMonitor(["relu1"], num_samples=64)._draw_probe_set(type("T", (), {"train_dataloader": data})())
+    torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
+    tr.fit(make_module(pl), data)
+    resumed = ConvergenceMonitor(["relu1"], num_samples=64)
+    tr2 = trainer(pl, max_epochs=2, callbacks=[resumed], enable_checkpointing=False)
+    tr2.fit(make_module(pl), data, ckpt_path=str(tmp_path / "last.ckpt"))  # the same probe set: resumes
+    assert "netprobe/cka_prev" in tr2.callback_metrics
