@@ -459,8 +459,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         return x, y
 
     def _check_probe_set(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """The one policy for bad probe data, the same in every monitor, before the first step:
-        non-finite inputs, targets that are not classes (negative, an ignore index such as -100) and
+        """The one policy for bad probe data, the same in every monitor, before the first step: an
+        empty probe set, non-finite inputs, targets that are not classes (negative, an ignore index such as -100) and
         a probe set of one class are refused, naming the offending examples and the fix."""
         name = type(self).__name__
 
@@ -468,6 +468,12 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             idx = mask.nonzero().flatten().tolist()
             return f"{idx[:8]}{' ...' if len(idx) > 8 else ''} ({len(idx)} of {mask.numel()})"
 
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"{name}: the probe set has no examples (inputs of shape {tuple(x.shape)}): nothing can be measured. "
+                "Pass `probe_data=(inputs, targets)` with examples of several classes, or leave it out to draw "
+                "`num_samples` examples of the training data."
+            )
         if x.is_floating_point() or x.is_complex():
             bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1) if x.ndim else ~torch.isfinite(x).reshape(1)
             if bool(bad.any()):

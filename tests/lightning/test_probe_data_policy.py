@@ -111,3 +111,12 @@ def test_a_resume_redraws_a_probe_set_with_numpy_and_random_augmentation(tmp_pat
     tr2 = trainer(pl, max_epochs=2, callbacks=[resumed], enable_checkpointing=False)
     tr2.fit(make_module(pl), data, ckpt_path=str(tmp_path / "last.ckpt"))  # the same probe set: resumes
     assert "netprobe/cka_prev" in tr2.callback_metrics
+
+
+@pytest.mark.parametrize("monitor", [ConvergenceMonitor, SelectivityMonitor, RelianceMonitor])
+def test_an_empty_probe_set_is_refused_before_the_first_step_naming_the_fix(monitor):
+    x, y = digits(100)
+    mon = monitor(["relu1"], probe_data=(x[:0], y[:0]))
+    with pytest.raises(ValueError, match="no examples.*probe_data"):
+        trainer(pl, max_epochs=1, callbacks=[mon]).fit(make_module(pl), loader(x, y))
+
