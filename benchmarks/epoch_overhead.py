@@ -46,7 +46,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore")
@@ -152,8 +152,13 @@ def run(cls: type, loader, monitors: Sequence[pl.Callback], epochs: int, logdir:
     return timer
 
 
+#: ``--methods``: ConvergenceMonitor's methods (None: its default)
+CONVERGENCE_METHODS: Optional[Sequence[str]] = None
+
+
 def three(layers: Sequence[str], **kw) -> List[pl.Callback]:
-    return [SelectivityMonitor(layers, **kw), RelianceMonitor(layers, **kw), ConvergenceMonitor(layers, **kw)]
+    conv = dict(kw, methods=tuple(CONVERGENCE_METHODS)) if CONVERGENCE_METHODS else kw
+    return [SelectivityMonitor(layers, **kw), RelianceMonitor(layers, **kw), ConvergenceMonitor(layers, **conv)]
 
 
 def med(xs: Sequence[float]) -> float:
@@ -405,10 +410,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the alternating runs")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each floor timing (the best is kept)")
     ap.add_argument("--quick", action="store_true", help="one round, one floor repetition (about a minute)")
+    ap.add_argument("--methods", default=None,
+                    help="ConvergenceMonitor's methods, comma-separated (e.g. pwcca,cka; default: its default)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains (cuda: a GPU Trainer)")
     args = ap.parse_args()
-    global DEVICE
+    global DEVICE, CONVERGENCE_METHODS
     DEVICE = torch.device(args.device)
+    CONVERGENCE_METHODS = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.quick:
         args.rounds, args.reps = 1, 1
     if (args.epochs is not None and args.epochs < 2) or args.rounds < 1 or args.reps < 1 or args.every < 1:
