@@ -78,7 +78,8 @@ class _SharedProbePass:
     due at this epoch; the others take their layers from it. A pass is dropped once every monitor
     it was made for has taken its own layers, so activations are held only while the step's
     measurements run (one entry per probe set: monitors with other probe sets, measured in
-    between, do not evict it).
+    between, do not evict it). A peer's own hooks for the same pass
+    (:meth:`NetprobeMonitor._extra_capture`) run in it too.
     """
 
     def __init__(self) -> None:
@@ -118,10 +119,15 @@ class _SharedProbePass:
         self._order = (id(pl_module), order)
         return order
 
+    @staticmethod
+    def step_key(trainer: Trainer, pl_module: nn.Module, x: torch.Tensor) -> Tuple[int, int, int, int]:
+        """What a pass is made for: ``(id of the model, global step, epoch, probe inputs)``."""
+        return (id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
+
     def capture(self, mon: "NetprobeMonitor", trainer: Trainer, pl_module: nn.Module,
                 x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         share = mon._share_key()
-        key = (id(pl_module), int(trainer.global_step), int(trainer.current_epoch), x.shape[0])
+        key = self.step_key(trainer, pl_module, x)
         entry = self._passes.get(share)
         # the inputs themselves must be the same (the same settings can still draw other examples,
         # e.g. from a shuffling DataLoader with its own generator): equal, else a pass of its own
@@ -133,8 +139,9 @@ class _SharedProbePass:
             peers = [m for m in list(self.monitors) if m is mon or (m._share_key() == share and m._due(epoch))]
             wanted = set(l for m in peers for l in m.layers)
             layers = [n for n, _ in pl_module.named_modules() if n in wanted]
+            extras = [e for m in peers if (e := m._extra_capture(pl_module, x, key)) is not None]
             try:
-                acts, out = mon._capture(pl_module, x, layers)
+                acts, out = mon._capture(pl_module, x, layers, extras)
             except ValueError:  # a peer's layer failed: this monitor's own layers alone say what is wrong
                 self._passes.pop(share, None)
                 return mon._capture(pl_module, x)

@@ -550,9 +550,22 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._units.update({n: int(a.shape[-1]) for n, a in acts.items() if a.ndim == 2})
         return acts, out
 
-    def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    def _extra_capture(self, pl_module: nn.Module, x: torch.Tensor, step: Any) -> Optional[ContextManager[Any]]:
+        """Subclass hook: more hooks to run during the forward pass shared with the other monitors
+        over ``x`` (this rank's shard of the probe set) made for ``step``
+        (:meth:`_SharedProbePass.step_key`), as a context manager entered around that pass;
+        ``None`` (the default) for none. The subclass keeps what it needs from the context, with
+        ``step`` to tell it is this measurement's; what it computes must not depend on whether the
+        shared pass ran it or it ran its own pass."""
+        return None
+
+    def _capture(self, pl_module: nn.Module, x: torch.Tensor, layers: Optional[Sequence[str]] = None,
+                 extras: Sequence[ContextManager[Any]] = ()) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs
-        (``None`` when the model does not return a tensor)."""
+        (``None`` when the model does not return a tensor), with the ``extras`` (see
+        :meth:`_extra_capture`) entered around the same forward pass."""
+        import contextlib
+
         from netprobe.capture import probe
 
         layers = list(layers or self.layers)
@@ -560,8 +573,11 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         outs = []
         sel = {n: self._per_layer(self.select, n) for n in layers}
         lay = {n: self._per_layer(self.layout, n) for n in layers}
-        with probe(pl_module, layers, capacity=max(1, x.shape[0]), select={n: v for n, v in sel.items() if v is not None} or None,
-                   layout={n: v for n, v in lay.items() if v is not None} or None, observe=self._layout_decisions) as p:
+        with contextlib.ExitStack() as stack, \
+                probe(pl_module, layers, capacity=max(1, x.shape[0]), select={n: v for n, v in sel.items() if v is not None} or None,
+                      layout={n: v for n, v in lay.items() if v is not None} or None, observe=self._layout_decisions) as p:
+            for extra in extras:
+                stack.enter_context(extra)
             for i in range(0, x.shape[0], self.batch_size):
                 outs.append(self.forward(pl_module, x[i : i + self.batch_size].to(device)))
         missing = [n for n in layers if not p.buffers[n].allocated]

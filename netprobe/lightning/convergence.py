@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from netprobe import distributed as _dist
 from netprobe import viz
 from netprobe.layers import evaluating
+from netprobe.lightning._shared_pass import _SharedProbePass
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.similarity import (
@@ -88,8 +89,10 @@ class ConvergenceMonitor(NetprobeMonitor):
       for all of them. The positions are the same at every measurement (common random numbers):
       the probe's generator starts every measurement from one state, that of
       ``torch.Generator().manual_seed(seed)``, kept in the callback's state (with ``k``), and the
-      whole probe set is run in the same batches of ``batch_size``. This is one more forward pass
-      over the probe set, on every rank (so the rows, hence the values, are those of one process);
+      whole probe set is run in the same batches of ``batch_size``. In one process the rows are
+      taken in the forward pass the monitors share; under DDP, where that pass covers each rank's
+      shard, by one more forward pass over the whole probe set on every rank (so the rows, hence
+      the values, are those of one process);
     * a dense layer with ``m`` rows (``m = n`` probe inputs) and ``d > (m - 1) / 2`` units: each
       side is first reduced to its own top ``r = floor(m / 4)`` principal directions (SVCCA's
       recipe with a stated rank cut, :func:`leading_directions`), then PWCCA compares the two
@@ -212,6 +215,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._ref_pw: Dict[str, torch.Tensor] = {}
         self._lead: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._shapes: Dict[str, Tuple[int, int]] = {}
+        self._in_shared: Optional[Tuple[Any, Any]] = None  # (step, position probe) a shared pass ran (_extra_capture)
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
 
     def _rbf_too_many(self, n: int) -> str:
@@ -307,29 +311,57 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._pw_k, self._pw_rng = int(pw.get("positions", 0)), pw.get("generator_state")
         self._prev_pw, self._lead = dict(pw.get("prev", {})), {}
 
-    def _pwcca_rows(self, model: nn.Module, full: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """PWCCA's rows of the whole probe set for the layers that take their own (the class
-        docstring): position-sampled rows ``(n k, C)`` of the conv and sequence layers, from one more
-        forward pass of ``model``, every rank alike; a dense layer's rows are ``full``'s."""
+    def _sampled_layers(self) -> List[str]:
+        return [l for l, k in self._pw_layers.items() if k]
+
+    def _position_probe(self, model: nn.Module, n: int) -> Any:
+        """The probe (not entered) that takes PWCCA's position-sampled rows ``(n k, C)`` of the
+        conv and sequence layers over ``n`` probe inputs, drawing the same positions at every
+        measurement (its generator starts from the saved state)."""
         from netprobe.capture import probe
 
-        rows = {l: full[l] for l, k in self._pw_layers.items() if not k and l in full}
-        sampled = [l for l, k in self._pw_layers.items() if k]
-        if not sampled:
-            return rows
-        assert self._probe is not None and self._pw_rng is not None
-        x = self._probe[0]
+        assert self._pw_rng is not None
         g = torch.Generator()
         g.set_state(self._pw_rng)  # the same positions at every measurement
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        sel = {n: self._per_layer(self.select, n) for n in sampled}
-        lay = {n: self._per_layer(self.layout, n) for n in sampled}
-        with probe(model, sampled, capacity=max(1, x.shape[0] * self._pw_k), reduce="sample", positions=self._pw_k,
-                   generator=g, select={n: v for n, v in sel.items() if v is not None} or None,
-                   layout={n: v for n, v in lay.items() if v is not None} or None, observe=self._layout_decisions) as p:
-            for i in range(0, x.shape[0], self.batch_size):
-                self.forward(model, x[i : i + self.batch_size].to(device))
-        rows.update({l: p[l].cpu().float() for l in sampled})
+        sampled = self._sampled_layers()
+        sel = {l: self._per_layer(self.select, l) for l in sampled}
+        lay = {l: self._per_layer(self.layout, l) for l in sampled}
+        return probe(model, sampled, capacity=max(1, n * self._pw_k), reduce="sample", positions=self._pw_k,
+                     generator=g, select={l: v for l, v in sel.items() if v is not None} or None,
+                     layout={l: v for l, v in lay.items() if v is not None} or None, observe=self._layout_decisions)
+
+    def _extra_capture(self, pl_module: nn.Module, x: torch.Tensor, step: Any) -> Optional[Any]:
+        """PWCCA's position-sampled rows taken in the shared forward pass, where that pass runs over
+        the whole probe set (one process): the same rows as a pass of their own (same inputs, same
+        batches, same generator state), without a second forward pass."""
+        self._in_shared = None
+        if "pwcca" not in self.methods or not self._sampled_layers() or self._probe is None:
+            return None
+        if _dist.world_size() != 1 or x.shape[0] != self._probe[0].shape[0]:
+            return None  # each rank's pass covers its shard; PWCCA's rows cover the whole set
+        taken = self._position_probe(pl_module, x.shape[0])
+        self._in_shared = (step, taken)
+        return taken
+
+    def _pwcca_rows(self, model: nn.Module, full: Mapping[str, torch.Tensor],
+                    taken: Optional[Any] = None) -> Dict[str, torch.Tensor]:
+        """PWCCA's rows of the whole probe set for the layers that take their own (the class
+        docstring): position-sampled rows ``(n k, C)`` of the conv and sequence layers, from
+        ``taken`` (the probe the shared forward pass ran) or else one more forward pass of
+        ``model``, every rank alike; a dense layer's rows are ``full``'s."""
+        rows = {l: full[l] for l, k in self._pw_layers.items() if not k and l in full}
+        sampled = self._sampled_layers()
+        if not sampled:
+            return rows
+        assert self._probe is not None
+        x = self._probe[0]
+        expected = x.shape[0] * self._pw_k
+        if taken is None or any(taken.buffers[l].total_written != expected for l in sampled):
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            with self._position_probe(model, x.shape[0]) as taken:
+                for i in range(0, x.shape[0], self.batch_size):
+                    self.forward(model, x[i : i + self.batch_size].to(device))
+        rows.update({l: taken[l].cpu().float() for l in sampled})
         return rows
 
     def _pwcca_of(self, layer: str, cur: torch.Tensor, other: torch.Tensor, other_key: str) -> float:
@@ -462,7 +494,9 @@ class ConvergenceMonitor(NetprobeMonitor):
                         self._ref_side[layer] = acc.side("y")
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)
-        rows = self._pwcca_rows(pl_module, full) if self._pw_layers else {}
+        shared, self._in_shared = self._in_shared, None  # the rows the shared pass took, if it took them at this step
+        taken = shared[1] if shared is not None and shared[0] == _SharedProbePass.step_key(trainer, pl_module, x) else None
+        rows = self._pwcca_rows(pl_module, full, taken) if self._pw_layers else {}
         for layer, cur in rows.items():
             for other, key, vals, what in ((self._prev_pw, "prev", prev_vals, "to the previous measurement"),
                                            (self._ref_pw, "ref", ref_vals, "to the reference")):

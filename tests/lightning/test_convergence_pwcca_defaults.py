@@ -165,3 +165,44 @@ def test_resuming_keeps_the_positions(tmp_path):
         assert resumed.last_values[key] == pytest.approx(whole.last_values[key], abs=1e-9), name
     other, _ = fit(3, seed=1)  # another seed (probe set and positions): another value
     assert other.last_values["netprobe/pwcca_prev/relu_c"] != pytest.approx(whole.last_values["netprobe/pwcca_prev/relu_c"], abs=1e-9)
+
+
+class CountProbeForwards(pl.Callback):
+    """Counts the model's forward calls on batches of the probe batch size (training batches are 50)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_fit_start(self, trainer, pl_module):
+        def hook(mod, args):
+            if args[0].shape[0] == BATCH:
+                self.calls += 1
+        self.handle = pl_module.register_forward_pre_hook(hook)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def fit_with_reliance(epochs, *, shared=True, monkeypatch=None):
+    from netprobe.lightning import RelianceMonitor
+
+    torch.manual_seed(0)
+    x, y = data()
+    conv = ConvergenceMonitor(LAYERS, methods=("pwcca", "cka"), batch_size=BATCH)
+    if not shared:
+        monkeypatch.setattr(conv, "_extra_capture", lambda *a: None)
+    rel = RelianceMonitor(["relu_d"], batch_size=BATCH, figures=False)
+    count = CountProbeForwards()
+    trainer(pl, max_epochs=epochs, callbacks=[rel, conv, count]).fit(Net(), loader(x, y))
+    return conv, rel, count
+
+
+def test_pwcca_position_rows_come_from_the_shared_probe_pass(monkeypatch):
+    shared, rel, count = fit_with_reliance(2)
+    separate, rel2, count2 = fit_with_reliance(2, shared=False, monkeypatch=monkeypatch)
+    for name in LAYERS:
+        key = f"netprobe/pwcca_prev/{name}"
+        assert shared.last_values[key] == pytest.approx(separate.last_values[key], rel=0, abs=1e-12), name
+    assert rel.last_values["netprobe/reliance_auc"] == rel2.last_values["netprobe/reliance_auc"]
+    # the shared probe pass is N / BATCH forwards per measurement; a pass of PWCCA's own doubles it
+    assert count.calls == 2 * N // BATCH and count2.calls == 2 * 2 * N // BATCH

@@ -103,9 +103,9 @@ def _count_captures(monkeypatch):
     calls = []
     real = NetprobeMonitor._capture
 
-    def counting(self, pl_module, x, layers=None):
+    def counting(self, pl_module, x, layers=None, extras=()):
         calls.append((type(self).__name__, x.shape[0], tuple(layers or self.layers)))
-        return real(self, pl_module, x, layers)
+        return real(self, pl_module, x, layers, extras)
 
     monkeypatch.setattr(NetprobeMonitor, "_capture", counting)
     return calls
