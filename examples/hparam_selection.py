@@ -14,6 +14,16 @@ every epoch, netprobe's keys (`netprobe/reliance_auc[/<layer>]`, `netprobe/relia
 held-out labelled examples (`val100/acc`); at the end, the accuracy on 5900 test examples
 (`test/acc`).
 
+`--regime interpolate` is the other regime, the one single-direction reliance was proposed for:
+every network is trained until it fits its training data (1000 MNIST-1D examples; training
+accuracy 1.0, on the whole unaugmented training set in eval mode, at the end of 3 consecutive
+epochs; at most `--epochs`, default 150), over width 32/64, depth 2/3, learning rate, batch size,
+weight decay, dropout, batch norm and the initialization's scale (`GRID_FIT`). The runs that never
+fit are reported (names and count) and left out of the ranking. `RelianceMonitor(noise=True)`
+logs `netprobe/noise_auc` beside the ablation keys in both regimes. `--config-slice START:STOP`
+trains part of the sampled configurations (to split a sweep over processes; `--analyze-only` on
+the parent directory then ranks them together).
+
 Then the ranking, with `netprobe rank --signals` (`netprobe.select.rank_signals`) and, for the
 intervals over configurations, the runs' values read with `netprobe.select.load_runs`:
 
@@ -26,10 +36,14 @@ intervals over configurations, the runs' values read with `netprobe.select.load_
    with a cross-validated choice over half splits of the configurations (no configuration on both
    sides);
 3. conclusions, each stated only when its configuration-bootstrap interval clears the threshold by
-   `MARGIN`; otherwise "not resolved with N runs".
+   `MARGIN`; otherwise "not resolved with N runs";
+4. the same verdicts *within strata* (Kendall tau over the pairs of runs of the same width and
+   depth, what `netprobe rank` compares without `--across`), and the test accuracy lost by
+   picking each stratum's run with the best signal, beside a random pick's.
 
     .venv/bin/python examples/hparam_selection.py [--smoke | --quick] [--seed-offset 0] [--logdir runs/hparam_selection]
     .venv/bin/python examples/hparam_selection.py --analyze-only --logdir runs/hparam_selection  # rank again
+    .venv/bin/python examples/hparam_selection.py --regime interpolate --configs 40 --seeds 2 --logdir runs/interpolate
     netprobe rank runs/hparam_selection --against test/acc --signals 'netprobe/reliance_*' \
         --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max --across
 
@@ -48,7 +62,7 @@ import random
 import shutil
 import time
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -79,6 +93,19 @@ GRID_WIDE = {  # --grid wide (20 epochs): also width 4 and lr 1e-4, so that a th
     "batchnorm": [False, True],
     "augment": [False, True],
 }
+GRID_FIT = {  # --regime interpolate: every network is trained until it fits its 1000 training examples
+    "width": [32, 64],  # (width 16 or one stage: some never fit within 150 epochs)
+    "depth": [2, 3],
+    "lr": [1e-3, 3e-3],
+    "batch_size": [32, 64],
+    "weight_decay": [0.0, 1e-4],
+    "dropout": [0.0, 0.1],
+    "batchnorm": [False, True],
+    "augment": [False],
+    "init_scale": [0.5, 1.0, 2.0],
+}
+#: --regime interpolate: training examples, and the epochs at training accuracy 1.0 that end a run
+N_TRAIN_FIT, FIT_EPOCHS = 1000, 3
 LENGTH = 40  # MNIST-1D signals
 N_TRAIN, N_VAL = 2000, 100
 #: --quick: the reduced sweep the test suite runs (configurations, seeds, epochs, generated / training examples, bootstrap)
@@ -90,16 +117,20 @@ MIN_CONFIGS = 8
 #: probe-set (training) accuracy from which a run counts as fitting its training data
 FIT = 0.95
 SIGNALS = ["netprobe/reliance_auc", "netprobe/reliance_auc@deepest", "netprobe/reliance_auc/*",
-           "netprobe/reliance_area", "netprobe/reliance_area@deepest", "netprobe/reliance_area/*", "netprobe/probe_accuracy"]
+           "netprobe/reliance_area", "netprobe/reliance_area@deepest", "netprobe/reliance_area/*",
+           "netprobe/noise_auc", "netprobe/noise_auc@deepest", "netprobe/probe_accuracy"]
+#: the reliance metrics read per layer (noise_auc only where the sweep logged it)
+METRICS = ("reliance_auc", "reliance_area", "noise_auc")
 BASELINES = ["train/loss:min", "val100/acc:max"]
 
 
 class ConvNet1d(pl.LightningModule):
     """`depth` stages of Conv1d(k=5, same padding) -> [BatchNorm1d] -> ReLU (``features.relu<i>``, the
-    monitored layers) -> [Dropout] -> MaxPool1d(2), then a Linear on the flattened map; Adam."""
+    monitored layers) -> [Dropout] -> MaxPool1d(2), then a Linear on the flattened map; Adam.
+    ``init_scale`` multiplies every weight of the default initialization."""
 
     def __init__(self, *, width: int, depth: int, lr: float, weight_decay: float, dropout: float, batchnorm: bool,
-                 augment: bool, val: Tuple[torch.Tensor, torch.Tensor]) -> None:
+                 augment: bool, val: Tuple[torch.Tensor, torch.Tensor], init_scale: float = 1.0) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.augment, self.val = lr, weight_decay, augment, val
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
@@ -115,6 +146,11 @@ class ConvNet1d(pl.LightningModule):
             c = width
         self.features = nn.Sequential(layers)
         self.head = nn.Linear(width * (LENGTH >> depth), 10)
+        if init_scale != 1.0:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if name.endswith("weight") and p.ndim > 1:
+                        p.mul_(init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x[:, None] if x.ndim == 2 else x).flatten(1))
@@ -136,20 +172,41 @@ class ConvNet1d(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def make_data(smoke: bool, *, quick: bool = False, seed: int = 0) -> Dict[str, torch.Tensor]:
+class StopWhenFit(pl.Callback):
+    """Ends a run once its accuracy on the whole training set (eval mode, unaugmented) has been 1.0
+    at the end of ``epochs`` consecutive epochs; logs it as ``train/acc`` every epoch and, at the
+    end, ``fit/epochs`` (the epochs trained) and ``fit/reached`` (1.0 if the run fit, else 0.0)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, epochs: int = FIT_EPOCHS) -> None:
+        self.x, self.y, self.epochs, self.streak = x, y, epochs, 0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        acc = accuracy(pl_module, self.x, self.y)
+        pl_module.log("train/acc", acc)
+        self.streak = self.streak + 1 if acc == 1.0 else 0
+        if self.streak >= self.epochs:
+            trainer.should_stop = True
+
+    @property
+    def reached(self) -> bool:
+        return self.streak >= self.epochs
+
+
+def make_data(smoke: bool, *, quick: bool = False, seed: int = 0, n_train: int = N_TRAIN) -> Dict[str, torch.Tensor]:
     """MNIST-1D generated locally (generator seed ``seed``): 2000 training examples, 100 labelled
     validation examples, and the rest of the generated examples (5900) as the test set (``--quick``:
-    1000, 100 and 2900; ``--smoke``: 300, 100 and 1600)."""
+    1000, 100 and 2900; ``--smoke``: 300, 100 and 1600; ``n_train`` sets the first number)."""
     d = mnist1d(seed=seed, num_samples=2000 if smoke else QUICK["num_samples"] if quick else 8000)
-    n_tr, n_val = (300, 100) if smoke else (QUICK["n_train"], N_VAL) if quick else (N_TRAIN, N_VAL)
+    n_tr, n_val = (300, 100) if smoke else (QUICK["n_train"], N_VAL) if quick else (n_train, N_VAL)
     x, y = d["x_train"], d["y_train"]
     return {"x_train": x[:n_tr], "y_train": y[:n_tr], "x_val": x[n_tr:n_tr + n_val], "y_val": y[n_tr:n_tr + n_val],
             "x_test": torch.cat([x[n_tr + n_val:], d["x_test"]]), "y_test": torch.cat([y[n_tr + n_val:], d["y_test"]])}
 
 
 def run_name(ci: int, cfg: Dict, seed: int) -> str:
+    init = f"_is{cfg['init_scale']:g}" if "init_scale" in cfg else ""
     return (f"c{ci:02d}_w{cfg['width']}_d{cfg['depth']}_lr{cfg['lr']:g}_bs{cfg['batch_size']}_wd{cfg['weight_decay']:g}"
-            f"_do{cfg['dropout']:g}_bn{int(cfg['batchnorm'])}_aug{int(cfg['augment'])}_s{seed}")
+            f"_do{cfg['dropout']:g}_bn{int(cfg['batchnorm'])}_aug{int(cfg['augment'])}{init}_s{seed}")
 
 
 def sample_configs(n: int, grid: Dict[str, list], *, seed: int = 0) -> List[Dict]:
@@ -163,11 +220,17 @@ def run_seeds(n_seeds: int, offset: int = 0) -> List[int]:
 
 
 def train_sweep(args, configs: Sequence[Dict], seeds: Sequence[int], epochs: int) -> None:
-    data = make_data(args.smoke, quick=args.quick, seed=args.seed_offset)
+    """Train and log every run (``--regime interpolate``: each until it fits, at most ``epochs``)."""
+    fit_regime = args.regime == "interpolate"
+    data = make_data(args.smoke, quick=args.quick, seed=args.seed_offset, n_train=N_TRAIN_FIT if fit_regime else N_TRAIN)
     print(f"MNIST-1D: {len(data['y_train'])} training, {len(data['y_val'])} validation, {len(data['y_test'])} test examples")
     shutil.rmtree(args.logdir, ignore_errors=True)
     t0 = time.perf_counter()
+    unfit = []
+    lo, hi = args.config_slice
     for ci, cfg in enumerate(configs):
+        if not lo <= ci < hi:
+            continue
         for seed in seeds:
             t1 = time.perf_counter()
             name = run_name(ci, cfg, seed)
@@ -176,23 +239,35 @@ def train_sweep(args, configs: Sequence[Dict], seeds: Sequence[int], epochs: int
             logger = pl.loggers.TensorBoardLogger(args.logdir, name=name, version="", default_hp_metric=False)
             logger.log_hyperparams(dict(cfg, seed=seed, config=ci))
             layers = [f"features.relu{i}" for i in range(1, cfg["depth"] + 1)]
-            mon = RelianceMonitor(layers, **({"num_samples": 64} if args.smoke else
-                                             {"num_samples": QUICK["num_samples_probe"]} if args.quick else {}))
-            trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon], logger=logger, **trainer_kwargs())
+            mon = RelianceMonitor(layers, noise=True, **({"num_samples": 64} if args.smoke else
+                                                         {"num_samples": QUICK["num_samples_probe"]} if args.quick else {}))
+            stop = StopWhenFit(data["x_train"], data["y_train"])
+            trainer = pl.Trainer(max_epochs=epochs, callbacks=[mon] + ([stop] if fit_regime else []), logger=logger,
+                                 **trainer_kwargs())
             dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x_train"], data["y_train"]),
                                              batch_size=cfg["batch_size"], shuffle=True,
                                              generator=torch.Generator().manual_seed(seed))
             trainer.fit(model, dl)
             acc = accuracy(model, data["x_test"], data["y_test"])
-            logger.log_metrics({"test/acc": acc}, step=trainer.global_step)
+            final = {"test/acc": acc}
+            if fit_regime:
+                final.update({"fit/epochs": float(trainer.current_epoch), "fit/reached": float(stop.reached)})
+                if not stop.reached:
+                    unfit.append(name)
+            logger.log_metrics(final, step=trainer.global_step)
             logger.save()
             logger.experiment.flush()
             cm = trainer.callback_metrics
-            print(f"{name:<52} train loss {float(cm['train/loss']):.3f}  probe acc {float(cm['netprobe/probe_accuracy']):.3f}  "
+            fit = f"  {'fit' if stop.reached else 'NOT FIT'} after {trainer.current_epoch} epochs" if fit_regime else ""
+            print(f"{name:<58} train loss {float(cm['train/loss']):.3f}  probe acc {float(cm['netprobe/probe_accuracy']):.3f}  "
                   f"reliance_auc {float(cm['netprobe/reliance_auc']):.3f}  val100 {float(cm['val100/acc']):.2f}  "
-                  f"test {acc:.3f}  ({time.perf_counter() - t1:.1f}s)", flush=True)
-    print(f"sweep of {len(configs)} configurations x {len(seeds)} seeds = {len(configs) * len(seeds)} runs, "
-          f"{epochs} epochs each: {time.perf_counter() - t0:.0f}s")
+                  f"test {acc:.3f}{fit}  ({time.perf_counter() - t1:.1f}s)", flush=True)
+    n_cfg = len(range(len(configs))[lo:hi])
+    print(f"sweep of {n_cfg} configurations x {len(seeds)} seeds = {n_cfg * len(seeds)} runs, "
+          f"{epochs} epochs {'at most ' if fit_regime else ''}each: {time.perf_counter() - t0:.0f}s")
+    if fit_regime:
+        print(f"{len(unfit)} of {n_cfg * len(seeds)} runs did not reach training accuracy 1.0 for {FIT_EPOCHS} "
+              f"epochs within {epochs} epochs (left out of the ranking)" + (": " + ", ".join(unfit) if unfit else ""))
 
 
 def main() -> None:
@@ -209,19 +284,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help=f"default 3 (--quick {QUICK['seeds']})")
     ap.add_argument("--grid", choices=("default", "wide"), default="default",
                     help="wide: also width 4 and lr 1e-4 (many runs near chance), 20 epochs unless --epochs")
+    ap.add_argument("--regime", choices=("mixed", "interpolate"), default="mixed",
+                    help=f"interpolate: {N_TRAIN_FIT} training examples, every run trained until its training accuracy "
+                         f"is 1.0 for {FIT_EPOCHS} epochs (at most --epochs, default 150; runs that never fit are "
+                         f"reported and left out), over init scale too; mixed (default): a fixed number of epochs")
     ap.add_argument("--epochs", type=int, default=None,
                     help=f"epochs per run (default 25; 20 with --grid wide; {QUICK['epochs']} with --quick)")
+    ap.add_argument("--config-slice", default=None, metavar="START:STOP",
+                    help="train only the sampled configurations START..STOP-1 (to split a sweep over processes, each "
+                         "with its own --logdir under one directory; then --analyze-only on that directory)")
     ap.add_argument("--analyze-only", action="store_true", help="rank the runs already under --logdir")
     ap.add_argument("--boot", type=int, default=None, help=f"bootstrap replicates (default 2000; --quick {QUICK['boot']})")
     args = ap.parse_args()
+    try:
+        lo, hi = (int(v) for v in args.config_slice.split(":")) if args.config_slice else (0, 10**9)
+    except ValueError:
+        ap.error(f"--config-slice takes START:STOP (two integers), got {args.config_slice!r}")
+    args.config_slice = (lo, hi)
     q = args.quick
     args.configs = args.configs or (QUICK["configs"] if q else 24)
     args.seeds = args.seeds or (QUICK["seeds"] if q else 3)
     args.boot = args.boot or (QUICK["boot"] if q else 2000)
     print(f"hparam_selection.py: {one_thread()}")
     quiet_lightning()
-    grid = GRID_WIDE if args.grid == "wide" else GRID
-    epochs = args.epochs or (20 if args.grid == "wide" else QUICK["epochs"] if q else 25)
+    if args.regime == "interpolate" and (args.grid != "default" or q):
+        ap.error("--regime interpolate has its own grid and sizes: drop --grid and --quick")
+    grid = GRID_FIT if args.regime == "interpolate" else GRID_WIDE if args.grid == "wide" else GRID
+    epochs = args.epochs or (150 if args.regime == "interpolate" else 20 if args.grid == "wide" else QUICK["epochs"] if q else 25)
     n_configs, n_seeds, epochs = (3, 1, 2) if args.smoke else (args.configs, args.seeds, epochs)
     t0 = time.perf_counter()
     if not args.analyze_only:
@@ -230,12 +319,17 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f}s (seed offset {args.seed_offset})")
 
 
-def read_runs(logdir: str) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, str]], Dict[str, str]]:
+def read_runs(logdir: str, *, drop_unfit: bool = True
+              ) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, str]], Dict[str, str], np.ndarray]:
     """Each readable run's last values: ``(names, config ids, test accuracies, {signal: (values, direction)},
-    {signal: layer})``; a signal a run did not log (a layer its depth lacks) is NaN. Read with
-    ``netprobe.select.load_runs`` (the same reader as ``netprobe rank``); the deepest layer from
+    {signal: layer}, stratum ids)``; a signal a run did not log (a layer its depth lacks) is NaN; the
+    stratum of a run is its (width, depth), the facts ``netprobe rank`` groups by. Runs that logged
+    ``fit/reached`` 0 (``--regime interpolate``: never fit) are left out with ``drop_unfit``. Read
+    with ``netprobe.select.load_runs`` (the same reader as ``netprobe rank``); the deepest layer from
     ``netprobe.select.layer_order``."""
     runs = sorted((r for r in load_runs(logdir) if r.error is None and "test/acc" in r.scalars), key=lambda r: r.name)
+    if drop_unfit:
+        runs = [r for r in runs if not r.scalars.get("fit/reached") or r.scalars["fit/reached"][-1][1] == 1.0]
 
     def last(r, tag: str) -> float:
         s = r.scalars.get(tag)
@@ -247,7 +341,9 @@ def read_runs(logdir: str) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str,
     depth = max((len(layer_order(r, "reliance_auc")[0]) for r in runs), default=1)
     sig: Dict[str, Tuple[np.ndarray, str]] = {}
     layer_of: Dict[str, str] = {}
-    for metric in ("reliance_auc", "reliance_area"):
+    for metric in METRICS:
+        if not any(f"netprobe/{metric}" in r.scalars for r in runs):
+            continue
         sig[f"netprobe/{metric}"] = (np.array([last(r, f"netprobe/{metric}") for r in runs]), "max")
         sig[f"netprobe/{metric}@deepest"] = (np.array([last(r, f"netprobe/{metric}/{layer_order(r, metric)[0][-1]}")
                                                        if layer_order(r, metric)[0] else math.nan for r in runs]), "max")
@@ -258,7 +354,10 @@ def read_runs(logdir: str) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str,
     sig["netprobe/probe_accuracy"] = (np.array([last(r, "netprobe/probe_accuracy") for r in runs]), "max")
     sig["train/loss"] = (np.array([last(r, "train/loss") for r in runs]), "min")
     sig["val100/acc"] = (np.array([last(r, "val100/acc") for r in runs]), "max")
-    return names, configs, ref, sig, layer_of
+    strata = {(r.hparams.get("width"), r.hparams.get("depth")) for r in runs}
+    index = {k: i for i, k in enumerate(sorted(strata, key=str))}
+    stratum = np.array([index[(r.hparams.get("width"), r.hparams.get("depth"))] for r in runs])
+    return names, configs, ref, sig, layer_of, stratum
 
 
 def oriented(values: np.ndarray, direction: str) -> np.ndarray:
@@ -272,6 +371,30 @@ def tau_on(x: np.ndarray, y: np.ndarray) -> float:
     return float(kendall_tau(x[keep], y[keep]))
 
 
+def tau_within(x: np.ndarray, y: np.ndarray, strata: np.ndarray) -> float:
+    """Kendall's tau-b over the pairs of runs in the same stratum (NaN values left out)."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, st = x[keep], y[keep], strata[keep]
+    return tau_b_pairs(x, y, np.triu(st[:, None] == st[None, :], 1)) if len(x) >= 3 else math.nan
+
+
+def stratum_regret(x: np.ndarray, ref: np.ndarray, strata: np.ndarray) -> float:
+    """The mean over strata (of 2+ runs with the signal) of the best reference in the stratum minus
+    the reference of the run the signal ranks first there (ties: their mean reference)."""
+    out = []
+    for st in np.unique(strata):
+        m = (strata == st) & np.isfinite(x)
+        if m.sum() >= 2:
+            out.append(ref[m].max() - ref[m][x[m] == x[m].max()].mean())
+    return float(np.mean(out)) if out else math.nan
+
+
+def random_regret(ref: np.ndarray, strata: np.ndarray) -> float:
+    """:func:`stratum_regret` of a uniformly random pick: the best minus the mean reference, averaged."""
+    out = [ref[strata == st].max() - ref[strata == st].mean() for st in np.unique(strata) if (strata == st).sum() >= 2]
+    return float(np.mean(out)) if out else math.nan
+
+
 def tau_b_pairs(x: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> float:
     """Kendall's tau-b over the pairs ``(i, j)`` with ``pairs[i, j]`` (an upper-triangular mask):
     ``sum sign(dx) sign(dy) / sqrt(#pairs untied in x * #pairs untied in y)``; over all ``i < j``
@@ -282,14 +405,15 @@ def tau_b_pairs(x: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> float:
 
 
 def cluster_bootstrap(sig: Dict[str, np.ndarray], ref: np.ndarray, clusters: np.ndarray, *, n_boot: int,
-                      seed: int = 0) -> Dict[str, np.ndarray]:
+                      seed: int = 0, strata: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Kendall's tau-b of each (oriented) signal with ``ref`` over the runs, recomputed on ``n_boot``
     resamples of the *clusters* (configurations) with replacement, each taking all its runs:
     ``{signal: (n_boot,) taus}`` (replicate ``b`` is the same resample for every signal, so
     differences between signals are paired). A pair of runs from two draws of the same configuration
     is left out: it is neither a pair within one configuration (the resample has one per draw, as the
     data has one per configuration) nor a pair across configurations, and counting it would
-    over-weight the within-configuration pairs (seed noise) by the multiplicity of the draw."""
+    over-weight the within-configuration pairs (seed noise) by the multiplicity of the draw. With
+    ``strata`` (one id per run), only pairs of runs in the same stratum count: tau *within* strata."""
     ids = np.unique(clusters)
     members = [np.flatnonzero(clusters == c) for c in ids]
     rng = np.random.default_rng(seed)
@@ -299,6 +423,8 @@ def cluster_bootstrap(sig: Dict[str, np.ndarray], ref: np.ndarray, clusters: np.
         idx = np.concatenate([members[j] for j in draws])
         draw_of = np.repeat(np.arange(len(draws)), [len(members[j]) for j in draws])
         same = (clusters[idx][:, None] == clusters[idx][None, :]) & (draw_of[:, None] != draw_of[None, :])
+        if strata is not None:
+            same |= strata[idx][:, None] != strata[idx][None, :]
         for s, v in sig.items():
             x, y = v[idx], ref[idx]
             ok = np.isfinite(x) & np.isfinite(y)
@@ -359,7 +485,7 @@ def verdict_diff(a: str, b: str, ci: Tuple[float, float], n: int) -> str:
 def analyze(args) -> None:
     from netprobe.cli import main as netprobe_main
 
-    names, configs, ref, sig, layer_of = read_runs(args.logdir)
+    names, configs, ref, sig, layer_of, strata = read_runs(args.logdir, drop_unfit=not args.smoke)
     n, n_cfg = len(names), len(np.unique(configs))
     n_boot = 200 if args.smoke else args.boot
     if n < 2:
@@ -376,6 +502,7 @@ def analyze(args) -> None:
     argv = [args.logdir, "--against", "test/acc"] + [a for s in SIGNALS for a in ("--signals", s)] \
         + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"] \
         + ["--across"] \
+        + (["--where", "fit/reached>=1"] if args.regime == "interpolate" and not args.smoke else []) \
         + (["--seed", str(args.seed_offset)] if getattr(args, "seed_offset", 0) else [])
     if n >= 6:
         argv += ["--subset-size", str(m), "--top-k", ",".join(str(k) for k in (1, 5) if k < m)]
@@ -390,15 +517,22 @@ def analyze(args) -> None:
     boot = cluster_bootstrap(osig, ref, configs, n_boot=n_boot, seed=so)
     cfg_ids, cfg_ref, cfg_sig = config_means(osig, ref, configs)
     cfg_boot = cluster_bootstrap(cfg_sig, cfg_ref, cfg_ids, n_boot=n_boot, seed=so + 1)
+    in_boot = cluster_bootstrap(osig, ref, configs, n_boot=n_boot, seed=so + 4, strata=strata)
+    n_strata = len(np.unique(strata))
     print(f"\n== 2. Kendall tau with test accuracy, 95% intervals from {n_boot} bootstrap resamples of the "
           f"{n_cfg} CONFIGURATIONS (all seeds of a resampled configuration together) ==")
     print("runs: each run ranked by its own last values; configs: each configuration by its signals averaged "
           "over seeds, against its mean test accuracy; pick: the configuration the seed-averaged signal picks, "
-          "its test-accuracy rank and its mean test accuracy below the best configuration's")
+          "its test-accuracy rank and its mean test accuracy below the best configuration's; within strata: "
+          f"tau over the pairs of runs of the same width and depth ({n_strata} strata, what `netprobe rank` "
+          "compares without --across), and the mean over strata of the test accuracy lost by picking each "
+          "stratum's run with the best signal (a random pick's loss beside it)")
     best_cfg = cfg_ref.max()
-    head = f"{'signal':<40} {'dir':>3} {'runs':>4}  {'Kendall tau':>11} {'95% CI':<16} {'configs':>7} {'tau':>6} {'95% CI':<16} {'pick rank':>9} {'regret':>6}"
+    head = (f"{'signal':<40} {'dir':>3} {'runs':>4}  {'Kendall tau':>11} {'95% CI':<16} {'configs':>7} {'tau':>6} "
+            f"{'95% CI':<16} {'pick rank':>9} {'regret':>6}  {'within':>6} {'95% CI':<16} {'regret':>6}")
     print(head)
     taus: Dict[str, float] = {}
+    within: Dict[str, float] = {}
     for s, v in osig.items():
         have = np.isfinite(v)
         t = tau_on(v, ref)
@@ -413,8 +547,11 @@ def analyze(args) -> None:
         else:
             pick = f"{'-':>9} {'-':>6}"
         f = lambda x, w: f"{x:>+{w}.3f}" if math.isfinite(x) else f"{'-':>{w}}"  # noqa: E731
+        within[s] = tau_within(osig[s], ref, strata)
         print(f"{s:<40} {sig[s][1]:>3} {have.sum():>4}  {f(t, 11)} {fmt_ci(interval(boot[s])):<16} {hc.sum():>7} "
-              f"{f(ct, 6)} {fmt_ci(interval(cfg_boot[s])):<16} {pick}")
+              f"{f(ct, 6)} {fmt_ci(interval(cfg_boot[s])):<16} {pick}  {f(within[s], 6)} "
+              f"{fmt_ci(interval(in_boot[s])):<16} {f(stratum_regret(osig[s], ref, strata), 6)}")
+    print(f"(a random pick within each stratum loses {random_regret(ref, strata):.3f} of test accuracy on average)")
     other = np.array([ref[(configs == c) & (np.arange(n) != i)].mean() if ((configs == c).sum() > 1) else math.nan
                       for i, c in enumerate(configs)])
     if np.isfinite(other).sum() >= 3:
@@ -442,6 +579,29 @@ def analyze(args) -> None:
             print(f"  baseline {s} on the same held-out halves: tau mean {b['mean']:+.3f}, 95% of splits in "
                   f"{fmt_ci(tuple(b['interval']))}")
     conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_boot)
+    within_conclusions(osig, in_boot, within, len(names), n_strata, n_cfg)
+
+
+def within_conclusions(osig, in_boot, within, n: int, n_strata: int, n_cfg: int) -> None:
+    """The verdicts within strata (pairs of runs of the same width and depth): each key's agreement
+    with test accuracy, and the differences that choose the recommended key."""
+    print(f"\n== 4. within strata (Kendall tau over the pairs of runs of the same width and depth, {n_strata} strata; "
+          f"configuration-bootstrap intervals, verdicts at margin {MARGIN}) ==")
+    if n_cfg < MIN_CONFIGS:
+        print(f"  none stated: {n_cfg} configurations, fewer than {MIN_CONFIGS} (not resolved with {n} runs)")
+        return
+    keys = [k for k in ("netprobe/reliance_auc", "netprobe/reliance_auc@deepest", "netprobe/reliance_area",
+                        "netprobe/reliance_area@deepest", "netprobe/noise_auc", "netprobe/noise_auc@deepest",
+                        "netprobe/probe_accuracy", "train/loss", "val100/acc") if k in osig]
+    for k in keys:
+        print("  - " + verdict_sign(f"{k} (within strata, tau {within[k]:+.3f})", interval(in_boot[k]), n))
+    pairs = [("netprobe/reliance_auc@deepest", "netprobe/reliance_auc"), ("netprobe/noise_auc", "netprobe/reliance_auc"),
+             ("netprobe/noise_auc@deepest", "netprobe/reliance_auc@deepest"), ("netprobe/reliance_area", "netprobe/reliance_auc"),
+             ("train/loss", "netprobe/reliance_auc@deepest"), ("train/loss", "netprobe/noise_auc"),
+             ("val100/acc", "netprobe/reliance_auc@deepest"), ("val100/acc", "netprobe/noise_auc")]
+    for a, b in pairs:
+        if a in osig and b in osig:
+            print("  - within strata: " + verdict_diff(a, b, interval(in_boot[a] - in_boot[b]), n))
 
 
 def conclusions(args, names, configs, ref, sig, osig, boot, taus, layer_of, n_boot) -> None:

@@ -9,6 +9,10 @@ import math
 import sys
 from typing import List, Optional
 
+#: ``netprobe rank``'s signal without ``--metric``: the normalized ablation AUC at each run's
+#: deepest monitored layer (``netprobe/reliance_auc@deepest``), chosen from the sweeps of
+#: ``examples/hparam_selection.py`` in both regimes (docs/ranking.md)
+DEFAULT_METRIC, DEFAULT_LAYER = "netprobe/reliance_auc", "deepest"
 
 
 def _version() -> str:
@@ -94,11 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cross-validated choice of signal.")
     r.add_argument("logdir")
     r.add_argument("--metric", default=None,
-                   help="signal key (default: netprobe/reliance_auc); netprobe/<metric>@deepest takes each run's deepest layer")
+                   help="signal key (default: netprobe/reliance_auc at each run's deepest layer, i.e. "
+                        "netprobe/reliance_auc@deepest); netprobe/<metric>@deepest takes each run's deepest layer")
     r.add_argument("--mode", choices=("max", "min"), default=None,
                    help="is a higher signal better (max) or lower (default: the key's known direction, else max)")
     r.add_argument("--layer", default=None, metavar="deepest|NAME",
-                   help="read --metric at this layer of each run: 'deepest' (the deepest monitored layer) or a layer name")
+                   help="read --metric at this layer of each run: 'deepest' (the deepest monitored layer; the default "
+                        "without --metric) or a layer name")
     r.add_argument("--at", type=_at, default="last", help="last | best | EPOCH (0-based)")
     r.add_argument("--against", default=None, metavar="KEY[:min|max]",
                    help="reference key, read at its last value (e.g. test/acc); its direction: the suffix, else "
@@ -401,14 +407,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         table = bool(args.signals or args.baseline)
-        metric = args.metric if args.metric is not None else "netprobe/reliance_auc"
+        metric = args.metric if args.metric is not None else DEFAULT_METRIC
+        # the default signal is each run's deepest monitored layer (docs/ranking.md: chosen from sweeps in both regimes)
+        layer = args.layer if args.layer or args.metric is not None else DEFAULT_LAYER
         if table:
             if not args.against:
                 raise SelectionError("Expected --against KEY (the reference, e.g. test/acc) with --signals or --baseline: "
                                      "the table judges each signal by how well it ranks the runs by the reference.")
             signals = list(args.signals)
             if args.metric is not None or not signals:  # --metric joins the table; alone with --baseline, the default metric
-                signals.append(metric + (f"@{args.layer}" if args.layer else "") + (f":{args.mode}" if args.mode else ""))
+                signals.append(metric + (f"@{layer}" if layer else "") + (f":{args.mode}" if args.mode else ""))
             elif args.layer or args.mode:
                 raise SelectionError("Expected --layer and --mode with --metric; in --signals write KEY@deepest, KEY@LAYER, KEY:min, KEY:max.")
             _cli_direction(args.against, args.against_mode)
@@ -428,7 +436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 _cli_direction(args.against, args.against_mode)
             res = rank_runs(args.logdir, metric, mode=mode, at=args.at, against=args.against,
                             against_mode=args.against_mode, top_k=args.top_k, subset_size=args.subset_size,
-                            n_draws=args.draws, seed=args.seed, where=args.where, layer=args.layer, n_boot=args.boot,
+                            n_draws=args.draws, seed=args.seed, where=args.where, layer=layer, n_boot=args.boot,
                             level=args.level, underfit_below=args.underfit_below, group=args.group, group_by=args.group_by,
                             within=args.within, across=args.across)
     except SelectionError as err:

@@ -128,7 +128,7 @@ def test_garbage_event_files_say_no_readable_event_data(tmp_path, capsys):
     assert "Closest keys" not in str(err.value) and "r1" in str(err.value)
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "events.out.tfevents.124.host").write_bytes(b"")
-    assert main(["rank", str(tmp_path)]) == 2
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc"]) == 2
     assert "No readable event data" in capsys.readouterr().err
 
 
@@ -151,7 +151,7 @@ def test_top_k_at_or_above_the_number_of_runs_is_refused(sweep, capsys):
 
     with pytest.raises(SelectionError, match=r"below the subset size 3 \(3 runs ranked\).*k=3"):
         rank_runs(sweep, "netprobe/reliance_auc", against="test/acc", top_k=[1, 3])
-    assert main(["rank", str(sweep), "--against", "test/acc", "--top-k", "1,5"]) == 2
+    assert main(["rank", str(sweep), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--top-k", "1,5"]) == 2
     assert "k=5" in capsys.readouterr().err
     res = rank_runs(sweep, "netprobe/reliance_auc", against="test/acc")  # default: the k of 1,5,10 below 3
     assert list(res["top_k"]) == ["1"]
@@ -161,7 +161,7 @@ def test_plurals(tmp_path, capsys):
     from netprobe.cli import main
 
     _write_run(tmp_path / "only", [0.5], 0.9)
-    assert main(["rank", str(tmp_path), "--against", "test/acc"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc"]) == 0
     out = capsys.readouterr().out
     assert "1 run ranked" in out and "1 runs" not in out
 
@@ -236,7 +236,7 @@ def test_python_m_netprobe_from_the_directory_above_a_clone(tmp_path, sweep):
     (tmp_path / "above" / "netprobe").symlink_to(ROOT, target_is_directory=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
-    for args in (["--version"], ["rank", str(sweep), "--json"]):
+    for args in (["--version"], ["rank", str(sweep), "--metric", "netprobe/reliance_auc", "--json"]):
         p = subprocess.run([sys.executable, "-m", "netprobe", *args], cwd=tmp_path / "above", env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr

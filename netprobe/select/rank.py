@@ -94,6 +94,8 @@ def _require_key(key: str, runs: Sequence[Run], all_tags: Sequence[str]) -> None
                 raise SelectionError(
                     f"No run logged a per-layer key {base}/<layer> for {key!r}. Closest keys: "
                     f"{close_names(base, all_tags)}. ({len(all_tags)} keys exist.)"
+                    + (f" For the mean over layers, name {base!r} without '@deepest' (`netprobe rank --metric {base}`)."
+                       if base in all_tags else "")
                 )
             return
         key = f"{base}/{layer}"

@@ -35,3 +35,16 @@ def test_example_smoke(script, tmp_path):
     if script != "quickstart_pytorch.py":  # the shortest plain-PyTorch use writes no logs, on purpose
         events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
         assert events, f"{script} wrote no TensorBoard logs under --logdir"
+
+
+@pytest.mark.slow
+def test_hparam_selection_interpolate_regime_smoke(tmp_path):
+    # the regime where every run trains until it fits: runs that never fit are counted and named
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hparam_selection.py"), "--smoke", "--regime", "interpolate", "--logdir",
+         str(tmp_path / "runs")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "3 of 3 runs did not reach training accuracy 1.0 for 3 epochs within 2 epochs" in out.stdout, out.stdout[-3000:]
+    assert "netprobe/noise_auc@deepest" in out.stdout and "within strata" in out.stdout

@@ -475,7 +475,7 @@ def test_cli_single_signal_summary_refusals_and_plurals(sweep, tmp_path, capsys)
     assert "10 runs ranked by netprobe/reliance_auc/fc10 (max, at last)" in out
     assert "(random 0.10)" in out and "(random 0.30)" in out and "kendall_tau" in out and "] " in out
     assert "UNDERFIT" in out and "95% bootstrap percentile intervals (50 resamples" in out
-    assert main(["rank", str(root), "--against", "test/acc", "--top-k", "10"]) == 2
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--top-k", "10"]) == 2
     err = capsys.readouterr().err
     assert "10 runs ranked" in err and "k=10" in err and "Traceback" not in err
     assert main(["rank", str(root), "--signals", "all"]) == 2
@@ -492,10 +492,10 @@ def test_cli_single_signal_summary_refusals_and_plurals(sweep, tmp_path, capsys)
             w.add_scalar("netprobe/reliance_auc", acc, 1)
             w.add_scalar("train/loss", 1 - acc, 1)
             w.add_scalar("test/acc", acc, 1)
-    assert main(["rank", str(tmp_path), "--against", "test/acc", "--where", "test/acc>0.85"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--where", "test/acc>0.85"]) == 0
     out = capsys.readouterr().out
     assert "1 run ranked by" in out and "1 runs" not in out and "of 1\n" in out
-    assert main(["rank", str(tmp_path), "--against", "test/acc", "--baseline", "train/loss:min", "--boot", "10"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--baseline", "train/loss:min", "--boot", "10"]) == 0
     out = capsys.readouterr().out
     assert "2 runs judged against test/acc" in out and ": 1 signal, 1 baseline" in out
     assert "cross-validated choice: not run (needs at least 6 runs (halves of 3 or more), got 2 runs)" in out
@@ -513,7 +513,7 @@ def test_cli_output_into_a_closed_pipe_has_no_traceback(tmp_path):
         with SummaryWriter(str(tmp_path / f"run{i:02d}")) as w:
             w.add_scalar("netprobe/reliance_auc", 0.5 + i / 100, 0)
             w.add_scalar("test/acc", 0.5 + (i % 7) / 10, 0)
-    cmd = f"{sys.executable} -m netprobe rank {tmp_path} --against test/acc --boot 0 | head -1"
+    cmd = f"{sys.executable} -m netprobe rank {tmp_path} --metric netprobe/reliance_auc --against test/acc --boot 0 | head -1"
     out = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
     assert out.stdout.strip()
@@ -818,13 +818,13 @@ def test_cli_groups_and_compare_end_to_end(seed_sweep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resamples of the runs with replacement" in out and "pass --group or --group-by" in out
     # single-signal table with groups
-    assert main(["rank", str(root), "--against", "test/acc", "--boot", "30", "--group-by", "lr,config"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--boot", "30", "--group-by", "lr,config"]) == 0
     assert "groups: 8 groups by hyperparameters lr, config (3 runs each)" in capsys.readouterr().out
     # refusals: exit 2 with the fix
     assert main(args + ["--group", "^(cfg)"]) == 2
     err = capsys.readouterr().err
     assert "matches no run name" in err and "capture group" in err
-    assert main(["rank", str(root), "--against", "test/acc", "--compare", "a,b"]) == 2
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--compare", "a,b"]) == 2
     assert "--compare A,B with the table" in capsys.readouterr().err
     assert main(args + ["--group-by", "depth"]) == 2
     assert "No run has the hyperparameter 'depth'" in capsys.readouterr().err
@@ -884,10 +884,36 @@ def test_a_six_run_sweep_never_prints_an_interval_that_excludes_its_rate(tmp_pat
         with SummaryWriter(str(tmp_path / f"run{i}")) as w:
             w.add_scalar("netprobe/reliance_auc", 0.1 * i, 1)  # the worst run has the best signal
             w.add_scalar("test/acc", acc, 1)
-    assert main(["rank", str(tmp_path), "--against", "test/acc", "--top-k", "5", "--json"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--top-k", "5", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["top_k"]["5"] == 0.0 and doc["top_k_ci"]["5"] is None
-    assert main(["rank", str(tmp_path), "--against", "test/acc", "--top-k", "2", "--subset-size", "4", "--json"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--top-k", "2", "--subset-size", "4", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     lo, hi = doc["top_k_ci"]["2"]
     assert lo <= doc["top_k"]["2"] <= hi
+
+
+def test_the_default_signal_is_the_deepest_layers_reliance_auc(tmp_path, capsys):
+    # netprobe rank without --metric reads netprobe/reliance_auc at each run's deepest layer (by
+    # netprobe/layer_index), not the mean over layers; logs with the mean only are refused, naming --metric
+    from torch.utils.tensorboard import SummaryWriter
+
+    from netprobe.cli import main
+
+    for i in range(6):
+        with SummaryWriter(str(tmp_path / f"r{i}")) as w:
+            w.add_scalar("netprobe/layer_index/a", 1.0, 0)
+            w.add_scalar("netprobe/layer_index/b", 2.0, 0)
+            w.add_scalar("netprobe/reliance_auc/a", 0.9 - 0.1 * i, 1)  # the first layer: the reverse order
+            w.add_scalar("netprobe/reliance_auc/b", 0.2 + 0.1 * i, 1)  # the deepest: the order of test/acc
+            w.add_scalar("netprobe/reliance_auc", 0.55, 1)
+            w.add_scalar("test/acc", 0.5 + 0.05 * i, 1)
+    assert main(["rank", str(tmp_path), "--against", "test/acc", "--json", "--boot", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["metric"] == "netprobe/reliance_auc@deepest" and res["pick"] == "r5", res
+    assert res["kendall_tau"] == pytest.approx(1.0)
+    mean_only = tmp_path.parent / "mean_only"
+    with SummaryWriter(str(mean_only / "r0")) as w:
+        w.add_scalar("netprobe/reliance_auc", 0.5, 1)
+    assert main(["rank", str(mean_only)]) == 2
+    assert "`netprobe rank --metric netprobe/reliance_auc`" in capsys.readouterr().err

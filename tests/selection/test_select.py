@@ -146,7 +146,7 @@ def test_cli_table_json_and_errors(sweep, capsys):
     assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--top-k", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "lr0.01" in out and "spearman_rho" in out and "skipped  nokey" in out and "top-2" in out
-    assert main(["rank", str(root), "--json", "--at", "best", "--against", "hparam/test_acc"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--json", "--at", "best", "--against", "hparam/test_acc"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["metric"] == "netprobe/reliance_auc" and doc["runs"][0]["run"] == "lr0.01"
     assert {"runs", "skipped", "spearman_rho", "kendall_tau", "top_k"} <= set(doc)
@@ -154,19 +154,19 @@ def test_cli_table_json_and_errors(sweep, capsys):
     err = capsys.readouterr().err
     assert "No run logged" in err and "netprobe/reliance_auc" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
-        main(["rank", str(root), "--at", "-3"])
+        main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--at", "-3"])
 
 
 def test_cli_orients_a_known_reference_refuses_an_unknown_one_naming_flags_and_reports_moot_options(sweep, capsys):
     root, curves = sweep
-    assert main(["rank", str(root), "--against", "epoch", "--json"]) == 2
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "epoch", "--json"]) == 2
     err = capsys.readouterr().err
     assert "--against epoch:max" in err and "--against-mode" in err and "against_mode" not in err
     # a suffix orients any key
-    assert main(["rank", str(root), "--against", "epoch:min", "--json"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "epoch:min", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kendall_tau"] is not None
     # --where leaves one run: --subset-size and --top-k have nothing to act on, and the output says so
-    assert main(["rank", str(root), "--against", "test/acc", "--where", "test/acc>=0.94", "--subset-size", "3",
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--where", "test/acc>=0.94", "--subset-size", "3",
                  "--top-k", "1"]) == 0
     out = capsys.readouterr().out
     assert "ignored  --top-k: 1 run left to rank" in out and "ignored  --subset-size" in out
@@ -174,14 +174,14 @@ def test_cli_orients_a_known_reference_refuses_an_unknown_one_naming_flags_and_r
 
 def test_python_dash_m_is_the_command(sweep):
     root, _ = sweep
-    out = subprocess.run([sys.executable, "-m", "netprobe", "rank", str(root), "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "netprobe", "rank", str(root), "--metric", "netprobe/reliance_auc", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["pick"] == "lr0.01"
     v = subprocess.run([sys.executable, "-m", "netprobe", "--version"], capture_output=True, text=True, timeout=60)
     assert v.stdout.startswith("netprobe ")
     script = Path(sys.executable).with_name("netprobe")  # the console script the package installs
     if script.exists():
-        c = subprocess.run([str(script), "rank", str(root), "--json"], capture_output=True, text=True, timeout=120)
+        c = subprocess.run([str(script), "rank", str(root), "--metric", "netprobe/reliance_auc", "--json"], capture_output=True, text=True, timeout=120)
         assert c.returncode == 0 and json.loads(c.stdout) == json.loads(out.stdout)
 
 
@@ -200,7 +200,7 @@ def test_where_conditions_filter_and_explain(sweep, capsys):
         rank_runs(root, "netprobe/reliance_auc", where=["test/acc => 0.9"])
     with pytest.raises(SelectionError, match="No run logged 'test/accc'.*test/acc"):
         rank_runs(root, "netprobe/reliance_auc", where=["test/accc>=0.9"])
-    assert main(["rank", str(root), "--where", "test/acc>=0.85", "--where", "test/acc<0.94", "--json"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--where", "test/acc>=0.85", "--where", "test/acc<0.94", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [r["run"] for r in doc["runs"]] == ["lr0.1", "wd0"] and doc["where"] == ["test/acc>=0.85", "test/acc<0.94"]
 
@@ -227,10 +227,10 @@ def test_constant_signal_gives_null_correlations_and_valid_json(tmp_path, capsys
     assert res["spearman_rho"] is None and res["kendall_tau"] is None
     assert res["pick_ties"] == ["a", "b", "c"] and res["pick_reference_rank"] == 2.0
     assert res["top_k"]["1"] == pytest.approx(1 / 3)
-    assert main(["rank", str(tmp_path), "--against", "test/acc", "--json"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert doc["spearman_rho"] is None and doc["pick_ties"] == ["a", "b", "c"]
-    assert main(["rank", str(tmp_path), "--against", "test/acc"]) == 0
+    assert main(["rank", str(tmp_path), "--metric", "netprobe/reliance_auc", "--against", "test/acc"]) == 0
     assert "undefined" in capsys.readouterr().out
 
 
