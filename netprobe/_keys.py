@@ -14,10 +14,15 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-__all__ = ["MODEL_LEVEL", "BEST_TRACKED", "DIRECTIONS", "HIGHER_SUFFIXES", "metric_direction"]
+__all__ = ["MODEL_LEVEL", "BEST_TRACKED", "DIRECTIONS", "HIGHER_SUFFIXES", "FACTS", "metric_direction"]
 
 #: metrics of the whole model, logged as ``netprobe/<metric>`` only (no per-layer key)
 MODEL_LEVEL = ("probe_accuracy",)
+
+#: the key groups ``netprobe/<fact>/...`` that are facts of the run, not signals: a monitor's time,
+#: and, once per fit, each monitored layer's position in the forward pass (``layer_index/<layer>``),
+#: its units (``layer_units/<layer>``) and its module type (``layer_type/<layer>/<Type>``, 1.0)
+FACTS = ("time", "layer_index", "layer_units", "layer_type")
 
 #: the better direction of the named netprobe metrics: ``"max"`` (higher is better) or ``"min"``
 #: (fewer dead units; less class selectivity tends to go with better generalization, Morcos et al.

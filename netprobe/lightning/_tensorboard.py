@@ -25,6 +25,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe._keys import BEST_TRACKED as _BEST
+from netprobe._keys import FACTS
 from netprobe._keys import MODEL_LEVEL as _MODEL_LEVEL
 from netprobe.lightning._shared_pass import _shared_pass
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from netprobe.lightning._shared_pass import Trainer
 
 #: netprobe keys that are facts about a measurement, not results: no HParams metric
-_FACTS = ("netprobe/time/", "netprobe/layer_index/", "netprobe/layer_units/")
+_FACTS = tuple(f"netprobe/{fact}/" for fact in FACTS)
 
 #: the private attribute of Lightning's ``TensorBoardLogger`` (both packages) that holds its
 #: ``default_hp_metric`` argument; tests/lightning/test_hparams_metrics.py fails by name if it goes
@@ -118,7 +119,7 @@ def hparams_metric_order(netprobe_keys: Sequence[str], own_keys: Sequence[str] =
     """The HParams experiment's metrics: netprobe's means and bests first (reliance leading, in
     ``BEST_TRACKED``'s order, then the other metrics by name), then the per-layer keys, then
     ``own_keys`` (the run's other scalars) in their given order; facts about a measurement
-    (``netprobe/time/``, ``netprobe/layer_index/``, ``netprobe/layer_units/``) are left out, and
+    (``netprobe/time/``, ``layer_index/``, ``layer_units/``, ``layer_type/``) are left out, and
     each key comes once.
 
     Example:

@@ -56,6 +56,7 @@ from torch import nn
 
 from netprobe import distributed as _dist
 from netprobe._keys import BEST_TRACKED as _BEST
+from netprobe._keys import FACTS as _FACTS
 from netprobe._keys import MODEL_LEVEL as _MODEL_LEVEL
 from netprobe._validation import check_int
 from netprobe.layers import (
@@ -110,6 +111,14 @@ ProbeData = Union[Tuple[torch.Tensor, torch.Tensor], Any]
 LayoutSpec = Union[str, Mapping[str, str], None]
 #: what ``select`` takes: one index or key for every layer, or ``{layer: index or key}``
 SelectSpec = Union[int, str, Mapping[str, Union[int, str]], None]
+
+
+def _module_type(pl_module: nn.Module, layer: str) -> Optional[str]:
+    """The class name of the monitored module ``layer`` (``None`` when it is not a submodule)."""
+    try:
+        return type(pl_module.get_submodule(layer)).__name__
+    except (AttributeError, TypeError):
+        return None
 
 
 class NetprobeMonitor(*_BASES):  # type: ignore[misc]
@@ -217,7 +226,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # each layer's batch axis, observed at its first measurement and carried to the later ones
         self._layout_decisions = LayoutDecisions()
         self._resumed_fingerprint: Optional[str] = None  # of the checkpoint's probe set, until compared
-        self._order_logged = False  # netprobe/layer_index/<layer> and layer_units/<layer> written in this fit
+        self._order_logged = False  # netprobe/layer_index/, layer_units/ and layer_type/ written in this fit
         self._units: Dict[str, int] = {}  # each monitored layer's units, as its activations showed them
         self._media_epoch = -1  # the last epoch whose measurement drew the media
         self._run = _RunIdentity()
@@ -323,9 +332,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         """A key has one writer: refuse, naming both monitors, when another netprobe monitor of this
         Trainer would log one of this monitor's keys (``EarlyStopping``, ``ModelCheckpoint`` and
         ``netprobe rank`` read them; two writers would alternate and ``best/*`` would not be monotone).
-        ``netprobe/layer_index/<layer>`` and ``layer_units/<layer>`` are facts of the model, the same
-        from every monitor."""
-        mine = {k for k in self.logged_keys(pl_module) if not k.startswith(("netprobe/layer_index/", "netprobe/layer_units/"))}
+        ``netprobe/layer_index/``, ``layer_units/`` and ``layer_type/`` are facts of the model, the
+        same from every monitor."""
+        facts = tuple(f"netprobe/{fact}/" for fact in _FACTS if fact != "time")
+        mine = {k for k in self.logged_keys(pl_module) if not k.startswith(facts)}
         for other in getattr(trainer, "callbacks", None) or []:
             if other is self or not isinstance(other, NetprobeMonitor):
                 continue
@@ -674,6 +684,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                     scalars[f"netprobe/layer_index/{layer}"] = float(order[layer])
                 if layer in self._units:  # what `netprobe rank` forms strata of comparable runs from
                     scalars[f"netprobe/layer_units/{layer}"] = float(self._units[layer])
+                    kind = _module_type(pl_module, layer)
+                    if kind is not None:
+                        scalars[f"netprobe/layer_type/{layer}/{kind}"] = 1.0
             self._order_logged = True
         self._publish(trainer, scalars, media)
 
@@ -712,6 +725,8 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 keys.extend(f"netprobe/{metric}/{layer}" for layer in layers)
         keys.extend(f"netprobe/layer_index/{layer}" for layer in layers)
         keys.extend(f"netprobe/layer_units/{layer}" for layer in layers)
+        keys.extend(f"netprobe/layer_type/{layer}/{kind}" for layer in layers
+                    if (kind := _module_type(pl_module, layer)) is not None)
         return keys
 
     def _layer_values(self, metric: str, values: Mapping[str, float], out: Dict[str, float], *,

@@ -12,7 +12,7 @@ import operator
 import re
 from typing import Optional, Tuple
 
-from netprobe._keys import metric_direction
+from netprobe._keys import FACTS, metric_direction
 from netprobe.select.errors import SelectionError
 
 _GLOB_CHARS = set("*?[")
@@ -40,7 +40,7 @@ def parse_condition(text: str) -> Tuple[str, str, float]:
 
 
 #: ``netprobe/<name>/...`` scalars that are not signals of the network: the monitors' timing, the layer order
-_NOT_SIGNALS = ("time", "layer_index", "layer_units")
+_NOT_SIGNALS = FACTS
 #: ``netprobe/layer_index/<layer>``: a layer's position in the forward pass, when the monitors log it
 LAYER_INDEX_PREFIX = "netprobe/layer_index/"
 

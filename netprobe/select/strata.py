@@ -1,8 +1,9 @@
 """Strata: which runs of a sweep are comparable. A signal compared across networks of other widths
 or other monitored layers mixes the network's quality with what the signal does with width
 (single-direction reliance rises with width), so runs are ranked within strata of runs whose
-monitored layers are the same, with the same widths, as the monitors log them once per fit
-(``netprobe/layer_units/<layer>``), refined by hyperparameters the caller names (``within``).
+monitored layers are the same, of the same module types with the same widths, as the monitors
+log them once per fit (``netprobe/layer_units/<layer>``, ``netprobe/layer_type/<layer>/<Type>``),
+refined by hyperparameters the caller names (``within``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from netprobe.select.keys import LAYER_INDEX_PREFIX
 from netprobe.select.stats import kendall_tau
 from netprobe.select.values import _last
 
-__all__ = ["UNITS_PREFIX", "NO_FACTS", "layer_units", "stratum_labels", "width_confound"]
+__all__ = ["UNITS_PREFIX", "TYPE_PREFIX", "NO_FACTS", "layer_units", "layer_types", "stratum_labels", "width_confound"]
 
 #: ``netprobe/layer_units/<layer>``: the units of a monitored layer (the columns of its activations)
 UNITS_PREFIX = "netprobe/layer_units/"
+#: ``netprobe/layer_type/<layer>/<Type>`` (1.0): the module type of a monitored layer
+TYPE_PREFIX = "netprobe/layer_type/"
 #: the stratum of the runs that logged no layer widths (logs of an older netprobe, or no monitor)
 NO_FACTS = "layer widths not logged"
 
@@ -34,6 +37,12 @@ def layer_units(run: Run) -> Dict[str, int]:
     return dict(sorted(units.items(), key=lambda kv: (position[kv[0]] is None, position[kv[0]] or 0.0, kv[0])))
 
 
+def layer_types(run: Run) -> Dict[str, str]:
+    """``{layer: module type}`` the run's monitors logged (``netprobe/layer_type/<layer>/<Type>``)."""
+    return dict(tag[len(TYPE_PREFIX):].rsplit("/", 1) for tag in run.scalars
+                if tag.startswith(TYPE_PREFIX) and "/" in tag[len(TYPE_PREFIX):])
+
+
 def _within_values(run: Run, within: Sequence[str]) -> List[str]:
     out = []
     for name in within:
@@ -45,12 +54,14 @@ def _within_values(run: Run, within: Sequence[str]) -> List[str]:
 
 
 def stratum_labels(runs: Sequence[Run], within: Sequence[str] = ()) -> Dict[str, str]:
-    """``{run name: stratum label}``: the monitored layers with their widths (``"fc1:64 fc2:32"``;
-    :data:`NO_FACTS` for a run that logged none), then each ``within`` hyperparameter's value."""
+    """``{run name: stratum label}``: the monitored layers with their module types, where logged,
+    and widths (``"fc1(ReLU):64 fc2(ReLU):32"``; :data:`NO_FACTS` for a run that logged no
+    widths), then each ``within`` hyperparameter's value."""
     labels = {}
     for r in runs:
-        units = layer_units(r)
-        parts = [" ".join(f"{k}:{v}" for k, v in units.items()) if units else NO_FACTS]
+        units, types = layer_units(r), layer_types(r)
+        parts = [" ".join(f"{k}({types[k]}):{v}" if k in types else f"{k}:{v}" for k, v in units.items())
+                 if units else NO_FACTS]
         labels[r.name] = ", ".join(parts + _within_values(r, within))
     return labels
 

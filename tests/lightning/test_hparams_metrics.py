@@ -115,7 +115,8 @@ def test_a_sweeps_hparams_lists_every_scalar_and_hp_metric_is_netprobes(tmp_path
         own = tags[len(means) + len(layer_keys):]
         assert own[0] == "hp_metric" and {"train/loss", "test/acc"} <= set(own), tags
         assert not any(k.startswith("netprobe/") for k in own)
-        assert not any(k.startswith(("netprobe/time/", "netprobe/layer_index/", "netprobe/layer_units/")) for k in tags)
+        assert not any(k.startswith(("netprobe/time/", "netprobe/layer_index/", "netprobe/layer_units/", "netprobe/layer_type/"))
+                       for k in tags)
         assert tags == hparams_metric_order([k for k in tags if k.startswith("netprobe/")], own)
         assert {h["name"] for h in exp["hparamInfos"]} >= {"lr", "width"}
 

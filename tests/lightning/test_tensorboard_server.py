@@ -182,7 +182,8 @@ def test_layer_index_gives_the_forward_order_that_rank_reads_as_deepest(tmp_path
     from netprobe.select.strata import stratum_labels
 
     assert {n: run.scalars[f"netprobe/layer_units/{n}"] for n in ("early", "late")} == {"early": [(run.scalars["netprobe/layer_units/early"][0][0], 64.0)], "late": [(run.scalars["netprobe/layer_units/late"][0][0], 64.0)]}
-    assert stratum_labels([run]) == {run.name: "early:64 late:64"}
+    assert stratum_labels([run]) == {run.name: "early(ReLU):64 late(ReLU):64"}
+    assert [len(run.scalars[f"netprobe/layer_type/{n}/ReLU"]) for n in ("early", "late")] == [1, 1]
 
 
 def test_an_early_stopped_run_gets_the_media_of_its_last_measurement(tmp_path):

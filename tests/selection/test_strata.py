@@ -74,13 +74,37 @@ def test_the_table_refuses_mixed_strata_unless_across(two_widths):
 
 def test_cli_prints_the_strata_and_json_reports_them(two_widths, capsys):
     root, _ = two_widths
-    assert main(["rank", str(root), "--against", "test/acc", "--boot", "0"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--boot", "0"]) == 0
     out = capsys.readouterr().out
     assert "2 strata of comparable runs" in out and "fc1:16 fc2:10: 6 runs" in out and "no pick across strata" in out
-    assert main(["rank", str(root), "--against", "test/acc", "--boot", "0", "--json"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--boot", "0", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [st["n_runs"] for st in doc["strata"]] == [6, 6]
-    assert main(["rank", str(root), "--against", "test/acc", "--boot", "0", "--across"]) == 0
+    assert main(["rank", str(root), "--metric", "netprobe/reliance_auc", "--against", "test/acc", "--boot", "0", "--across"]) == 0
     assert "--across: ranked together" in capsys.readouterr().out
     assert main(["rank", str(root), "--against", "test/acc", "--signals", "all", "--cv", "0", "--boot", "0"]) == 2
     assert "--across" in capsys.readouterr().err
+
+
+def test_runs_of_the_same_widths_but_other_module_types_are_other_strata(tmp_path):
+    # the monitors log each layer's module type (netprobe/layer_type/<layer>/<Type>): a GELU network
+    # and a ReLU network of the same widths are not compared unless asked
+    from torch.utils.tensorboard import SummaryWriter
+
+    from netprobe.select import load_runs
+    from netprobe.select.strata import layer_types, stratum_labels
+
+    for act in ("ReLU", "GELU"):
+        for i in range(3):
+            with SummaryWriter(str(tmp_path / f"{act}_{i}")) as w:
+                w.add_scalar("netprobe/reliance_auc", 0.5 + 0.1 * i, 1)
+                w.add_scalar("netprobe/layer_units/act1", 64, 1)
+                w.add_scalar(f"netprobe/layer_type/act1/{act}", 1.0, 1)
+                w.add_scalar("test/acc", 0.5 + 0.1 * i, 1)
+    runs = sorted(load_runs(str(tmp_path)), key=lambda r: r.name)
+    assert layer_types(runs[0]) == {"act1": "GELU"} and layer_types(runs[-1]) == {"act1": "ReLU"}
+    labels = stratum_labels(runs)
+    assert {labels[r.name] for r in runs} == {"act1(GELU):64", "act1(ReLU):64"}
+    res = rank_runs(str(tmp_path), "netprobe/reliance_auc", against="test/acc", n_boot=0)
+    assert sorted(s["label"] for s in res["strata"]) == ["act1(GELU):64", "act1(ReLU):64"], res["strata"]
+    assert res["pick"] is None  # no pick across strata unless asked
