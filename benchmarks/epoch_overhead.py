@@ -1,6 +1,8 @@
 """Epoch time with the three netprobe monitors (defaults, every epoch) vs none, run as a user would
-(a TensorBoardLogger on both sides), on two tasks: ``demo`` (the MLP of examples/demo.py on 1200
-digits) and ``convnet`` (a 1-D ConvNet on 4000 MNIST-1D examples); see ``benchmarks/_tasks.py``.
+(a TensorBoardLogger on both sides), on two tasks by default: ``demo`` (the MLP of examples/demo.py
+on 1200 digits) and ``convnet`` (a 1-D ConvNet on 4000 MNIST-1D examples); ``--tasks resnet`` adds
+a ResNet-18-style 2-D CNN on 32 x 32 images (``--resnet-width``, default 16; 64 is torchvision's
+ResNet-18); see ``benchmarks/_tasks.py``.
 
     .venv/bin/python benchmarks/epoch_overhead.py [--tasks demo,convnet] [--rounds 3] [--epochs N] [--every 5]
     .venv/bin/python benchmarks/epoch_overhead.py --quick      # about a minute (one round, fewer repetitions)
@@ -28,7 +30,7 @@ For each task it prints:
   over the probe set for the other two monitors (their linear algebra left out). Best of several
   repetitions and chunk sizes. Printed as ``1 + floor / bare epoch``: no implementation of these
   defaults gets below it on this machine;
-* (convnet) the peak extra memory of one RelianceMonitor measurement: torch CPU allocations made
+* (convnet, resnet) the peak extra memory of one RelianceMonitor measurement: torch CPU allocations made
   during the monitor's measuring hook (torch.profiler memory events, cumulative sum in time order,
   maximum), validated on known allocations; **target <= 32 MiB**.
 
@@ -67,8 +69,8 @@ MiB = 2**20
 DEVICE = torch.device("cpu")  # --device
 TARGET_RATIO = 1.5
 TARGET_MIB = 32.0
-DEFAULT_EPOCHS = {"demo": 11, "convnet": 6}  # 1 untimed + whole every-5 cycles
-QUICK_EPOCHS = {"demo": 6, "convnet": 3}
+DEFAULT_EPOCHS = {"demo": 11, "convnet": 6, "resnet": 6}  # 1 untimed + whole every-5 cycles
+QUICK_EPOCHS = {"demo": 6, "convnet": 3, "resnet": 3}
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -175,6 +177,9 @@ def stages(name: str, m: torch.nn.Module) -> Tuple[List[Tuple[str, Callable]], C
     the head after the last one, calling the model's own modules directly."""
     if name == "demo":
         return [("relu1", lambda x: m.relu1(m.fc1(x))), ("relu2", lambda h: m.relu2(m.fc2(h)))], m.out
+    if name == "resnet":
+        return ([("layer2", lambda x: m.layer2(m.layer1(m.stem(x)))), ("layer3", m.layer3), ("layer4", m.layer4)],
+                lambda h: m.fc(h.mean((2, 3))))
     if name == "convnet":
         return ([("relu1", lambda x: m.relu1(m.conv1(x[:, None] if x.ndim == 2 else x))),
                  ("relu2", lambda h: m.relu2(m.conv2(h))), ("relu3", lambda h: m.relu3(m.conv3(h)))],
@@ -404,7 +409,9 @@ def validate_peak() -> List[str]:
 # ---------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="demo,convnet", help="comma-separated: demo, convnet")
+    ap.add_argument("--tasks", default="demo,convnet", help="comma-separated: demo, convnet, resnet")
+    ap.add_argument("--resnet-width", type=int, default=None,
+                    help="the resnet task's base width (default 16; 64 is torchvision's ResNet-18)")
     ap.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default per task: {DEFAULT_EPOCHS})")
     ap.add_argument("--every", type=int, default=5, help="every_n_epochs of the cheaper setting")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the alternating runs")
@@ -421,6 +428,10 @@ def main() -> None:
         args.rounds, args.reps = 1, 1
     if (args.epochs is not None and args.epochs < 2) or args.rounds < 1 or args.reps < 1 or args.every < 1:
         ap.error("--epochs must be >= 2 (the first epoch is not timed); --rounds, --reps, --every >= 1")
+    if args.resnet_width:
+        import _tasks
+
+        _tasks.RESNET_WIDTH = args.resnet_width
     torch.set_num_threads(1)
     quiet_lightning()
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -522,7 +533,7 @@ def main() -> None:
                   f"({min(base) * 1e3:.1f} ms): {1 + fl / min(base):.2f}")
 
             mem = None
-            if name == "convnet":
+            if name in ("convnet", "resnet"):
                 w = fit_window(cls, loader, [RelianceMonitor(layers)], 2, logdir)
                 v = fit_window(cls, loader, [_Allocate(100 * MiB)], 1, logdir, limit_train_batches=2)
                 mem = max(w.peaks.values()) / MiB

@@ -200,6 +200,45 @@ def test_max_elements_bounds_every_module_output_of_a_stacked_pass_and_changes_n
     torch.testing.assert_close(ref.loss_sum, bounded.loss_sum)
 
 
+class _WidePrefix(nn.Module):
+    """A wide layer before the ablated one (c0: 32 channels) and a narrow one after it (4 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.r0 = nn.Conv1d(1, 32, 3, padding=1), nn.ReLU()
+        self.c1, self.r1 = nn.Conv1d(32, 4, 3, padding=1), nn.ReLU()
+        self.out = nn.Linear(4 * 20, 4)
+
+    def forward(self, x):
+        return self.out(self.r1(self.c1(self.r0(self.c0(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("curve", ["ablation", "noise"])
+def test_max_elements_bounds_the_layers_before_the_ablated_one_by_their_own_rows(curve):
+    # with the masks applied at the layer, the modules before it run on the samples once and those
+    # after it on the stacked rows: each is bounded by its own rows, so a wide early layer does not
+    # shrink the stacks after a narrow one
+    torch.manual_seed(0)
+    net = _WidePrefix().eval()
+    x, y = _conv_data()
+    before, after = 32 * 20, 4 * 20  # the largest output per input row before r1 (c0, r0) and from r1 on
+    bound = 8 * before
+    rows = {"before": [], "after": []}
+    hooks = [getattr(net, n).register_forward_hook(lambda m, a, o, k=k: rows[k].append(o.shape[0]))
+             for n, k in (("c0", "before"), ("r0", "before"), ("c1", "before"), ("r1", "after"), ("out", "after"))]
+    fn = ablation_curve if curve == "ablation" else noise_curve
+    data = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]  # batches of 8: the statistics pass fits too
+    ref = fn(net, "r1", data, max_elements=None, repeats=3, generator=torch.Generator().manual_seed(1))
+    rows["before"].clear(), rows["after"].clear()
+    bounded = fn(net, "r1", data, max_elements=bound, repeats=3, generator=torch.Generator().manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert max(rows["before"]) * before <= bound and max(rows["after"]) * after <= bound
+    assert max(rows["after"]) > bound // before  # more stacked rows than the widest layer's rows would allow
+    assert torch.equal(ref.correct, bounded.correct)
+    torch.testing.assert_close(ref.loss_sum, bounded.loss_sum)
+
+
 def test_unablated_point_from_the_callers_forward_pass_gives_the_same_curve():
     net, x, y, order = _conv_case()
     ref = ablation_curve(net, "r1", (x, y), order=order)

@@ -58,7 +58,11 @@ class _LayerStats:
         self.unit_means: List[torch.Tensor] = []  # per-sample per-unit means (for selectivity)
         self.labels: List[torch.Tensor] = []
         self.calls = 0  # hook calls (to catch a module that runs more than once per forward)
-        self.row_elements = 1  # elements per input row of the largest module output (first batch)
+        # elements per input row of the largest module output (first batch): of the modules whose
+        # forward ends after the layer's (they hold the stacked rows with expand="layer"), and of
+        # those that end before it (they run once per sample then)
+        self.row_elements = 1
+        self.row_elements_before = 1
 
 
 def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False, *,
@@ -97,10 +101,14 @@ def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_ro
     def size_hook(mod: nn.Module, args: Any, out: Any) -> None:
         if observing():
             return
-        # the stacked passes hold every module output at m * b rows: their memory is bounded by
-        # the largest output per input row (a tuple's tensors together)
-        elems = sum(t.numel() for t in _tensors_in(out))
-        st.row_elements = max(st.row_elements, -(-elems // max(rows[0], 1)))
+        # a stacked pass holds the outputs of the modules after the layer at m * b rows (those
+        # before it at b rows, or at m * b with repeated inputs): its memory is bounded by the
+        # largest output per input row on each side (a tuple's tensors together)
+        elems = -(-sum(t.numel() for t in _tensors_in(out)) // max(rows[0], 1))
+        if st.calls:  # the layer's own hook has run: this output is computed from the layer's
+            st.row_elements = max(st.row_elements, elems)
+        else:
+            st.row_elements_before = max(st.row_elements_before, elems)
 
     h = module.register_forward_hook(hook)
     layouts_h: List[Any] = []
@@ -212,64 +220,94 @@ def _run(
     ``"input"`` for good if the model's output does not have ``m * b`` rows or a shape error is
     raised (e.g. a skip connection around the layer).
     """
+    hook = _MaskingHook(stats.bd, select, name)
+    h = module.register_forward_hook(hook)
+    try:
+        if how.expand in ("auto", "layer"):
+            done = _passes(model, data, perturb, n_masks, hook, how, stats, at_layer=True)
+            if done is not None:
+                return done
+        # "input", or "auto" after a stacked pass at the layer failed: every module sees the stacked rows
+        done = _passes(model, data, perturb, n_masks, hook, how, stats, at_layer=False)
+        assert done is not None
+        return done
+    finally:
+        h.remove()
+        hook.fn = None
+
+
+def _pass_shape(how: _PassOptions, stats: _LayerStats, n_masks: int, at_layer: bool) -> Tuple[int, Optional[int]]:
+    """``(perturbations per pass, samples per pass or None)`` of :func:`_passes`: at most
+    ``max_batch`` stacked rows, and no module output above ``max_elements`` elements. With the masks
+    applied at the layer, the modules after it hold ``m * sub`` rows and those before it ``sub``;
+    with repeated inputs every module holds ``m * sub``."""
+    if how.max_elements is None:
+        return _chunking(how.max_batch, n_masks, how.vectorize)
+    per_row = stats.row_elements if at_layer else max(stats.row_elements, stats.row_elements_before)
+    budget = max(1, min(how.max_batch, how.max_elements // max(per_row, 1)))
+    m_chunk, sub = _chunking(budget, n_masks, how.vectorize)
+    if at_layer and sub is not None:
+        cap = max(1, how.max_elements // max(stats.row_elements_before, 1))
+        if sub > cap:
+            sub = cap
+            m_chunk = max(1, min(n_masks, budget // sub))
+    return m_chunk, sub
+
+
+def _passes(model: nn.Module, data: Data, perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor], n_masks: int,
+            hook: _MaskingHook, how: _PassOptions, stats: _LayerStats, *, at_layer: bool,
+            ) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """The stacked passes of :func:`_run` with the masks applied at the layer (``at_layer``) or to
+    repeated inputs: ``(correct, loss sums, samples)``; ``None`` when a pass at the layer failed
+    with ``expand="auto"`` (the caller starts again with repeated inputs)."""
     correct = torch.zeros(n_masks, dtype=_F64)
     loss_sum = torch.zeros(n_masks, dtype=_F64)
     n = 0
     device, expand, loss_fn = how.device, how.expand, how.loss_fn
-    hook = _MaskingHook(stats.bd, select, name)
-    h = module.register_forward_hook(hook)
-    at_layer = expand in ("auto", "layer")
     # Every mask stacked in one pass over sub-batches of `sub` samples, so the layers before the
-    # perturbed one run once per sample; only with more masks than the row budget are they
-    # chunked. The budget: `max_batch` rows, and no module output above `max_elements` elements.
-    budget = how.max_batch if how.max_elements is None else max(
-        1, min(how.max_batch, how.max_elements // max(stats.row_elements, 1)))
-    m_chunk, sub = _chunking(budget, n_masks, how.vectorize)
-    try:
-        for xb, yb in _batches(data):
-            if device is not None:
-                xb, yb = xb.to(device), yb.to(device)
-            if xb.shape[0] == 0:
-                continue
-            step = sub or xb.shape[0]
-            for s0 in range(0, xb.shape[0], step):
-                x, y = xb[s0 : s0 + step], yb[s0 : s0 + step]
-                b, first = x.shape[0], n + s0
-                for start in range(0, n_masks, m_chunk):
-                    m = min(m_chunk, n_masks - start)
-                    out = None
-                    if at_layer and m > 1 and b > 1:
-                        def fn_layer(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
-                            view = o.unsqueeze(0).expand(m, *o.shape)
-                            return perturb(view, start, m, first).reshape(m * b, *o.shape[1:])
+    # perturbed one run once per sample; only with more masks than the row budget are they chunked.
+    m_chunk, sub = _pass_shape(how, stats, n_masks, at_layer)
+    for xb, yb in _batches(data):
+        if device is not None:
+            xb, yb = xb.to(device), yb.to(device)
+        if xb.shape[0] == 0:
+            continue
+        step = sub or xb.shape[0]
+        for s0 in range(0, xb.shape[0], step):
+            x, y = xb[s0 : s0 + step], yb[s0 : s0 + step]
+            b, first = x.shape[0], n + s0
+            for start in range(0, n_masks, m_chunk):
+                m = min(m_chunk, n_masks - start)
+                out = None
+                if at_layer and m > 1 and b > 1:
+                    def fn_layer(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
+                        view = o.unsqueeze(0).expand(m, *o.shape)
+                        return perturb(view, start, m, first).reshape(m * b, *o.shape[1:])
 
-                        hook.fn = fn_layer
-                        try:
-                            out = model(x)
-                            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != m * b:
-                                raise RuntimeError("output rows do not follow the layer's rows")
-                        except (RuntimeError, AssertionError):  # (torch's attention checks its mask's batch with assert)
-                            if expand == "layer":
-                                raise
-                            at_layer, out = False, None  # fall back to repeating the inputs, for good
-                    if out is None:
-                        def fn(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
-                            view = o.reshape(m, b, *o.shape[1:])
-                            return perturb(view, start, m, first).reshape(o.shape)
+                    hook.fn = fn_layer
+                    try:
+                        out = model(x)
+                        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != m * b:
+                            raise RuntimeError("output rows do not follow the layer's rows")
+                    except (RuntimeError, AssertionError):  # (torch's attention checks its mask's batch with assert)
+                        if expand == "layer":
+                            raise
+                        return None  # fall back to repeating the inputs, for good
+                if out is None:
+                    def fn(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
+                        view = o.reshape(m, b, *o.shape[1:])
+                        return perturb(view, start, m, first).reshape(o.shape)
 
-                        hook.fn = fn
-                        xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
-                        out = model(xin)
-                    _check_scores(out, y)
-                    yy = y.repeat(m) if m > 1 else y
-                    hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
-                    ls = _per_sample_loss(loss_fn, out, yy).to(_F64).reshape(m, b).sum(1)
-                    correct[start : start + m] += hit.cpu()
-                    loss_sum[start : start + m] += ls.cpu()
-            n += xb.shape[0]
-    finally:
-        h.remove()
-        hook.fn = None
+                    hook.fn = fn
+                    xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
+                    out = model(xin)
+                _check_scores(out, y)
+                yy = y.repeat(m) if m > 1 else y
+                hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
+                ls = _per_sample_loss(loss_fn, out, yy).to(_F64).reshape(m, b).sum(1)
+                correct[start : start + m] += hit.cpu()
+                loss_sum[start : start + m] += ls.cpu()
+        n += xb.shape[0]
     return correct, loss_sum, n
 
 
