@@ -168,12 +168,13 @@ def test_resuming_keeps_the_positions(tmp_path):
 
 
 class CountProbeForwards(pl.Callback):
-    """Counts the model's forward calls on batches of the probe batch size (training batches are 50)."""
+    """Counts the model's forward calls on batches of the probe batch size (training batches are 50)
+    once training has started (after the monitors' checks at on_train_start, listed before it)."""
 
     def __init__(self):
         self.calls = 0
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):
         def hook(mod, args):
             if args[0].shape[0] == BATCH:
                 self.calls += 1
@@ -191,7 +192,7 @@ def fit_with_reliance(epochs, *, shared=True, monkeypatch=None):
     conv = ConvergenceMonitor(LAYERS, methods=("pwcca", "cka"), batch_size=BATCH)
     if not shared:
         monkeypatch.setattr(conv, "_extra_capture", lambda *a: None)
-    rel = RelianceMonitor(["relu_d"], batch_size=BATCH, figures=False)
+    rel = RelianceMonitor(["relu_d"], batch_size=BATCH, figures=False, max_batch=32)  # its stacked passes: < BATCH inputs
     count = CountProbeForwards()
     trainer(pl, max_epochs=epochs, callbacks=[rel, conv, count]).fit(Net(), loader(x, y))
     return conv, rel, count

@@ -192,7 +192,7 @@ def test_the_console_shows_the_monitors_means_and_the_stop(caplog, capsys):
     trainer.fit(make_module(pl), loader(x, y))
     assert stop.stopped_epoch == 2  # epoch 1 sets the first best, epoch 2 does not improve by 1.0
     shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
-    keys = ("netprobe/reliance_auc", "netprobe/selectivity_mean", "netprobe/cka_prev")
+    keys = ("netprobe/reliance_auc", "netprobe/selectivity_mean", "netprobe/pwcca_prev")
     assert all(isinstance(shown[k], float) for k in keys), shown
     assert shown["netprobe/reliance_auc"] == pytest.approx(float(trainer.callback_metrics["netprobe/reliance_auc"]))
     assert not any(k.startswith("netprobe/") and k not in keys for k in shown)  # the per-layer keys stay off the bar

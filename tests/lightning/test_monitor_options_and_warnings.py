@@ -153,7 +153,7 @@ def test_a_layer_that_stops_changing_skips_cka_prev_and_says_so_once():
             values.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("netprobe/cka_prev")})
 
     model = make_module(pl, batchnorm=False, lr=0.0)
-    mon = ConvergenceMonitor(["relu1", "relu2"], num_samples=64)
+    mon = ConvergenceMonitor(["relu1", "relu2"], num_samples=64, methods=("cka",))
     with pytest.warns(RuntimeWarning) as rec:
         trainer(pl, max_epochs=4, callbacks=[Flatten(), mon, Read()]).fit(model, loader(x, y))
     said = _netprobe_warnings(rec, "ConvergenceMonitor")
