@@ -239,6 +239,47 @@ def test_max_elements_bounds_the_layers_before_the_ablated_one_by_their_own_rows
     torch.testing.assert_close(ref.loss_sum, bounded.loss_sum)
 
 
+class _WideStem(nn.Module):
+    """A dense stem of 4096 units before the ablated ReLU of 8: one sample's stem output is the bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc, self.act, self.head = nn.Linear(4, 4096), nn.Linear(4096, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(self.stem(x))))
+
+
+@pytest.mark.parametrize("n, bound", [(64, 4096), (17, 8192)])  # one sample per pass; a one-sample remainder
+def test_max_elements_holds_for_one_sample_passes_that_repeat_their_inputs(n, bound, monkeypatch):
+    # the bound is on the stacked passes (the statistics pass runs the caller's batches as they come)
+    from netprobe.metrics.reliance import _engine
+
+    torch.manual_seed(0)
+    net = _WideStem().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+    ref = ablation_curve(net, "act", (x, y), max_elements=None, generator=torch.Generator().manual_seed(1))
+    seen, stacked = [], [False]
+    real = _engine._passes
+
+    def passes(*a, **k):
+        stacked[0] = True
+        try:
+            return real(*a, **k)
+        finally:
+            stacked[0] = False
+
+    monkeypatch.setattr(_engine, "_passes", passes)
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o.numel()) if stacked[0] else None) for m in net.modules()]
+    bounded = ablation_curve(net, "act", (x, y), max_elements=bound, generator=torch.Generator().manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert max(seen) <= bound
+    assert torch.equal(ref.correct, bounded.correct)
+    torch.testing.assert_close(ref.loss_sum, bounded.loss_sum)
+
+
 def test_unablated_point_from_the_callers_forward_pass_gives_the_same_curve():
     net, x, y, order = _conv_case()
     ref = ablation_curve(net, "r1", (x, y), order=order)

@@ -293,14 +293,8 @@ def _passes(model: nn.Module, data: Data, perturb: Callable[[torch.Tensor, int, 
                         if expand == "layer":
                             raise
                         return None  # fall back to repeating the inputs, for good
-                if out is None:
-                    def fn(o: torch.Tensor, start: int = start, m: int = m, b: int = b, first: int = first) -> torch.Tensor:
-                        view = o.reshape(m, b, *o.shape[1:])
-                        return perturb(view, start, m, first).reshape(o.shape)
-
-                    hook.fn = fn
-                    xin = x.repeat(m, *([1] * (x.ndim - 1))) if m > 1 else x
-                    out = model(xin)
+                if out is None:  # repeated inputs: every module holds the stacked rows
+                    out = _repeated_inputs(model, x, perturb, hook, start, m, first, _input_chunk(how, stats, m, b))
                 _check_scores(out, y)
                 yy = y.repeat(m) if m > 1 else y
                 hit = (out.argmax(1) == yy).to(_F64).reshape(m, b).sum(1)
@@ -309,6 +303,33 @@ def _passes(model: nn.Module, data: Data, perturb: Callable[[torch.Tensor, int, 
                 loss_sum[start : start + m] += ls.cpu()
         n += xb.shape[0]
     return correct, loss_sum, n
+
+
+def _input_chunk(how: _PassOptions, stats: _LayerStats, m: int, b: int) -> int:
+    """Masks per pass when ``m`` masks of ``b`` samples are evaluated on repeated inputs: all ``m``,
+    unless the bound would be exceeded (a one-sample pass planned for masks at the layer, where the
+    modules before the layer were bounded for one copy of the samples only)."""
+    if how.max_elements is None:
+        return m
+    per_row = max(stats.row_elements, stats.row_elements_before)
+    return max(1, min(m, how.max_elements // max(b * per_row, 1)))
+
+
+def _repeated_inputs(model: nn.Module, x: torch.Tensor, perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
+                     hook: _MaskingHook, start: int, m: int, first: int, chunk: int) -> torch.Tensor:
+    """The model's outputs ``(m * b, ...)`` for masks ``start .. start + m`` on ``x`` repeated, in
+    passes of ``chunk`` masks (mask-major rows, as one pass would give them)."""
+    b, outs = x.shape[0], []
+    for s1 in range(start, start + m, chunk):
+        mm = min(chunk, start + m - s1)
+
+        def fn(o: torch.Tensor, start: int = s1, m: int = mm) -> torch.Tensor:
+            view = o.reshape(m, b, *o.shape[1:])
+            return perturb(view, start, m, first).reshape(o.shape)
+
+        hook.fn = fn
+        outs.append(model(x.repeat(mm, *([1] * (x.ndim - 1))) if mm > 1 else x))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _unit_shape(view: torch.Tensor, ud: int, m: int, d: int) -> List[int]:
