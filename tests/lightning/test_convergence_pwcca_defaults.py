@@ -207,3 +207,24 @@ def test_pwcca_position_rows_come_from_the_shared_probe_pass(monkeypatch):
     assert rel.last_values["netprobe/reliance_auc"] == rel2.last_values["netprobe/reliance_auc"]
     # the shared probe pass is N / BATCH forwards per measurement; a pass of PWCCA's own doubles it
     assert count.calls == 2 * N // BATCH and count2.calls == 2 * 2 * N // BATCH
+
+
+def test_position_rows_of_a_peers_pass_on_other_inputs_are_not_used(monkeypatch):
+    # a shuffling probe DataLoader: the two monitors draw other probe inputs with equal settings, so
+    # the peer's shared pass runs on inputs that are not this monitor's; PWCCA then takes its own rows
+    from netprobe.lightning import SelectivityMonitor
+
+    def run(shared):
+        torch.manual_seed(0)
+        x, y = data()
+        probe = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
+                                            generator=torch.Generator().manual_seed(5))
+        sel = SelectivityMonitor(["relu_c"], probe_data=probe, num_samples=128, batch_size=BATCH)
+        conv = ConvergenceMonitor(["relu_c"], probe_data=probe, num_samples=128, batch_size=BATCH)
+        if not shared:
+            monkeypatch.setattr(conv, "_extra_capture", lambda *a: None)
+        trainer(pl, max_epochs=2, callbacks=[sel, conv]).fit(Net(), loader(x, y))
+        assert not torch.equal(conv._probe[0], sel._probe[0])
+        return conv.last_values["netprobe/pwcca_prev/relu_c"]
+
+    assert run(True) == run(False)
