@@ -300,6 +300,8 @@ def main() -> None:
         lo, hi = (int(v) for v in args.config_slice.split(":")) if args.config_slice else (0, 10**9)
     except ValueError:
         ap.error(f"--config-slice takes START:STOP (two integers), got {args.config_slice!r}")
+    if not 0 <= lo < hi:
+        ap.error(f"--config-slice START:STOP needs 0 <= START < STOP, got {args.config_slice!r}")
     args.config_slice = (lo, hi)
     q = args.quick
     args.configs = args.configs or (QUICK["configs"] if q else 24)
@@ -389,9 +391,12 @@ def stratum_regret(x: np.ndarray, ref: np.ndarray, strata: np.ndarray) -> float:
     return float(np.mean(out)) if out else math.nan
 
 
-def random_regret(ref: np.ndarray, strata: np.ndarray) -> float:
-    """:func:`stratum_regret` of a uniformly random pick: the best minus the mean reference, averaged."""
-    out = [ref[strata == st].max() - ref[strata == st].mean() for st in np.unique(strata) if (strata == st).sum() >= 2]
+def random_regret(ref: np.ndarray, strata: np.ndarray, have: Optional[np.ndarray] = None) -> float:
+    """:func:`stratum_regret` of a uniformly random pick among the runs ``have`` (default all; pass a
+    signal's finite values to compare with it on the same strata): the best minus the mean
+    reference, averaged over the strata of 2+ such runs."""
+    have = np.ones(len(ref), bool) if have is None else have
+    out = [ref[m].max() - ref[m].mean() for st in np.unique(strata) if (m := (strata == st) & have).sum() >= 2]
     return float(np.mean(out)) if out else math.nan
 
 
@@ -502,7 +507,8 @@ def analyze(args) -> None:
     argv = [args.logdir, "--against", "test/acc"] + [a for s in SIGNALS for a in ("--signals", s)] \
         + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"] \
         + ["--across"] \
-        + (["--where", "fit/reached>=1"] if args.regime == "interpolate" and not args.smoke else []) \
+        + (["--where", "fit/reached>=1"] if any("fit/reached" in r.scalars for r in load_runs(args.logdir))
+           and not args.smoke else []) \
         + (["--seed", str(args.seed_offset)] if getattr(args, "seed_offset", 0) else [])
     if n >= 6:
         argv += ["--subset-size", str(m), "--top-k", ",".join(str(k) for k in (1, 5) if k < m)]
@@ -529,7 +535,7 @@ def analyze(args) -> None:
           "stratum's run with the best signal (a random pick's loss beside it)")
     best_cfg = cfg_ref.max()
     head = (f"{'signal':<40} {'dir':>3} {'runs':>4}  {'Kendall tau':>11} {'95% CI':<16} {'configs':>7} {'tau':>6} "
-            f"{'95% CI':<16} {'pick rank':>9} {'regret':>6}  {'within':>6} {'95% CI':<16} {'regret':>6}")
+            f"{'95% CI':<16} {'pick rank':>9} {'regret':>6}  {'within':>6} {'95% CI':<16} {'regret':>6} {'random':>6}")
     print(head)
     taus: Dict[str, float] = {}
     within: Dict[str, float] = {}
@@ -550,8 +556,9 @@ def analyze(args) -> None:
         within[s] = tau_within(osig[s], ref, strata)
         print(f"{s:<40} {sig[s][1]:>3} {have.sum():>4}  {f(t, 11)} {fmt_ci(interval(boot[s])):<16} {hc.sum():>7} "
               f"{f(ct, 6)} {fmt_ci(interval(cfg_boot[s])):<16} {pick}  {f(within[s], 6)} "
-              f"{fmt_ci(interval(in_boot[s])):<16} {f(stratum_regret(osig[s], ref, strata), 6)}")
-    print(f"(a random pick within each stratum loses {random_regret(ref, strata):.3f} of test accuracy on average)")
+              f"{fmt_ci(interval(in_boot[s])):<16} {f(stratum_regret(osig[s], ref, strata), 6)} "
+              f"{f(random_regret(ref, strata, np.isfinite(osig[s])), 6)}")
+    print("(the last column: a random pick's loss within the same strata, among the runs that have the signal)")
     other = np.array([ref[(configs == c) & (np.arange(n) != i)].mean() if ((configs == c).sum() > 1) else math.nan
                       for i, c in enumerate(configs)])
     if np.isfinite(other).sum() >= 3:
