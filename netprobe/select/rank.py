@@ -214,8 +214,9 @@ def rank_runs(
 ) -> Dict[str, Any]:
     """Rank the runs under ``logdir`` by ``metric``; see the module docstring.
 
-    **Strata.** Runs are comparable when their monitored layers are the same, with the same widths
-    (``netprobe/layer_units/<layer>``, logged once per fit by the monitors), and, with ``within``,
+    **Strata.** Runs are comparable when their monitored layers are the same, of the same module
+    types, with the same widths (``netprobe/layer_units/<layer>`` and
+    ``netprobe/layer_type/<layer>/<Type>``, logged once per fit by the monitors), and, with ``within``,
     the same values of those hyperparameters. ``strata`` lists each stratum (``label``, ``runs``,
     its own ``pick`` and, with ``against``, its statistics). When the runs form several strata, the
     top-level ``pick`` and statistics are ``None`` (``not_comparable`` says why) unless ``across``,

@@ -38,9 +38,16 @@ def layer_units(run: Run) -> Dict[str, int]:
 
 
 def layer_types(run: Run) -> Dict[str, str]:
-    """``{layer: module type}`` the run's monitors logged (``netprobe/layer_type/<layer>/<Type>``)."""
-    return dict(tag[len(TYPE_PREFIX):].rsplit("/", 1) for tag in run.scalars
-                if tag.startswith(TYPE_PREFIX) and "/" in tag[len(TYPE_PREFIX):])
+    """``{layer: module type}`` the run's monitors logged (``netprobe/layer_type/<layer>/<Type>``);
+    a layer logged with several types (a run directory that holds fits of other models) gets them
+    all, sorted and joined by ``|``, so it is comparable only to runs with the same set."""
+    types: Dict[str, set] = {}
+    for tag in run.scalars:
+        rest = tag[len(TYPE_PREFIX):]
+        if tag.startswith(TYPE_PREFIX) and "/" in rest:
+            layer, kind = rest.rsplit("/", 1)
+            types.setdefault(layer, set()).add(kind)
+    return {layer: "|".join(sorted(kinds)) for layer, kinds in types.items()}
 
 
 def _within_values(run: Run, within: Sequence[str]) -> List[str]:
