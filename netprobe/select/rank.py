@@ -437,7 +437,8 @@ def _expand_signals(specs: Sequence[str], runs: Sequence[Run], all_tags: Sequenc
     netprobe = [t for t in all_tags if (_netprobe_parts(t) or ("time", None))[0] not in _NOT_SIGNALS and t not in exclude]
     per_layer = sorted({f"netprobe/{p[0]}@deepest" for p in map(_netprobe_parts, netprobe) if p and p[1] is not None})
     candidates = sorted(set(netprobe) | set(per_layer))
-    others = sorted((set(all_tags) - set(netprobe) - set(exclude) - {"epoch"}))
+    facts = {t for t in all_tags if (_netprobe_parts(t) or ("", None))[0] in _NOT_SIGNALS}  # time, layer_index, ...
+    others = sorted(set(all_tags) - set(netprobe) - set(exclude) - facts - {"epoch"})
     out: List[Tuple[str, str, str]] = []
     left_out: List[Dict[str, str]] = []
     for spec in specs:

@@ -108,3 +108,12 @@ def test_runs_of_the_same_widths_but_other_module_types_are_other_strata(tmp_pat
     res = rank_runs(str(tmp_path), "netprobe/reliance_auc", against="test/acc", n_boot=0)
     assert sorted(s["label"] for s in res["strata"]) == ["act1(GELU):64", "act1(ReLU):64"], res["strata"]
     assert res["pick"] is None  # no pick across strata unless asked
+
+
+def test_a_glob_over_netprobe_keys_leaves_the_fact_keys_out(two_widths):
+    # netprobe/layer_units/<layer> and layer_index/<layer> are facts of the model, never signals
+    root, _ = two_widths
+    res = rank_signals(str(root), "test/acc", signals=["netprobe/*"], n_boot=0, cv=0, across=True)
+    names = [r["signal"] for r in res["signals"]]
+    assert names == ["netprobe/reliance_auc"], names
+    assert res["not_evaluated"] == [], res["not_evaluated"]  # not listed as signals of unknown direction either
