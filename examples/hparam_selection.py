@@ -43,7 +43,9 @@ intervals over configurations, the runs' values read with `netprobe.select.load_
 
     .venv/bin/python examples/hparam_selection.py [--smoke | --quick] [--seed-offset 0] [--logdir runs/hparam_selection]
     .venv/bin/python examples/hparam_selection.py --analyze-only --logdir runs/hparam_selection  # rank again
-    .venv/bin/python examples/hparam_selection.py --regime interpolate --configs 40 --seeds 2 --logdir runs/interpolate
+    .venv/bin/python examples/hparam_selection.py --regime interpolate --configs 80 --seeds 2 --logdir runs/interpolate
+        # docs/ranking.md's study: about 40 minutes at one thread (or 4 processes with --config-slice
+        # 0:20, 20:40, ... and their own --logdir under one directory, then --analyze-only on it)
     netprobe rank runs/hparam_selection --against test/acc --signals 'netprobe/reliance_*' \
         --signals netprobe/probe_accuracy --baseline train/loss:min --baseline val100/acc:max --across
 
@@ -174,8 +176,8 @@ class ConvNet1d(pl.LightningModule):
 
 class StopWhenFit(pl.Callback):
     """Ends a run once its accuracy on the whole training set (eval mode, unaugmented) has been 1.0
-    at the end of ``epochs`` consecutive epochs; logs it as ``train/acc`` every epoch and, at the
-    end, ``fit/epochs`` (the epochs trained) and ``fit/reached`` (1.0 if the run fit, else 0.0)."""
+    at the end of ``epochs`` consecutive epochs, and logs it as ``train/acc`` every epoch
+    (:func:`train_sweep` then logs ``fit/epochs`` and ``fit/reached``, 1.0 if the run fit)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, epochs: int = FIT_EPOCHS) -> None:
         self.x, self.y, self.epochs, self.streak = x, y, epochs, 0
