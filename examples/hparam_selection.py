@@ -64,7 +64,7 @@ import random
 import shutil
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -323,15 +323,25 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f}s (seed offset {args.seed_offset})")
 
 
-def read_runs(logdir: str, *, drop_unfit: bool = True
-              ) -> Tuple[List[str], np.ndarray, np.ndarray, Dict[str, Tuple[np.ndarray, str]], Dict[str, str], np.ndarray]:
-    """Each readable run's last values: ``(names, config ids, test accuracies, {signal: (values, direction)},
-    {signal: layer}, stratum ids)``; a signal a run did not log (a layer its depth lacks) is NaN; the
-    stratum of a run is its (width, depth), the facts ``netprobe rank`` groups by. Runs that logged
-    ``fit/reached`` 0 (``--regime interpolate``: never fit) are left out with ``drop_unfit``. Read
-    with ``netprobe.select.load_runs`` (the same reader as ``netprobe rank``); the deepest layer from
-    ``netprobe.select.layer_order``."""
+class Sweep(NamedTuple):
+    """The runs of a sweep as :func:`read_runs` reads them (one entry per run in each array)."""
+
+    names: List[str]
+    configs: np.ndarray  #: configuration ids
+    ref: np.ndarray  #: test accuracies
+    sig: Dict[str, Tuple[np.ndarray, str]]  #: {signal: (values, direction)}
+    layer_of: Dict[str, str]  #: {per-layer signal: layer}
+    strata: np.ndarray  #: stratum ids: (width, depth), the facts `netprobe rank` groups by
+    fit_logged: bool  #: some run logged `fit/reached` (--regime interpolate)
+
+
+def read_runs(logdir: str, *, drop_unfit: bool = True) -> Sweep:
+    """Each readable run's last values (:class:`Sweep`); a signal a run did not log (a layer its
+    depth lacks) is NaN. Runs that logged ``fit/reached`` 0 (``--regime interpolate``: never fit)
+    are left out with ``drop_unfit``. Read with ``netprobe.select.load_runs`` (the same reader as
+    ``netprobe rank``); the deepest layer from ``netprobe.select.layer_order``."""
     runs = sorted((r for r in load_runs(logdir) if r.error is None and "test/acc" in r.scalars), key=lambda r: r.name)
+    fit_logged = any("fit/reached" in r.scalars for r in runs)
     if drop_unfit:
         runs = [r for r in runs if not r.scalars.get("fit/reached") or r.scalars["fit/reached"][-1][1] == 1.0]
 
@@ -361,7 +371,7 @@ def read_runs(logdir: str, *, drop_unfit: bool = True
     strata = {(r.hparams.get("width"), r.hparams.get("depth")) for r in runs}
     index = {k: i for i, k in enumerate(sorted(strata, key=str))}
     stratum = np.array([index[(r.hparams.get("width"), r.hparams.get("depth"))] for r in runs])
-    return names, configs, ref, sig, layer_of, stratum
+    return Sweep(names, configs, ref, sig, layer_of, stratum, fit_logged)
 
 
 def oriented(values: np.ndarray, direction: str) -> np.ndarray:
@@ -492,7 +502,7 @@ def verdict_diff(a: str, b: str, ci: Tuple[float, float], n: int) -> str:
 def analyze(args) -> None:
     from netprobe.cli import main as netprobe_main
 
-    names, configs, ref, sig, layer_of, strata = read_runs(args.logdir, drop_unfit=not args.smoke)
+    names, configs, ref, sig, layer_of, strata, fit_logged = read_runs(args.logdir, drop_unfit=not args.smoke)
     n, n_cfg = len(names), len(np.unique(configs))
     n_boot = 200 if args.smoke else args.boot
     if n < 2:
@@ -509,8 +519,7 @@ def analyze(args) -> None:
     argv = [args.logdir, "--against", "test/acc"] + [a for s in SIGNALS for a in ("--signals", s)] \
         + [a for b in BASELINES for a in ("--baseline", b)] + ["--boot", str(n_boot), "--cv", "0" if n < 6 else "200"] \
         + ["--across"] \
-        + (["--where", "fit/reached>=1"] if any("fit/reached" in r.scalars for r in load_runs(args.logdir))
-           and not args.smoke else []) \
+        + (["--where", "fit/reached>=1"] if fit_logged and not args.smoke else []) \
         + (["--seed", str(args.seed_offset)] if getattr(args, "seed_offset", 0) else [])
     if n >= 6:
         argv += ["--subset-size", str(m), "--top-k", ",".join(str(k) for k in (1, 5) if k < m)]

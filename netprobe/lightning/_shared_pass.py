@@ -131,7 +131,7 @@ class _SharedProbePass:
         entry = self._passes.get(share)
         # the inputs themselves must be the same (the same settings can still draw other examples,
         # e.g. from a shuffling DataLoader with its own generator): equal, else a pass of its own
-        same_x = entry is not None and (entry.inputs is x or (entry.inputs.shape == x.shape and torch.equal(entry.inputs, x)))
+        same_x = entry is not None and same_inputs(entry.inputs, x)
         if entry is not None and entry.step == key and id(mon) in entry.waiting and not same_x:
             return mon._capture(pl_module, x)
         if entry is None or entry.step != key or id(mon) not in entry.waiting:
@@ -156,6 +156,11 @@ class _SharedProbePass:
         """Drop every pass (at the end of a step's measurements: a peer that did not take its
         share, e.g. one whose measurement failed, must not keep activations alive)."""
         self._passes = {}
+
+
+def same_inputs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two probe input tensors hold the same inputs: the same object, or equal shape and values."""
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 _SHARED: "weakref.WeakKeyDictionary[Any, _SharedProbePass]" = weakref.WeakKeyDictionary()

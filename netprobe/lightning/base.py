@@ -33,6 +33,7 @@ What every monitor does, in one place:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -574,8 +575,6 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         """Per-unit activations ``{layer: (n, d)}`` (probe default reduction) and the outputs
         (``None`` when the model does not return a tensor), with the ``extras`` (see
         :meth:`_extra_capture`) entered around the same forward pass."""
-        import contextlib
-
         from netprobe.capture import probe
 
         layers = list(layers or self.layers)

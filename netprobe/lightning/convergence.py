@@ -14,7 +14,7 @@ from torch import nn
 from netprobe import distributed as _dist
 from netprobe import viz
 from netprobe.layers import evaluating
-from netprobe.lightning._shared_pass import _SharedProbePass
+from netprobe.lightning._shared_pass import _SharedProbePass, same_inputs
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.similarity import (
@@ -214,7 +214,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._ref_pw: Dict[str, torch.Tensor] = {}
         self._lead: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._shapes: Dict[str, Tuple[int, int]] = {}
-        self._in_shared: Optional[Tuple[Any, torch.Tensor, Any]] = None  # (step, inputs, position probe) of a shared pass
+        self._in_shared: Optional[Tuple[Any, Any]] = None  # (step, position probe) a shared pass ran (_extra_capture)
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
 
     def _rbf_too_many(self, n: int) -> str:
@@ -341,11 +341,10 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._in_shared = None
         if "pwcca" not in self.methods or not self._sampled_layers() or self._probe is None:
             return None
-        mine = self._probe[0]
-        if _dist.world_size() != 1 or not (x is mine or (x.shape == mine.shape and torch.equal(x, mine))):
+        if _dist.world_size() != 1 or not same_inputs(x, self._probe[0]):
             return None  # each rank's pass covers its shard, or a peer's pass runs on other inputs
         taken = self._position_probe(pl_module, x.shape[0])
-        self._in_shared = (step, x, taken)
+        self._in_shared = (step, taken)
         return taken
 
     def _pwcca_rows(self, model: nn.Module, full: Mapping[str, torch.Tensor],
@@ -499,12 +498,9 @@ class ConvergenceMonitor(NetprobeMonitor):
                         self._ref_side[layer] = acc.side("y")
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)
-        # the rows the shared pass took, if it took them at this step on these inputs
+        # the rows the shared pass took at this step (on this monitor's own probe inputs: _extra_capture)
         shared, self._in_shared = self._in_shared, None
-        taken = None
-        if shared is not None and shared[0] == _SharedProbePass.step_key(trainer, pl_module, x):
-            ran_on = shared[1]
-            taken = shared[2] if ran_on is x or (ran_on.shape == x.shape and torch.equal(ran_on, x)) else None
+        taken = shared[1] if shared is not None and shared[0] == _SharedProbePass.step_key(trainer, pl_module, x) else None
         rows = self._pwcca_rows(pl_module, full, taken) if self._pw_layers else {}
         for layer, cur in rows.items():
             for other, key, vals, what in ((self._prev_pw, "prev", prev_vals, "to the previous measurement"),

@@ -64,6 +64,11 @@ class _LayerStats:
         self.row_elements = 1
         self.row_elements_before = 1
 
+    def stacked_row_elements(self, at_layer: bool) -> int:
+        """Elements per input row that the modules holding the stacked rows may reach: those after
+        the layer with the masks applied at it (``at_layer``), every module with repeated inputs."""
+        return self.row_elements if at_layer else max(self.row_elements, self.row_elements_before)
+
 
 def _layer_pass(model: nn.Module, module: nn.Module, data: Data, device, keep_rows: bool, first_only: bool = False, *,
                 name: str = "?", layout: Optional[str] = None, select: Any = None, observe: Observe = True) -> _LayerStats:
@@ -243,7 +248,7 @@ def _pass_shape(how: _PassOptions, stats: _LayerStats, n_masks: int, at_layer: b
     with repeated inputs every module holds ``m * sub``."""
     if how.max_elements is None:
         return _chunking(how.max_batch, n_masks, how.vectorize)
-    per_row = stats.row_elements if at_layer else max(stats.row_elements, stats.row_elements_before)
+    per_row = stats.stacked_row_elements(at_layer)
     budget = max(1, min(how.max_batch, how.max_elements // max(per_row, 1)))
     m_chunk, sub = _chunking(budget, n_masks, how.vectorize)
     if at_layer and sub is not None:
@@ -311,8 +316,7 @@ def _input_chunk(how: _PassOptions, stats: _LayerStats, m: int, b: int) -> int:
     modules before the layer were bounded for one copy of the samples only)."""
     if how.max_elements is None:
         return m
-    per_row = max(stats.row_elements, stats.row_elements_before)
-    return max(1, min(m, how.max_elements // max(b * per_row, 1)))
+    return max(1, min(m, how.max_elements // max(b * stats.stacked_row_elements(False), 1)))
 
 
 def _repeated_inputs(model: nn.Module, x: torch.Tensor, perturb: Callable[[torch.Tensor, int, int, int], torch.Tensor],
