@@ -18,15 +18,12 @@ from netprobe.lightning._shared_pass import _SharedProbePass, same_inputs
 from netprobe.lightning._tensorboard import _has_tensorboard
 from netprobe.lightning.base import Layers, LayoutSpec, NetprobeMonitor, ProbeData, SelectSpec
 from netprobe.metrics.similarity import (
-    RANK_TOL,
     RBF_MAX_SAMPLES,
     SideStats,
     SimilarityAccumulator,
     _check_keep,
-    _Factors,
     linear_cka,
     procrustes,
-    pwcca,
     rbf_cka,
     similarity_matrix,
 )
@@ -48,18 +45,6 @@ _METHODS = method_names(scalar=True)
 ROWS_PER_UNIT = 10
 #: the fewest leading directions a layer too wide for its data points may be reduced to (else refused)
 MIN_DIRECTIONS = 8
-
-
-def leading_directions(a: torch.Tensor, r: int) -> torch.Tensor:
-    """SVCCA's reduction of ``a`` ``(m, d)``: its centered rows projected on the top ``r`` principal
-    directions of its own covariance (float64 ``(m, r')``, ``r' <= r``: directions with variance
-    below ``RANK_TOL`` of the largest, and constant units, are left out), chosen by the same
-    eigendecomposition SVCCA uses (:meth:`~netprobe.metrics.similarity._Factors.principal`)."""
-    a = a.to(torch.float64)
-    c = a - a.mean(0)
-    f = _Factors(c.T @ c / max(a.shape[0] - 1, 1))
-    vecs, _ = f.principal(int(r), RANK_TOL)
-    return c[:, f.mask()] @ vecs
 
 
 class ConvergenceMonitor(NetprobeMonitor):
@@ -94,7 +79,7 @@ class ConvergenceMonitor(NetprobeMonitor):
       the values, are those of one process);
     * a dense layer with ``m`` rows (``m = n`` probe inputs) and ``d > (m - 1) / 2`` units: each
       side is first reduced to its own top ``r = floor(m / 4)`` principal directions (SVCCA's
-      recipe with a stated rank cut, :func:`leading_directions`), then PWCCA compares the two
+      recipe with a stated rank cut, :meth:`~netprobe.metrics.SimilarityAccumulator.leading`), then PWCCA compares the two
       ``(m, r)`` projections (the weights are over those directions). The same rule applies to a
       conv or sequence layer whose ``m = n k`` rows are still too few. The rank is fixed, the
       directions are each measurement's own: a projection fixed at the first measurement would
@@ -206,13 +191,13 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._ref_side: Dict[str, SideStats] = {}
         # PWCCA's own rows (see the class docstring): the layers that take them ({layer: positions per
         # input, 0 for a dense layer}), the positions sampled per input, the generator state that draws
-        # them (saved); the previous measurement's and the reference's rows, and reduced rows kept for reuse
+        # them (saved); the previous measurement's and the reference's rows, and their statistics kept for reuse
         self._pw_layers: Dict[str, int] = {}
         self._pw_k = 0
         self._pw_rng: Optional[torch.Tensor] = None
         self._prev_pw: Dict[str, torch.Tensor] = {}
         self._ref_pw: Dict[str, torch.Tensor] = {}
-        self._lead: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pw_side: Dict[Tuple[str, str], SideStats] = {}
         self._shapes: Dict[str, Tuple[int, int]] = {}
         self._in_shared: Optional[Tuple[Any, Any]] = None  # (step, position probe) a shared pass ran (_extra_capture)
         self.metrics = tuple(f"{m}_prev" for m in methods) + (tuple(f"{m}_ref" for m in methods) if reference is not None else ())
@@ -300,7 +285,7 @@ class ConvergenceMonitor(NetprobeMonitor):
 
     def _reset_extra_state(self) -> None:
         self._prev, self._ref, self._prev_side, self._ref_side = {}, {}, {}, {}
-        self._pw_layers, self._pw_k, self._pw_rng, self._prev_pw, self._ref_pw, self._lead = {}, 0, None, {}, {}, {}
+        self._pw_layers, self._pw_k, self._pw_rng, self._prev_pw, self._ref_pw, self._pw_side = {}, 0, None, {}, {}, {}
 
     def _extra_state(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"prev": {k: v.clone() for k, v in self._prev.items()}}
@@ -313,7 +298,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         self._prev, self._prev_side = dict(state.get("prev", {})), {}
         pw = state.get("pwcca_rows", {})
         self._pw_k, self._pw_rng = int(pw.get("positions", 0)), pw.get("generator_state")
-        self._prev_pw, self._lead = dict(pw.get("prev", {})), {}
+        self._prev_pw, self._pw_side = dict(pw.get("prev", {})), {}
 
     def _sampled_layers(self) -> List[str]:
         return [l for l, k in self._pw_layers.items() if k]
@@ -368,21 +353,22 @@ class ConvergenceMonitor(NetprobeMonitor):
         rows.update({l: taken[l].cpu().float() for l in sampled})
         return rows
 
-    def _pwcca_of(self, layer: str, cur: torch.Tensor, other: torch.Tensor, other_key: str) -> float:
+    def _pwcca_of(self, layer: str, cur: torch.Tensor, other: torch.Tensor, key: str,
+                  acc: Optional[SimilarityAccumulator]) -> float:
         """PWCCA of PWCCA's rows ``cur`` and ``other`` of one layer: of the rows themselves when they
         number more than twice the units, else of each side's top ``floor(m / 4)`` principal
-        directions (:func:`leading_directions`; the other side's reduction, kept under ``other_key``
-        when it was computed, is reused, and this side's is kept under ``"cur"``)."""
+        directions (:meth:`~netprobe.metrics.SimilarityAccumulator.leading`). ``acc``: the
+        accumulator of these very rows when the other methods formed one (a dense layer, whose rows
+        are the probe activations), else one is formed here, taking the other side's statistics
+        (and their eigendecomposition) from the comparison in which they were this side
+        (``key``: ``"prev"`` or ``"ref"``). This side's are kept for the next measurement."""
         m, d = cur.shape
-        if 2 * d < m:
-            return float(pwcca(cur, other))
-        r = m // 4
-        mine = leading_directions(cur, r)
-        self._lead[("cur", layer)] = (cur, mine)
-        kept = self._lead.get((other_key, layer))
-        theirs = kept[1] if kept is not None and kept[0] is other else leading_directions(other, r)
-        self._lead[(other_key, layer)] = (other, theirs)
-        return float(pwcca(mine, theirs))
+        if acc is None:
+            acc = SimilarityAccumulator().update(cur, other, y_stats=self._pw_side.get((key, layer)))
+        self._pw_side[("cur", layer)] = acc.side("x")
+        if key == "ref":
+            self._pw_side[("ref", layer)] = acc.side("y")
+        return float((acc if 2 * d < m else acc.leading(m // 4)).pwcca())
 
     def _whole_set(self, method: str, cur_full: torch.Tensor, other_full: torch.Tensor) -> torch.Tensor:
         """A method computed from the whole set (``whole_set`` in the method table), by its function,
@@ -477,6 +463,7 @@ class ConvergenceMonitor(NetprobeMonitor):
         ref_vals: Dict[str, Dict[str, float]] = {m: {} for m in self.methods}
         ref = self._reference_acts(pl_module) if self.reference is not None else {}
         sides: Dict[str, SideStats] = {}
+        accs: Dict[Tuple[str, str], SimilarityAccumulator] = {}  # (key, layer): the streamed methods' accumulators
         full = {k: _dist.all_gather_cat(v).cpu().float() for k, v in acts.items()}  # the whole probe set, every rank
         # the layers that should have a value this time (the means' coverage): a first measurement has no previous one
         prev_expected, ref_expected = [k for k in acts if k in self._prev], [k for k in acts if k in ref]
@@ -489,6 +476,7 @@ class ConvergenceMonitor(NetprobeMonitor):
                         prev_vals[m][layer] = v
                     if acc is not None:
                         sides[layer] = acc.side("x")  # this epoch's side: the previous one at the next measurement
+                        accs[("prev", layer)] = acc
                 if layer in ref:
                     vals, acc = self._similarities(a, ref[layer], sl, layer, "to the reference", self._ref_side.get(layer),
                                                    full[layer], "ref")
@@ -496,6 +484,7 @@ class ConvergenceMonitor(NetprobeMonitor):
                         ref_vals[m][layer] = v
                     if acc is not None:
                         self._ref_side[layer] = acc.side("y")
+                        accs[("ref", layer)] = acc
             except ValueError as err:
                 self._warn_skip(layer, "similarity", err)
         # the rows the shared pass took at this step (on this monitor's own probe inputs: _extra_capture)
@@ -507,12 +496,14 @@ class ConvergenceMonitor(NetprobeMonitor):
                                            (self._ref_pw, "ref", ref_vals, "to the reference")):
                 if layer in other:
                     try:
-                        vals["pwcca"][layer] = self._pwcca_of(layer, cur, other[layer], key)
+                        # a dense layer's rows are the activations the other methods compared
+                        same_rows = accs.get((key, layer)) if not self._pw_layers.get(layer) else None
+                        vals["pwcca"][layer] = self._pwcca_of(layer, cur, other[layer], key, same_rows)
                     except ValueError as err:
                         self._warn_skip(layer, f"pwcca ({what})", err, (f"pwcca_{key}",))
-            mine = self._lead.pop(("cur", layer), None)
+            mine = self._pw_side.pop(("cur", layer), None)
             if mine is not None:
-                self._lead[("prev", layer)] = mine
+                self._pw_side[("prev", layer)] = mine
         self._prev, self._prev_side, self._prev_pw = full, sides, rows
         out: Dict[str, float] = {}
         for m in self.methods:

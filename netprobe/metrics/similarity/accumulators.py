@@ -331,6 +331,55 @@ class SimilarityAccumulator(Accumulator):
         sx, sy, _, _ = self._pair()
         return sx if which == "x" else sy
 
+    def leading(self, r: int, *, rank_tol: float = RANK_TOL) -> "SimilarityAccumulator":
+        """The statistics of the same rows with each side replaced by its centered projection on
+        its own top ``r`` principal directions (SVCCA's reduction with a rank cut): for PWCCA of a
+        layer with more units than its rows support.
+
+        A side's directions are the eigenvectors of its covariance with the ``r`` largest
+        eigenvalues (constant units, and directions with variance below ``rank_tol`` times the
+        largest, left out, so a side may keep fewer), from the eigendecomposition SVCCA uses,
+        computed once per side and kept in its :class:`SideStats` (a side handed on with
+        :meth:`side` keeps it). The projections' statistics follow from the moments without
+        another pass over the rows: ``x' = (x - mean) V_x`` has mean 0, covariance
+        ``diag(lambda_x)`` and cross-covariance ``V_x^T S_xy V_y`` with ``y'``. A metric of the
+        returned accumulator equals that metric of the projected rows (to rounding); the
+        directions, hence the value, are undefined where the ``r``-th and ``r+1``-th variances tie.
+
+        Args:
+            r: directions kept per side, ``>= 1``.
+            rank_tol: the variance cutoff, relative to the side's largest.
+
+        Returns:
+            A new accumulator (``n`` as this one; widths ``r`` or fewer), independent of later
+            updates of this one.
+
+        Raises:
+            ValueError: empty accumulator, ``r < 1``, a side with no variance at all, or ``y`` rows
+                that do not match the given ``y_stats``.
+
+        Example:
+            >>> g = torch.Generator().manual_seed(0)
+            >>> x = torch.randn(40, 30, generator=g, dtype=torch.float64)
+            >>> acc = SimilarityAccumulator().update(x, 2 * x + 1)
+            >>> red = acc.leading(10)
+            >>> red.n, round(float(red.pwcca()), 9)
+            (40, 1.0)
+        """
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"Expected `r` to be an int >= 1, but got {r!r}.")
+        rank_tol = _check_rank_tol(rank_tol)
+        sx, sy, sxy, n = self._pair()
+        fx, fy = sx._factors, sy._factors
+        vx, lx = fx.principal(r, rank_tol)
+        vy, ly = fy.principal(r, rank_tol)
+        cross = sxy if fx.all_kept() and fy.all_kept() else sxy[fx.mask()][:, fy.mask()]
+        scale = max(n - 1, 1)
+        red = SimilarityAccumulator()
+        red._m = _Moments(n, torch.zeros_like(lx), torch.zeros_like(ly), torch.diag(lx) * scale, torch.diag(ly) * scale,
+                          (vx.T @ cross @ vy) * scale)
+        return red
+
     # -- the metrics -------------------------------------------------------------------
     def compute(self, methods: Sequence[str], *, keep: Union[float, int] = 0.99, rank_tol: float = RANK_TOL,
                 method: str = "paper") -> Tuple[Dict[str, torch.Tensor], Dict[str, ValueError]]:

@@ -343,3 +343,49 @@ def test_all_reduce_with_y_stats_equals_no_reuse_on_one_process(tmp_path):
         assert got["errors"] == {}
         assert all(torch.equal(got["second"][m], plain[m]) for m in plain)  # rank-order merge = two batches
         assert "`y_stats`" in got["mixed"]
+
+
+def _leading_np(a, r):
+    """Top r principal-component scores of a's centered rows (numpy SVD), units first made
+    non-constant: the reduction `leading` documents, written from its formula."""
+    a = a[:, a.std(0) > 0]
+    c = a - a.mean(0)
+    u, s, _ = np.linalg.svd(c, full_matrices=False)
+    return u[:, :r] * s[:r]
+
+
+@pytest.mark.parametrize("n, d, r, dead", [(256, 128, 64, 0), (256, 512, 64, 3), (120, 40, 30, 2)])
+def test_leading_equals_the_metrics_of_the_projected_rows(n, d, r, dead):
+    x = _layer(n, d, 1, dead=dead).numpy()
+    y = x + 0.3 * _layer(n, d, 2).numpy()
+    acc = SimilarityAccumulator().update(torch.from_numpy(x), torch.from_numpy(y))
+    red = acc.leading(r)
+    px, py = _leading_np(x, r), _leading_np(y, r)
+    assert red.n == n
+    assert float(red.pwcca()) == pytest.approx(pwcca_ref(px, py), rel=1e-9)
+    want_cca = np.linalg.svd(np.linalg.qr(px - px.mean(0))[0].T @ np.linalg.qr(py - py.mean(0))[0], compute_uv=False)
+    np.testing.assert_allclose(np.sort(red.cca().numpy())[::-1], want_cca, rtol=1e-8, atol=1e-10)
+
+
+def test_leading_keeps_each_sides_eigendecomposition_for_the_next_pair():
+    a, b, c = (_layer(200, 120, s) for s in (3, 4, 5))
+    first = SimilarityAccumulator().update(b, a)
+    first.leading(40)
+    side = first.side("x")  # b's statistics, with the eigendecomposition leading computed
+    assert "eigh" in side._factors._cache
+    second = SimilarityAccumulator().update(c, b, y_stats=side)
+    plain = SimilarityAccumulator().update(c, b)
+    assert float(second.leading(40).pwcca()) == pytest.approx(float(plain.leading(40).pwcca()), abs=1e-13)
+
+
+def test_leading_with_every_direction_keeps_the_canonical_correlations():
+    x, y = _layer(300, 20, 6), _layer(300, 20, 7)
+    acc = SimilarityAccumulator().update(x, y)
+    np.testing.assert_allclose(acc.leading(20).cca().numpy(), acc.cca().numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.0, True])
+def test_leading_refuses_a_rank_that_is_not_a_positive_int(r):
+    acc = SimilarityAccumulator().update(torch.randn(50, 5), torch.randn(50, 5))
+    with pytest.raises(ValueError, match="`r` to be an int >= 1"):
+        acc.leading(r)
