@@ -11,7 +11,8 @@ For each task it prints:
 
 * the median epoch time without monitors and with ``SelectivityMonitor``, ``RelianceMonitor`` and
   ``ConvergenceMonitor`` (all at their defaults, read from the monitor objects, every epoch), and
-  the ratio; **target <= 1.5 on both tasks**. The variants alternate over ``--rounds`` rounds, the
+  the ratio; **target <= 1.4 on both tasks**, and the ratio of the mean epochs (the monitored runs'
+  media epochs included: at the default ``media_every``, one in ten) **<= 1.5**. The variants alternate over ``--rounds`` rounds, the
   first epoch of each run (set-up, first measurement) is not timed, and the spread of the per-round
   ratios is printed, with the ratio by process CPU time and that of the fastest epochs (other
   processes only add time, so on a shared machine these are the steadier figures);
@@ -67,7 +68,8 @@ from netprobe.lightning import ConvergenceMonitor, RelianceMonitor, SelectivityM
 
 MiB = 2**20
 DEVICE = torch.device("cpu")  # --device
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.4  # median epoch, monitored / bare
+TARGET_MEAN = 1.5  # mean epoch (media epochs included), monitored / bare
 TARGET_MIB = 32.0
 DEFAULT_EPOCHS = {"demo": 11, "convnet": 6, "resnet": 6}  # 1 untimed + whole every-5 cycles
 QUICK_EPOCHS = {"demo": 6, "convnet": 3, "resnet": 3}
@@ -474,6 +476,9 @@ def main() -> None:
                   f"(mean {statistics.mean(full) * 1e3:.1f} ms, media epochs included); {len(base)} epochs each")
             print(f"ratio (defaults, every epoch): {ratio:.2f}   per round {spread(per_round)}   target <= {TARGET_RATIO}: "
                   f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}   (by process CPU time: {med(cpu_f) / med(cpu_b):.2f})")
+            mean_ratio = statistics.mean(full) / statistics.mean(base)
+            print(f"ratio of the mean epochs (media epochs included): {mean_ratio:.2f}   target <= {TARGET_MEAN}: "
+                  f"{'met' if mean_ratio <= TARGET_MEAN else 'NOT met'}")
             fast = min(full) / min(base)  # other processes only ever add time: the fastest epochs are the least disturbed
             print(f"fastest epochs: no monitors {min(base) * 1e3:.1f} ms | all three {min(full) * 1e3:.1f} ms -> ratio {fast:.2f} "
                   f"(least disturbed by other processes)")
@@ -550,12 +555,14 @@ def main() -> None:
                           + ", ".join(f"epoch {ep} {x / MiB:.1f} MiB" for ep, x in sorted(w.rss.items())))
                 print(f"  validation: a callback allocating 100 MiB in the same window reads {v.peaks[0] / MiB:.2f} MiB; "
                       + "; ".join(validate_peak()))
-            summary.append((name, tb, ratio, per_round, fast, amort, 1 + fl / tb, media, med(w_on), mem))
+            summary.append((name, tb, ratio, per_round, fast, mean_ratio, amort, 1 + fl / tb, media, med(w_on), mem))
             print(f"({name}: {time.perf_counter() - t_task:.0f} s)")
 
-    print("\nsummary (ratio = median epoch with the three monitors at defaults / without, target <= 1.5):")
-    for name, tb, ratio, per_round, fast, amort, flr, media, wr, mem in summary:
-        print(f"  {name:<8} bare {tb * 1e3:6.1f} ms  ratio {ratio:.2f} (rounds {spread(per_round)}; fastest epochs {fast:.2f})  floor {flr:.2f}  "
+    print(f"\nsummary (ratio = median epoch with the three monitors at defaults / without, target <= {TARGET_RATIO}; "
+          f"mean = the mean epochs' ratio, media included, target <= {TARGET_MEAN}):")
+    for name, tb, ratio, per_round, fast, mean_ratio, amort, flr, media, wr, mem in summary:
+        print(f"  {name:<8} bare {tb * 1e3:6.1f} ms  ratio {ratio:.2f} (rounds {spread(per_round)}; fastest epochs {fast:.2f})  "
+              f"mean {mean_ratio:.2f}  floor {flr:.2f}  "
               f"every_n_epochs={args.every} {amort:.2f}  media epoch {media * 1e3:+.0f} ms (writer {wr * 1e3:.0f} ms)"
               + ("" if mem is None else f"  reliance peak {mem:.1f} MiB (target <= {TARGET_MIB:.0f})"))
     print(f"total {time.perf_counter() - t_start:.0f} s; load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -222,6 +222,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         self._widths: Dict[str, int] = {}
         self.last_values: Dict[str, float] = {}
         self._published: set = set()  # keys written at the last measurement
+        # keys this measurement leaves out on purpose (not due: RelianceMonitor's rotation), whose
+        # last values stay where Lightning's callbacks read them, as between measurements
+        self._resting: set = set()
         self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
         self._fingerprint: Optional[str] = None  # of the probe set measured (kept in checkpoints)
         # each layer's batch axis, observed at its first measurement and carried to the later ones
@@ -326,7 +329,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             self._probe_indices, self._probe, self._last_epoch, self.last_values = None, None, -1, {}
             self._fingerprint = self._resumed_fingerprint = None
             self._layout_decisions = LayoutDecisions()
-            self._published, self.num_classes, self._best = set(), self._num_classes_arg, {}
+            self._published, self.num_classes, self._best, self._resting = set(), self._num_classes_arg, {}, set()
             self._reset_extra_state()
 
     def _refuse_shared_keys(self, trainer: Trainer, pl_module: nn.Module) -> None:
@@ -768,9 +771,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
     def _publish(self, trainer: Trainer, scalars: Dict[str, float], media: Dict[str, Any]) -> None:
         self.last_values = dict(scalars)
         cm = trainer.callback_metrics
-        for k in self._published - set(scalars):
+        resting = (self._resting & self._published) - set(scalars)
+        for k in self._published - set(scalars) - resting:
             cm.pop(k, None)  # skipped this time (warned): no stale value for EarlyStopping/ModelCheckpoint to read
-        self._published = set(scalars)
+        self._published = set(scalars) | resting
         for k, v in scalars.items():
             cm[k] = torch.tensor(float(v))
         pbar, main = getattr(trainer, "progress_bar_metrics", None), f"netprobe/{self.metrics[0]}"

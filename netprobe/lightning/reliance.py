@@ -4,9 +4,10 @@ normalized areas, Morcos et al. 2018) on the probe set, each epoch. Composes
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -83,6 +84,18 @@ class RelianceMonitor(NetprobeMonitor):
     run once; fraction 1 is one mask for every order, and the unablated point comes from the
     forward pass over the probe set that the monitors share).
 
+    **A bounded cost on a big model** (``layers_per_measurement=k``): each measurement ablates the
+    next ``k`` layers of a fixed rotation (``layers`` in their resolved order, cut into
+    ``ceil(L / k)`` groups of ``k``, the last one shorter), so a measurement costs one group's
+    curves and each layer is measured every ``ceil(L / k)`` measurements, with the precision it has
+    without rotation (same probe set, same orders). A layer's keys are logged when it is measured
+    and keep their last value where Lightning's callbacks read them in between, as with
+    ``every_n_epochs``; the means over layers (``netprobe/reliance_auc``, ...) are logged once per
+    rotation, at its last group, over the values of that rotation (each layer's from the epoch it
+    was measured), so they compare like with like; ``probe_accuracy`` at every measurement. The
+    position in the rotation and its values so far are in the callback's state (a resumed run
+    goes on where it was).
+
     The shared options, keyword-only, are those of :class:`~netprobe.lightning.base.NetprobeMonitor`,
     which documents them: ``num_samples``, ``every_n_epochs``, ``probe_data``, ``batch_size``,
     ``seed``, ``num_classes``, ``media_every``, ``layout``, ``select``.
@@ -106,6 +119,8 @@ class RelianceMonitor(NetprobeMonitor):
         max_elements: bound the rows and the elements of any module output in a stacked forward pass
             (as in :func:`~netprobe.metrics.ablation_curve`; the default keeps each module output
             under 1 MiB of float32 on the CPU, 8 MiB on a GPU).
+        layers_per_measurement: ablate this many layers per measurement, in rotation (see above);
+            ``None`` (default): every layer at every measurement.
 
     Example:
         >>> RelianceMonitor(layers=["fc1", "fc2"]).metrics
@@ -126,6 +141,7 @@ class RelianceMonitor(NetprobeMonitor):
         figures: bool = True,
         max_batch: int = 4096,
         max_elements: MaxElements = "auto",
+        layers_per_measurement: Optional[int] = None,
         num_samples: int = 256,
         every_n_epochs: int = 1,
         probe_data: Optional[ProbeData] = None,
@@ -149,7 +165,13 @@ class RelianceMonitor(NetprobeMonitor):
         self.fractions, self.order, self.mode, self.repeats, self.orders = fr, order, mode, repeats, orders
         self.noise, self.scales, self.figures = bool(noise), sc, bool(figures)
         self.max_batch, self.max_elements = max_batch, max_elements
+        if layers_per_measurement is not None:
+            check_int(layers_per_measurement, "layers_per_measurement", 1)
+        self.layers_per_measurement = layers_per_measurement
         self._orders: Dict[str, torch.Tensor] = {}  # fixed orders: layer -> (repeats, d)
+        # the rotation (layers_per_measurement): measurements made, and this rotation's values so far
+        self._rotation = 0
+        self._rotation_values: Dict[str, Dict[str, float]] = {}
         self.metrics = ("reliance_auc", "reliance_area") + (("noise_auc",) if noise else ()) + ("probe_accuracy",)
 
     def _check(self, widths: Mapping[str, int], n: int, acts: Mapping[str, torch.Tensor], out: Optional[torch.Tensor]) -> None:
@@ -172,13 +194,44 @@ class RelianceMonitor(NetprobeMonitor):
                 raise type(err)(f"RelianceMonitor: layer {layer!r} cannot be ablated: {err}") from err
 
     def _reset_extra_state(self) -> None:
-        self._orders = {}
+        self._orders, self._rotation, self._rotation_values = {}, 0, {}
 
     def _extra_state(self) -> Dict[str, Any]:
-        return {"orders": {k: v.clone() for k, v in self._orders.items()}}
+        return {"orders": {k: v.clone() for k, v in self._orders.items()},
+                "rotation": {"measurements": self._rotation, "values": {m: dict(v) for m, v in self._rotation_values.items()}}}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._orders = {k: v.long() for k, v in dict(state.get("orders", {})).items()}
+        rot = dict(state.get("rotation", {}))
+        self._rotation = int(rot.get("measurements", 0))
+        self._rotation_values = {str(m): {str(k): float(x) for k, x in dict(v).items()} for m, v in dict(rot.get("values", {})).items()}
+
+    def _groups(self) -> List[List[str]]:
+        """The rotation's groups of layers (one group of all of them without ``layers_per_measurement``)."""
+        k = self.layers_per_measurement or len(self.layers)
+        return [list(self.layers[i : i + k]) for i in range(0, len(self.layers), max(k, 1))]
+
+    def _rotate(self, values: Dict[str, Dict[str, float]], due: Sequence[str], out: Dict[str, float]) -> None:
+        """With ``layers_per_measurement``: keep this group's values for the rotation's means, log
+        those means at its last group (over the rotation's values, then start a new one), and name
+        the keys left at their last value (the means before then, the layers not due)."""
+        groups = self._groups()
+        last = self._rotation % len(groups) == len(groups) - 1
+        self._rotation += 1
+        resting = {f"netprobe/{m}/{layer}" for m in values for layer in self.layers if layer not in due}
+        for metric, vals in values.items():
+            self._rotation_values.setdefault(metric, {}).update(vals)
+            mean_key = f"netprobe/{metric}"
+            out.pop(mean_key, None)
+            if not last:
+                resting.add(mean_key)
+                continue
+            finite = [v for v in self._rotation_values[metric].values() if math.isfinite(v)]
+            if finite:
+                out[mean_key] = sum(finite) / len(finite)
+        if last:
+            self._rotation_values = {}
+        self._resting = resting
 
     def _generator(self, layer: str, salt: int, epoch: Optional[int]) -> torch.Generator:
         """Seeded from ``seed`` and the layer's name (and the epoch with ``orders="per_epoch"``)."""
@@ -212,8 +265,10 @@ class RelianceMonitor(NetprobeMonitor):
         assert out is not None  # checked before the first step (_check)
         base = self._agreed(lambda: score(out, y.to(out.device)), out.device)  # this shard's unablated point
         total = _dist.all_reduce_sum(torch.tensor([base[0], float(x.shape[0])], dtype=torch.float64, device=out.device)).cpu()
+        groups = self._groups()
+        due = groups[self._rotation % len(groups)]  # every layer, or this measurement's group of the rotation
         orders: Dict[str, Any] = {}
-        for n in self.layers:
+        for n in due:
             if self.order == "random":
                 orders[n] = self._random_orders(n, epoch)
                 continue
@@ -225,7 +280,7 @@ class RelianceMonitor(NetprobeMonitor):
         fwd = _ForwardAdapter(self, pl_module)
         aucs, noise_aucs, curves, ncurves = {}, {}, {}, {}
         diverged = False
-        for layer in self.layers:
+        for layer in due:
             if orders[layer] is None:
                 continue
             try:
@@ -249,12 +304,18 @@ class RelianceMonitor(NetprobeMonitor):
                 self._warn_skip(layer, "reliance", err)
         out_vals: Dict[str, float] = {}
         cover = not diverged  # diverged: every mean is NaN below (the skip warning says why), not a mean over fewer layers
-        self._layer_values("reliance_auc", aucs, out_vals, coverage=cover)
+        areas = {k: aucs[k] * float(curves[k].accuracy[0]) for k in aucs}
+        self._layer_values("reliance_auc", aucs, out_vals, expected=due, coverage=cover)
         # the unnormalized area (= auc x unablated accuracy): does not reward a network for having
         # little to lose, as the normalized one does for an underfit network
-        self._layer_values("reliance_area", {k: aucs[k] * float(curves[k].accuracy[0]) for k in aucs}, out_vals, coverage=cover)
+        self._layer_values("reliance_area", areas, out_vals, expected=due, coverage=cover)
         if self.noise:
-            self._layer_values("noise_auc", noise_aucs, out_vals, coverage=cover)
+            self._layer_values("noise_auc", noise_aucs, out_vals, expected=due, coverage=cover)
+        if self.layers_per_measurement is not None:
+            self._rotate({"reliance_auc": aucs, "reliance_area": areas, **({"noise_auc": noise_aucs} if self.noise else {})},
+                         due, out_vals)
+        else:
+            self._resting = set()
         # the model's own accuracy on the probe set: the curves' unablated point
         out_vals["netprobe/probe_accuracy"] = float(total[0] / total[1])
         if diverged:

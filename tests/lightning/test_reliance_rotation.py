@@ -1,0 +1,109 @@
+"""RelianceMonitor(layers_per_measurement=k): each measurement ablates the next group of k layers
+of a fixed rotation; a layer's values are those the monitor gives it without rotation at the same
+epoch; the means over layers come once per rotation, over that rotation's values; the keys not
+due keep their last value where Lightning's callbacks read them; a resumed run goes on in the
+rotation."""
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from lightning_helpers import digits, loader, make_module, trainer  # noqa: E402
+from netprobe.lightning import RelianceMonitor  # noqa: E402
+
+LAYERS = ["relu1", "fc2", "relu2"]
+
+
+class _Seen(pl.Callback):
+    """Per epoch: what the monitor logged (its last_values) and the netprobe keys Lightning's callbacks can read."""
+
+    def __init__(self, mon):
+        self.mon, self.logged, self.readable = mon, [], []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.logged.append({k: v for k, v in self.mon.last_values.items() if not k.startswith("netprobe/time/")})
+        self.readable.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("netprobe/")})
+
+
+def _fit(k, epochs, *, ckpt=None, root=None, noise=False):
+    pl.seed_everything(0, verbose=False)
+    x, y = digits(240)
+    mon = RelianceMonitor(LAYERS, num_samples=96, repeats=2, noise=noise, layers_per_measurement=k)
+    seen = _Seen(mon)
+    cbs = [mon, seen]
+    kw = {}
+    if root is not None:
+        cbs.append(pl.callbacks.ModelCheckpoint(dirpath=str(root), save_last=True, every_n_epochs=1))
+        kw = dict(enable_checkpointing=True, default_root_dir=str(root))
+    tr = trainer(pl, max_epochs=epochs, callbacks=cbs, **kw)
+    tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False), ckpt_path=ckpt)
+    return mon, seen
+
+
+def _layer_keys(logged, metric="reliance_auc"):
+    return sorted(k.rsplit("/", 1)[1] for k in logged if k.startswith(f"netprobe/{metric}/"))
+
+
+@pytest.mark.parametrize("k, groups", [(1, [["relu1"], ["fc2"], ["relu2"]]), (2, [["relu1", "fc2"], ["relu2"]])])
+def test_each_measurement_takes_the_next_group_with_the_values_it_has_without_rotation(k, groups):
+    _, plain = _fit(None, 4, noise=True)
+    _, rot = _fit(k, 4, noise=True)
+    for epoch, logged in enumerate(rot.logged):
+        due = groups[epoch % len(groups)]
+        assert _layer_keys(logged) == sorted(due) == _layer_keys(logged, "noise_auc"), epoch
+        for layer in due:
+            for metric in ("reliance_auc", "reliance_area", "noise_auc"):
+                key = f"netprobe/{metric}/{layer}"
+                assert logged[key] == plain.logged[epoch][key], (epoch, key)
+        assert logged["netprobe/probe_accuracy"] == plain.logged[epoch]["netprobe/probe_accuracy"]
+
+
+def test_the_means_come_once_per_rotation_over_its_values():
+    _, rot = _fit(1, 6)
+    for epoch, logged in enumerate(rot.logged):
+        if epoch % 3 != 2:
+            assert "netprobe/reliance_auc" not in logged and "netprobe/reliance_area" not in logged, epoch
+            continue
+        cycle = [rot.logged[e] for e in range(epoch - 2, epoch + 1)]
+        for metric in ("reliance_auc", "reliance_area"):
+            vals = [c[f"netprobe/{metric}/{layer}"] for c, layer in zip(cycle, LAYERS)]
+            assert logged[f"netprobe/{metric}"] == pytest.approx(sum(vals) / 3, abs=1e-12), (epoch, metric)
+        assert logged["netprobe/best/reliance_auc"] >= logged["netprobe/reliance_auc"]
+
+
+def test_keys_not_due_keep_their_last_value_for_lightnings_callbacks():
+    _, rot = _fit(1, 4)
+    # epoch 1 measured fc2 only: relu1's key still reads epoch 0's value; relu2 was never measured
+    assert rot.readable[1]["netprobe/reliance_auc/relu1"] == pytest.approx(rot.logged[0]["netprobe/reliance_auc/relu1"])
+    assert "netprobe/reliance_auc/relu2" not in rot.readable[1]
+    assert "netprobe/reliance_auc" not in rot.readable[1]
+    # after the first rotation the mean stays readable until the next one replaces it
+    assert rot.readable[3]["netprobe/reliance_auc"] == pytest.approx(rot.logged[2]["netprobe/reliance_auc"])
+    assert set(rot.readable[3]) >= {f"netprobe/reliance_auc/{layer}" for layer in LAYERS}
+
+
+def test_a_resumed_run_goes_on_in_the_rotation(tmp_path):
+    _, whole = _fit(1, 5)
+    _fit(1, 2, root=tmp_path)  # stops inside the first rotation (relu1, fc2 measured)
+    _, resumed = _fit(1, 5, ckpt=str(tmp_path / "last.ckpt"))
+    assert _layer_keys(resumed.logged[0]) == ["relu2"]
+    def signals(logged):  # the facts (layer_index, ...) are logged once per fit
+        return {k: v for k, v in logged.items() if not k.startswith("netprobe/layer_")}
+
+    for a, b in zip(whole.logged[2:], resumed.logged):
+        assert signals(a) == pytest.approx(signals(b), abs=1e-12)
+    assert "netprobe/reliance_auc" in resumed.logged[0]  # the rotation's earlier values came with the state
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_layers_per_measurement_must_be_a_positive_int(bad):
+    with pytest.raises((ValueError, TypeError), match="layers_per_measurement"):
+        RelianceMonitor(LAYERS, layers_per_measurement=bad)
+
+
+def test_a_group_larger_than_the_layers_measures_them_all():
+    _, big = _fit(5, 2)
+    _, plain = _fit(None, 2)
+    for a, b in zip(big.logged, plain.logged):
+        assert {k: v for k, v in a.items() if "best" not in k} == pytest.approx({k: v for k, v in b.items() if "best" not in k})
