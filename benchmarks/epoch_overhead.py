@@ -17,6 +17,8 @@ For each task it prints:
   ratios is printed, with the ratio by process CPU time and that of the fastest epochs (other
   processes only add time, so on a shared machine these are the steadier figures);
 * the amortized ratio with ``every_n_epochs=--every`` (mean epoch over whole measuring cycles);
+* with ``--rotate K``, the ratio with ``RelianceMonitor(layers_per_measurement=K)`` (alternated
+  with the other variants) and that monitor's time per measurement;
 * each monitor's share: the median of its ``netprobe/time/<Monitor>`` key, in ms and as % of a
   bare epoch;
 * the cost of the TensorBoard media (figures, histograms, drawn at the first measurement and every
@@ -160,9 +162,10 @@ def run(cls: type, loader, monitors: Sequence[pl.Callback], epochs: int, logdir:
 CONVERGENCE_METHODS: Optional[Sequence[str]] = None
 
 
-def three(layers: Sequence[str], **kw) -> List[pl.Callback]:
+def three(layers: Sequence[str], rotate: Optional[int] = None, **kw) -> List[pl.Callback]:
     conv = dict(kw, methods=tuple(CONVERGENCE_METHODS)) if CONVERGENCE_METHODS else kw
-    return [SelectivityMonitor(layers, **kw), RelianceMonitor(layers, **kw), ConvergenceMonitor(layers, **conv)]
+    rel = dict(kw, layers_per_measurement=rotate) if rotate else kw
+    return [SelectivityMonitor(layers, **kw), RelianceMonitor(layers, **rel), ConvergenceMonitor(layers, **conv)]
 
 
 def med(xs: Sequence[float]) -> float:
@@ -421,6 +424,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one round, one floor repetition (about a minute)")
     ap.add_argument("--methods", default=None,
                     help="ConvergenceMonitor's methods, comma-separated (e.g. pwcca,cka; default: its default)")
+    ap.add_argument("--rotate", type=int, default=None,
+                    help="also time RelianceMonitor(layers_per_measurement=K) (the others at their defaults), alternated with the rest")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains (cuda: a GPU Trainer)")
     args = ap.parse_args()
     global DEVICE, CONVERGENCE_METHODS
@@ -459,6 +464,8 @@ def main() -> None:
                   f"{len(loader)} batches/epoch, layers {layers}; {epochs} epochs per run, first untimed; "
                   f"load average {os.getloadavg()[0]:.2f}")
             base, full, cheap, shares, per_round, cpu_b, cpu_f = [], [], [], [], [], [], []
+            rotated: List[float] = []
+            rot_shares: List[Dict[str, float]] = []
             for _ in range(args.rounds):  # alternate the variants so machine drift hits all of them
                 b = run(cls, loader, [], epochs, logdir)
                 f = run(cls, loader, three(layers), epochs, logdir)
@@ -470,6 +477,10 @@ def main() -> None:
                 per_round.append(med(f.times[1:]) / med(b.times[1:]))
                 if measure_cheap:
                     cheap += run(cls, loader, three(layers, every_n_epochs=args.every), epochs, logdir).times[1:]
+                if args.rotate:
+                    rt = run(cls, loader, three(layers, rotate=args.rotate), epochs, logdir)
+                    rotated += rt.times[1:]
+                    rot_shares += rt.shares[1:]
             tb, tf = med(base), med(full)
             ratio = tf / tb
             print(f"median epoch: no monitors {tb * 1e3:.1f} ms | all three, every epoch {tf * 1e3:.1f} ms "
@@ -492,6 +503,12 @@ def main() -> None:
                 amort = 1 + (statistics.mean(full) - statistics.mean(base)) / args.every / tb
                 print(f"ratio (every_n_epochs={args.every}), estimated as 1 + (mean monitored - mean bare epoch) / {args.every} "
                       f"/ bare (too few epochs to run it): {amort:.2f}")
+            if args.rotate:
+                groups = -(-len(layers) // args.rotate)
+                t_rel = med([sh["RelianceMonitor"] for sh in rot_shares if "RelianceMonitor" in sh])
+                print(f"ratio with RelianceMonitor(layers_per_measurement={args.rotate}) ({groups} groups: each layer measured "
+                      f"every {groups} epochs; median epoch): {med(rotated) / tb:.2f}; mean epochs {statistics.mean(rotated) / statistics.mean(base):.2f}; "
+                      f"RelianceMonitor {t_rel * 1e3:.1f} ms/measurement")
             for mon in sorted({k for sh in shares for k in sh}):
                 t = med([sh[mon] for sh in shares if mon in sh])
                 print(f"  {mon:<20} {t * 1e3:8.1f} ms/measurement = {t / tb * 100:6.1f} % of a bare epoch")
