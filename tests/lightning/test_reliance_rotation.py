@@ -5,7 +5,6 @@ due keep their last value where Lightning's callbacks read them; a resumed run g
 rotation."""
 
 import pytest
-import torch
 
 pl = pytest.importorskip("pytorch_lightning")
 
