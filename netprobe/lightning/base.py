@@ -225,6 +225,9 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         # keys this measurement leaves out on purpose (not due: RelianceMonitor's rotation), whose
         # last values stay where Lightning's callbacks read them, as between measurements
         self._resting: set = set()
+        # True while on_train_end computes the last measurement again for its media: a subclass
+        # whose measurement advances a state (RelianceMonitor's rotation) repeats it instead
+        self._redrawing = False
         self._best: Dict[str, float] = {}  # metric -> best value of netprobe/<metric> so far (see _BEST)
         self._fingerprint: Optional[str] = None  # of the probe set measured (kept in checkpoints)
         # each layer's batch axis, observed at its first measurement and carried to the later ones
@@ -416,7 +419,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         if (last < 0 or self._media_epoch == last or _dist.world_size() > 1 or _dist.rank() != 0
                 or last < int(trainer.current_epoch) - 1 or _tensorboard_writer(list(getattr(trainer, "loggers", []) or [])) is None):
             return
-        self._media_due = True
+        self._media_due, self._redrawing = True, True
         try:
             with self._frozen(pl_module):
                 _, media = self._measure(trainer, pl_module)
@@ -424,6 +427,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             warnings.warn(f"{type(self).__name__}: the last measurement's figures were not drawn: {err}", RuntimeWarning)
             return
         finally:
+            self._redrawing = False
             _shared_pass(trainer).clear()
         self._media_epoch = last
         self._publish_media(trainer, media)
@@ -779,9 +783,10 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             cm[k] = torch.tensor(float(v))
         pbar, main = getattr(trainer, "progress_bar_metrics", None), f"netprobe/{self.metrics[0]}"
         if isinstance(pbar, dict):  # the monitor's main mean on the progress bar, as `self.log(..., prog_bar=True)` puts it
-            pbar.pop(main, None)
             if main in scalars:
                 pbar[main] = float(scalars[main])
+            elif main not in resting:
+                pbar.pop(main, None)
         loggers = list(getattr(trainer, "loggers", []) or [])
         if _dist.rank() != 0 or not loggers:
             return

@@ -364,7 +364,10 @@ class ConvergenceMonitor(NetprobeMonitor):
         (``key``: ``"prev"`` or ``"ref"``). This side's are kept for the next measurement."""
         m, d = cur.shape
         if acc is None:
-            acc = SimilarityAccumulator().update(cur, other, y_stats=self._pw_side.get((key, layer)))
+            kept = self._pw_side.get((key, layer))
+            if kept is not None and kept.mean.device != cur.device:  # kept from an accumulator on the layer's device
+                kept = None
+            acc = SimilarityAccumulator().update(cur, other, y_stats=kept)
         self._pw_side[("cur", layer)] = acc.side("x")
         if key == "ref":
             self._pw_side[("ref", layer)] = acc.side("y")
@@ -501,9 +504,13 @@ class ConvergenceMonitor(NetprobeMonitor):
                         vals["pwcca"][layer] = self._pwcca_of(layer, cur, other[layer], key, same_rows)
                     except ValueError as err:
                         self._warn_skip(layer, f"pwcca ({what})", err, (f"pwcca_{key}",))
+            # the statistics of the rows kept as the previous ones, or none (a comparison failed):
+            # never those of other rows
             mine = self._pw_side.pop(("cur", layer), None)
             if mine is not None:
                 self._pw_side[("prev", layer)] = mine
+            else:
+                self._pw_side.pop(("prev", layer), None)
         self._prev, self._prev_side, self._prev_pw = full, sides, rows
         out: Dict[str, float] = {}
         for m in self.methods:

@@ -266,7 +266,8 @@ class RelianceMonitor(NetprobeMonitor):
         base = self._agreed(lambda: score(out, y.to(out.device)), out.device)  # this shard's unablated point
         total = _dist.all_reduce_sum(torch.tensor([base[0], float(x.shape[0])], dtype=torch.float64, device=out.device)).cpu()
         groups = self._groups()
-        due = groups[self._rotation % len(groups)]  # every layer, or this measurement's group of the rotation
+        # every layer, or this measurement's group of the rotation (the last one's again when its media are redrawn)
+        due = groups[(self._rotation - int(self._redrawing)) % len(groups)]
         orders: Dict[str, Any] = {}
         for n in due:
             if self.order == "random":
@@ -311,7 +312,9 @@ class RelianceMonitor(NetprobeMonitor):
         self._layer_values("reliance_area", areas, out_vals, expected=due, coverage=cover)
         if self.noise:
             self._layer_values("noise_auc", noise_aucs, out_vals, expected=due, coverage=cover)
-        if self.layers_per_measurement is not None:
+        if self._redrawing:
+            pass  # the last measurement again, for its media: the rotation does not move
+        elif self.layers_per_measurement is not None:
             self._rotate({"reliance_auc": aucs, "reliance_area": areas, **({"noise_auc": noise_aucs} if self.noise else {})},
                          due, out_vals)
         else:

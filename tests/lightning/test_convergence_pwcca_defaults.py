@@ -6,6 +6,7 @@ captured by forward hooks (the positions redrawn as netprobe.capture.reductions 
 a frozen network gives 1; a resumed run keeps the positions."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -228,3 +229,26 @@ def test_position_rows_of_a_peers_pass_on_other_inputs_are_not_used(monkeypatch)
         return conv.last_values["netprobe/pwcca_prev/relu_c"]
 
     assert run(True) == run(False)
+
+
+def test_a_failed_pwcca_comparison_does_not_stop_the_later_ones(monkeypatch):
+    """A comparison that fails (here: made to raise at epoch 2, after one that kept its statistics)
+    leaves no statistics of other rows behind: the next one compares again, with the reference's value."""
+    orig = ConvergenceMonitor._pwcca_of
+
+    def failing_at_epoch_2(self, layer, cur, other, key, acc):
+        if self._last_epoch == 2:
+            raise ValueError("a comparison that fails")
+        return orig(self, layer, cur, other, key, acc)
+
+    monkeypatch.setattr(ConvergenceMonitor, "_pwcca_of", failing_at_epoch_2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip warning of epoch 2
+        mon, cap = fit(4)
+    idx = positions(mon, L)  # epoch 3 against epoch 2, whose comparison with epoch 1 failed
+    assert all(f"netprobe/pwcca_prev/{name}" in mon.last_values for name in LAYERS)
+    # the conv layer's and the wide layer's (relu_d has a dead unit by epoch 2, which the numpy
+    # reference, written for full-rank inputs, does not drop)
+    for name in ("relu_c", "relu_w"):
+        want = reference_value(name, cap.acts[3][name], cap.acts[2][name], idx)
+        assert 1.0 - mon.last_values[f"netprobe/pwcca_prev/{name}"] == pytest.approx(1.0 - want, rel=1e-6, abs=1e-12), name

@@ -106,3 +106,31 @@ def test_a_group_larger_than_the_layers_measures_them_all():
     _, plain = _fit(None, 2)
     for a, b in zip(big.logged, plain.logged):
         assert {k: v for k, v in a.items() if "best" not in k} == pytest.approx({k: v for k, v in b.items() if "best" not in k})
+
+
+def test_the_media_redrawn_at_the_end_are_the_last_groups_and_keep_the_rotation(tmp_path, monkeypatch):
+    from netprobe import viz
+
+    drawn = []
+    orig = viz.curves_figure
+
+    def recording(curves, **kw):
+        drawn.append(sorted(curves))
+        return orig(curves, **kw)
+
+    monkeypatch.setattr(viz, "curves_figure", recording)
+
+    class StopAfterEpoch1(pl.Callback):  # after the monitor's measurement, whose media were then not due
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.should_stop = True
+
+    pl.seed_everything(0, verbose=False)
+    x, y = digits(240)
+    mon = RelianceMonitor(LAYERS, num_samples=96, repeats=2, layers_per_measurement=1)
+    tr = trainer(pl, max_epochs=5, callbacks=[mon, StopAfterEpoch1()], logger=pl.loggers.TensorBoardLogger(str(tmp_path)))
+    tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False))
+    assert drawn == [["relu1"], ["fc2"]]  # the first measurement's media, then the last one's group again at the end
+    rotation = mon.state_dict()["extra"]["rotation"]
+    assert rotation["measurements"] == 2
+    assert sorted(rotation["values"]["reliance_auc"]) == ["fc2", "relu1"]
