@@ -34,6 +34,7 @@ What every monitor does, in one place:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import time
 import warnings
@@ -324,6 +325,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             if unknown:
                 raise ValueError(f"{type(self).__name__}: `{what}` names layers that are not monitored: {unknown}. Monitored: {self.layers}.")
         self._refuse_shared_keys(trainer, pl_module)
+        self._refuse_strict_early_stopping(trainer, pl_module)
         _shared_pass(trainer).monitors.add(self)
         # a monitor reused for another Trainer or model starts afresh (its probe set and previous
         # activations belong to the old run); a second fit of the same pair goes on where it was.
@@ -360,6 +362,30 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 f"{' and %d more' % (len(shared) - 4) if len(shared) > 4 else ''}: a key has one writer (EarlyStopping, "
                 f"ModelCheckpoint and `netprobe rank` read these keys, and two writers would overwrite each other). {advice}."
             )
+
+    def _late_keys(self, pl_module: nn.Module) -> Dict[str, str]:
+        """``{key: why}`` for the keys the end of the first epoch does not have yet: all of them with
+        ``every_n_epochs > 1`` (a subclass adds its own)."""
+        if self.every_n_epochs == 1:
+            return {}
+        return {k: f"every_n_epochs={self.every_n_epochs}: first measured at the end of epoch {self.every_n_epochs - 1}"
+                for k in self.logged_keys(pl_module)}
+
+    def _refuse_strict_early_stopping(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Refuse, before the first step, an ``EarlyStopping(strict=True)`` on a key this monitor does
+        not log by the end of the first epoch: Lightning would stop the run there with an error."""
+        late = self._late_keys(pl_module)
+        if not late:
+            return
+        for cb in getattr(trainer, "callbacks", None) or []:
+            key = getattr(cb, "monitor", None)
+            if isinstance(cb, _early_stopping_classes()) and getattr(cb, "strict", False) and key in late:
+                raise ValueError(
+                    f"{type(cb).__name__}(monitor={key!r}, strict=True) would end the run with an error at the end of "
+                    f"epoch 0: {self._describe()} does not log that key by then ({late[key]}). Pass strict=False (the key "
+                    "keeps its last value between measurements), or use netprobe.lightning.RelianceEarlyStopping, which "
+                    "counts only fresh measurements."
+                )
 
     def _specs(self) -> List[Any]:
         spec = self.layer_specs
@@ -808,6 +834,17 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         for tag, fig in media.get("figures", {}).items():
             if fig is not None:
                 writer.add_figure(tag, fig, step, close=True)
+
+
+def _early_stopping_classes() -> Tuple[type, ...]:
+    """Lightning's ``EarlyStopping`` of each Lightning package installed."""
+    found = []
+    for name in ("pytorch_lightning.callbacks", "lightning.pytorch.callbacks"):
+        try:
+            found.append(importlib.import_module(name).EarlyStopping)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _log_step(trainer: Trainer) -> int:

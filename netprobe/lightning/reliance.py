@@ -206,6 +206,18 @@ class RelianceMonitor(NetprobeMonitor):
         self._rotation = int(rot.get("measurements", 0))
         self._rotation_values = {str(m): {str(k): float(x) for k, x in dict(v).items()} for m, v in dict(rot.get("values", {})).items()}
 
+    def _late_keys(self, pl_module: nn.Module) -> Dict[str, str]:
+        late = super()._late_keys(pl_module)
+        groups = self._groups() if self.layers else []
+        if self.layers_per_measurement is None or len(groups) < 2 or late:
+            return late
+        why = (f"layers_per_measurement={self.layers_per_measurement}: the means first at the end of epoch {len(groups) - 1}, "
+               "a layer at the epoch its group is measured")
+        rotating = [m for m in self.metrics if m != "probe_accuracy"]
+        keys = {f"netprobe/{m}" for m in rotating} | {f"netprobe/best/{m}" for m in rotating}
+        keys |= {f"netprobe/{m}/{layer}" for m in rotating for layer in self.layers if layer not in groups[0]}
+        return {k: why for k in keys}
+
     def _groups(self) -> List[List[str]]:
         """The rotation's groups of layers (one group of all of them without ``layers_per_measurement``)."""
         k = self.layers_per_measurement or len(self.layers)

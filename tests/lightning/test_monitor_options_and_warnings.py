@@ -185,3 +185,16 @@ def test_num_samples_over_the_dataset_warns_once_with_both_sizes():
     with pytest.warns(RuntimeWarning, match=r"`num_samples`=64, but the `probe_data` DataLoader has only 40 examples"):
         trainer(pl, max_epochs=1, callbacks=[SelectivityMonitor(["relu1"], num_samples=64, probe_data=probe_loader)]).fit(
             make_module(pl, batchnorm=False), loader(x, y))
+
+
+def test_a_strict_early_stopping_with_every_n_epochs_above_1_is_refused_before_the_first_step():
+    x, y = digits(240)
+    mon = SelectivityMonitor(["relu1"], num_samples=96, every_n_epochs=2)
+    stop = pl.callbacks.EarlyStopping(monitor="netprobe/selectivity_mean", mode="max", strict=True)
+    tr = trainer(pl, max_epochs=2, callbacks=[mon, stop])
+    with pytest.raises(ValueError, match=r"every_n_epochs=2: first measured at the end of epoch 1.*strict=False"):
+        tr.fit(make_module(pl), loader(x, y))
+    lenient = pl.callbacks.EarlyStopping(monitor="netprobe/selectivity_mean", mode="max", strict=False)
+    tr = trainer(pl, max_epochs=2, callbacks=[SelectivityMonitor(["relu1"], num_samples=96, every_n_epochs=2), lenient])
+    tr.fit(make_module(pl), loader(x, y))
+    assert "netprobe/selectivity_mean" in tr.callback_metrics

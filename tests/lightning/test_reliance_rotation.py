@@ -134,3 +134,27 @@ def test_the_media_redrawn_at_the_end_are_the_last_groups_and_keep_the_rotation(
     rotation = mon.state_dict()["extra"]["rotation"]
     assert rotation["measurements"] == 2
     assert sorted(rotation["values"]["reliance_auc"]) == ["fc2", "relu1"]
+
+
+def _fit_with(callbacks, epochs=2):
+    pl.seed_everything(0, verbose=False)
+    x, y = digits(240)
+    tr = trainer(pl, max_epochs=epochs, callbacks=callbacks)
+    tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False))
+    return tr
+
+
+@pytest.mark.parametrize("key", ["netprobe/reliance_auc", "netprobe/reliance_auc/fc2"])
+def test_a_strict_early_stopping_on_a_key_not_logged_at_epoch_0_is_refused_before_the_first_step(key):
+    mon = RelianceMonitor(LAYERS, num_samples=96, repeats=2, layers_per_measurement=1)
+    stop = pl.callbacks.EarlyStopping(monitor=key, mode="max", strict=True)
+    with pytest.raises(ValueError, match=r"strict=True\) would end the run with an error at the end of epoch 0.*strict=False"):
+        _fit_with([mon, stop])
+    assert mon._last_epoch == -1  # nothing was measured: refused in setup
+
+
+def test_a_strict_early_stopping_on_the_first_groups_key_or_a_lenient_one_runs():
+    first = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc/relu1", mode="max", strict=True, patience=10)
+    lenient = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", strict=False, patience=10)
+    tr = _fit_with([RelianceMonitor(LAYERS, num_samples=96, repeats=2, layers_per_measurement=1), first, lenient], epochs=3)
+    assert tr.current_epoch == 3
