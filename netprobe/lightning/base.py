@@ -372,14 +372,22 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
                 for k in self.logged_keys(pl_module)}
 
     def _refuse_strict_early_stopping(self, trainer: Trainer, pl_module: nn.Module) -> None:
-        """Refuse, before the first step, an ``EarlyStopping(strict=True)`` on a key this monitor does
-        not log by the end of the first epoch: Lightning would stop the run there with an error."""
+        """Refuse, before the first step, an ``EarlyStopping(strict=True)`` that checks at the end of
+        the first training epoch (Lightning's rule: ``check_on_train_epoch_end``, or by default a
+        validation every epoch at the epoch's end) on a key this monitor does not log by then:
+        Lightning would stop the run there with an error."""
         late = self._late_keys(pl_module)
         if not late:
             return
         for cb in getattr(trainer, "callbacks", None) or []:
             key = getattr(cb, "monitor", None)
-            if isinstance(cb, _early_stopping_classes()) and getattr(cb, "strict", False) and key in late:
+            if not (isinstance(cb, _early_stopping_classes()) and getattr(cb, "strict", False) and key in late):
+                continue
+            at_epoch_end = getattr(cb, "_check_on_train_epoch_end", None)
+            if at_epoch_end is None:
+                at_epoch_end = (getattr(trainer, "val_check_interval", 1.0) == 1.0
+                                and getattr(trainer, "check_val_every_n_epoch", 1) == 1)
+            if at_epoch_end:
                 raise ValueError(
                     f"{type(cb).__name__}(monitor={key!r}, strict=True) would end the run with an error at the end of "
                     f"epoch 0: {self._describe()} does not log that key by then ({late[key]}). Pass strict=False (the key "

@@ -158,3 +158,14 @@ def test_a_strict_early_stopping_on_the_first_groups_key_or_a_lenient_one_runs()
     lenient = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", strict=False, patience=10)
     tr = _fit_with([RelianceMonitor(LAYERS, num_samples=96, repeats=2, layers_per_measurement=1), first, lenient], epochs=3)
     assert tr.current_epoch == 3
+
+
+def test_a_strict_early_stopping_that_checks_after_validation_every_other_epoch_is_not_refused():
+    # Lightning then checks at the validation's end, at epochs 1, 3, ...: the means are logged by epoch 1
+    stop = pl.callbacks.EarlyStopping(monitor="netprobe/reliance_auc", mode="max", strict=True, patience=10)
+    pl.seed_everything(0, verbose=False)
+    x, y = digits(240)
+    tr = trainer(pl, max_epochs=2, check_val_every_n_epoch=2,
+                 callbacks=[RelianceMonitor(["relu1", "relu2"], num_samples=96, repeats=2, layers_per_measurement=1), stop])
+    tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False), loader(x[:100], y[:100], shuffle=False))
+    assert tr.current_epoch == 2 and "netprobe/reliance_auc" in tr.callback_metrics
