@@ -1,4 +1,5 @@
-"""Under DDP (2 CPU processes, gloo) the monitors log the single-process values of the same probe set."""
+"""Under DDP (2 CPU processes, gloo) the monitors log the single-process values of the same probe set,
+with RelianceMonitor measuring every layer or them in a rotation (every rank takes the same group)."""
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ class _SameOrdersOnEveryRank(pl.Callback):
                 assert all(torch.equal(other[k], orders[k]) for k in orders), "ranks hold different orders"
 
 
-def _run(strategy, devices):
+def _run(strategy, devices, rotate=None):
     pl.seed_everything(0, verbose=False)
     x, y = digits(240)
     model = make_module(pl, dropout=0.0, batchnorm=False, lr=0.0)  # lr=0: same weights in both runs
@@ -51,7 +52,8 @@ def _run(strategy, devices):
     ref = make_module(pl, dropout=0.0, batchnorm=False)
     mons = [
         SelectivityMonitor(["relu1", "relu2"], num_samples=101, mutual_info=True),  # odd n: unequal shards
-        RelianceMonitor(["relu1", "relu2"], num_samples=101, noise=True, repeats=2, order="random"),
+        RelianceMonitor(["relu1", "relu2"], num_samples=101, noise=True, repeats=2, order="random",
+                        layers_per_measurement=rotate),
         ConvergenceMonitor(["relu1", "relu2"], num_samples=101, reference=ref, methods=("pwcca", "svcca", "cka")),
     ]
     tr = trainer(pl, max_epochs=2, strategy=strategy, devices=devices,
@@ -61,9 +63,10 @@ def _run(strategy, devices):
 
 
 @pytest.mark.slow
-def test_ddp_values_equal_single_process():
-    single = _run("auto", 1)
-    ddp = _run("ddp_spawn", 2)
-    for k in KEYS:
+@pytest.mark.parametrize("rotate", [None, 1])
+def test_ddp_values_equal_single_process(rotate):
+    single = _run("auto", 1, rotate)
+    ddp = _run("ddp_spawn", 2, rotate)
+    for k in KEYS + ("netprobe/reliance_auc/relu1",):  # with the rotation, relu1's from epoch 0, relu2's and the means from epoch 1
         assert k in single and k in ddp, k
         assert ddp[k] == pytest.approx(single[k], abs=1e-6), k
