@@ -229,8 +229,6 @@ def _underfit_line(uf) -> str:
 
 
 _SOURCES = {"layer_index": "deepest by netprobe/layer_index (forward-pass position)",
-            "logged": "deepest = the last layer the monitors logged (model.named_modules() registration order, "
-                      "usually but not always the forward order; pass --layer NAME to be sure)",
             "single": "deepest = the only monitored layer"}
 
 

@@ -2,9 +2,8 @@
 
 A run is a directory with event files whose ancestors have none (:func:`find_runs`); its event
 files in sub-directories belong to it. :func:`load_run` reads every scalar with TensorBoard's
-reader, the hyperparameters (HParams plugin data and ``hparams.yaml``), and the record order of
-the ``netprobe/`` tags (the order the monitors logged their layers in). Each record's checksums
-are verified first (:func:`_scan_event_file`): a corrupt or truncated file sets ``Run.error``.
+reader and the hyperparameters (HParams plugin data and ``hparams.yaml``). Each record's checksums
+are verified first (:func:`_check_event_file`): a corrupt or truncated file sets ``Run.error``.
 """
 
 from __future__ import annotations
@@ -12,23 +11,20 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from netprobe.select.errors import SelectionError
-from netprobe.select.keys import _NOT_SIGNALS, _netprobe_parts
 
 
 @dataclass
 class Run:
-    """One run's logs as read from its event files: its scalars by tag (``[(step, value)]``), its hyperparameters, why it cannot be ranked (``error``) and the layer order its monitors logged."""
+    """One run's logs as read from its event files: its scalars by tag (``[(step, value)]``), its hyperparameters and why it cannot be ranked (``error``)."""
     name: str
     path: str
     scalars: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)] by step
     hparams: Dict[str, Any] = field(default_factory=dict)
     #: why the run cannot be ranked (a corrupt or truncated event file), else None
     error: Optional[str] = None
-    #: metric -> its layers in the order the monitors logged them (``netprobe/<metric>/<layer>`` keys)
-    logged_order: Dict[str, List[str]] = field(default_factory=dict)
 
 
 def _is_event_file(name: str) -> bool:
@@ -83,52 +79,37 @@ def _hparams_from_yaml(path: str) -> Dict[str, Any]:
 
 
 def _check_event_file(path: str) -> Optional[str]:
-    """Why the TFRecord file at ``path`` cannot be read to its end (None when it can)."""
-    return _scan_event_file(path)[0]
-
-
-def _scan_event_file(path: str) -> Tuple[Optional[str], List[Tuple[int, str]]]:
-    """``(why the TFRecord file at path cannot be read to its end or None, [(step, tag)] of its
-    ``netprobe/`` summary values in record order)``.
+    """Why the TFRecord file at ``path`` cannot be read to its end (None when it can).
 
     TensorBoard's reader stops silently at the first corrupt or truncated record (it takes it for
     a record still being written), which would rank a run by the values logged before it. Each
     record is ``uint64 length, uint32 masked CRC-32C of the length, data, uint32 masked CRC-32C of
-    the data``; every checksum is verified here. The record order of the ``netprobe/`` tags is the
-    order in which the monitors logged their layers (see :func:`layer_order`).
+    the data``; every checksum is verified here.
     """
-    from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     name = os.path.basename(path)
-    seq: List[Tuple[int, str]] = []
     try:
         with open(path, "rb") as fh:
             offset = 0
             while True:
                 head = fh.read(12)
                 if not head:
-                    return None, seq
+                    return None
                 if len(head) < 12:
-                    return f"truncated record at byte {offset} of {name}", seq
+                    return f"truncated record at byte {offset} of {name}"
                 if struct.unpack("<I", head[8:])[0] != masked_crc32c(head[:8]):
-                    return f"corrupt record at byte {offset} of {name} (length checksum mismatch)", seq
+                    return f"corrupt record at byte {offset} of {name} (length checksum mismatch)"
                 (length,) = struct.unpack("<Q", head[:8])
                 data = fh.read(length)
                 crc = fh.read(4)
                 if len(data) < length or len(crc) < 4:
-                    return f"truncated record at byte {offset} of {name}", seq
+                    return f"truncated record at byte {offset} of {name}"
                 if struct.unpack("<I", crc)[0] != masked_crc32c(data):
-                    return f"corrupt record at byte {offset} of {name} (data checksum mismatch)", seq
-                if b"netprobe/" in data:
-                    try:
-                        ev = event_pb2.Event.FromString(data)
-                        seq.extend((int(ev.step), v.tag) for v in ev.summary.value if v.tag.startswith("netprobe/"))
-                    except Exception:  # noqa: BLE001 - an unparsable event only loses its order information
-                        pass
+                    return f"corrupt record at byte {offset} of {name} (data checksum mismatch)"
                 offset += 16 + length
     except OSError as err:
-        return f"cannot read {name}: {err}", seq
+        return f"cannot read {name}: {err}"
 
 
 def load_run(path: str, name: Optional[str] = None) -> Run:
@@ -142,15 +123,13 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
 
     run = Run(name or os.path.basename(os.path.normpath(path)), path)
     series: Dict[str, Dict[int, float]] = {}
-    seq: List[Tuple[int, str]] = []
     for root, _, files in sorted(os.walk(path)):
         if not any(_is_event_file(f) for f in files):
             continue
         for f in sorted(files):
             if not _is_event_file(f):
                 continue
-            why, tags = _scan_event_file(os.path.join(root, f))
-            seq.extend(tags)
+            why = _check_event_file(os.path.join(root, f))
             if why and run.error is None:
                 rel = os.path.relpath(root, path)
                 run.error = (why if rel == "." else f"{why} in {rel}") + \
@@ -167,7 +146,6 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
         run.hparams.update(_hparams_from_plugin(acc))
         run.hparams.update(_hparams_from_yaml(root))
     run.scalars = {t: sorted(v.items()) for t, v in series.items()}
-    run.logged_order = _logged_layer_order(seq, run.scalars)
     return run
 
 
@@ -182,23 +160,3 @@ def load_runs(logdir: Union[str, os.PathLike]) -> List[Run]:
     base = os.fspath(logdir)
     return [load_run(p, os.path.relpath(p, base) if p != base else os.path.basename(base)) for p in paths]
 
-
-def _logged_layer_order(seq: Sequence[Tuple[int, str]], scalars: Mapping[str, Any]) -> Dict[str, List[str]]:
-    """metric -> its layers in the order of the event records at a step where all of them were
-    logged (the monitors log their layers in ``model.named_modules()`` order, one record per key);
-    a metric none of whose steps logged every one of its layers gets no order."""
-    steps: Dict[str, Dict[int, List[str]]] = {}
-    for step, tag in seq:
-        parts = _netprobe_parts(tag)
-        if parts is None or parts[1] is None or parts[0] in _NOT_SIGNALS or tag not in scalars:
-            continue
-        layers = steps.setdefault(parts[0], {}).setdefault(step, [])
-        if parts[1] not in layers:
-            layers.append(parts[1])
-    out: Dict[str, List[str]] = {}
-    for metric, by_step in steps.items():
-        every = {layer for layers in by_step.values() for layer in layers}
-        full = [layers for _, layers in sorted(by_step.items()) if len(layers) == len(every)]
-        if full:
-            out[metric] = list(full[0])
-    return out

@@ -15,9 +15,9 @@ from netprobe.select.values import _last
 def layer_order(run: Run, metric: str) -> Tuple[List[str], Optional[str]]:
     """The layers of ``run`` with a ``netprobe/<metric>/<layer>`` key, shallowest first, and where
     the order comes from: ``"layer_index"`` (the ``netprobe/layer_index/<layer>`` scalars: positions
-    in the forward pass), ``"logged"`` (the order of the monitors' records in the event files, which
-    is the model's ``named_modules()`` registration order), ``"single"`` (one layer); ``([...], None)``
-    when the logs do not tell (the layers sorted by name)."""
+    in the forward pass), ``"single"`` (one layer); ``([...], None)`` when the logs do not tell (the
+    layers sorted by name). The order in which the monitors' records appear is not used: it is the
+    model's ``named_modules()`` registration order, which need not be the forward order."""
     prefix = f"netprobe/{metric}/"
     layers = sorted(t[len(prefix):] for t in run.scalars if t.startswith(prefix))
     if len(layers) <= 1:
@@ -25,15 +25,11 @@ def layer_order(run: Run, metric: str) -> Tuple[List[str], Optional[str]]:
     idx = {layer: _last(run, LAYER_INDEX_PREFIX + layer) for layer in layers}
     if all(v is not None and math.isfinite(v) for v in idx.values()):
         return sorted(layers, key=lambda layer: (idx[layer], layer)), "layer_index"
-    logged = run.logged_order.get(metric, [])
-    if sorted(logged) == layers:
-        return list(logged), "logged"
     return layers, None
 
 
 _ORDER_SOURCES = {
     "layer_index": "by netprobe/layer_index (forward-pass position)",
-    "logged": "the last layer the monitors logged (model.named_modules() registration order)",
     "single": "the only monitored layer",
 }
 

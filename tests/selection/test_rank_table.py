@@ -198,7 +198,7 @@ def test_key_directions_and_signal_specs():
 
 # ----------------------------------------------------------------------------- a sweep on disk
 N_RUNS = 10
-LAYERS = ("fc1", "fc2", "fc10")  # logged in this order: the deepest is fc10 (by name it would sort before fc2)
+LAYERS = ("fc1", "fc2", "fc10")  # in forward order (netprobe/layer_index): the deepest is fc10 (by name it would sort before fc2)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,8 @@ def sweep(tmp_path_factory):
                 w.add_scalar("netprobe/time/RelianceMonitor", 0.01, step)
                 w.add_scalar("netprobe/best/probe_accuracy", v["netprobe/probe_accuracy"], step)  # the monitors' best so far
                 w.add_scalar("epoch", step // 10 - 1, step)
+            for index, layer in enumerate(LAYERS):
+                w.add_scalar(f"netprobe/layer_index/{layer}", float(index), 0)
             for key in ("train/loss", "test/acc", "test/loss"):
                 w.add_scalar(key, v[key], 30)
     return root, data
@@ -276,10 +278,10 @@ def test_table_statistics_against_scipy_and_the_bootstrap(sweep):
         ranks = stats.rankdata([-a for a in acc])
         assert row["pick_reference_rank"] == pytest.approx(np.mean([r for r, s in zip(ranks, sig) if s == best]))
     assert res["ks"] == [1, 5] and res["bootstrap"]["n_boot"] == 200
-    # the deepest layer of every run is fc10 (logged last), not fc2 (last by name)
+    # the deepest layer of every run is fc10 (by netprobe/layer_index), not fc2 (last by name)
     assert got["netprobe/reliance_auc@deepest"]["kendall_tau"] == got["netprobe/reliance_auc/fc10"]["kendall_tau"]
     assert set(got["netprobe/reliance_auc@deepest"]["keys"].values()) == {"netprobe/reliance_auc/fc10"}
-    assert got["netprobe/reliance_auc@deepest"]["layer_source"] == ["logged"]
+    assert got["netprobe/reliance_auc@deepest"]["layer_source"] == ["layer_index"]
 
 
 def test_orientation_with_against_mode_min(sweep):
@@ -404,21 +406,23 @@ def depth_sweep(tmp_path_factory):
     return root, vals
 
 
-def test_deepest_layer_from_the_logs(depth_sweep):
+def test_deepest_layer_comes_from_layer_index_and_is_refused_without_it(depth_sweep):
     root, vals = depth_sweep
-    assert layer_order(load_run(str(root / "a")), "reliance_auc") == (["enc.0", "enc.1", "head"], "logged")
-    assert layer_order(load_run(str(root / "b")), "reliance_auc") == (["enc.0", "enc.1", "head"], "logged")
+    # a, b: records in forward order but no netprobe/layer_index: the record order (registration
+    # order) is not taken for the forward order
+    assert layer_order(load_run(str(root / "a")), "reliance_auc") == (["enc.0", "enc.1", "head"], None)
+    assert layer_order(load_run(str(root / "b")), "reliance_auc") == (["enc.0", "enc.1", "head"], None)
     assert layer_order(load_run(str(root / "c")), "reliance_auc") == (["z", "y"], "layer_index")
     assert layer_order(load_run(str(root / "d")), "reliance_auc") == (["p", "q"], None)
     assert layer_order(load_run(str(root / "e")), "reliance_auc") == (["only"], "single")
     res = rank_runs(root, "netprobe/reliance_auc", layer="deepest")
     keys = {r["run"]: r["key"] for r in res["runs"]}
-    assert keys == {"a": "netprobe/reliance_auc/head", "b": "netprobe/reliance_auc/head", "c": "netprobe/reliance_auc/y",
-                    "e": "netprobe/reliance_auc/only"}
+    assert keys == {"c": "netprobe/reliance_auc/y", "e": "netprobe/reliance_auc/only"}
     assert {r["run"]: r["signal"] for r in res["runs"]}["c"] == pytest.approx(vals[("c", "y")])
-    reason = {s["run"]: s["reason"] for s in res["skipped"]}["d"]
-    assert "order of its 2 netprobe/reliance_auc/<layer> keys is not in its logs" in reason and "--layer NAME" in reason
-    assert res["layer_source"] == ["layer_index", "logged", "single"]
+    reasons = {s["run"]: s["reason"] for s in res["skipped"]}
+    for run in ("a", "b", "d"):
+        assert "is not in its logs" in reasons[run] and "--layer NAME" in reasons[run], run
+    assert res["layer_source"] == ["layer_index", "single"]
     alias = rank_runs(root, "netprobe/reliance_auc@deepest")
     assert [r["run"] for r in alias["runs"]] == [r["run"] for r in res["runs"]] and alias["metric"] == "netprobe/reliance_auc@deepest"
     named = rank_runs(root, "netprobe/reliance_auc", layer="enc.1")
@@ -457,7 +461,7 @@ def test_cli_table_end_to_end(sweep, tmp_path):
     assert "Cross-validated choice (30 random half splits of the 10 runs)" in text
     assert f"held-out tau of the chosen signal: mean {res['cv']['heldout_tau']['mean']:.3f}" in text
     assert "baseline train/loss on the same held-out halves" in text and "not a confidence interval" in text
-    assert "netprobe/reliance_auc@deepest: deepest = the last layer the monitors logged" in text
+    assert "netprobe/reliance_auc@deepest: deepest by netprobe/layer_index (forward-pass position)" in text
     assert "95% bootstrap percentile intervals (100 resamples of the runs with replacement, seed 0)" in text
     # --json: one valid document
     doc = json.loads(subprocess.run(cmd + ["rank", str(root), "--against", "test/acc", "--signals", "netprobe/reliance_auc*",
