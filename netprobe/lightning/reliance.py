@@ -223,10 +223,12 @@ class RelianceMonitor(NetprobeMonitor):
         k = self.layers_per_measurement or len(self.layers)
         return [list(self.layers[i : i + k]) for i in range(0, len(self.layers), max(k, 1))]
 
-    def _rotate(self, values: Dict[str, Dict[str, float]], due: Sequence[str], out: Dict[str, float]) -> None:
+    def _rotate(self, values: Dict[str, Dict[str, float]], due: Sequence[str], out: Dict[str, float], *,
+                coverage: bool) -> None:
         """With ``layers_per_measurement``: keep this group's values for the rotation's means, log
-        those means at its last group (over the rotation's values, then start a new one), and name
-        the keys left at their last value (the means before then, the layers not due)."""
+        those means at its last group (over the rotation's values, then start a new one; with
+        ``coverage``, noting which of the layers they cover, for the measurement's warnings), and
+        name the keys left at their last value (the means before then, the layers not due)."""
         groups = self._groups()
         last = self._rotation % len(groups) == len(groups) - 1
         self._rotation += 1
@@ -238,9 +240,11 @@ class RelianceMonitor(NetprobeMonitor):
             if not last:
                 resting.add(mean_key)
                 continue
-            finite = [v for v in self._rotation_values[metric].values() if math.isfinite(v)]
-            if finite:
-                out[mean_key] = sum(finite) / len(finite)
+            have = {k: v for k, v in self._rotation_values[metric].items() if math.isfinite(v)}
+            if have:
+                out[mean_key] = sum(have.values()) / len(have)
+            if coverage:
+                self._skipped.coverage[metric] = ([k for k in self.layers if k in have], list(self.layers))
         if last:
             self._rotation_values = {}
         self._resting = resting
@@ -318,17 +322,20 @@ class RelianceMonitor(NetprobeMonitor):
         out_vals: Dict[str, float] = {}
         cover = not diverged  # diverged: every mean is NaN below (the skip warning says why), not a mean over fewer layers
         areas = {k: aucs[k] * float(curves[k].accuracy[0]) for k in aucs}
-        self._layer_values("reliance_auc", aucs, out_vals, expected=due, coverage=cover)
+        rotating = self.layers_per_measurement is not None
+        # with the rotation, a mean's coverage is the rotation's, noted at its last group (_rotate)
+        each = cover and not rotating
+        self._layer_values("reliance_auc", aucs, out_vals, expected=due, coverage=each)
         # the unnormalized area (= auc x unablated accuracy): does not reward a network for having
         # little to lose, as the normalized one does for an underfit network
-        self._layer_values("reliance_area", areas, out_vals, expected=due, coverage=cover)
+        self._layer_values("reliance_area", areas, out_vals, expected=due, coverage=each)
         if self.noise:
-            self._layer_values("noise_auc", noise_aucs, out_vals, expected=due, coverage=cover)
+            self._layer_values("noise_auc", noise_aucs, out_vals, expected=due, coverage=each)
         if self._redrawing:
             pass  # the last measurement again, for its media: the rotation does not move
-        elif self.layers_per_measurement is not None:
+        elif rotating:
             self._rotate({"reliance_auc": aucs, "reliance_area": areas, **({"noise_auc": noise_aucs} if self.noise else {})},
-                         due, out_vals)
+                         due, out_vals, coverage=cover)
         else:
             self._resting = set()
         # the model's own accuracy on the probe set: the curves' unablated point

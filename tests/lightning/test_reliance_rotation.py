@@ -169,3 +169,24 @@ def test_a_strict_early_stopping_that_checks_after_validation_every_other_epoch_
                  callbacks=[RelianceMonitor(["relu1", "relu2"], num_samples=96, repeats=2, layers_per_measurement=1), stop])
     tr.fit(make_module(pl, dropout=0.0), loader(x, y, shuffle=False), loader(x[:100], y[:100], shuffle=False))
     assert tr.current_epoch == 2 and "netprobe/reliance_auc" in tr.callback_metrics
+
+
+def test_a_layer_skipped_in_a_rotation_is_named_when_the_rotations_mean_leaves_it_out(monkeypatch):
+    import netprobe.lightning.reliance as reliance_module
+
+    orig = reliance_module.ablation_curve
+
+    def failing_for_fc2(model, layer, *a, **kw):
+        if layer == "module.fc2" and kw.get("distributed"):  # at the measurements (the check before the first step passes)
+            raise ValueError("fc2 cannot be ablated today")
+        return orig(model, layer, *a, **kw)
+
+    monkeypatch.setattr(reliance_module, "ablation_curve", failing_for_fc2)
+    with pytest.warns(RuntimeWarning) as record:
+        _, rot = _fit(1, 3)
+    texts = [str(w.message) for w in record if "RelianceMonitor" in str(w.message)]
+    assert any("reliance for layer 'fc2' skipped this epoch: fc2 cannot be ablated today" in t for t in texts), texts
+    assert any("cover 2 of 3 layers" in t and "without 'fc2'" in t for t in texts), texts
+    assert not any("not logged this epoch" in t for t in texts), texts  # a mean is never due before the rotation's end
+    want = (rot.logged[0]["netprobe/reliance_auc/relu1"] + rot.logged[2]["netprobe/reliance_auc/relu2"]) / 2
+    assert rot.logged[2]["netprobe/reliance_auc"] == pytest.approx(want, abs=1e-12)
