@@ -34,7 +34,6 @@ What every monitor does, in one place:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import time
 import warnings
@@ -101,6 +100,8 @@ except ImportError:  # pragma: no cover
 _BASES: Tuple[type, ...] = tuple(m.Callback for m in (_pl, _L) if m is not None)
 if not _BASES:  # pragma: no cover
     raise ImportError("netprobe.lightning needs `pytorch-lightning` (or `lightning`) installed.")
+#: Lightning's ``EarlyStopping`` of each Lightning package installed
+_EARLY_STOPPING: Tuple[type, ...] = tuple(m.callbacks.EarlyStopping for m in (_pl, _L) if m is not None)
 
 __all__ = ["NetprobeMonitor"]
 
@@ -381,7 +382,7 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
             return
         for cb in getattr(trainer, "callbacks", None) or []:
             key = getattr(cb, "monitor", None)
-            if not (isinstance(cb, _early_stopping_classes()) and getattr(cb, "strict", False) and key in late):
+            if not (isinstance(cb, _EARLY_STOPPING) and getattr(cb, "strict", False) and key in late):
                 continue
             at_epoch_end = getattr(cb, "_check_on_train_epoch_end", None)
             if at_epoch_end is None:
@@ -842,17 +843,6 @@ class NetprobeMonitor(*_BASES):  # type: ignore[misc]
         for tag, fig in media.get("figures", {}).items():
             if fig is not None:
                 writer.add_figure(tag, fig, step, close=True)
-
-
-def _early_stopping_classes() -> Tuple[type, ...]:
-    """Lightning's ``EarlyStopping`` of each Lightning package installed."""
-    found = []
-    for name in ("pytorch_lightning.callbacks", "lightning.pytorch.callbacks"):
-        try:
-            found.append(importlib.import_module(name).EarlyStopping)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
 
 
 def _log_step(trainer: Trainer) -> int:

@@ -4,7 +4,6 @@ normalized areas, Morcos et al. 2018) on the probe set, each epoch. Composes
 
 from __future__ import annotations
 
-import math
 import warnings
 import zlib
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -240,11 +239,12 @@ class RelianceMonitor(NetprobeMonitor):
             if not last:
                 resting.add(mean_key)
                 continue
-            have = {k: v for k, v in self._rotation_values[metric].items() if math.isfinite(v)}
-            if have:
-                out[mean_key] = sum(have.values()) / len(have)
-            if coverage:
-                self._skipped.coverage[metric] = ([k for k in self.layers if k in have], list(self.layers))
+            # the rotation's mean (and coverage) as every mean over layers is formed; its per-layer
+            # keys, of earlier epochs, are not logged again
+            whole: Dict[str, float] = {}
+            self._layer_values(metric, self._rotation_values[metric], whole, coverage=coverage)
+            if mean_key in whole:
+                out[mean_key] = whole[mean_key]
         if last:
             self._rotation_values = {}
         self._resting = resting

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from netprobe import distributed as _dist
-from netprobe._validation import check_finite
+from netprobe._validation import check_finite, check_int
 
 from .._accumulator import Accumulator
 from ._compute import _check_methods, _compute
@@ -366,8 +366,7 @@ class SimilarityAccumulator(Accumulator):
             >>> red.n, round(float(red.pwcca()), 9)
             (40, 1.0)
         """
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"Expected `r` to be an int >= 1, but got {r!r}.")
+        check_int(r, "r", 1)
         rank_tol = _check_rank_tol(rank_tol)
         sx, sy, sxy, n = self._pair()
         fx, fy = sx._factors, sy._factors
