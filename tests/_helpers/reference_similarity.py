@@ -34,6 +34,15 @@ def svcca_ref(x, y, keep=0.99):
     return float(np.mean(cca_ref(reduce(x), reduce(y))))
 
 
+def leading_ref(a, r):
+    """SVCCA's reduction with a rank cut: the top ``r`` principal-component scores of ``a``'s centered
+    rows (numpy SVD), its constant units left out first."""
+    a = a[:, a.std(0) > 0]
+    c = a - a.mean(0)
+    u, s, _ = np.linalg.svd(c, full_matrices=False)
+    return u[:, :r] * s[:r]
+
+
 def pwcca_ref(x, y):
     """Morcos et al. 2018: alpha_i = sum_j |<h_i, x_j>|, h_i canonical variates of the side with fewer units."""
     if x.shape[1] > y.shape[1]:

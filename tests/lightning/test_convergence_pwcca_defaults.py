@@ -16,7 +16,7 @@ from torch import nn
 pl = pytest.importorskip("pytorch_lightning")
 
 from lightning_helpers import trainer  # noqa: E402
-from reference_similarity import pwcca_ref  # noqa: E402
+from reference_similarity import leading_ref, pwcca_ref  # noqa: E402
 
 from netprobe.lightning import ConvergenceMonitor  # noqa: E402
 from netprobe.lightning.convergence import ROWS_PER_UNIT  # noqa: E402
@@ -101,20 +101,13 @@ def conv_rows(out, idx):
     return torch.gather(seq, 1, idx[:, :, None].expand(-1, -1, seq.shape[2])).reshape(-1, seq.shape[2])
 
 
-def leading_np(a, r):
-    """Top r principal-component scores of a's centered rows (numpy SVD)."""
-    c = a - a.mean(0)
-    u, s, _ = np.linalg.svd(c, full_matrices=False)
-    return u[:, :r] * s[:r]
-
-
 def reference_value(name, cur, prev, idx):
     if name == "relu_c":
         cur, prev = conv_rows(cur, idx), conv_rows(prev, idx)
     cur, prev = cur.numpy(), prev.numpy()
     m, d = cur.shape
     if 2 * d >= m:
-        cur, prev = leading_np(cur, m // 4), leading_np(prev, m // 4)
+        cur, prev = leading_ref(cur, m // 4), leading_ref(prev, m // 4)
     return pwcca_ref(cur, prev)
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from netprobe.metrics import SimilarityAccumulator
 from netprobe.metrics import similarity as sim
 from netprobe.metrics.similarity import _moments as moments_module
-from reference_similarity import pwcca_ref, svcca_ref
+from reference_similarity import leading_ref, pwcca_ref, svcca_ref
 
 ALL = ("cca", "svcca", "pwcca", "cka")
 
@@ -345,22 +345,13 @@ def test_all_reduce_with_y_stats_equals_no_reuse_on_one_process(tmp_path):
         assert "`y_stats`" in got["mixed"]
 
 
-def _leading_np(a, r):
-    """Top r principal-component scores of a's centered rows (numpy SVD), units first made
-    non-constant: the reduction `leading` documents, written from its formula."""
-    a = a[:, a.std(0) > 0]
-    c = a - a.mean(0)
-    u, s, _ = np.linalg.svd(c, full_matrices=False)
-    return u[:, :r] * s[:r]
-
-
 @pytest.mark.parametrize("n, d, r, dead", [(256, 128, 64, 0), (256, 512, 64, 3), (120, 40, 30, 2)])
 def test_leading_equals_the_metrics_of_the_projected_rows(n, d, r, dead):
     x = _layer(n, d, 1, dead=dead).numpy()
     y = x + 0.3 * _layer(n, d, 2).numpy()
     acc = SimilarityAccumulator().update(torch.from_numpy(x), torch.from_numpy(y))
     red = acc.leading(r)
-    px, py = _leading_np(x, r), _leading_np(y, r)
+    px, py = leading_ref(x, r), leading_ref(y, r)
     assert red.n == n
     assert float(red.pwcca()) == pytest.approx(pwcca_ref(px, py), rel=1e-9)
     want_cca = np.linalg.svd(np.linalg.qr(px - px.mean(0))[0].T @ np.linalg.qr(py - py.mean(0))[0], compute_uv=False)
